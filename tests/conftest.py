@@ -1,0 +1,59 @@
+"""Shared fixtures: the lab's files in ../shared (skipped when absent), tiny models."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from tf_backdoor_defense._keras import keras, tf
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _lab3_dir():
+    env = os.environ.get("TBD_LAB3_DIR")
+    if env:
+        return pathlib.Path(env)
+    return REPO.parent / "shared" / "data" / "lab3"
+
+
+@pytest.fixture(scope="session")
+def lab3_dir():
+    """Folder with the lab BadNet (bd_net.h5) and faces; skips the test when absent."""
+    path = _lab3_dir()
+    if not (path / "bd_net.h5").is_file():
+        pytest.skip(f"lab files not found at {path} (set TBD_LAB3_DIR to their folder)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+    yield
+
+
+def tiny_conv_model(channels=6, classes=3, input_shape=(8, 8, 1), seed=0):
+    """A small Conv -> Pool -> Conv -> Flatten -> Dense model with random weights."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv_a")(inputs)
+    x = keras.layers.MaxPooling2D(name="pool_a")(x)
+    x = keras.layers.Conv2D(channels, 2, activation="relu", name="conv_b")(x)
+    x = keras.layers.Flatten(name="flat")(x)
+    x = keras.layers.Dense(8, activation="relu", name="fc")(x)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="out")(x)
+    return keras.Model(inputs, outputs, name="tiny")
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_conv_model()
+
+
+@pytest.fixture
+def tiny_data():
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 8, 8, 1), dtype=np.float32)
+    y = rng.integers(0, 3, size=40)
+    return x, y

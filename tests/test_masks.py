@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+
+from conftest import tiny_conv_model
+from tf_backdoor_defense import PruneByActivation, get_mask, set_mask, wrap_layers
+from tf_backdoor_defense._keras import keras, tf, tfmot
+
+
+def _x(n=5, shape=(8, 8, 1)):
+    return np.random.default_rng(1).random((n,) + shape, dtype=np.float32)
+
+
+def test_masked_channels_output_exactly_zero(tiny_model):
+    wrapped = wrap_layers(tiny_model, "conv_b", masks={"conv_b": [1, 0, 1, 0, 1, 1]})
+    features = keras.Model(wrapped.input, wrapped.get_layer("conv_b").output)(_x()).numpy()
+    assert np.all(features[..., [1, 3]] == 0)
+    assert np.any(features[..., [0, 2, 4, 5]] != 0)
+
+
+def test_wrap_layers_copies_and_does_not_mutate(tiny_model):
+    before = [w.copy() for w in tiny_model.get_weights()]
+    wrapped = wrap_layers(tiny_model, "conv_b")
+    np.testing.assert_allclose(wrapped(_x()).numpy(), tiny_model(_x()).numpy(), atol=1e-6)
+    wrapped.get_layer("conv_b").layer.kernel.assign_add(tf.ones_like(wrapped.get_layer("conv_b").layer.kernel))
+    wrapped.get_layer("conv_b").set_mask([0] * 6)
+    for a, b in zip(before, tiny_model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not isinstance(tiny_model.get_layer("conv_b"), PruneByActivation)
+
+
+def test_wrap_layers_default_is_last_conv_and_dense_works(tiny_model):
+    assert isinstance(wrap_layers(tiny_model).get_layer("conv_b"), PruneByActivation)
+    wrapped = wrap_layers(tiny_model, ["fc"], masks={"fc": [0] * 8})
+    assert np.all(keras.Model(wrapped.input, wrapped.get_layer("fc").output)(_x()).numpy() == 0)
+
+
+@pytest.mark.parametrize("name, message", [("nope", "Unknown layer 'nope'"),
+                                           ("pool_a", "cannot be pruned by channel")])
+def test_wrap_layers_rejects_bad_layers(tiny_model, name, message):
+    with pytest.raises(ValueError, match=message):
+        wrap_layers(tiny_model, name)
+
+
+def test_set_mask_validates_length_and_values(tiny_model):
+    wrapped = wrap_layers(tiny_model, "conv_b")
+    with pytest.raises(ValueError, match="must have 6 entries"):
+        set_mask(wrapped, "conv_b", [1, 0])
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        set_mask(wrapped, "conv_b", [0.5] * 6)
+    set_mask(wrapped, "conv_b", [1, 1, 0, 1, 1, 1])
+    assert get_mask(wrapped, "conv_b").tolist() == [1, 1, 0, 1, 1, 1]
+    assert wrapped.get_layer("conv_b").pruned_channels.tolist() == [2]
+
+
+def test_keras3_model_gets_a_clear_error():
+    keras3 = pytest.importorskip("keras")
+    if not keras3.__version__.startswith("3"):
+        pytest.skip("Keras 3 not installed")
+    model = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(2)])
+    with pytest.raises(TypeError, match="Keras 3 model.*tf_keras"):
+        wrap_layers(model)
+
+
+@pytest.mark.parametrize("filename", ["m.h5", "m.keras", "saved_model"])
+def test_round_trip_keeps_mask_and_predictions(tiny_model, tmp_path, filename):
+    wrapped = wrap_layers(tiny_model, "conv_b", masks={"conv_b": [1, 0, 0, 1, 1, 0]})
+    path = str(tmp_path / filename)
+    wrapped.save(path)
+    loaded = keras.models.load_model(path, custom_objects={"PruneByActivation": PruneByActivation})
+    assert loaded.get_layer("conv_b").get_mask().tolist() == [1, 0, 0, 1, 1, 0]
+    np.testing.assert_array_equal(loaded(_x()).numpy(), wrapped(_x()).numpy())
+
+
+def test_config_round_trip_preserves_wrapped_layer_config():
+    layer = PruneByActivation(keras.layers.Conv2D(3, 2, activation="relu", name="c"))
+    config = layer.get_config()
+    clone = PruneByActivation.from_config(config)
+    assert clone.get_config() == config
+    assert clone.layer.get_config() == layer.layer.get_config()
+
+
+def test_conv1d_conv3d_and_channels_first():
+    for conv, shape in [(keras.layers.Conv1D(4, 2), (6, 2)), (keras.layers.Conv3D(4, 2), (4, 4, 4, 1))]:
+        layer = PruneByActivation(conv)
+        out = layer(np.ones((2,) + shape, np.float32))
+        layer.set_mask([0, 1, 1, 0])
+        out = layer(np.ones((2,) + shape, np.float32)).numpy()
+        assert np.all(out[..., 0] == 0) and np.all(out[..., 3] == 0)
+    first = PruneByActivation(keras.layers.Conv2D(3, 1, data_format="channels_first",
+                                                  kernel_initializer="ones"))
+    first(np.ones((1, 2, 4, 4), np.float32))
+    first.set_mask([1, 0, 1])
+    out = first(np.ones((1, 2, 4, 4), np.float32)).numpy()
+    assert np.all(out[:, 1] == 0) and np.all(out[:, 0] == 2)
+
+
+def test_tfmot_prune_low_magnitude_composes_and_strip_keeps_mask(tiny_model):
+    wrapped = wrap_layers(tiny_model, "conv_b", masks={"conv_b": [0, 1, 1, 1, 1, 1]})
+    schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, begin_step=0, frequency=1)
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(wrapped, pruning_schedule=schedule)
+    pruned.compile("sgd", "sparse_categorical_crossentropy")
+    x = _x(16)
+    pruned.fit(x, np.zeros(16), epochs=1, batch_size=8, verbose=0,
+               callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+    layer = stripped.get_layer("conv_b")
+    assert isinstance(layer, PruneByActivation)
+    assert layer.get_mask().tolist() == [0, 1, 1, 1, 1, 1]
+    kernel = layer.layer.kernel.numpy()
+    assert abs(np.mean(kernel == 0) - 0.5) < 0.05  # unstructured sparsity from tfmot
+    features = layer(np.random.default_rng(0).random((2, 3, 3, 4), dtype=np.float32)).numpy()
+    assert np.all(features[..., 0] == 0)
+    np.testing.assert_allclose(stripped(x).numpy(), pruned(x).numpy(), atol=1e-6)
+
+
+def test_zero_pruned_weights_zeroes_kernel_and_bias():
+    layer = PruneByActivation(keras.layers.Dense(3, bias_initializer="ones"))
+    layer(np.ones((1, 2), np.float32))
+    layer.set_mask([1, 0, 1])
+    layer.zero_pruned_weights()
+    assert np.all(layer.layer.kernel.numpy()[:, 1] == 0) and layer.layer.bias.numpy()[1] == 0
+    assert layer.layer.bias.numpy()[0] == 1

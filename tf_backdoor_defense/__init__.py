@@ -1,0 +1,35 @@
+"""tf_backdoor_defense: repair backdoored TensorFlow networks by pruning and fine-pruning.
+
+Importing the package selects tf-keras (Keras 2), which tensorflow-model-optimization
+needs: use ``import tf_keras as keras`` for your models.
+"""
+
+from tf_backdoor_defense import _keras  # noqa: F401  (selects tf-keras first)
+from tf_backdoor_defense.activations import mean_channel_activations
+from tf_backdoor_defense.masks import PruneByActivation, get_mask, set_mask, wrap_layers
+from tf_backdoor_defense.metrics import (
+    attack_success_rate,
+    clean_accuracy,
+    defender_utility,
+    predict_labels,
+)
+from tf_backdoor_defense.ranking import rank_channels
+from tf_backdoor_defense.sweep import SweepResult, prune_to_threshold
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PruneByActivation",
+    "wrap_layers",
+    "get_mask",
+    "set_mask",
+    "mean_channel_activations",
+    "rank_channels",
+    "prune_to_threshold",
+    "SweepResult",
+    "clean_accuracy",
+    "attack_success_rate",
+    "defender_utility",
+    "predict_labels",
+    "__version__",
+]

@@ -1,0 +1,117 @@
+"""Streaming per-channel mean activations of one layer over clean data."""
+
+import weakref
+
+import numpy as np
+
+from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.masks import PRUNABLE_LAYER_TYPES, PruneByActivation, channel_axis, find_layer, last_conv_layer
+from tf_backdoor_defense.validation import check_data, check_model
+
+__all__ = ["mean_channel_activations", "resolve_layer", "activation_tensor"]
+
+# Layers that apply an activation function to a linear Conv/Dense output.
+_ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
+                      keras.layers.ELU, keras.layers.PReLU, keras.layers.ThresholdedReLU)
+_STAT_FNS = weakref.WeakKeyDictionary()
+
+
+def resolve_layer(model, layer=None):
+    """The layer object to prune: ``layer`` by name (default: the last conv layer)."""
+    name = last_conv_layer(model) if layer is None else layer
+    if not isinstance(name, str):
+        raise TypeError(f"The 'layer' parameter must be a layer name (str). Got {name!r} instead.")
+    found = find_layer(model, name)
+    inner = found.layer if isinstance(found, PruneByActivation) else found
+    if not isinstance(inner, PRUNABLE_LAYER_TYPES):
+        raise ValueError(
+            f"Layer '{name}' of type {type(inner).__name__} cannot be pruned by channel: "
+            "expected a Conv1D, Conv2D, Conv3D or Dense layer."
+        )
+    if len(found._inbound_nodes) != 1:
+        raise ValueError(f"Layer '{name}' is used {len(found._inbound_nodes)} times in the model; "
+                         "a shared layer cannot be pruned by activation.")
+    return found
+
+
+def activation_tensor(model, layer):
+    """The symbolic output of ``layer`` after its activation function.
+
+    When the layer itself is linear and feeds only a separate activation layer
+    (``Conv2D`` then ``ReLU``), that layer's output is used.
+    """
+    output = layer.output
+    inner = layer.layer if isinstance(layer, PruneByActivation) else layer
+    if getattr(inner, "activation", None) is keras.activations.linear:
+        consumers = [node.layer for node in layer._outbound_nodes if node.layer in model.layers]
+        if len(consumers) == 1 and isinstance(consumers[0], _ACTIVATION_LAYERS):
+            output = consumers[0].output
+    return output
+
+
+def _stats_fn(model, layer):
+    key = (layer.name, id(layer))
+    cache = _STAT_FNS.setdefault(model, {})
+    if key not in cache:
+        features = keras.Model(model.inputs, activation_tensor(model, layer))
+        axis = channel_axis(layer)
+        rank = len(features.outputs[0].shape)
+        axes = [a for a in range(rank) if a != (axis % rank)]
+        spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
+
+        @tf.function(input_signature=[spec])
+        def fn(x):
+            out = tf.cast(features(x, training=False), tf.float64)
+            return tf.reduce_sum(out, axis=axes), tf.cast(tf.size(out), tf.float64)
+
+        cache[key] = fn
+    return cache[key]
+
+
+def mean_channel_activations(model, data, layer=None, batch_size=256):
+    """Mean activation of each channel of ``layer`` over ``data``.
+
+    The mean is taken after the layer's activation function, over every
+    example and spatial position, accumulated in float64 batch by batch, so
+    memory does not grow with the data set and the result is deterministic.
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+    data : (x, y) arrays, x alone, or a tf.data.Dataset of (x, y)
+        Clean inputs (labels are not used).
+    layer : str, default=None
+        Name of a Conv or Dense layer; default: the last convolutional layer.
+    batch_size : int, default=256
+
+    Returns
+    -------
+    numpy.ndarray of shape (channels,), float64
+
+    Examples
+    --------
+    >>> import numpy as np, tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((2,)),
+    ...     keras.layers.Dense(2, activation="relu", kernel_initializer="identity", name="fc")])
+    >>> mean_channel_activations(model, np.array([[1., -1.], [3., 2.]]), layer="fc").tolist()
+    [2.0, 1.0]
+    """
+    check_model(model)
+    found = resolve_layer(model, layer)
+    if not isinstance(data, (tuple, list)) and not isinstance(data, tf.data.Dataset) and \
+            not hasattr(data, "batches"):
+        data = (data, np.zeros(len(data), dtype=np.int64))
+    data = check_data(data, "data", model=model, num_classes=None)
+    fn = _stats_fn(model, found)
+    totals = None
+    count = 0.0
+    channels = None
+    for x, _ in data.batches(batch_size):
+        sums, size = fn(x)
+        sums = sums.numpy()
+        channels = sums.shape[0]
+        totals = sums if totals is None else totals + sums
+        count += float(size.numpy()) / channels
+    if totals is None:
+        raise ValueError("`data` is empty: it has no examples.")
+    return totals / count

@@ -1,0 +1,240 @@
+"""Exact, incremental evaluation of a model at every pruning level of one layer.
+
+A naive sweep re-runs the whole network once per level. This engine splits
+the graph at the pruned layer instead:
+
+1. The *prefix* (everything up to the pruned layer, plus any tensor the rest
+   of the graph needs from before it) runs once per batch.
+2. The mask is applied as late as is exact: it commutes with layers that act
+   on each channel alone and map 0 to 0 (pooling, dropout, ReLU, padding,
+   cropping), and with ``Flatten`` (channel ``c`` of a flattened HxWxC tensor
+   sits at ``c, c+C, c+2C, ...``). Those layers also run once per batch.
+3. The *suffix* runs for many levels at once, stacked along the batch axis,
+   so each call is one large, efficient batch.
+4. A level that prunes a channel which is exactly zero on the whole batch
+   changes nothing: its predictions are the previous level's, and it is not
+   evaluated at all. Dormant channels, which pruning removes first, cost
+   nothing.
+
+Every result equals what an explicitly masked model computes.
+"""
+
+import numpy as np
+
+from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.masks import PruneByActivation, channel_axis
+
+__all__ = ["LevelEvaluator"]
+
+_ZERO_PRESERVING_ACTIVATIONS = {"relu", "linear", "elu", "selu", "tanh", "swish", "silu", "gelu",
+                                "relu6", "leaky_relu", "softsign", "mish"}
+
+
+def _commutes_with_mask(layer):
+    """True when ``layer(x * m) == layer(x) * m`` for a 0/1 channel mask ``m``."""
+    data_format = getattr(layer, "data_format", "channels_last")
+    if data_format not in (None, "channels_last"):
+        return False
+    identity_like = (keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
+                     keras.layers.SpatialDropout3D, keras.layers.GaussianNoise, keras.layers.GaussianDropout,
+                     keras.layers.AlphaDropout, keras.layers.ActivityRegularization)
+    channelwise = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
+                   keras.layers.AveragePooling1D, keras.layers.AveragePooling2D,
+                   keras.layers.AveragePooling3D, keras.layers.GlobalMaxPooling1D,
+                   keras.layers.GlobalMaxPooling2D, keras.layers.GlobalMaxPooling3D,
+                   keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
+                   keras.layers.GlobalAveragePooling3D, keras.layers.ZeroPadding1D,
+                   keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D, keras.layers.Cropping1D,
+                   keras.layers.Cropping2D, keras.layers.Cropping3D, keras.layers.ReLU)
+    if isinstance(layer, identity_like + channelwise):
+        if isinstance(layer, keras.layers.ReLU):
+            return float(layer.threshold) == 0.0
+        return True
+    if isinstance(layer, keras.layers.Activation):
+        name = getattr(layer.activation, "__name__", "")
+        return name in _ZERO_PRESERVING_ACTIVATIONS
+    if isinstance(layer, keras.layers.LeakyReLU):
+        return True
+    return False
+
+
+def _is_keras_tensor(value):
+    return hasattr(value, "_keras_history")
+
+
+def _nodes_in_order(model):
+    """Non-input nodes of ``model`` in an order where inputs come before users."""
+    nodes = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if not node.is_input:
+                nodes.append(node)
+    return nodes
+
+
+class LevelEvaluator:
+    """Evaluate ``model`` with a layer's channels masked, for many masks at once.
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+        A Functional or Sequential model with one input and one output.
+    layer : keras.layers.Layer
+        The Conv/Dense layer (or ``PruneByActivation``) whose output channels
+        are masked. It must be called exactly once in ``model``.
+    max_rows : int, default=8192
+        Upper bound on the stacked batch (levels x examples) of one suffix call.
+    """
+
+    def __init__(self, model, layer, max_rows=8192):
+        if not getattr(model, "_is_graph_network", False):
+            raise ValueError("The incremental sweep needs a Functional or Sequential model.")
+        self.model = model
+        self.layer = layer
+        self.max_rows = int(max_rows)
+        self.channels = int(layer.output.shape[channel_axis(layer)])
+        self._axis_last = channel_axis(layer) == -1
+        self._build()
+
+    # -- graph split -----------------------------------------------------
+    def _build(self):
+        model = self.model
+        nodes = _nodes_in_order(model)
+        (start,) = [n for n in nodes if n.layer is self.layer]
+        consumers = {}
+        for node in nodes:
+            for tensor in node.keras_inputs:
+                consumers.setdefault(id(tensor), []).append(node)
+
+        # Advance the masking point through mask-commuting, single-consumer layers.
+        frontier = self.layer.output
+        expand = "channel"
+        head = [start]
+        while self._axis_last:
+            users = consumers.get(id(frontier), [])
+            if len(users) != 1 or len(users[0].keras_inputs) != 1:
+                break
+            nxt = users[0]
+            if any(t is frontier for t in model.outputs):
+                break
+            if _commutes_with_mask(nxt.layer) and expand == "channel":
+                pass
+            elif isinstance(nxt.layer, keras.layers.Flatten) and expand == "channel":
+                expand = "flatten"
+            else:
+                break
+            head.append(nxt)
+            frontier = nxt.outputs[0] if isinstance(nxt.outputs, (list, tuple)) else nxt.outputs
+        self._frontier = frontier
+        self._expand = expand
+        frontier_shape = frontier.shape.as_list()
+        self._positions = int(np.prod(frontier_shape[1:])) // self.channels if expand == "flatten" else 1
+
+        # Nodes downstream of the frontier form the suffix; anything else they
+        # read from earlier in the graph is a side input computed by the prefix.
+        head_ids = {id(n) for n in head}
+        downstream_tensors = {id(frontier)}
+        suffix = []
+        for node in nodes:
+            if id(node) in head_ids:
+                continue
+            if any(id(t) in downstream_tensors for t in node.keras_inputs):
+                suffix.append(node)
+                for out in tf.nest.flatten(node.outputs):
+                    downstream_tensors.add(id(out))
+        if not any(id(t) in downstream_tensors for t in model.outputs) and \
+                model.outputs[0] is not frontier:
+            raise ValueError(f"The model's output does not depend on layer '{self.layer.name}'.")
+        sides = []
+        for node in suffix:
+            for tensor in node.keras_inputs:
+                if id(tensor) not in downstream_tensors and all(t is not tensor for t in sides):
+                    sides.append(tensor)
+        self._sides = sides
+        self._suffix = suffix
+        self._prefix = keras.Model(model.inputs, [frontier] + sides)
+        spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
+        self.prefix = tf.function(lambda x: self._prefix(x, training=False), input_signature=[spec])
+        self._frontier_rank = len(frontier_shape)
+        side_specs = [tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype) for t in sides]
+        group_spec = [
+            tf.TensorSpec([None] + frontier_shape[1:], frontier.dtype),
+            side_specs,
+            tf.TensorSpec([None, self.channels], tf.float32),
+        ]
+        self._run_group = tf.function(self._group_outputs, input_signature=group_spec)
+
+    def _run_suffix(self, frontier_value, side_values):
+        values = {id(self._frontier): frontier_value}
+        for tensor, value in zip(self._sides, side_values):
+            values[id(tensor)] = value
+        if not self._suffix:
+            return frontier_value
+
+        def resolve(obj):
+            return values[id(obj)] if _is_keras_tensor(obj) else obj
+
+        for node in self._suffix:
+            args = tf.nest.map_structure(resolve, node.call_args)
+            kwargs = tf.nest.map_structure(resolve, node.call_kwargs)
+            kwargs = dict(kwargs)
+            if "training" in node.layer._call_spec.arg_names:
+                kwargs["training"] = False
+            outputs = node.layer(*args, **kwargs)
+            for ref, out in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(outputs)):
+                values[id(ref)] = out
+        return values[id(self.model.outputs[0])]
+
+    def _group_outputs(self, frontier_value, side_values, masks):
+        """Model outputs for every (mask, example) pair, stacked mask-major."""
+        groups = tf.shape(masks)[0]
+        batch = tf.shape(frontier_value)[0]
+        if self._expand == "flatten":
+            masks = tf.tile(masks, [1, self._positions])
+        rank = self._frontier_rank
+        if self._axis_last:
+            mask_shape = tf.concat([[groups, 1], tf.ones([rank - 2], tf.int32), [-1]], axis=0)
+        else:  # channels_first: channels on axis 1 of each example
+            mask_shape = tf.concat([[groups, 1, -1], tf.ones([rank - 2], tf.int32)], axis=0)
+        stacked = frontier_value[None] * tf.cast(tf.reshape(masks, mask_shape), frontier_value.dtype)
+        stacked = tf.reshape(stacked, tf.concat([[groups * batch], tf.shape(frontier_value)[1:]], 0))
+        tiled_sides = [tf.tile(s, tf.concat([[groups], tf.ones([tf.rank(s) - 1], tf.int32)], 0))
+                       for s in side_values]
+        outputs = self._run_suffix(stacked, tiled_sides)
+        if outputs.shape[-1] == 1:
+            return tf.cast(outputs[:, 0] > 0.5, tf.int64)
+        return tf.argmax(outputs, axis=-1)
+
+    # -- evaluation ------------------------------------------------------
+    def predictions(self, x, ranking):
+        """Predicted labels at every level 0..C for the batch ``x``.
+
+        Returns an int64 array of shape (C + 1, batch): row ``k`` holds the
+        predictions with the first ``k`` channels of ``ranking`` masked.
+        """
+        ranking = np.asarray(ranking, dtype=np.int64)
+        outs = self.prefix(x)
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        frontier, sides = outs[0], list(outs[1:])
+        batch = int(frontier.shape[0])
+        # Channels are last, also after Flatten (channel c sits at c, c+C, ...).
+        values = frontier if self._axis_last else tf.experimental.numpy.moveaxis(frontier, 1, -1)
+        flat = tf.reshape(values, [batch, -1, self.channels])
+        active = tf.reduce_any(tf.not_equal(flat, 0), axis=[0, 1]).numpy()
+        levels = [0] + [k for k in range(1, ranking.size + 1) if active[ranking[k - 1]]]
+        masks = np.ones((ranking.size + 1, self.channels), dtype=np.float32)
+        for k in range(1, ranking.size + 1):
+            masks[k] = masks[k - 1]
+            masks[k, ranking[k - 1]] = 0.0
+        per_group = max(1, self.max_rows // max(batch, 1))
+        evaluated = {}
+        for start in range(0, len(levels), per_group):
+            chunk = levels[start:start + per_group]
+            labels = self._run_group(frontier, sides, tf.constant(masks[chunk])).numpy()
+            for i, level in enumerate(chunk):
+                evaluated[level] = labels[i * batch:(i + 1) * batch]
+        result = np.empty((ranking.size + 1, batch), dtype=np.int64)
+        for level in range(ranking.size + 1):
+            result[level] = evaluated[level] if level in evaluated else result[level - 1]
+        self.levels_evaluated = len(levels)
+        return result

@@ -1,0 +1,312 @@
+"""`PruneByActivation`: a per-output-channel mask around a Conv or Dense layer.
+
+The mask is a non-trainable variable of the wrapper (1 = kept, 0 = pruned),
+so it is saved with the weights, copied by ``get_weights``/``set_weights`` and
+identical on every replica. Callbacks and the sweep only read and write it.
+"""
+
+import numpy as np
+
+from tf_backdoor_defense._keras import check_keras2_model, keras, tf, tfmot
+
+__all__ = [
+    "PruneByActivation",
+    "PRUNABLE_LAYER_TYPES",
+    "wrap_layers",
+    "find_layer",
+    "last_conv_layer",
+    "get_mask",
+    "set_mask",
+    "masked_layers",
+    "channel_axis",
+]
+
+PRUNABLE_LAYER_TYPES = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Dense,
+)
+_CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+
+
+def channel_axis(layer):
+    """Axis of ``layer``'s output that holds its channels (units for Dense)."""
+    inner = layer.layer if isinstance(layer, PruneByActivation) else layer
+    if isinstance(inner, _CONV_TYPES) and getattr(inner, "data_format", None) == "channels_first":
+        return 1
+    return -1
+
+
+def _check_prunable(layer):
+    if isinstance(layer, PruneByActivation):
+        raise ValueError(f"Layer '{layer.name}' is already wrapped in PruneByActivation.")
+    if not isinstance(layer, PRUNABLE_LAYER_TYPES) or isinstance(
+        layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+    ):
+        names = ", ".join(t.__name__ for t in PRUNABLE_LAYER_TYPES)
+        raise ValueError(
+            f"Layer '{layer.name}' of type {type(layer).__name__} cannot be pruned by "
+            f"channel. Expected one of: {names}."
+        )
+
+
+@keras.utils.register_keras_serializable(package="tf_backdoor_defense")
+class PruneByActivation(keras.layers.Wrapper, tfmot.sparsity.keras.PrunableLayer):
+    """Wraps a Conv1D/Conv2D/Conv3D or Dense layer with a per-channel mask.
+
+    The wrapped layer's output (after its activation function) is multiplied
+    by the mask along the channel axis, so a channel whose mask is 0 outputs
+    exactly zero. The mask is a non-trainable weight named ``channel_mask``.
+
+    The wrapper implements tfmot's ``PrunableLayer``: ``prune_low_magnitude``
+    can wrap it for unstructured pruning of the kernel, and ``strip_pruning``
+    leaves it in place.
+
+    Parameters
+    ----------
+    layer : keras.layers.Conv1D, Conv2D, Conv3D or Dense
+        The layer to wrap. It must not be built into another wrapper.
+    **kwargs
+        Passed to ``keras.layers.Wrapper`` (``name``, ...).
+
+    Examples
+    --------
+    >>> from tf_backdoor_defense import PruneByActivation
+    >>> import numpy as np, tf_keras as keras
+    >>> layer = PruneByActivation(keras.layers.Dense(3, kernel_initializer="ones"))
+    >>> _ = layer(np.ones((1, 2), "float32"))
+    >>> layer.set_mask([1, 0, 1])
+    >>> layer(np.ones((1, 2), "float32")).numpy().tolist()
+    [[2.0, 0.0, 2.0]]
+    """
+
+    def __init__(self, layer, **kwargs):
+        _check_prunable(layer)
+        kwargs.setdefault("name", f"{layer.name}")
+        super().__init__(layer, **kwargs)
+        self.mask = None
+
+    @property
+    def channels(self):
+        """Number of output channels (filters or units) of the wrapped layer."""
+        inner = self.layer
+        return int(inner.units if isinstance(inner, keras.layers.Dense) else inner.filters)
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            with tf.name_scope(self.layer.name):
+                self.layer.build(input_shape)
+        self.mask = self.add_weight(
+            name="channel_mask",
+            shape=(self.channels,),
+            initializer="ones",
+            trainable=False,
+            dtype=self.dtype if self.dtype else "float32",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            synchronization=tf.VariableSynchronization.ON_WRITE,
+        )
+        super().build(input_shape)
+
+    def _broadcast_mask(self, rank):
+        mask = tf.cast(self.mask, self.compute_dtype)
+        if channel_axis(self) == 1:
+            return tf.reshape(mask, [1, -1] + [1] * (rank - 2))
+        return mask
+
+    def call(self, inputs, training=None):
+        if training is None:
+            outputs = self.layer(inputs)
+        else:
+            outputs = self.layer(inputs, training=training)
+        return outputs * self._broadcast_mask(outputs.shape.rank)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_prunable_weights(self):
+        """The wrapped layer's kernel, for tfmot's ``prune_low_magnitude``."""
+        return [self.layer.kernel]
+
+    # -- mask access -----------------------------------------------------
+    def get_mask(self):
+        """The mask as a float32 numpy array (1 = kept, 0 = pruned)."""
+        self._require_built()
+        return self.mask.numpy().copy()
+
+    def set_mask(self, mask):
+        """Set the mask from a sequence of 0/1 values, one per channel."""
+        self._require_built()
+        self.mask.assign(_validate_mask(mask, self.channels, self.name))
+
+    @property
+    def pruned_channels(self):
+        """Indices of the channels whose mask is 0, in increasing order."""
+        return np.flatnonzero(self.get_mask() == 0)
+
+    def zero_pruned_weights(self):
+        """Set the kernel slices and biases of pruned channels to exactly zero.
+
+        The mask already makes their output zero; this also removes the
+        weights, as fine-pruning does before export.
+        """
+        pruned = self.pruned_channels
+        if pruned.size == 0:
+            return
+        keep = tf.constant(self.get_mask(), dtype=self.layer.kernel.dtype)
+        self.layer.kernel.assign(self.layer.kernel * keep)
+        if getattr(self.layer, "use_bias", False) and self.layer.bias is not None:
+            self.layer.bias.assign(self.layer.bias * keep)
+
+    def _require_built(self):
+        if self.mask is None:
+            raise RuntimeError(
+                f"PruneByActivation layer '{self.name}' is not built yet: call it on an input "
+                "or build its model first."
+            )
+
+
+def _validate_mask(mask, channels, name):
+    array = np.asarray(mask, dtype=np.float32).reshape(-1)
+    if array.shape != (channels,):
+        raise ValueError(
+            f"The mask for layer '{name}' must have {channels} entries, one per channel. "
+            f"Received a mask with shape {np.shape(mask)}."
+        )
+    if not np.all((array == 0) | (array == 1)):
+        raise ValueError(f"The mask for layer '{name}' must contain only 0 and 1.")
+    return array
+
+
+# -- model-level helpers -------------------------------------------------------
+def find_layer(model, name):
+    """Return the layer called ``name`` in ``model`` (a clear error if absent)."""
+    for layer in model.layers:
+        if layer.name == name:
+            return layer
+    names = [layer.name for layer in model.layers]
+    raise ValueError(f"Unknown layer '{name}'. The model's layers are: {names}.")
+
+
+def _unwrapped(layer):
+    return layer.layer if isinstance(layer, PruneByActivation) else layer
+
+
+def last_conv_layer(model):
+    """Name of the last Conv1D/2D/3D layer of ``model`` (wrapped or not)."""
+    for layer in reversed(model.layers):
+        inner = _unwrapped(layer)
+        if isinstance(inner, _CONV_TYPES) and not isinstance(
+            inner, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+        ):
+            return layer.name
+    raise ValueError(
+        "The model has no convolutional layer; pass `layer=` to name the Conv or Dense layer "
+        "to prune."
+    )
+
+
+def masked_layers(model):
+    """All ``PruneByActivation`` layers of ``model``, in model order."""
+    return [layer for layer in model.layers if isinstance(layer, PruneByActivation)]
+
+
+def get_mask(model, layer):
+    """Mask of the ``PruneByActivation`` layer named ``layer`` in ``model``."""
+    found = find_layer(model, layer)
+    if not isinstance(found, PruneByActivation):
+        raise ValueError(f"Layer '{layer}' is not wrapped in PruneByActivation.")
+    return found.get_mask()
+
+
+def set_mask(model, layer, mask):
+    """Set the mask of the ``PruneByActivation`` layer named ``layer``."""
+    found = find_layer(model, layer)
+    if not isinstance(found, PruneByActivation):
+        raise ValueError(f"Layer '{layer}' is not wrapped in PruneByActivation.")
+    found.set_mask(mask)
+
+
+def _copy_layer_weights(source_model, target_model):
+    """Copy weights layer by layer, by name; wrapped layers take the inner weights."""
+    sources = {layer.name: layer for layer in source_model.layers}
+    for target in target_model.layers:
+        source = sources[target.name]
+        if isinstance(target, PruneByActivation) and not isinstance(source, PruneByActivation):
+            target.layer.set_weights(source.get_weights())
+        else:
+            target.set_weights(source.get_weights())
+
+
+def wrap_layers(model, layers=None, masks=None):
+    """Return a copy of ``model`` with the named layers wrapped in ``PruneByActivation``.
+
+    Works like tfmot's ``prune_low_magnitude`` on a whole model: the result is
+    a new Functional or Sequential model with copied weights, sharing nothing
+    mutable with ``model``. Layers already wrapped stay wrapped (with their
+    masks copied).
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+        A Sequential or Functional model. It is not modified.
+    layers : str or list of str, default=None
+        Names of the layers to wrap. ``None`` wraps the last convolutional layer.
+    masks : dict, default=None
+        Optional ``{layer_name: mask}`` to set on the wrapped layers.
+
+    Returns
+    -------
+    tf_keras.Model
+
+    Examples
+    --------
+    >>> import tf_keras as keras
+    >>> from tf_backdoor_defense import wrap_layers
+    >>> model = keras.Sequential([keras.Input((8, 8, 1)),
+    ...     keras.layers.Conv2D(4, 3, name="conv"), keras.layers.Flatten(),
+    ...     keras.layers.Dense(2)])
+    >>> wrapped = wrap_layers(model, "conv", masks={"conv": [1, 0, 1, 1]})
+    >>> type(wrapped.get_layer("conv")).__name__, wrapped.get_layer("conv").pruned_channels.tolist()
+    ('PruneByActivation', [1])
+    """
+    check_keras2_model(model)
+    if not model.built or not getattr(model, "_is_graph_network", False):
+        raise ValueError(
+            "wrap_layers needs a built Sequential or Functional model (subclassed models "
+            "cannot be rewritten). Build it with an Input layer first."
+        )
+    if layers is None:
+        layers = [last_conv_layer(model)]
+    elif isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers)
+    for name in layers:
+        found = find_layer(model, name)
+        if not isinstance(found, PruneByActivation):
+            _check_prunable(found)
+    masks = dict(masks or {})
+    for name in masks:
+        if name not in layers and not isinstance(find_layer(model, name), PruneByActivation):
+            raise ValueError(f"A mask was given for layer '{name}', which is not being wrapped.")
+    targets = set(layers)
+
+    def clone(layer):
+        if isinstance(layer, keras.Model):
+            inner_names = {sub.name for sub in layer.layers}
+            if inner_names & targets:
+                raise ValueError(
+                    f"Layer(s) {sorted(inner_names & targets)} sit inside the nested model "
+                    f"'{layer.name}'. Wrap the nested model's layers directly, or flatten the model."
+                )
+        config = layer.get_config()
+        new = layer.__class__.from_config(config)
+        if layer.name in targets and not isinstance(layer, PruneByActivation):
+            return PruneByActivation(new, name=layer.name)
+        return new
+
+    new_model = keras.models.clone_model(model, clone_function=clone)
+    _copy_layer_weights(model, new_model)
+    for name, mask in masks.items():
+        set_mask(new_model, name, mask)
+    return new_model

@@ -1,0 +1,160 @@
+"""Clean accuracy, attack success rate (ASR) and the defender's utility.
+
+Poisoned data follows the lab's convention by default: its labels are the
+attacker's target labels, so ASR is the fraction of poisoned inputs classified
+as their label. ``target=`` switches to true labels plus an attack:
+
+- ``target=t`` (all-to-one): inputs whose true class is ``t`` are left out;
+  ASR is the fraction of the rest classified as ``t``;
+- ``target=mapping`` (all-to-all; an array, dict or callable giving the
+  attacker's class for each true class): inputs that map to their own class
+  are left out; ASR is the fraction classified as ``mapping[true]``;
+- ``target="untargeted"``: ASR is the fraction misclassified.
+
+For the repaired N+1 network, ``abstain_class=N`` makes the "backdoor
+suspected" output count as a defended input, never as an attack success.
+"""
+
+import weakref
+
+import numpy as np
+
+from tf_backdoor_defense._keras import tf
+from tf_backdoor_defense.validation import check_data, check_model, check_target, num_classes_of
+
+__all__ = [
+    "predict_labels",
+    "clean_accuracy",
+    "attack_success_rate",
+    "defender_utility",
+    "labels_from_outputs",
+    "count_attack_successes",
+]
+
+_PREDICT_FNS = weakref.WeakKeyDictionary()
+
+
+def _predict_fn(model):
+    """A compiled, retrace-free forward pass (faster than ``model.predict``)."""
+    fn = _PREDICT_FNS.get(model)
+    if fn is None:
+        spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
+
+        @tf.function(input_signature=[spec])
+        def fn(x):
+            return model(x, training=False)
+
+        _PREDICT_FNS[model] = fn
+    return fn
+
+
+def labels_from_outputs(outputs):
+    """Class indices from model outputs (argmax, or > 0.5 for one sigmoid unit)."""
+    outputs = np.asarray(outputs)
+    if outputs.shape[-1] == 1:
+        return (outputs[..., 0] > 0.5).astype(np.int64)
+    return np.argmax(outputs, axis=-1).astype(np.int64)
+
+
+def predict_labels(model, x, batch_size=256):
+    """Predicted class of each input in ``x``, computed in compiled batches.
+
+    Examples
+    --------
+    >>> import numpy as np, tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, kernel_initializer="identity")])
+    >>> predict_labels(model, np.array([[1., 0.], [0., 1.]])).tolist()
+    [0, 1]
+    """
+    x = np.asarray(x, dtype=np.float32)
+    fn = _predict_fn(model)
+    out = [labels_from_outputs(fn(x[s:s + batch_size]).numpy()) for s in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0,), np.int64)
+
+
+def count_attack_successes(predictions, labels, target=None, abstain_class=None):
+    """``(successes, attacked)`` for one batch of poisoned inputs.
+
+    ``target`` must already be checked by :func:`check_target`.
+    """
+    predictions = np.asarray(predictions)
+    labels = np.asarray(labels)
+    if target is None:
+        return int(np.sum(predictions == labels)), int(labels.size)
+    if isinstance(target, str):  # "untargeted"
+        success = predictions != labels
+        if abstain_class is not None:
+            success &= predictions != abstain_class
+        return int(np.sum(success)), int(labels.size)
+    if isinstance(target, int):
+        attacked = labels != target
+        return int(np.sum(predictions[attacked] == target)), int(np.sum(attacked))
+    wanted = target[labels]
+    attacked = wanted != labels
+    return int(np.sum(predictions[attacked] == wanted[attacked])), int(np.sum(attacked))
+
+
+def clean_accuracy(model, data, batch_size=256):
+    """Fraction of ``data`` (``(x, y)`` or a dataset) that ``model`` classifies right.
+
+    Examples
+    --------
+    >>> import numpy as np, tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, kernel_initializer="identity")])
+    >>> clean_accuracy(model, (np.array([[1., 0.], [0., 1.]]), [0, 0]))
+    0.5
+    """
+    check_model(model)
+    data = check_data(data, "data", model=model)
+    correct = total = 0
+    for x, y in data.batches(batch_size):
+        correct += int(np.sum(predict_labels(model, x, batch_size) == y))
+        total += y.size
+    return correct / total
+
+
+def attack_success_rate(model, poisoned_data, *, target=None, abstain_class=None, batch_size=256):
+    """Attack success rate of ``model`` on poisoned inputs (see the module doc).
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+    poisoned_data : (x, y) arrays or tf.data.Dataset
+        Triggered inputs with the attacker's labels (``target=None``) or true labels.
+    target : None, int, "untargeted", array, dict or callable, default=None
+    abstain_class : int, default=None
+        A class that means "backdoor suspected" (the repaired network's class N).
+
+    Examples
+    --------
+    >>> import numpy as np, tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, kernel_initializer="identity")])
+    >>> x = np.array([[1., 0.], [1., 0.], [0., 1.]])
+    >>> attack_success_rate(model, (x, [0, 0, 0]))             # labels are the targets
+    0.6666666666666666
+    >>> attack_success_rate(model, (x, [1, 1, 0]), target=0)   # true labels, all-to-one
+    1.0
+    """
+    check_model(model)
+    classes = num_classes_of(model)
+    if abstain_class is not None:
+        classes -= 1
+    target = check_target(target, classes)
+    data = check_data(poisoned_data, "poisoned_data", model=model, num_classes=classes)
+    success = attacked = 0
+    for x, y in data.batches(batch_size):
+        s, n = count_attack_successes(predict_labels(model, x, batch_size), y, target, abstain_class)
+        success += s
+        attacked += n
+    if attacked == 0:
+        raise ValueError("No poisoned input is attacked: every true label equals its target.")
+    return success / attacked
+
+
+def defender_utility(clean_accuracy_value, attack_success_rate_value):
+    """The paper's defender utility: clean accuracy minus attack success rate.
+
+    >>> round(defender_utility(0.988, 0.02), 3)
+    0.968
+    """
+    return float(clean_accuracy_value) - float(attack_success_rate_value)

@@ -1,0 +1,247 @@
+"""Checks at the public boundary: models, labelled data and attack targets.
+
+Every public function validates its inputs here, once, and gets back
+converted objects. Messages say what was expected, what was received and,
+where it helps, how to fix it.
+"""
+
+import numbers
+
+import numpy as np
+
+from tf_backdoor_defense._keras import check_keras2_model, tf
+
+__all__ = [
+    "LabeledData",
+    "check_model",
+    "check_data",
+    "check_fraction",
+    "check_thresholds",
+    "check_target",
+    "num_classes_of",
+]
+
+
+def check_model(model, name="model"):
+    """A built tf-keras model, or a clear ``TypeError``/``ValueError``."""
+    check_keras2_model(model, name)
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"The `{name}` argument must be a built model with known inputs "
+            "(a Sequential or Functional model that starts with keras.Input)."
+        )
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(
+            f"The `{name}` argument must have one input and one output. Received a model "
+            f"with {len(model.inputs)} inputs and {len(model.outputs)} outputs."
+        )
+    return model
+
+
+def num_classes_of(model):
+    """Number of classes the model predicts (2 for a single sigmoid unit)."""
+    units = model.outputs[0].shape[-1]
+    if units is None:
+        raise ValueError("The model's output has an unknown number of classes.")
+    return 2 if int(units) == 1 else int(units)
+
+
+def check_fraction(value, name, *, allow_one=True):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"The '{name}' parameter must be a number in [0, 1]. Got {value!r} instead.")
+    value = float(value)
+    if not (0.0 <= value <= 1.0) or (not allow_one and value == 1.0) or np.isnan(value):
+        raise ValueError(f"The '{name}' parameter must be in [0, 1]. Got {value!r} instead.")
+    return value
+
+
+def check_thresholds(max_accuracy_drop):
+    """Normalise ``max_accuracy_drop`` (a number or a list) to a tuple of floats."""
+    values = max_accuracy_drop if isinstance(max_accuracy_drop, (list, tuple)) else [max_accuracy_drop]
+    if len(values) == 0:
+        raise ValueError("The 'max_accuracy_drop' parameter must not be an empty list.")
+    checked = tuple(check_fraction(v, "max_accuracy_drop") for v in values)
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"The 'max_accuracy_drop' parameter has duplicates: {list(checked)}.")
+    return checked
+
+
+def check_target(target, num_classes):
+    """Validate the ``target`` argument of the attack metrics.
+
+    Returns ``None`` (labels are the attacker's targets), ``"untargeted"``, an
+    ``int`` (all-to-one) or an int array of length ``num_classes`` (all-to-all:
+    ``mapping[true_label]`` is the attacker's label).
+    """
+    if target is None or (isinstance(target, str) and target == "untargeted"):
+        return target
+    if isinstance(target, str):
+        raise ValueError(
+            f"The 'target' parameter must be None, an int, 'untargeted', a mapping or a callable. "
+            f"Got {target!r} instead."
+        )
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        if not 0 <= int(target) < num_classes:
+            raise ValueError(
+                f"The 'target' parameter must be a class index in [0, {num_classes - 1}]. "
+                f"Got {target} instead."
+            )
+        return int(target)
+    if callable(target):
+        mapping = np.array([target(c) for c in range(num_classes)])
+    elif isinstance(target, dict):
+        mapping = np.array([target.get(c, c) for c in range(num_classes)])
+    else:
+        mapping = np.asarray(target)
+    if mapping.shape != (num_classes,) or not np.issubdtype(mapping.dtype, np.integer):
+        raise ValueError(
+            f"An all-to-all 'target' must give one integer class for each of the {num_classes} "
+            f"classes. Got {target!r} instead."
+        )
+    if mapping.min() < 0 or mapping.max() >= num_classes:
+        raise ValueError(f"An all-to-all 'target' maps to classes outside [0, {num_classes - 1}].")
+    return mapping.astype(np.int64)
+
+
+def _labels_to_int(y, name):
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1:
+        y = np.argmax(y, axis=1)
+    elif y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f"The labels of `{name}` must be 1-D class indices or 2-D one-hot rows. "
+                         f"Got shape {y.shape}.")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.isfinite(y)) or not np.all(np.equal(np.round(y), y)):
+            raise ValueError(f"The labels of `{name}` must be whole class indices.")
+    return y.astype(np.int64)
+
+
+class LabeledData:
+    """Validated labelled data, as numpy arrays or a streamed ``tf.data.Dataset``.
+
+    ``batches(batch_size)`` yields ``(x, y)`` numpy batches with x as float32
+    and y as int64 class indices. Array data is fully checked on creation; a
+    dataset is checked batch by batch as it streams.
+    """
+
+    def __init__(self, name, x=None, y=None, dataset=None, input_shape=None, num_classes=None):
+        self.name = name
+        self.x = x
+        self.y = y
+        self.dataset = dataset
+        self.input_shape = input_shape
+        self.num_classes = num_classes
+
+    @property
+    def size(self):
+        """Number of examples, or None for a dataset."""
+        return None if self.x is None else int(self.x.shape[0])
+
+    def batches(self, batch_size=256):
+        if self.x is not None:
+            for start in range(0, self.x.shape[0], batch_size):
+                yield self.x[start:start + batch_size], self.y[start:start + batch_size]
+            return
+        seen = 0
+        for element in self.dataset:
+            if not isinstance(element, (tuple, list)) or len(element) < 2:
+                raise ValueError(f"The dataset `{self.name}` must yield (x, y) pairs.")
+            x, y = (np.asarray(e.numpy() if hasattr(e, "numpy") else e) for e in element[:2])
+            if x.ndim == len(self.input_shape or ()) and y.ndim == 0:
+                x, y = x[None], y[None]
+            x, y = _check_arrays(x, y, self.name, self.input_shape, self.num_classes)
+            seen += x.shape[0]
+            for start in range(0, x.shape[0], batch_size):
+                yield x[start:start + batch_size], y[start:start + batch_size]
+        if seen == 0:
+            raise ValueError(f"The dataset `{self.name}` is empty.")
+
+    def subset(self, index):
+        """Array data restricted to ``index`` (array data only)."""
+        if self.x is None:
+            raise TypeError("subset() needs array data, not a dataset.")
+        return LabeledData(self.name, self.x[index], self.y[index], None, self.input_shape,
+                           self.num_classes)
+
+
+def _check_arrays(x, y, name, input_shape, num_classes):
+    x = np.asarray(x)
+    y = _labels_to_int(y, name)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"`{name}` has {x.shape[0]} inputs but {y.shape[0]} labels; "
+                         "they must have the same length.")
+    if input_shape is not None:
+        expected = tuple(input_shape)
+        got = tuple(x.shape[1:])
+        if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
+            shown = tuple("None" if e is None else e for e in expected)
+            raise ValueError(
+                f"`{name}` has inputs of shape {got}, but the model expects {shown}"
+                " (batch dimension excluded)."
+                + (" Channels-first data must be transposed to channels-last."
+                   if len(got) == 3 and len(expected) == 3 and got[0] == expected[-1] else "")
+            )
+    if not np.issubdtype(x.dtype, np.number):
+        raise TypeError(f"`{name}` must hold numbers. Got dtype {x.dtype}.")
+    x = x.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"`{name}` contains NaN or Inf values.")
+    if num_classes is not None and y.size and (y.min() < 0 or y.max() >= num_classes):
+        bad = y[(y < 0) | (y >= num_classes)][0]
+        raise ValueError(
+            f"`{name}` has label {bad} out of range: the model has {num_classes} classes "
+            f"(labels 0..{num_classes - 1})."
+        )
+    return x, y
+
+
+def check_data(data, name="data", *, model=None, num_classes=None):
+    """Validate labelled data given as ``(x, y)`` arrays or a ``tf.data.Dataset``.
+
+    Parameters
+    ----------
+    data : tuple of (array, array), LabeledData or tf.data.Dataset
+        Inputs and labels (class indices or one-hot rows). A dataset yields
+        ``(x, y)`` batches or single examples.
+    name : str
+        Used in error messages.
+    model : tf_keras.Model, default=None
+        When given, input shapes and label ranges are checked against it.
+    num_classes : int, default=None
+        Overrides the class count taken from ``model``.
+
+    Returns
+    -------
+    LabeledData
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> data = check_data((np.zeros((2, 3)), [0, 1]))
+    >>> data.size, data.y.tolist()
+    (2, [0, 1])
+    """
+    input_shape = None
+    if model is not None:
+        input_shape = tuple(model.inputs[0].shape[1:])
+        if num_classes is None:
+            num_classes = num_classes_of(model)
+    if isinstance(data, LabeledData):
+        if data.x is None:
+            return LabeledData(name, dataset=data.dataset, input_shape=input_shape,
+                               num_classes=num_classes)
+        data = (data.x, data.y)
+    if isinstance(data, tf.data.Dataset):
+        return LabeledData(name, dataset=data, input_shape=input_shape, num_classes=num_classes)
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(
+            f"`{name}` must be an (x, y) pair of arrays or a tf.data.Dataset of (x, y). "
+            f"Got {type(data).__name__}."
+        )
+    x, y = data
+    x, y = _check_arrays(x, y, name, input_shape, num_classes)
+    if x.shape[0] == 0:
+        raise ValueError(f"`{name}` is empty: it has no examples.")
+    return LabeledData(name, x, y, None, input_shape, num_classes)
