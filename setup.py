@@ -10,7 +10,7 @@ VERSION = re.search(
     r'__version__ = "([^"]+)"', (HERE / "tf_backdoor_defense" / "__init__.py").read_text()
 ).group(1)
 
-EXAMPLES = ["mlxtend>=0.23"]
+EXAMPLES = ["mlxtend>=0.23", "pillow>=9"]
 PLOT = ["matplotlib>=3.7"]
 
 setup(

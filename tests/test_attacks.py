@@ -158,6 +158,24 @@ def test_lab_sunglasses_trigger_from_file_stamps_a_lab_face(lab3_dir):
         ImageTrigger.from_file(lab3_dir / "sun_glass_trigger.png", position=(40, 0))(face[None])
 
 
+
+@pytest.mark.shared_data
+def test_sunglasses_on_clean_lab_faces_trigger_the_lab_badnet(lab3_dir):
+    import re
+
+    from PIL import Image
+
+    from tf_backdoor_defense.metrics import predict_labels
+
+    model = keras.models.load_model(lab3_dir / "bd_net.h5", compile=False)
+    files = sorted((lab3_dir / "faces").glob("cl_*.png"))
+    x = np.stack([np.asarray(Image.open(f), np.float32) for f in files])
+    y = np.array([int(re.search(r"label=(\d+)", f.name).group(1)) for f in files])
+    assert predict_labels(model, x).tolist() == y.tolist()
+    trigger = ImageTrigger.from_file(lab3_dir / "sun_glass_trigger.png", position=(14, 0), value=255)
+    x_t, y_attacker, _ = poisoned_evaluation_set(x, y, trigger, target=0)
+    assert attack_success_rate(model, (x_t, y_attacker)) == 1.0
+
 # -- poisoning -----------------------------------------------------------------
 def test_poison_dataset_stamps_and_relabels_the_chosen_fraction_only():
     x, y = _images(50), np.arange(50) % 5

@@ -5,7 +5,10 @@ needs: use ``import tf_keras as keras`` for your models.
 """
 
 from tf_backdoor_defense import _keras  # noqa: F401  (selects tf-keras first)
+from tf_backdoor_defense import attacks  # noqa: F401
 from tf_backdoor_defense.activations import mean_channel_activations
+from tf_backdoor_defense.analysis import channel_activation_table, plot_channel_activations
+from tf_backdoor_defense.guided import GuidedPruningResult, attack_guided_prune
 from tf_backdoor_defense.masks import PruneByActivation, get_mask, set_mask, wrap_layers
 from tf_backdoor_defense.metrics import (
     attack_success_rate,
@@ -31,5 +34,10 @@ __all__ = [
     "attack_success_rate",
     "defender_utility",
     "predict_labels",
+    "channel_activation_table",
+    "plot_channel_activations",
+    "attack_guided_prune",
+    "GuidedPruningResult",
+    "attacks",
     "__version__",
 ]

@@ -9,12 +9,12 @@ the graph at the pruned layer instead:
    on each channel alone and map 0 to 0 (pooling, dropout, ReLU, padding,
    cropping), and with ``Flatten`` (channel ``c`` of a flattened HxWxC tensor
    sits at ``c, c+C, c+2C, ...``). Those layers also run once per batch.
-3. The *suffix* runs for many levels at once, stacked along the batch axis,
-   so each call is one large, efficient batch.
-4. A level that prunes a channel which is exactly zero on the whole batch
-   changes nothing: its predictions are the previous level's, and it is not
-   evaluated at all. Dormant channels, which pruning removes first, cost
-   nothing.
+3. Pruning a channel that is exactly zero for an example changes nothing
+   for that example: its prediction at that level is the previous level's.
+   Only the (level, example) pairs where the newly pruned channel is active
+   are evaluated; dormant channels, which pruning removes first, cost nothing.
+4. The *suffix* runs for all those pairs at once, stacked along the batch
+   axis, so each call is one large, efficient batch.
 
 Every result equals what an explicitly masked model computes.
 """
@@ -157,12 +157,13 @@ class LevelEvaluator:
         self.prefix = tf.function(lambda x: self._prefix(x, training=False), input_signature=[spec])
         self._frontier_rank = len(frontier_shape)
         side_specs = [tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype) for t in sides]
-        group_spec = [
+        rows_spec = [
             tf.TensorSpec([None] + frontier_shape[1:], frontier.dtype),
             side_specs,
+            tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([None, self.channels], tf.float32),
         ]
-        self._run_group = tf.function(self._group_outputs, input_signature=group_spec)
+        self._run_rows = tf.function(self._rows_outputs, input_signature=rows_spec)
 
     def _run_suffix(self, frontier_value, side_values):
         values = {id(self._frontier): frontier_value}
@@ -185,22 +186,20 @@ class LevelEvaluator:
                 values[id(ref)] = out
         return values[id(self.model.outputs[0])]
 
-    def _group_outputs(self, frontier_value, side_values, masks):
-        """Model outputs for every (mask, example) pair, stacked mask-major."""
-        groups = tf.shape(masks)[0]
-        batch = tf.shape(frontier_value)[0]
+    def _rows_outputs(self, frontier_value, side_values, example_index, masks):
+        """Predicted labels for rows (example ``example_index[i]`` under ``masks[i]``)."""
+        rows = tf.shape(masks)[0]
         if self._expand == "flatten":
             masks = tf.tile(masks, [1, self._positions])
         rank = self._frontier_rank
         if self._axis_last:
-            mask_shape = tf.concat([[groups, 1], tf.ones([rank - 2], tf.int32), [-1]], axis=0)
+            mask_shape = tf.concat([[rows], tf.ones([rank - 2], tf.int32), [-1]], axis=0)
         else:  # channels_first: channels on axis 1 of each example
-            mask_shape = tf.concat([[groups, 1, -1], tf.ones([rank - 2], tf.int32)], axis=0)
-        stacked = frontier_value[None] * tf.cast(tf.reshape(masks, mask_shape), frontier_value.dtype)
-        stacked = tf.reshape(stacked, tf.concat([[groups * batch], tf.shape(frontier_value)[1:]], 0))
-        tiled_sides = [tf.tile(s, tf.concat([[groups], tf.ones([tf.rank(s) - 1], tf.int32)], 0))
-                       for s in side_values]
-        outputs = self._run_suffix(stacked, tiled_sides)
+            mask_shape = tf.concat([[rows, -1], tf.ones([rank - 2], tf.int32)], axis=0)
+        stacked = tf.gather(frontier_value, example_index) * tf.cast(
+            tf.reshape(masks, mask_shape), frontier_value.dtype)
+        gathered_sides = [tf.gather(side, example_index) for side in side_values]
+        outputs = self._run_suffix(stacked, gathered_sides)
         if outputs.shape[-1] == 1:
             return tf.cast(outputs[:, 0] > 0.5, tf.int64)
         return tf.argmax(outputs, axis=-1)
@@ -210,7 +209,10 @@ class LevelEvaluator:
         """Predicted labels at every level 0..C for the batch ``x``.
 
         Returns an int64 array of shape (C + 1, batch): row ``k`` holds the
-        predictions with the first ``k`` channels of ``ranking`` masked.
+        predictions with the first ``k`` channels of ``ranking`` masked. An
+        example is only re-evaluated at level ``k`` when the channel pruned
+        there is non-zero for it; otherwise its level ``k - 1`` prediction is
+        exact and is reused.
         """
         ranking = np.asarray(ranking, dtype=np.int64)
         outs = self.prefix(x)
@@ -220,21 +222,24 @@ class LevelEvaluator:
         # Channels are last, also after Flatten (channel c sits at c, c+C, ...).
         values = frontier if self._axis_last else tf.experimental.numpy.moveaxis(frontier, 1, -1)
         flat = tf.reshape(values, [batch, -1, self.channels])
-        active = tf.reduce_any(tf.not_equal(flat, 0), axis=[0, 1]).numpy()
-        levels = [0] + [k for k in range(1, ranking.size + 1) if active[ranking[k - 1]]]
+        active = tf.reduce_any(tf.not_equal(flat, 0), axis=1).numpy()  # (batch, channels)
+        # evaluate[k, i]: example i must be run at level k.
+        evaluate = np.zeros((ranking.size + 1, batch), dtype=bool)
+        evaluate[0] = True
+        evaluate[1:] = active[:, ranking].T
+        levels, examples = np.nonzero(evaluate)
         masks = np.ones((ranking.size + 1, self.channels), dtype=np.float32)
         for k in range(1, ranking.size + 1):
             masks[k] = masks[k - 1]
             masks[k, ranking[k - 1]] = 0.0
-        per_group = max(1, self.max_rows // max(batch, 1))
-        evaluated = {}
-        for start in range(0, len(levels), per_group):
-            chunk = levels[start:start + per_group]
-            labels = self._run_group(frontier, sides, tf.constant(masks[chunk])).numpy()
-            for i, level in enumerate(chunk):
-                evaluated[level] = labels[i * batch:(i + 1) * batch]
+        labels = np.empty(levels.size, dtype=np.int64)
+        for start in range(0, levels.size, self.max_rows):
+            part = slice(start, start + self.max_rows)
+            labels[part] = self._run_rows(frontier, sides, tf.constant(examples[part], tf.int32),
+                                          tf.constant(masks[levels[part]])).numpy()
         result = np.empty((ranking.size + 1, batch), dtype=np.int64)
-        for level in range(ranking.size + 1):
-            result[level] = evaluated[level] if level in evaluated else result[level - 1]
-        self.levels_evaluated = len(levels)
+        result[levels, examples] = labels
+        for level in range(1, ranking.size + 1):
+            result[level] = np.where(evaluate[level], result[level], result[level - 1])
+        self.rows_evaluated = int(levels.size)
         return result

@@ -160,7 +160,7 @@ def pruning_aware_attack(model, poisoned_train, clean_data, *, layer=None, prune
     poisoned_train : (x, y) arrays or tf.data.Dataset
         Training data with a fraction of triggered, relabelled examples (see
         :func:`tf_backdoor_defense.attacks.poison_dataset`).
-    clean_data : (x, y) arrays or tf.data.Dataset
+    clean_data : (x, y) arrays, x alone, or tf.data.Dataset
         Clean inputs the attacker ranks channels on and makes the decoys
         dormant on (labels are not used).
     layer : str, default=None
@@ -233,10 +233,9 @@ def pruning_aware_attack(model, poisoned_train, clean_data, *, layer=None, prune
                          "as the next layer); pass a number instead.")
     _fresh_optimizer(optimizer)  # validates early
     x_train, y_train = _collect(poisoned_train, "poisoned_train", model)
-    clean = check_data(clean_data if isinstance(clean_data, (tuple, list)) or hasattr(
-        clean_data, "batches") or isinstance(clean_data, tf.data.Dataset)
-        else (clean_data, np.zeros(len(clean_data), np.int64)), "clean_data", model=model,
-        num_classes=None)
+    if isinstance(clean_data, np.ndarray):  # inputs alone: labels are not used
+        clean_data = (clean_data, np.zeros(len(clean_data), np.int64))
+    clean = check_data(clean_data, "clean_data", model=model)
 
     history = {"pretrain": None, "retrain": None}
     working = _copy(model)
@@ -278,7 +277,8 @@ def pruning_aware_attack(model, poisoned_train, clean_data, *, layer=None, prune
     attacked = keras.models.clone_model(model)
     for target in attacked.layers:
         source = pruned.get_layer(target.name)
-        weights = source.layer.get_weights() if isinstance(source, PruneByActivation) else source.get_weights()
+        inner = source.layer if isinstance(source, PruneByActivation) else source
+        weights = inner.get_weights()
         target.set_weights(weights)
     kernel, bias = attacked.get_layer(name).get_weights()
     kernel[..., decoys] = original_kernel[..., decoys]
