@@ -8,6 +8,14 @@ from tf_backdoor_defense import _keras  # noqa: F401  (selects tf-keras first)
 from tf_backdoor_defense import attacks  # noqa: F401
 from tf_backdoor_defense.activations import mean_channel_activations
 from tf_backdoor_defense.analysis import channel_activation_table, plot_channel_activations
+from tf_backdoor_defense.export import (
+    ExportReport,
+    ShrinkFallbackWarning,
+    convert_to_tflite,
+    export_keras,
+    export_saved_model,
+    strip_masks,
+)
 from tf_backdoor_defense.guided import GuidedPruningResult, attack_guided_prune
 from tf_backdoor_defense.masks import PruneByActivation, get_mask, set_mask, wrap_layers
 from tf_backdoor_defense.metrics import (
@@ -17,6 +25,7 @@ from tf_backdoor_defense.metrics import (
     predict_labels,
 )
 from tf_backdoor_defense.ranking import rank_channels
+from tf_backdoor_defense.repair import RepairedScores, evaluate_repaired, repaired_model, suspect_class
 from tf_backdoor_defense.sweep import SweepResult, prune_to_threshold
 
 __version__ = "0.1.0"
@@ -39,5 +48,15 @@ __all__ = [
     "attack_guided_prune",
     "GuidedPruningResult",
     "attacks",
+    "strip_masks",
+    "export_saved_model",
+    "export_keras",
+    "convert_to_tflite",
+    "ExportReport",
+    "ShrinkFallbackWarning",
+    "repaired_model",
+    "evaluate_repaired",
+    "suspect_class",
+    "RepairedScores",
     "__version__",
 ]

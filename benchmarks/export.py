@@ -1,0 +1,147 @@
+"""Parameters and inference throughput of the lab BadNet: masked vs folded vs shrunk.
+
+Prunes conv_3 of the lab BadNet (``bd_net.h5`` from ``--model``,
+$TBD_LAB3_DIR or ../shared/data/lab3; the same architecture with random
+weights when absent) at its 10% threshold level (52 of 60 channels, lowest
+mean activation first, measured on the lab's face images or, without them,
+on random images), then times a compiled batch loop over random 55x47x3
+images for the masked model, the folded export and the shrunk export (as a
+Keras model and as the reloaded SavedModel).
+
+    python benchmarks/export.py [--images 4096] [--batch-size 256] [--pruned 52]
+"""
+
+import argparse
+import os
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.activations import mean_channel_activations
+from tf_backdoor_defense.export import count_params, export_saved_model, strip_masks
+from tf_backdoor_defense.masks import wrap_layers
+from tf_backdoor_defense.ranking import level_mask, rank_channels
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def lab_architecture(classes=1283):
+    """The lab BadNet's architecture with random weights."""
+    L = keras.layers
+    inputs = keras.Input((55, 47, 3), name="input")
+    x = L.Conv2D(20, 4, activation="relu", name="conv_1")(inputs)
+    x = L.MaxPooling2D(name="pool_1")(x)
+    x = L.Conv2D(40, 3, activation="relu", name="conv_2")(x)
+    x = L.MaxPooling2D(name="pool_2")(x)
+    x = L.Conv2D(60, 3, activation="relu", name="conv_3")(x)
+    x = L.MaxPooling2D(name="pool_3")(x)
+    a = L.Dense(160, name="fc_1")(L.Flatten(name="flatten_1")(x))
+    b = L.Conv2D(80, 2, activation="relu", name="conv_4")(x)
+    b = L.Dense(160, name="fc_2")(L.Flatten(name="flatten_2")(b))
+    x = L.Activation("relu", name="activation_1")(L.Add(name="add_1")([a, b]))
+    return keras.Model(inputs, L.Dense(classes, activation="softmax", name="output")(x))
+
+
+def lab_dir(path):
+    candidates = [pathlib.Path(path).parent] if path else []
+    if os.environ.get("TBD_LAB3_DIR"):
+        candidates.append(pathlib.Path(os.environ["TBD_LAB3_DIR"]))
+    candidates.append(REPO.parent / "shared" / "data" / "lab3")
+    return next((c for c in candidates if (c / "bd_net.h5").is_file()), None)
+
+
+def face_images(folder):
+    from PIL import Image
+
+    files = sorted((folder / "faces").glob("cl_*.png")) if folder else []
+    if not files:
+        return None
+    return np.stack([np.asarray(Image.open(f).convert("RGB"), np.float32) for f in files])
+
+
+def throughput(fn, x, batch_size, repeats):
+    """Best images/second over ``repeats`` passes of a compiled batch loop."""
+    batches = [tf.constant(x[s:s + batch_size]) for s in range(0, len(x), batch_size)]
+    fn(batches[0])  # trace
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in batches:
+            out = fn(batch)
+        np.asarray(out)  # wait for the last batch
+        best = min(best, time.perf_counter() - start)
+    return len(x) / best
+
+
+def compiled(model):
+    spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
+    return tf.function(lambda x: model(x, training=False), input_signature=[spec])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=pathlib.Path, default=None)
+    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--pruned", type=int, default=52, help="conv_3 channels to prune")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    folder = lab_dir(args.model)
+    if folder is not None:
+        net = keras.models.load_model(args.model or folder / "bd_net.h5", compile=False)
+        source = str(args.model or folder / "bd_net.h5")
+    else:
+        keras.utils.set_random_seed(0)
+        net, source = lab_architecture(), "random weights (bd_net.h5 not found)"
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (args.images, 55, 47, 3)).astype(np.float32)
+    faces = face_images(folder)
+    ranked_on = "clean face images" if faces is not None else "random images"
+    means = mean_channel_activations(net, faces if faces is not None else x[:512], layer="conv_3")
+    mask = level_mask(rank_channels(means), args.pruned)
+    masked = wrap_layers(net, "conv_3", masks={"conv_3": mask})
+    folded = strip_masks(masked)
+    shrunk, report = strip_masks(masked, shrink=True, return_report=True)
+
+    check = x[:512]
+    reference = masked.predict(check, batch_size=args.batch_size, verbose=0)
+    diffs = {name: float(np.max(np.abs(m.predict(check, batch_size=args.batch_size, verbose=0)
+                                        - reference)))
+             for name, m in (("folded", folded), ("shrunk", shrunk))}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_saved_model(masked, pathlib.Path(tmp) / "badnet", shrink=True, version=1)
+        served = tf.saved_model.load(str(path)).signatures["serving_default"]
+        diffs["saved_model"] = float(np.max(np.abs(served(tf.constant(check))["output"].numpy()
+                                                   - reference)))
+        candidates = {
+            "masked": compiled(masked),
+            "folded": compiled(folded),
+            "shrunk": compiled(shrunk),
+            "shrunk SavedModel": lambda b: served(b)["output"],
+        }
+        rates = {name: 0.0 for name in candidates}
+        for _ in range(args.repeats):  # interleaved, best of each, to even out noise
+            for name, fn in candidates.items():
+                rates[name] = max(rates[name], throughput(fn, x, args.batch_size, 1))
+
+    print(f"model: {source}")
+    print(f"device: {'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'}, "
+          f"{args.images} images, batch {args.batch_size}, best of {args.repeats}")
+    print(f"conv_3: {int(np.sum(mask == 0))}/60 channels pruned (lowest mean activation on "
+          f"{ranked_on})")
+    print(report)
+    print("max |difference| vs masked: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    print(f"{'model':<18} {'parameters':>12} {'images/s':>10} {'vs masked':>10}")
+    params = {"masked": count_params(masked), "folded": count_params(folded),
+              "shrunk": count_params(shrunk), "shrunk SavedModel": count_params(shrunk)}
+    for name, rate in rates.items():
+        print(f"{name:<18} {params[name]:>12,} {rate:>10,.0f} {rate / rates['masked']:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
