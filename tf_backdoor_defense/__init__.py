@@ -7,6 +7,10 @@ needs: use ``import tf_keras as keras`` for your models.
 from tf_backdoor_defense import _keras  # noqa: F401  (selects tf-keras first)
 from tf_backdoor_defense import attacks  # noqa: F401
 from tf_backdoor_defense.activations import mean_channel_activations
+from tf_backdoor_defense.callbacks import FinePruning, GradualChannelSchedule, GradualFinePruning
+from tf_backdoor_defense.distributed import distributed_channel_means
+from tf_backdoor_defense.evaluation import EvaluationResult, evaluate_defenses, paper_table_mnist
+from tf_backdoor_defense.finetune import FinePruneResult, fine_prune, fine_tune
 from tf_backdoor_defense.analysis import channel_activation_table, plot_channel_activations
 from tf_backdoor_defense.export import (
     ExportReport,
@@ -48,6 +52,16 @@ __all__ = [
     "attack_guided_prune",
     "GuidedPruningResult",
     "attacks",
+    "FinePruning",
+    "GradualFinePruning",
+    "GradualChannelSchedule",
+    "fine_prune",
+    "fine_tune",
+    "FinePruneResult",
+    "distributed_channel_means",
+    "evaluate_defenses",
+    "paper_table_mnist",
+    "EvaluationResult",
     "strip_masks",
     "export_saved_model",
     "export_keras",
