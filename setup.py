@@ -1,4 +1,4 @@
-"""Install tf_backdoor_defense: `pip install .` (extras: test, plot, examples)."""
+"""Install tf_backdoor_defense: `pip install .` (extras: examples, test)."""
 
 import pathlib
 import re
@@ -10,8 +10,7 @@ VERSION = re.search(
     r'__version__ = "([^"]+)"', (HERE / "tf_backdoor_defense" / "__init__.py").read_text()
 ).group(1)
 
-EXAMPLES = ["mlxtend>=0.23", "pillow>=9"]
-PLOT = ["matplotlib>=3.7"]
+EXAMPLES = ["mlxtend>=0.23"]
 
 setup(
     name="tf_backdoor_defense",
@@ -32,11 +31,12 @@ setup(
         "numpy>=1.23",
         "pandas>=1.5",
         "h5py>=3.8",
+        "matplotlib>=3.7",
+        "pillow>=9",
     ],
     extras_require={
         "examples": EXAMPLES,
-        "plot": PLOT,
-        "test": ["pytest>=7"] + EXAMPLES + PLOT + ["pillow>=9"],
+        "test": ["pytest>=7"] + EXAMPLES,
     },
     entry_points={"console_scripts": ["tf-backdoor-defense=tf_backdoor_defense.cli:main"]},
     classifiers=[

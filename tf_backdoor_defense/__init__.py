@@ -10,6 +10,9 @@ from tf_backdoor_defense.activations import mean_channel_activations
 from tf_backdoor_defense.callbacks import FinePruning, GradualChannelSchedule, GradualFinePruning
 from tf_backdoor_defense.distributed import distributed_channel_means
 from tf_backdoor_defense.evaluation import EvaluationResult, evaluate_defenses, paper_table_mnist
+from tf_backdoor_defense.io import DataFileError, load_data
+from tf_backdoor_defense.loading import ModelFileError, UnsafeModelError, load_model
+from tf_backdoor_defense.report import write_sweep_report
 from tf_backdoor_defense.finetune import FinePruneResult, fine_prune, fine_tune
 from tf_backdoor_defense.analysis import channel_activation_table, plot_channel_activations
 from tf_backdoor_defense.export import (
@@ -62,6 +65,12 @@ __all__ = [
     "evaluate_defenses",
     "paper_table_mnist",
     "EvaluationResult",
+    "load_model",
+    "UnsafeModelError",
+    "ModelFileError",
+    "load_data",
+    "DataFileError",
+    "write_sweep_report",
     "strip_masks",
     "export_saved_model",
     "export_keras",

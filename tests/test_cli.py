@@ -1,0 +1,292 @@
+"""The command line on real files: subprocesses for the main paths, ``main([...])`` for the rest."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import tiny_conv_model
+from tf_backdoor_defense import cli
+from tf_backdoor_defense.loading import load_model
+
+
+def run_cli(*args, cwd=None):
+    """Run ``python -m tf_backdoor_defense ARGS`` and return the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "tf_backdoor_defense", *map(str, args)],
+                           capture_output=True, text=True, timeout=300, cwd=cwd,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A tiny model, clean data as channels-first HDF5, poisoned data as .npz."""
+    root = tmp_path_factory.mktemp("lab")
+    model = tiny_conv_model()
+    model.save(root / "model.h5")
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 8, 8, 1), dtype=np.float32)
+    y = np.argmax(model.predict(x, verbose=0), axis=1)
+    with h5py.File(root / "clean.h5", "w") as handle:
+        handle["data"] = np.transpose(x, (0, 3, 1, 2)) * 255.0  # (N, 1, 8, 8), raw pixels
+        handle["label"] = y.astype(np.float64)
+    poisoned = x.copy()
+    poisoned[:, -3:, -3:, :] = 1.0
+    np.savez(root / "poisoned.npz", x=poisoned * 255.0, y=np.zeros(60, np.int64))
+    np.savez(root / "clean.npz", x=x * 255.0, y=y)
+    return root
+
+
+def test_help_texts_have_examples(capsys):
+    assert cli.main(["--help"]) == 0
+    top = capsys.readouterr().out
+    for command in ("inspect", "evaluate", "prune", "fine-prune", "export", "repair", "demo"):
+        assert command in top
+    assert "examples:" in top
+    assert cli.main(["prune", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and "--trust-model-code" in text and "--all-to-all" in text
+
+
+def test_inspect_subprocess_json(lab):
+    done = run_cli("inspect", lab / "model.h5", "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["input_shape"] == [8, 8, 1] and info["classes"] == 3
+    assert info["default_layer"] == "conv_b"
+    prunable = {row["name"] for row in info["layers"] if row["prunable"]}
+    assert prunable == {"conv_a", "conv_b", "fc", "out"}
+
+
+def test_prune_subprocess_writes_the_whole_report(lab, tmp_path):
+    out = tmp_path / "report"
+    done = run_cli("prune", lab / "model.h5", "--clean", lab / "clean.h5", "--poisoned",
+                   lab / "poisoned.npz", "--scale", 255, "--thresholds", 0.05, 0.5,
+                   "--output", out, "--json")
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    history = pd.read_csv(out / "sweep.csv")
+    assert history["channels_pruned"].tolist() == list(range(7))  # conv_b has 6 channels
+    assert history["clean_accuracy"].iloc[0] == 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["before"]["clean_accuracy"] == 1.0
+    assert set(summary["after"]) == {"0.05", "0.5"}
+    assert summary["versions"]["tensorflow"] and "sweep_seconds" in summary["timings"]
+    for entry in summary["thresholds"]:
+        level = entry["channels_pruned"]
+        assert len(entry["pruned_channels"]) == level
+        assert entry["clean_accuracy"] == pytest.approx(history["clean_accuracy"].iloc[level])
+        assert 1.0 - entry["clean_accuracy"] <= entry["max_accuracy_drop"] + 1e-9
+        model = load_model(out / "models" / f"pruned_drop_{entry['max_accuracy_drop']:g}.h5")
+        assert model.get_layer("conv_b").pruned_channels.size == level
+    from PIL import Image
+
+    for name in ("sweep.png", "activations.png"):
+        with Image.open(out / name) as image:
+            assert image.size[0] > 300
+    assert payload["before"]["clean_accuracy"] == 1.0 and len(payload["thresholds"]) == 2
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_malicious_lambda_is_refused_and_its_code_never_runs(lab, tmp_path):
+    from tf_backdoor_defense._keras import keras
+
+    marker = tmp_path / "PWNED"
+    target = str(marker)
+
+    def payload(x):
+        open(target, "w").write("attacker code ran")
+        return x
+
+    inputs = keras.Input((8, 8, 1))
+    hidden = keras.layers.Lambda(payload, name="preprocess")(inputs)
+    model = keras.Model(inputs, tiny_conv_model()(hidden))
+    model.save(tmp_path / "evil.h5")
+    marker.unlink()
+    done = run_cli("evaluate", tmp_path / "evil.h5", "--clean", lab / "clean.npz",
+                   "--scale", 255)
+    assert done.returncode == 2
+    assert not marker.exists()
+    assert "preprocess" in done.stderr and "Lambda" in done.stderr
+    assert "--trust-model-code" in done.stderr and "Traceback" not in done.stderr
+    # the same command with the flag loads the model, so the file really carried the payload
+    assert cli.main(["evaluate", str(tmp_path / "evil.h5"), "--clean", str(lab / "clean.npz"),
+                     "--scale", "255", "--trust-model-code", "--quiet"]) == 0
+    assert marker.exists()
+
+
+def test_nan_data_exits_2_with_the_file_named(lab, tmp_path):
+    bad = tmp_path / "nan.npz"
+    x = np.zeros((4, 8, 8, 1))
+    x[1, 2, 3, 0] = np.nan
+    np.savez(bad, x=x, y=[0, 1, 2, 0])
+    done = run_cli("evaluate", lab / "model.h5", "--clean", bad)
+    assert done.returncode == 2
+    assert "nan.npz" in done.stderr and "NaN" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("x_shape, labels, message", [
+    ((4, 9, 9, 1), [0, 1, 2, 0], "expects"),            # wrong shape for the model
+    ((4, 8, 8, 1), [0, 1, 2, 7], "label 7 out of range"),
+    ((4, 8, 8, 1), [0, 1, 2], "4 inputs but 3 labels"),
+    ((0, 8, 8, 1), [], "empty"),
+])
+def test_bad_data_exits_2_naming_file_and_problem(lab, tmp_path, capsys, x_shape, labels, message):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros(x_shape), y=np.asarray(labels, dtype=np.int64))
+    code = cli.main(["evaluate", str(lab / "model.h5"), "--clean", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "bad.npz" in err and message in err and "Traceback" not in err
+
+
+def test_evaluate_modes_and_json(lab, capsys):
+    base = ["evaluate", str(lab / "model.h5"), "--clean", str(lab / "clean.h5"), "--scale", "255",
+            "--json"]
+    assert cli.main(base) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["clean_accuracy"] == 1.0 and result["attack_success_rate"] is None
+    assert cli.main(base + ["--poisoned", str(lab / "clean.h5"), "--untargeted"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["attack_success_rate"] == 0.0  # the clean set is all classified right
+    assert cli.main(base + ["--poisoned", str(lab / "poisoned.npz"), "--all-to-all", "1"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["attack_success_rate"] <= 1.0
+    assert cli.main(base + ["--target", "1", "--untargeted"]) == 2  # mutually exclusive
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_existing_outputs_need_force_and_unknown_layer_is_exit_2(lab, tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "sweep.csv").write_text("precious\n")
+    args = ["prune", str(lab / "model.h5"), "--clean", str(lab / "clean.npz"), "--scale", "255",
+            "--thresholds", "0.1", "--no-plots", "--output", str(out), "--quiet"]
+    assert cli.main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "sweep.csv").read_text() == "precious\n"
+    assert cli.main(args + ["--force"]) == 0
+    assert (out / "sweep.csv").read_text().startswith("channels_pruned,")
+    assert cli.main(args + ["--force", "--layer", "nope"]) == 2
+    assert "Unknown layer 'nope'" in capsys.readouterr().err
+
+
+def test_export_repair_and_evaluate_repaired(lab, tmp_path, capsys):
+    from tf_backdoor_defense._keras import tf
+
+    out = tmp_path / "report"
+    assert cli.main(["prune", str(lab / "model.h5"), "--clean", str(lab / "clean.npz"),
+                     "--scale", "255", "--thresholds", "0.2", "--no-plots",
+                     "--output", str(out), "--quiet"]) == 0
+    pruned = out / "models" / "pruned_drop_0.2.h5"
+    capsys.readouterr()
+    assert cli.main(["export", str(pruned), "--output", str(tmp_path / "served"), "--version",
+                     "1", "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    serve = tf.saved_model.load(exported["output"]).signatures["serving_default"]
+    x = np.random.default_rng(1).random((2, 8, 8, 1), dtype=np.float32)
+    expected = load_model(pruned)(x).numpy()
+    np.testing.assert_allclose(list(serve(tf.constant(x)).values())[0].numpy(), expected,
+                               atol=1e-5)
+    assert cli.main(["export", str(pruned), "--output", str(tmp_path / "small.keras"),
+                     "--shrink", "--quiet"]) == 0
+    np.testing.assert_allclose(load_model(tmp_path / "small.keras")(x), expected, atol=1e-5)
+    assert "pruned channels removed" in capsys.readouterr().out
+
+    goodnet = tmp_path / "goodnet.h5"
+    assert cli.main(["repair", str(lab / "model.h5"), "--pruned", str(pruned), "--output",
+                     str(goodnet), "--clean", str(lab / "clean.npz"), "--poisoned",
+                     str(lab / "poisoned.npz"), "--scale", "255", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)["scores"]
+    repaired = load_model(goodnet)
+    assert repaired.output_shape == (None, 4)  # 3 classes + "backdoor suspected"
+    assert cli.main(["evaluate", str(goodnet), "--repaired", "--clean", str(lab / "clean.npz"),
+                     "--poisoned", str(lab / "poisoned.npz"), "--scale", "255", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["clean_accuracy"] == pytest.approx(scores["clean_accuracy"])
+    assert again["attack_success_rate"] == pytest.approx(scores["attack_success_rate"])
+
+
+def test_repair_can_prune_first_from_clean_data(lab, tmp_path, capsys):
+    goodnet = tmp_path / "goodnet.keras"
+    assert cli.main(["repair", str(lab / "model.h5"), "--clean", str(lab / "clean.npz"),
+                     "--scale", "255", "--threshold", "0.2", "--output", str(goodnet),
+                     "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["layer"] == "conv_b" and 0 <= payload["channels_pruned"] <= 6
+    assert load_model(goodnet).output_shape == (None, 4)
+    assert cli.main(["repair", str(lab / "model.h5"), "--output", str(tmp_path / "x.h5")]) == 2
+    assert "--pruned" in capsys.readouterr().err
+
+
+def test_fine_prune_writes_model_history_and_summary(lab, tmp_path, capsys):
+    out = tmp_path / "fp"
+    assert cli.main(["fine-prune", str(lab / "model.h5"), "--train", str(lab / "clean.npz"),
+                     "--clean", str(lab / "clean.npz"), "--poisoned", str(lab / "poisoned.npz"),
+                     "--scale", "255", "--epochs", "1", "--threshold", "0.2", "--no-plots",
+                     "--output", str(out), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert len(pd.read_csv(out / "history.csv")) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["channels_pruned"] == payload["channels_pruned"]
+    model = load_model(out / "fine_pruned.h5")
+    assert model.get_layer("conv_b").pruned_channels.size == payload["channels_pruned"]
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_only_on_a_terminal_and_same_results(lab):
+    from tf_backdoor_defense.io import load_data
+    from tf_backdoor_defense.sweep import prune_to_threshold
+
+    model = load_model(lab / "model.h5")
+    data = load_data(lab / "clean.npz", scale=255)
+    terminal = _FakeTerminal()
+    console = cli.Console(stream=terminal)
+
+    class Args:
+        batch_size = 16
+
+    streamed = cli._progress_data(data, Args, console, ["statistics", "sweep (clean)"])
+    with_bars = prune_to_threshold(model, streamed, max_accuracy_drop=0.1, batch_size=16)
+    plain = prune_to_threshold(model, data, max_accuracy_drop=0.1, batch_size=16)
+    pd.testing.assert_frame_equal(with_bars.history, plain.history)
+    drawn = terminal.getvalue()
+    assert "statistics" in drawn and "sweep (clean)" in drawn and "4/4" in drawn
+    assert cli._progress_data(data, Args, cli.Console(stream=io.StringIO()), ["x"]) is data
+    assert not cli.Console(stream=_FakeTerminal(), quiet=True).bars
+
+
+@pytest.mark.shared_data
+def test_lab_badnet_inspect_and_evaluate_on_the_faces(lab3_dir, capsys):
+    assert cli.main(["inspect", str(lab3_dir / "bd_net.h5"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["input_shape"] == [55, 47, 3] and info["classes"] == 1283
+    conv_3 = next(row for row in info["layers"] if row["name"] == "conv_3")
+    assert conv_3["channels"] == 60 and conv_3["prunable"]
+    faces = lab3_dir / "faces"
+    done = run_cli("evaluate", lab3_dir / "bd_net.h5", "--clean", faces / "cl_*.png",
+                   "--poisoned", faces / "sun_*.png", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["clean_examples"] == 5 and result["poisoned_examples"] == 5
+    assert result["clean_accuracy"] == 1.0  # raw 0..255 pixels, no --scale
+    assert result["attack_success_rate"] == 1.0  # every sunglasses face goes to class 0
+
+
+@pytest.mark.slow
+def test_demo_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--epochs", "1", "--output", str(out), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["evaluation"][0]["model"] == "BadNet"
+    for name in ("sweep.csv", "summary.json", "sweep.png", "activations.png", "evaluation.csv"):
+        assert (out / name).is_file()
+    assert len(pd.read_csv(out / "sweep.csv")) == 33  # mnist_cnn's last conv: 32 channels

@@ -1,0 +1,435 @@
+"""Files in and out: labelled data from the lab's formats, and atomic writes.
+
+Reading (:func:`load_data`)
+    - HDF5 with datasets ``data`` and ``label`` (the lab's files; ``x``/``y``
+      also work), channels-first ``(N, C, H, W)`` or channels-last;
+    - ``.npz`` with arrays ``x`` and ``y`` (or ``data`` and ``label``);
+    - a folder of images, or a glob pattern of image files (``faces/cl_*.png``),
+      labelled by ``label=N`` in the file name (``cl_0_label=43.png``) or by
+      an integer subfolder name (``3/img.png``).
+
+Every problem raises :class:`DataFileError` naming the file.
+
+Writing (:func:`atomic_write`, :func:`atomic_path`)
+    The output is written to a temporary name in the same folder and renamed
+    into place only when complete, so an interrupted run never leaves a
+    half-written file or folder behind.
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+
+import numpy as np
+
+__all__ = [
+    "DataFileError",
+    "load_data",
+    "match_input_shape",
+    "atomic_write",
+    "atomic_path",
+    "write_text",
+    "write_json",
+    "to_json",
+    "check_outputs_free",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_LABEL_IN_NAME = re.compile(r"label[=_-]?(\d+)", re.IGNORECASE)
+_X_KEYS = ("data", "x", "images", "X")
+_Y_KEYS = ("label", "labels", "y", "Y")
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be used: unreadable, empty, mislabelled or the wrong shape."""
+
+
+# -- reading ---------------------------------------------------------------------------
+def _pick(keys, wanted, path, what):
+    for key in wanted:
+        if key in keys:
+            return key
+    raise DataFileError(f"'{path}' has no {what} array: expected one of {list(wanted)}, found "
+                        f"{sorted(keys)}.")
+
+
+def _read_hdf5(path):
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            keys = list(handle.keys())
+            x_key = _pick(keys, _X_KEYS, path, "input")
+            y_key = _pick(keys, _Y_KEYS, path, "label")
+            return np.asarray(handle[x_key]), np.asarray(handle[y_key])
+    except DataFileError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        raise DataFileError(f"'{path}' is not a readable HDF5 data file ({_short(error)}).") \
+            from None
+
+
+def _read_npz(path):
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.keys())
+            x_key = _pick(keys, _X_KEYS, path, "input")
+            y_key = _pick(keys, _Y_KEYS, path, "label")
+            return np.asarray(archive[x_key]), np.asarray(archive[y_key])
+    except DataFileError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError) as error:
+        raise DataFileError(f"'{path}' is not a readable .npz data file ({_short(error)}).") \
+            from None
+
+
+def _image_label(file, root):
+    found = _LABEL_IN_NAME.findall(file.stem)
+    if found:
+        return int(found[-1])
+    parent = file.parent
+    if (root is None or parent != root) and parent.name.isdigit():
+        return int(parent.name)
+    raise DataFileError(f"Cannot tell the label of image '{file}': name it like "
+                        "'img_label=3.png' or put it in a subfolder named after its class "
+                        "('3/img.png').")
+
+
+def _image_files(path):
+    """``(files, root)`` of a folder of images or a glob pattern such as ``faces/cl_*.png``."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataFileError(f"Folder '{path}' holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        return files, path
+    root = pathlib.Path(path.anchor) if path.is_absolute() else pathlib.Path(".")
+    pattern = str(path.relative_to(root)) if path.is_absolute() else str(path)
+    files = sorted(p for p in root.glob(pattern)
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataFileError(f"No image file matches '{path}'.")
+    return files, None
+
+
+def _read_images(files, folder, channels=None):
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise ImportError("Reading image folders needs Pillow: `pip install pillow`.") from None
+
+    images, labels = [], []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                if channels == 1:
+                    image = image.convert("L")
+                elif channels == 3 or image.mode not in ("L", "RGB"):
+                    image = image.convert("RGB")
+                array = np.asarray(image, dtype=np.float32)
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataFileError(f"Image '{file}' cannot be read ({_short(error)}).") from None
+        if array.ndim == 2:
+            array = array[..., None]
+        if images and array.shape != images[0].shape:
+            raise DataFileError(f"Image '{file}' has shape {array.shape}, but '{files[0]}' has "
+                                f"{images[0].shape}; all images must have the same size.")
+        images.append(array)
+        labels.append(_image_label(file, folder))
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def _short(error):
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _check_labels(y, path):
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    elif y.ndim == 2 and y.shape[1] > 1:
+        y = np.argmax(y, axis=1)
+    if y.ndim != 1:
+        raise DataFileError(f"The labels in '{path}' must be 1-D class indices or one-hot rows; "
+                            f"got shape {y.shape}.")
+    if not np.issubdtype(y.dtype, np.number):
+        raise DataFileError(f"The labels in '{path}' must be numbers; got dtype {y.dtype}.")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.isfinite(y)):
+            raise DataFileError(f"The labels in '{path}' contain NaN or Inf values.")
+        if not np.all(np.round(y) == y):
+            raise DataFileError(f"The labels in '{path}' must be whole class indices.")
+    y = y.astype(np.int64)
+    if y.size and y.min() < 0:
+        raise DataFileError(f"'{path}' has negative label {int(y.min())}; labels are class "
+                            "indices 0..N-1.")
+    return y
+
+
+def _to_channels_last(x):
+    """Move a channels-first image axis last when the data clearly is channels-first."""
+    if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+        return np.transpose(x, (0, 2, 3, 1))
+    return x
+
+
+def match_input_shape(x, input_shape, path="data"):
+    """Return ``x`` in the layout the model expects, or raise :class:`DataFileError`.
+
+    Channels-first images ``(N, C, H, W)`` are transposed when the model
+    expects ``(H, W, C)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> match_input_shape(np.zeros((2, 3, 5, 4)), (5, 4, 3)).shape
+    (2, 5, 4, 3)
+    """
+    expected = tuple(input_shape)
+
+    def fits(shape):
+        return len(shape) == len(expected) and all(e is None or e == s
+                                                   for e, s in zip(expected, shape))
+
+    if fits(x.shape[1:]):
+        return x
+    if x.ndim == 4 and fits((x.shape[2], x.shape[3], x.shape[1])):
+        return np.transpose(x, (0, 2, 3, 1))
+    if x.ndim == 4 and fits((x.shape[3], x.shape[1], x.shape[2])):
+        return np.transpose(x, (0, 3, 1, 2))
+    if x.ndim == len(expected) and fits(tuple(x.shape[1:]) + (1,)):
+        return x[..., None]
+    shown = tuple("?" if e is None else e for e in expected)
+    raise DataFileError(f"'{path}' has inputs of shape {tuple(x.shape[1:])}, but the model "
+                        f"expects {shown} (batch dimension excluded).")
+
+
+def load_data(path, *, scale=None, input_shape=None):
+    """Read labelled data from an HDF5 file, an ``.npz`` file or a folder of images.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    scale : float, default=None
+        Divide the inputs by this number (``255`` for models trained on
+        ``x / 255``); ``None`` keeps the stored values.
+    input_shape : tuple, default=None
+        The model's input shape without the batch axis. Channels-first data
+        is transposed to match it, and any other shape is an error. Without
+        it, 4-D data whose axis 1 has 1 or 3 entries (and whose last axis
+        does not) is taken as channels-first.
+
+    Returns
+    -------
+    x : float32 numpy array
+    y : int64 numpy array of class indices
+
+    Raises
+    ------
+    DataFileError
+        Naming the file: unreadable, no inputs/labels, different numbers of
+        inputs and labels, no examples, NaN or Inf values, negative or
+        non-integer labels, or a shape the model cannot take.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> path = tempfile.mkdtemp() + "/set.npz"
+    >>> np.savez(path, x=np.full((2, 3, 4, 4), 255.0), y=[0, 1])
+    >>> x, y = load_data(path, scale=255)
+    >>> x.shape, float(x.max()), y.tolist()
+    ((2, 4, 4, 3), 1.0, [0, 1])
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"The 'path' parameter must be a path. Got {path!r} instead.")
+    path = pathlib.Path(path)
+    is_glob = any(c in str(path) for c in "*?[")
+    if not path.exists() and not is_glob:
+        raise DataFileError(f"Data file '{path}' does not exist.")
+    channels = None
+    if input_shape is not None and len(input_shape) == 3:
+        channels = input_shape[-1]
+    if path.is_dir() or (is_glob and not path.exists()):
+        x, y = _read_images(*_image_files(path), channels)
+    else:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        if head.startswith(b"\x89HDF\r\n\x1a\n"):
+            x, y = _read_hdf5(path)
+        elif head.startswith(b"PK") or path.suffix.lower() == ".npz":
+            x, y = _read_npz(path)
+        else:
+            raise DataFileError(f"'{path}' is not a data file: expected HDF5 (data/label), "
+                                ".npz (x/y) or a folder of images.")
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataFileError(f"The inputs in '{path}' must be numbers; got dtype {x.dtype}.")
+    if x.ndim < 2:
+        raise DataFileError(f"The inputs in '{path}' must have a batch axis and at least one "
+                            f"feature axis; got shape {x.shape}.")
+    y = _check_labels(y, path)
+    if x.shape[0] != y.shape[0]:
+        raise DataFileError(f"'{path}' has {x.shape[0]} inputs but {y.shape[0]} labels; they "
+                            "must have the same length.")
+    if x.shape[0] == 0:
+        raise DataFileError(f"'{path}' is empty: it has no examples.")
+    x = x.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(x)):
+        bad = int(np.sum(~np.all(np.isfinite(x.reshape(len(x), -1)), axis=1)))
+        raise DataFileError(f"'{path}' contains NaN or Inf values (in {bad} of {len(x)} inputs).")
+    x = _to_channels_last(x) if input_shape is None else match_input_shape(x, input_shape, path)
+    if scale is not None:
+        scale = float(scale)
+        if not np.isfinite(scale) or scale <= 0:
+            raise ValueError(f"The 'scale' parameter must be a positive number. Got {scale}.")
+        x = x / np.float32(scale)
+    return np.ascontiguousarray(x, dtype=np.float32), y
+
+
+# -- writing ---------------------------------------------------------------------------
+def _temp_name(target, directory=False):
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if directory:
+        return pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder))
+    handle, name = tempfile.mkstemp(prefix=f".{target.stem}.tmp-", suffix=target.suffix,
+                                    dir=folder)
+    os.close(handle)
+    return pathlib.Path(name)
+
+
+def _replace(temp, target):
+    if target.is_dir() and not target.is_symlink():
+        trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, trash / "old")
+        os.replace(temp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(temp, target)
+
+
+def _remove(temp):
+    if temp.is_dir() and not temp.is_symlink():
+        shutil.rmtree(temp, ignore_errors=True)
+    elif temp.exists():
+        temp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path, *, directory=False, overwrite=True):
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    For writers that take a file name (``model.save``, ``figure.savefig``,
+    ``tf.saved_model.save``). The temporary name keeps ``path``'s suffix. With
+    ``directory=True`` the yielded folder exists and is empty (writers that
+    insist on creating it themselves can delete it first). On an exception
+    the temporary file or folder is removed and ``path`` is untouched.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "out.txt"
+    >>> with atomic_path(target) as temp:
+    ...     _ = temp.write_text("done")
+    >>> target.read_text(), sorted(p.name for p in target.parent.iterdir())
+    ('done', ['out.txt'])
+    """
+    target = pathlib.Path(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"'{target}' already exists; pass --force (overwrite=True) to "
+                              "replace it.")
+    temp = _temp_name(target, directory)
+    if not directory:
+        temp.unlink()
+    try:
+        yield temp
+        if not temp.exists():
+            raise RuntimeError(f"Nothing was written to the temporary path for '{target}'.")
+        _replace(temp, target)
+    except BaseException:
+        _remove(temp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w", *, encoding="utf-8", overwrite=True):
+    """Open a temporary file next to ``path``; rename it onto ``path`` when the block ends.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    mode : {"w", "wb"}, default="w"
+    encoding : str, default="utf-8"
+        For text mode.
+    overwrite : bool, default=True
+        ``False`` raises ``FileExistsError`` when ``path`` exists.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "table.csv"
+    >>> with atomic_write(target) as handle:
+    ...     _ = handle.write("a,b\\n")
+    >>> target.read_text()
+    'a,b\\n'
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"The 'mode' parameter must be 'w' or 'wb'. Got {mode!r} instead.")
+    with atomic_path(path, overwrite=overwrite) as temp:
+        kwargs = {} if mode == "wb" else {"encoding": encoding, "newline": ""}
+        with open(temp, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def write_text(path, text, *, overwrite=True):
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_write(path, overwrite=overwrite) as handle:
+        handle.write(text)
+    return pathlib.Path(path)
+
+
+def _json_default(value):
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _clean_floats(value):
+    if isinstance(value, dict):
+        return {str(k): _clean_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_floats(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def to_json(value, indent=2):
+    """JSON text with NaN/Inf as ``null`` and numpy values as Python numbers."""
+    return json.dumps(_clean_floats(value), indent=indent, default=_json_default,
+                      allow_nan=False) + "\n"
+
+
+def write_json(path, value, *, overwrite=True):
+    """Write ``value`` as JSON (NaN as ``null``) to ``path`` atomically."""
+    return write_text(path, to_json(value), overwrite=overwrite)
+
+
+def check_outputs_free(paths, force=False):
+    """Raise ``FileExistsError`` listing the ``paths`` that exist, unless ``force``."""
+    existing = [str(p) for p in paths if pathlib.Path(p).exists()]
+    if existing and not force:
+        shown = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise FileExistsError(f"Output already exists: {shown}. Pass --force to overwrite.")
