@@ -121,7 +121,7 @@ def test_model_without_prune_by_activation_layer_is_a_clear_error():
     ({"clean_data": "not data"}, TypeError, "clean_data"),
     ({"clean_data": "ok", "target": 0}, ValueError, "needs `poisoned_data`"),
     ({"clean_data": "ok", "max_accuracy_drop": 2.0}, ValueError, "max_accuracy_drop"),
-    ({"clean_data": "ok", "max_accuracy_drop": None}, ValueError, "max_accuracy_drop"),
+    ({"clean_data": "ok", "max_accuracy_drop": None}, TypeError, "max_accuracy_drop"),
     ({"clean_data": "ok", "stopping_rule": "best"}, ValueError, "stopping_rule"),
     ({"clean_data": "ok", "schedule": 5}, TypeError, "schedule"),
     ({"clean_data": "ok", "evaluate_every": 0}, ValueError, "evaluate_every"),

@@ -436,9 +436,9 @@ def test_verbose_prints_one_line_per_method(monkeypatch, capsys):
     ({"asr_tolerance": 2.0}, ValueError, "asr_tolerance"),
     ({"validation_split": 1.0}, ValueError, "validation_split"),
     ({"epochs": 0}, ValueError, "epochs"),
-    ({"epochs": 1.5}, ValueError, "epochs"),
+    ({"epochs": 1.5}, TypeError, "epochs"),
     ({"learning_rate": 0}, ValueError, "learning_rate"),
-    ({"batch_size": True}, ValueError, "batch_size"),
+    ({"batch_size": True}, TypeError, "batch_size"),
     ({"time_budget": 0}, ValueError, "time_budget"),
     ({"target": 0}, ValueError, "poisoned_validation"),
 ])
@@ -535,8 +535,24 @@ def test_several_learning_rates_keep_the_best_validation_accuracy(monkeypatch):
     assert result.settings["learning_rate"] == [0.1, 0.02, 0.005]
 
 
-@pytest.mark.parametrize("rates", [[], [0.1, -1.0], [0.1, True]])
-def test_bad_learning_rate_lists_are_refused(rates):
-    with pytest.raises(ValueError, match="learning_rate"):
+def test_each_model_is_measured_on_validation_data_once(monkeypatch):
+    measured = []
+    real = defend_module.clean_accuracy
+
+    def counting(model, data, **kwargs):
+        measured.append(id(model))
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(defend_module, "clean_accuracy", counting)
+    defend(_backdoored(), TRAIN, validation_data=VAL, methods=["fine-tuning", "ft-sam"],
+           learning_rate=[0.1, 0.02], epochs=1, max_accuracy_drop=1.0)
+    # the received model, then two tuned models per method; the chosen one is not re-measured
+    assert len(measured) == 5 and len(set(measured)) == 5
+
+
+@pytest.mark.parametrize("rates, error", [([], ValueError), ([0.1, -1.0], ValueError),
+                                          ([0.1, True], TypeError)])
+def test_bad_learning_rate_lists_are_refused(rates, error):
+    with pytest.raises(error, match="learning_rate"):
         defend(_backdoored(), TRAIN, validation_data=VAL, methods=["fine-tuning"],
                learning_rate=rates, epochs=1)

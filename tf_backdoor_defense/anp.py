@@ -47,7 +47,6 @@ the random batches and noise come from stateless generators keyed by
 ``seed``, so a seed gives the same masks on the same machine.
 """
 
-import numbers
 
 import numpy as np
 
@@ -56,7 +55,7 @@ from tf_backdoor_defense.lipschitz import _inner, _is_conv, resolve_layers
 from tf_backdoor_defense.masks import (PruneByActivation, channel_axis, channel_count,
                                        check_not_nested, find_layer, wrap_layers)
 from tf_backdoor_defense.training import loss_for
-from tf_backdoor_defense.validation import check_data, check_fraction, check_model
+from tf_backdoor_defense.validation import check_data, check_fraction, check_model, check_number
 
 __all__ = ["anp_mask_scores", "anp_masks", "anp_prune", "AnpResult", "anp_layers"]
 
@@ -118,29 +117,6 @@ def anp_layers(model):
 
 
 # -- parameter checks ----------------------------------------------------------
-def _check_real(value, name, *, low=None, high=None, low_open=False, high_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"The '{name}' parameter must be a number. Got {value!r} instead.")
-    value = float(value)
-    bad = not np.isfinite(value)
-    bad |= low is not None and (value < low or (low_open and value == low))
-    bad |= high is not None and (value > high or (high_open and value == high))
-    if bad:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-        rule = " and ".join(part for part in (lo, hi) if part)
-        raise ValueError(f"The '{name}' parameter must be a finite number {rule}. Got {value!r} instead.")
-    return value
-
-
-def _check_int(value, name, low):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"The '{name}' parameter must be an integer >= {low}. Got {value!r} instead.")
-    if int(value) < low:
-        raise ValueError(f"The '{name}' parameter must be an integer >= {low}. Got {value!r} instead.")
-    return int(value)
-
-
 # -- the perturbable copy --------------------------------------------------------
 class _Switch:
     """Whether the noisy layers add their perturbation (read when a graph is traced)."""
@@ -292,14 +268,14 @@ def anp_mask_scores(model, clean_data, *, layers=None, eps=0.4, steps=1, alpha=0
         raise ValueError("ANP needs a Sequential or Functional model (a subclassed model cannot be "
                          "copied with perturbable layers). Build it with keras.Input first.")
     names = resolve_layers(model, layers, anp_layers)
-    eps = _check_real(eps, "eps", low=0.0)
-    steps = _check_int(steps, "steps", 1)
+    eps = float(check_number(eps, "eps"))
+    steps = int(check_number(steps, "steps", 1, integer=True))
     alpha = check_fraction(alpha, "alpha")
-    iterations = _check_int(iterations, "iterations", 0)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    learning_rate = _check_real(learning_rate, "learning_rate", low=0.0, low_open=True)
-    momentum = _check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
-    seed = _check_int(seed, "seed", 0)
+    iterations = int(check_number(iterations, "iterations", 0, integer=True))
+    batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
+    learning_rate = float(check_number(learning_rate, "learning_rate", positive=True))
+    momentum = float(check_number(momentum, "momentum", below=1.0))
+    seed = int(check_number(seed, "seed", 0, integer=True))
     data = check_data(clean_data, "clean_data", model=model)
     x, y = data.arrays()
     if x.shape[0] == 0:
@@ -406,7 +382,7 @@ def anp_masks(scores, threshold=0.2, *, fraction=None, count=None):
     if fraction is not None:
         count = int(np.floor(check_fraction(fraction, "fraction") * flat.size + 1e-9))
     else:
-        count = _check_int(count, "count", 0)
+        count = int(check_number(count, "count", 0, integer=True))
         if count > flat.size:
             raise ValueError(f"The 'count' parameter must be at most the {flat.size} scored channels. "
                              f"Got {count} instead.")

@@ -24,7 +24,6 @@ The layer may also sit inside tfmot's ``prune_low_magnitude`` wrapper; the
 sweep then runs on a plain copy of the model (same weights, no tfmot wrappers).
 """
 
-import numbers
 
 import numpy as np
 
@@ -35,7 +34,7 @@ from tf_backdoor_defense.masks import PruneByActivation
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
 from tf_backdoor_defense.ranking import rank_channels
 from tf_backdoor_defense.sweep import STOPPING_RULES, prune_to_threshold
-from tf_backdoor_defense.validation import check_data
+from tf_backdoor_defense.validation import check_data, check_number
 
 __all__ = ["FinePruning", "GradualFinePruning", "GradualChannelSchedule", "find_prunable_wrapper",
            "LOG_PREFIX"]
@@ -97,24 +96,6 @@ def _plain_copy(model):
     return copy
 
 
-def _check_budget(value, name, allow_none):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
-        raise ValueError(f"The '{name}' parameter must be a number in [0, 1]"
-                         f"{' or None' if allow_none else ''}. Got {value!r} instead.")
-    return float(value)
-
-
-def _check_int(value, name, minimum, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"The '{name}' parameter must be an int >= {minimum}"
-                         f"{' or None' if allow_none else ''}. Got {value!r} instead.")
-    return int(value)
-
-
 class GradualChannelSchedule:
     """Prune ``channels_per_step`` more channels every ``every_n_steps`` training steps.
 
@@ -131,14 +112,11 @@ class GradualChannelSchedule:
     """
 
     def __init__(self, target_fraction=0.5, channels_per_step=1, every_n_steps=100, begin_step=0):
-        if isinstance(target_fraction, bool) or not isinstance(target_fraction, numbers.Real) or \
-                not 0 < target_fraction <= 1:
-            raise ValueError(f"The 'target_fraction' parameter must be a number in (0, 1]. "
-                             f"Got {target_fraction!r} instead.")
-        self.target_fraction = float(target_fraction)
-        self.channels_per_step = _check_int(channels_per_step, "channels_per_step", 1)
-        self.every_n_steps = _check_int(every_n_steps, "every_n_steps", 1)
-        self.begin_step = _check_int(begin_step, "begin_step", 0)
+        self.target_fraction = float(check_number(target_fraction, "target_fraction", positive=True,
+                                                  maximum=1))
+        self.channels_per_step = int(check_number(channels_per_step, "channels_per_step", 1, integer=True))
+        self.every_n_steps = int(check_number(every_n_steps, "every_n_steps", 1, integer=True))
+        self.begin_step = int(check_number(begin_step, "begin_step", 0, integer=True))
 
     def prunes_at(self, step):
         """Whether pruning happens after ``step`` completed training steps."""
@@ -242,15 +220,18 @@ class FinePruning(keras.callbacks.Callback):
                             f"Got {type(schedule).__name__}.")
         self.clean_data = clean_data
         self.layer_name = layer
-        self.max_accuracy_drop = _check_budget(max_accuracy_drop, "max_accuracy_drop",
-                                               allow_none=schedule is not None)
+        self.max_accuracy_drop = check_number(max_accuracy_drop, "max_accuracy_drop", maximum=1,
+                                              allow_none=schedule is not None)
+        if self.max_accuracy_drop is not None:
+            self.max_accuracy_drop = float(self.max_accuracy_drop)
         self.poisoned_data = poisoned_data
         self.target = target
         self.stopping_rule = stopping_rule
         self.ranking_data = ranking_data
         self.schedule = schedule
-        self.evaluate_every = _check_int(evaluate_every, "evaluate_every", 1, allow_none=True)
-        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        self.evaluate_every = check_number(evaluate_every, "evaluate_every", 1, integer=True,
+                                           allow_none=True)
+        self.batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
         self.sweep_result_ = None
         self.ranking_ = None
         self.mean_activations_ = None

@@ -133,12 +133,20 @@ def _channels_pruned(model):
 
 
 # -- the methods -----------------------------------------------------------------------
+def _validation_accuracy(model, context):
+    """Clean validation accuracy of ``model``, measured once per model object."""
+    known = context["accuracy_of"]
+    if id(model) not in known:
+        known[id(model)] = (model, clean_accuracy(model, context["validation"]))
+    return known[id(model)][1]
+
+
 def _tune(model, train, context, **options):
     """``train_clean`` at every learning rate; the best validation accuracy wins (ties: first)."""
     best, best_accuracy, best_rate = None, -1.0, None
     for rate in context["learning_rates"]:
         tuned = train_clean(model, train, learning_rate=rate, **context["fine_tune"], **options)
-        accuracy = (clean_accuracy(tuned, context["validation"])
+        accuracy = (_validation_accuracy(tuned, context)
                     if len(context["learning_rates"]) > 1 else 0.0)
         if accuracy > best_accuracy:
             best, best_accuracy, best_rate = tuned, accuracy, rate
@@ -194,7 +202,7 @@ def _clp(model, train, context):
     for u in context["clp_u"]:  # most aggressive first
         masks = clp_masks(scores, u)
         tuned, rate = _tune(wrap_layers(model, layers, masks), train, context)
-        accuracy = clean_accuracy(tuned, context["validation"])
+        accuracy = _validation_accuracy(tuned, context)
         tried.append(u)
         if context["baseline_accuracy"] - accuracy <= context["budget"] + 1e-12:
             break
@@ -361,18 +369,19 @@ def defend(model, clean_data, *, validation_data=None, validation_split=0.2, max
         raise ValueError("The 'target' parameter needs `poisoned_validation`.")
 
     def measure(candidate):
-        accuracy = clean_accuracy(candidate, validation)
+        accuracy = _validation_accuracy(candidate, context)
         asr = (attack_success_rate(candidate, poisoned, target=target) if poisoned is not None
                else np.nan)
         return accuracy, asr
 
-    base_accuracy, base_asr = measure(model)
-    context = {"validation": validation, "budget": budget, "baseline_accuracy": base_accuracy,
+    context = {"validation": validation, "budget": budget, "accuracy_of": {},
                "seed": seed, "sam_rho": 0.05, "anp_iterations": 500,
                "clp_u": (1.0, 1.5, 2.0, 3.0),
                "learning_rates": rates,
                "fine_tune": {"epochs": epochs,
                              "batch_size": batch_size, "seed": seed}}
+    base_accuracy, base_asr = measure(model)
+    context["baseline_accuracy"] = base_accuracy
     rows, candidates, notes = [], {}, []
     started = time.perf_counter()
     for method in methods:

@@ -38,7 +38,6 @@ The defenses (``DEFENSES``):
 """
 
 import hashlib
-import numbers
 import time
 
 import numpy as np
@@ -49,7 +48,7 @@ from tf_backdoor_defense.guided import attack_guided_prune
 from tf_backdoor_defense.masks import PruneByActivation, last_conv_layer
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
 from tf_backdoor_defense.sweep import prune_to_threshold
-from tf_backdoor_defense.validation import check_data, check_fraction, check_model
+from tf_backdoor_defense.validation import check_data, check_fraction, check_model, check_number
 
 __all__ = ["evaluate_defenses", "EvaluationResult", "paper_table_mnist", "DEFENSES"]
 
@@ -144,12 +143,6 @@ def _check_defenses(defenses):
     if len(set(defenses)) != len(defenses):
         raise ValueError(f"The 'defenses' parameter lists a defense twice: {list(defenses)}.")
     return defenses
-
-
-def _count(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"The '{name}' parameter must be an int >= {minimum}. Got {value!r}.")
-    return int(value)
 
 
 def _fingerprints(data):
@@ -265,11 +258,10 @@ def evaluate_defenses(attacked_models, defender_clean, defender_validation, eval
     attacked_models = _check_models(attacked_models)
     defenses = _check_defenses(defenses)
     max_accuracy_drop = check_fraction(max_accuracy_drop, "max_accuracy_drop")
-    fine_tune_epochs = _count(fine_tune_epochs, "fine_tune_epochs", 0)
-    fine_tune_batch_size = _count(fine_tune_batch_size, "fine_tune_batch_size", 1)
-    batch_size = _count(batch_size, "batch_size", 1)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"The 'seed' parameter must be an int. Got {seed!r}.")
+    fine_tune_epochs = int(check_number(fine_tune_epochs, "fine_tune_epochs", 0, integer=True))
+    fine_tune_batch_size = int(check_number(fine_tune_batch_size, "fine_tune_batch_size", 1, integer=True))
+    batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
+    check_number(seed, "seed", 0, integer=True)
     if optimizer is not None and not callable(optimizer):
         raise TypeError("The 'optimizer' parameter must be a function returning a fresh "
                         f"optimizer (e.g. `lambda: keras.optimizers.SGD(0.01)`). Got {optimizer!r}.")

@@ -7,7 +7,6 @@ fine-tunes the copy with :class:`~tf_backdoor_defense.callbacks.FinePruning`.
 paper's baseline, through the same entry point and with the same logs.
 """
 
-import numbers
 
 import numpy as np
 import pandas as pd
@@ -17,7 +16,7 @@ from tf_backdoor_defense.callbacks import LOG_PREFIX, FinePruning
 from tf_backdoor_defense.masks import PruneByActivation, last_conv_layer, masked_layers, wrap_layers
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
 from tf_backdoor_defense.training import loss_for
-from tf_backdoor_defense.validation import check_data, check_model
+from tf_backdoor_defense.validation import check_data, check_model, check_number
 
 __all__ = ["fine_prune", "fine_tune", "FinePruneResult"]
 
@@ -131,10 +130,8 @@ def fine_prune(model, train_data, clean_data, *, layer=None, max_accuracy_drop=0
     check_model(model)
     if isinstance(prune, (bool, np.bool_)) is False:
         raise TypeError(f"The 'prune' parameter must be True or False. Got {prune!r} instead.")
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
-        raise ValueError(f"The 'epochs' parameter must be an int >= 0. Got {epochs!r} instead.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"The 'batch_size' parameter must be a positive int. Got {batch_size!r}.")
+    epochs = int(check_number(epochs, "epochs", 0, integer=True))
+    batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
     check_data(clean_data, "clean_data", model=model)
     if poisoned_data is None and target is not None:
         raise ValueError("The 'target' parameter needs `poisoned_data`.")

@@ -17,7 +17,6 @@ validation input cannot change any prediction, so it is recorded without
 being evaluated.
 """
 
-import numbers
 
 import numpy as np
 import pandas as pd
@@ -27,8 +26,8 @@ from tf_backdoor_defense.activations import mean_channel_activations, resolve_la
 from tf_backdoor_defense.masks import PruneByActivation, channel_axis, wrap_layers
 from tf_backdoor_defense.metrics import count_attack_successes, predict_labels
 from tf_backdoor_defense.ranking import rank_channels
-from tf_backdoor_defense.validation import (check_data, check_fraction, check_model, check_target,
-                                             num_classes_of)
+from tf_backdoor_defense.validation import (check_data, check_fraction, check_model, check_number,
+                                             check_target, num_classes_of)
 
 __all__ = ["attack_guided_prune", "GuidedPruningResult", "DECISIONS"]
 
@@ -168,8 +167,7 @@ def attack_guided_prune(model, clean_val, poisoned_val, *, layers=None, max_accu
     check_model(model)
     names = _check_layers(model, layers)
     max_accuracy_drop = check_fraction(max_accuracy_drop, "max_accuracy_drop")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"The 'batch_size' parameter must be a positive int. Got {batch_size!r}.")
+    batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
     classes = num_classes_of(model)
     target = check_target(target, classes)
     clean = check_data(clean_val, "clean_val", model=model).arrays()

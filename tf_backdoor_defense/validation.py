@@ -16,6 +16,7 @@ __all__ = [
     "check_model",
     "check_data",
     "check_fraction",
+    "check_number",
     "check_thresholds",
     "check_target",
     "num_classes_of",
@@ -46,19 +47,34 @@ def num_classes_of(model):
     return 2 if int(units) == 1 else int(units)
 
 
-def check_number(value, name, minimum=0.0, *, integer=False, positive=False):
-    """``value`` as given, when it is a finite number (an int with ``integer``) >= ``minimum``,
-    or > 0 with ``positive``; a ValueError naming ``name`` otherwise.
+def check_number(value, name, minimum=0.0, *, integer=False, positive=False, maximum=None,
+                 below=None, allow_none=False):
+    """``value`` itself, when it is a finite number (an int with ``integer``) in range.
+
+    The range is ``>= minimum`` (``> 0`` with ``positive``, unbounded with None), and ``<= maximum`` or
+    ``< below`` when those are given. ``None`` passes with ``allow_none``. A value
+    of the wrong type is a TypeError, one out of range a ValueError; both name
+    ``name`` and the rule.
 
     >>> check_number(3, "epochs", integer=True, positive=True)
     3
+    >>> check_number(0.9, "momentum", below=1.0)
+    0.9
     """
+    if value is None and allow_none:
+        return None
+    rule = " and ".join(part for part in (
+        "> 0" if positive else f">= {minimum}" if minimum is not None else "",
+        f"<= {maximum}" if maximum is not None else "",
+        f"< {below}" if below is not None else "") if part)
+    rule = f"{'an int' if integer else 'a finite number'}{' ' + rule if rule else ''}" \
+        f"{' or None' if allow_none else ''}"
     kind = numbers.Integral if integer else numbers.Real
-    what = "an int" if integer else "a number"
-    bound = "> 0" if positive else f">= {minimum}"
-    if isinstance(value, bool) or not isinstance(value, kind) or not np.isfinite(value) \
-            or (value <= 0 if positive else value < minimum):
-        raise ValueError(f"The '{name}' parameter must be {what} {bound}. Got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"The '{name}' parameter must be {rule}. Got {value!r}.")
+    if not np.isfinite(value) or (value <= 0 if positive else minimum is not None and value < minimum) \
+            or (maximum is not None and value > maximum) or (below is not None and value >= below):
+        raise ValueError(f"The '{name}' parameter must be {rule}. Got {value!r}.")
     return value
 
 

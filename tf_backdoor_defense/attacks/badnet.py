@@ -34,6 +34,8 @@ import os
 
 import numpy as np
 
+from tf_backdoor_defense.validation import check_number
+
 __all__ = [
     "Trigger",
     "PatchTrigger",
@@ -402,8 +404,7 @@ def checkerboard_patch(size=4, value=1.0, position=(-1, -1)):
     >>> checkerboard_patch(size=2, value=1.0).patch[..., 0].tolist()
     [[1.0, 0.0], [0.0, 1.0]]
     """
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise ValueError(f"The 'size' parameter must be a positive int. Got {size!r}.")
+    check_number(size, "size", 1, integer=True)
     value = _check_value(value)
     if value.ndim != 0:
         raise ValueError(f"The 'value' parameter of checkerboard_patch must be one number. "
@@ -418,10 +419,8 @@ def all_to_all_shift(num_classes, shift=1):
     >>> all_to_all_shift(4).tolist()
     [1, 2, 3, 0]
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
-        raise ValueError(f"The 'num_classes' parameter must be an int >= 2. Got {num_classes!r}.")
-    if isinstance(shift, bool) or not isinstance(shift, numbers.Integral):
-        raise TypeError(f"The 'shift' parameter must be an int. Got {shift!r}.")
+    check_number(num_classes, "num_classes", 2, integer=True)
+    check_number(shift, "shift", None, integer=True)
     return (np.arange(num_classes, dtype=np.int64) + int(shift)) % int(num_classes)
 
 
@@ -542,10 +541,8 @@ def poison_dataset(x, y, trigger, *, rate=0.1, target=0, seed=0):
     """
     x = _check_images(x)
     labels, one_hot = _check_labels(y, x.shape[0])
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate <= 1:
-        raise ValueError(f"The 'rate' parameter must be a number in [0, 1]. Got {rate!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"The 'seed' parameter must be an int. Got {seed!r}.")
+    check_number(rate, "rate", maximum=1)
+    check_number(seed, "seed", 0, integer=True)
     wanted = _attacker_labels(target, labels)
     _check_trigger(trigger, x)
     count = int(round(float(rate) * x.shape[0]))

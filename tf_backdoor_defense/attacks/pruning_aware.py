@@ -13,7 +13,6 @@ the defender keeps, and plants *decoys* that the defender prunes first:
    puts these decoys first, and pruning them removes nothing of the backdoor.
 """
 
-import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -22,7 +21,7 @@ from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.activations import activation_tensor, mean_channel_activations, resolve_layer
 from tf_backdoor_defense.masks import PruneByActivation, channel_axis, wrap_layers
 from tf_backdoor_defense.training import as_arrays, copy_model, loss_for
-from tf_backdoor_defense.validation import check_data, check_fraction, check_model
+from tf_backdoor_defense.validation import check_data, check_fraction, check_model, check_number
 
 __all__ = ["pruning_aware_attack", "PruningAwareAttackResult"]
 
@@ -86,12 +85,6 @@ def _check_relu(model, layer):
     if output is layer.output:
         return False
     return _is_relu(output._keras_history.layer)
-
-
-def _check_count(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"The '{name}' parameter must be an int >= {minimum}. Got {value!r}.")
-    return int(value)
 
 
 def _max_preactivation(model, layer_name, kernel, bias, clean, batch_size):
@@ -192,11 +185,10 @@ def pruning_aware_attack(model, poisoned_train, clean_data, *, layer=None, prune
         raise ValueError(f"Layer '{name}' has no bias, so its channels cannot be made dormant by "
                          "lowering the bias.")
     prune_fraction = check_fraction(prune_fraction, "prune_fraction")
-    epochs = _check_count("epochs", epochs, 0)
-    pretrain_epochs = _check_count("pretrain_epochs", pretrain_epochs, 0)
-    batch_size = _check_count("batch_size", batch_size, 1)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"The 'seed' parameter must be an int. Got {seed!r}.")
+    epochs = int(check_number(epochs, "epochs", 0, integer=True))
+    pretrain_epochs = int(check_number(pretrain_epochs, "pretrain_epochs", 0, integer=True))
+    batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
+    check_number(seed, "seed", 0, integer=True)
     auto = isinstance(bias_decrement, str)
     if auto and bias_decrement != "auto":
         raise ValueError(f"The 'bias_decrement' parameter must be 'auto', a number or one number "
