@@ -63,9 +63,23 @@ def _separate_activation_model():
     return model, (7, 7, 1), "c"
 
 
+def _batch_norm_model():
+    """conv (linear) -> BatchNormalization -> ReLU, with non-trivial BN statistics."""
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([keras.Input((7, 7, 1)), keras.layers.Conv2D(6, 3, name="c"),
+                              keras.layers.BatchNormalization(name="bn"), keras.layers.Dropout(0.2),
+                              keras.layers.ReLU(name="relu"), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3, activation="softmax")])
+    rng = np.random.default_rng(7)
+    gamma, beta = rng.uniform(0.5, 2.0, 6), rng.normal(0, 0.5, 6)
+    mean, var = rng.normal(0, 0.3, 6), rng.uniform(0.2, 2.0, 6)
+    model.get_layer("bn").set_weights([gamma, beta, mean, var])
+    return model, (7, 7, 1), "c"
+
+
 @pytest.mark.parametrize("factory", [lambda: (tiny_conv_model(), (8, 8, 1), "conv_b"),
                                      _branched_model, _residual_model, _dense_model,
-                                     _separate_activation_model])
+                                     _separate_activation_model, _batch_norm_model])
 def test_sweep_matches_explicitly_masked_models(factory):
     model, shape, layer = factory()
     x = _data(90, shape, 1)
@@ -114,6 +128,17 @@ def test_mean_activations_equal_numpy_reference(tiny_model, tiny_data):
     dataset = tf.data.Dataset.from_tensor_slices(tiny_data).batch(9)
     np.testing.assert_allclose(mean_channel_activations(tiny_model, dataset, layer="conv_b"),
                                expected, rtol=1e-6)
+
+
+def test_mean_activations_follow_batch_norm_to_the_activation():
+    model, shape, layer = _batch_norm_model()
+    x = _data(50, shape, 3)
+    after_relu = keras.Model(model.input, model.get_layer("relu").output)(x).numpy()
+    expected = after_relu.reshape(-1, 6).astype(np.float64).mean(axis=0)
+    got = mean_channel_activations(model, (x, np.zeros(50, int)), layer=layer)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    conv_out = keras.Model(model.input, model.get_layer(layer).output)(x).numpy()
+    assert not np.allclose(got, conv_out.reshape(-1, 6).mean(axis=0), atol=1e-3)
 
 
 def test_same_inputs_give_same_table(tiny_model, tiny_data):

@@ -14,6 +14,11 @@ __all__ = ["mean_channel_activations", "resolve_layer", "activation_tensor", "ch
 # Layers that apply an activation function to a linear Conv/Dense output.
 _ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
                       keras.layers.ELU, keras.layers.PReLU, keras.layers.ThresholdedReLU)
+# Layers that pass values through unchanged at inference time.
+_IDENTITY_AT_INFERENCE = (keras.layers.Dropout, keras.layers.SpatialDropout1D,
+                          keras.layers.SpatialDropout2D, keras.layers.SpatialDropout3D,
+                          keras.layers.GaussianNoise, keras.layers.GaussianDropout,
+                          keras.layers.AlphaDropout)
 _STAT_FNS = weakref.WeakKeyDictionary()
 
 
@@ -35,19 +40,51 @@ def resolve_layer(model, layer=None):
     return found
 
 
-def activation_tensor(model, layer):
+def activation_tensor(model, layer, *, through_batch_norm=True):
     """The symbolic output of ``layer`` after its activation function.
 
-    When the layer itself is linear and feeds only a separate activation layer
-    (``Conv2D`` then ``ReLU``), that layer's output is used.
+    When the layer itself is linear and its output reaches a separate
+    activation layer through a chain of single-consumer layers, the activation
+    layer's output is used: ``Conv2D -> ReLU``, and with ``through_batch_norm``
+    also ``Conv2D -> BatchNormalization -> ReLU`` (the usual ResNet/VGG block)
+    and inference-time identities such as ``Dropout`` on the way. Otherwise
+    the layer's own output is used.
+
+    Examples
+    --------
+    >>> import tf_keras as keras
+    >>> inputs = keras.Input((4, 4, 1))
+    >>> x = keras.layers.Conv2D(2, 3, name="conv")(inputs)
+    >>> x = keras.layers.BatchNormalization(name="bn")(x)
+    >>> x = keras.layers.ReLU(name="relu")(x)
+    >>> model = keras.Model(inputs, keras.layers.Flatten()(x))
+    >>> activation_tensor(model, model.get_layer("conv")).name.split("/")[0]
+    'relu'
     """
     output = layer.output
     inner = layer.layer if isinstance(layer, PruneByActivation) else layer
-    if getattr(inner, "activation", None) is keras.activations.linear:
-        consumers = [node.layer for node in layer._outbound_nodes if node.layer in model.layers]
-        if len(consumers) == 1 and isinstance(consumers[0], _ACTIVATION_LAYERS):
-            output = consumers[0].output
-    return output
+    if getattr(inner, "activation", None) is not keras.activations.linear:
+        return output
+    passes = _IDENTITY_AT_INFERENCE + ((keras.layers.BatchNormalization,) if through_batch_norm else ())
+    current = layer
+    while True:
+        consumers = [node.layer for node in current._outbound_nodes if node.layer in model.layers]
+        if len(consumers) != 1 or len(consumers[0]._inbound_nodes) != 1:
+            return output
+        current = consumers[0]
+        if isinstance(current, _ACTIVATION_LAYERS):
+            return current.output
+        if not isinstance(current, passes) or (
+                isinstance(current, keras.layers.BatchNormalization)
+                and not _normalizes_channels(current, layer)):
+            return output
+
+
+def _normalizes_channels(batch_norm, layer):
+    """True when ``batch_norm`` normalises ``layer``'s channel axis (one scale per channel)."""
+    axes = batch_norm.axis if isinstance(batch_norm.axis, (list, tuple)) else [batch_norm.axis]
+    rank = len(layer.output.shape)
+    return [a % rank for a in axes] == [channel_axis(layer) % rank]
 
 
 def channel_sum_fn(model, layer):

@@ -81,7 +81,7 @@ def _check_relu(model, layer):
     """True when the layer's channels pass through a plain ReLU."""
     if _is_relu(layer):
         return True
-    output = activation_tensor(model, layer)
+    output = activation_tensor(model, layer, through_batch_norm=False)
     if output is layer.output:
         return False
     return _is_relu(output._keras_history.layer)
