@@ -9,6 +9,12 @@ images for the masked model, the folded export and the shrunk export (as a
 Keras model and as the reloaded SavedModel).
 
     python benchmarks/export.py [--images 4096] [--batch-size 256] [--pruned 52]
+                                [--breakdown] [--tflite]
+
+``--breakdown`` also prints where the time goes: milliseconds per batch of
+the original and the shrunk network cut after each stage of the lab
+architecture (prefix timings, so each row includes the rows above it).
+``--tflite`` also times both networks converted to TFLite (2 threads).
 """
 
 import argparse
@@ -76,10 +82,58 @@ def throughput(fn, x, batch_size, repeats):
     return len(x) / best
 
 
+def interleaved_rates(candidates, x, batch_size, repeats):
+    """Best images/second of each candidate, timed in turn ``repeats`` times to even out noise."""
+    rates = {name: 0.0 for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            rates[name] = max(rates[name], throughput(fn, x, batch_size, 1))
+    return rates
+
+
 def compiled(model, jit=False):
     spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
     return tf.function(lambda x: model(x, training=False), input_signature=[spec],
                        jit_compile=jit or None)
+
+
+STAGES = ("conv_1", "pool_1", "conv_2", "pool_2", "conv_3", "pool_3", "activation_1", "output")
+
+
+def batch_milliseconds(fn, x, batch_size, repeats):
+    return 1000.0 * batch_size / throughput(fn, x, batch_size, repeats)
+
+
+def stage_breakdown(models, x, batch_size, repeats):
+    """Milliseconds per batch of each model cut after each stage in STAGES."""
+    cuts = {name: {stage: compiled(keras.Model(m.inputs, m.get_layer(stage).output))
+                   for stage in STAGES} for name, m in models.items()}
+    times = {name: {stage: float("inf") for stage in STAGES} for name in models}
+    for _ in range(repeats):  # interleaved, best of each
+        for name, stages in cuts.items():
+            for stage, fn in stages.items():
+                times[name][stage] = min(times[name][stage],
+                                         batch_milliseconds(fn, x, batch_size, 1))
+    return times
+
+
+def tflite_runner(model, batch_size):
+    """A function running ``model`` converted to TFLite on one batch (2 threads)."""
+    spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
+    fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
+    interpreter = tf.lite.Interpreter(model_content=converter.convert(), num_threads=2)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, [batch_size] + list(model.inputs[0].shape[1:]))
+    interpreter.allocate_tensors()
+    output = interpreter.get_output_details()[0]["index"]
+
+    def run(batch):
+        interpreter.set_tensor(index, np.asarray(batch))
+        interpreter.invoke()
+        return interpreter.get_tensor(output)
+
+    return run
 
 
 def main():
@@ -91,6 +145,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--jit", action="store_true",
                         help="compile every Keras model with XLA (jit_compile=True)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also print milliseconds per batch after each stage")
+    parser.add_argument("--tflite", action="store_true",
+                        help="also time both networks converted to TFLite")
     args = parser.parse_args()
 
     folder = lab_dir(args.model)
@@ -132,10 +190,15 @@ def main():
             # signature wrapper (TF Serving runs the graph from C++, without that wrapper too)
             "SavedModel function": lambda b: loaded.serve(b)["output"],
         }
-        rates = {name: 0.0 for name in candidates}
-        for _ in range(args.repeats):  # interleaved, best of each, to even out noise
-            for name, fn in candidates.items():
-                rates[name] = max(rates[name], throughput(fn, x, args.batch_size, 1))
+        rates = interleaved_rates(candidates, x, args.batch_size, args.repeats)
+    if args.tflite:  # timed apart: the TFLite thread pool would compete with TensorFlow's
+        x = x[:max(len(x) - len(x) % args.batch_size, args.batch_size)]  # fixed batch size
+        lite = {"original TFLite": tflite_runner(net, args.batch_size),
+                "shrunk TFLite": tflite_runner(shrunk, args.batch_size)}
+        diffs["shrunk TFLite"] = float(np.max(np.abs(
+            lite["shrunk TFLite"](check[:args.batch_size]) - reference[:args.batch_size])))
+        rates.update(interleaved_rates(lite, x, args.batch_size, args.repeats))
+        del lite
 
     print(f"model: {source}")
     print(f"device: {'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'}, "
@@ -148,10 +211,18 @@ def main():
     print(f"{'model':<18} {'parameters':>12} {'images/s':>10} {'vs masked':>10} {'vs original':>12}")
     params = {"original": count_params(net), "masked": count_params(masked), "folded": count_params(folded),
               "shrunk": count_params(shrunk), "shrunk SavedModel": count_params(shrunk),
-              "SavedModel function": count_params(shrunk)}
+              "SavedModel function": count_params(shrunk),
+              "original TFLite": count_params(net), "shrunk TFLite": count_params(shrunk)}
     for name, rate in rates.items():
         print(f"{name:<18} {params[name]:>12,} {rate:>10,.0f} {rate / rates['masked']:>9.2f}x "
               f"{rate / rates['original']:>11.2f}x")
+    if args.breakdown:
+        times = stage_breakdown({"original": net, "shrunk": shrunk}, x, args.batch_size, args.repeats)
+        print(f"\nms per batch of {args.batch_size}, network cut after each stage (cumulative)")
+        print(f"{'after':<14} {'original':>9} {'shrunk':>9} {'saved':>7}")
+        for stage in STAGES:
+            o, s_ = times["original"][stage], times["shrunk"][stage]
+            print(f"{stage:<14} {o:>9.2f} {s_:>9.2f} {o - s_:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,35 @@ def test_prune_subprocess_writes_the_whole_report(lab, tmp_path):
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
+def test_prune_several_layers_together_writes_their_report(lab, tmp_path, capsys):
+    out = tmp_path / "both"
+    code = cli.main(["prune", str(lab / "model.h5"), "--clean", str(lab / "clean.h5"),
+                     "--poisoned", str(lab / "poisoned.npz"), "--scale", "255",
+                     "--layer", "conv_b", "fc", "--steps", "4", "--thresholds", "0.05", "1.0",
+                     "--output", str(out), "--json"])
+    assert code == 0, capsys.readouterr().err
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["layer"] == ["conv_b", "fc"] and payload["channels"] == {"conv_b": 6, "fc": 8}
+    history = pd.read_csv(out / "sweep.csv")
+    assert history["pruned_conv_b"].tolist() == [0, 2, 3, 4, 6]  # round(k / 4 * 6), half to even
+    assert history["pruned_fc"].tolist() == [0, 2, 4, 6, 8]
+    summary = json.loads((out / "summary.json").read_text())
+    everything = summary["thresholds"][1]
+    assert everything["channels_pruned"] == 14
+    assert {k: len(v) for k, v in everything["pruned_channels"].items()} == {"conv_b": 6, "fc": 8}
+    model = load_model(out / "models" / "pruned_drop_1.h5")
+    assert model.get_layer("conv_b").pruned_channels.size == 6
+    assert model.get_layer("fc").pruned_channels.size == 8
+    assert (out / "activations.png").stat().st_size > 0
+
+
+def test_steps_needs_several_layers(lab, tmp_path, capsys):
+    code = cli.main(["prune", str(lab / "model.h5"), "--clean", str(lab / "clean.h5"),
+                     "--scale", "255", "--steps", "4", "--output", str(tmp_path / "r")])
+    assert code != 0 and "several layers" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "sweep.csv").exists()
+
+
 def test_malicious_lambda_is_refused_and_its_code_never_runs(lab, tmp_path):
     from tf_backdoor_defense._keras import keras
 

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 
+import tf_backdoor_defense.group_sweep as group_sweep_module
 import tf_backdoor_defense.search as search_module
 from tf_backdoor_defense._keras import keras
 from tf_backdoor_defense.activations import mean_channel_activations
@@ -183,7 +184,7 @@ def test_several_layers_are_pruned_at_the_same_fraction_with_their_own_rankings(
         seen.append((layer, data_))
         return means[layer]
 
-    monkeypatch.setattr(search_module, "mean_channel_activations", fake_means)
+    monkeypatch.setattr(group_sweep_module, "mean_channel_activations", fake_means)
     fake = FakeProfile(monkeypatch, model, _monotone)
     allowed = 9
     result = search_pruning_level(model, data, data, layers=["conv", "fc"],
@@ -214,7 +215,7 @@ def test_ranking_data_is_used_for_the_ranking_instead_of_train_data(monkeypatch)
         seen.append(np.asarray(data_.x))
         return np.arange(CONV, dtype=float)
 
-    monkeypatch.setattr(search_module, "mean_channel_activations", fake_means)
+    monkeypatch.setattr(group_sweep_module, "mean_channel_activations", fake_means)
     fake = FakeProfile(monkeypatch, model, _monotone)
     search_pruning_level(model, train, train, ranking_data=ranking, fractions=[0.5],
                          max_accuracy_drop=1.0)
@@ -228,7 +229,7 @@ def test_already_pruned_channel_of_a_wrapped_layer_is_pruned_first(monkeypatch):
     # Channel 3 is pruned by the user although raw statistics would rank it last.
     means = np.arange(CONV, dtype=float)
     means[3] = 100.0
-    monkeypatch.setattr(search_module, "mean_channel_activations",
+    monkeypatch.setattr(group_sweep_module, "mean_channel_activations",
                         lambda m, d, layer=None, batch_size=256: means.copy())
     mask = np.ones(CONV)
     mask[3] = 0

@@ -37,6 +37,7 @@ from tf_backdoor_defense.metrics import (
 )
 from tf_backdoor_defense.ranking import rank_channels
 from tf_backdoor_defense.repair import RepairedScores, evaluate_repaired, repaired_model, suspect_class
+from tf_backdoor_defense.group_sweep import GroupSweepResult
 from tf_backdoor_defense.sweep import SweepResult, prune_to_threshold
 from tf_backdoor_defense.training import head_layers, train_clean
 from tf_backdoor_defense.search import PruningSearchResult, search_pruning_level
@@ -55,6 +56,7 @@ __all__ = [
     "rank_channels",
     "prune_to_threshold",
     "SweepResult",
+    "GroupSweepResult",
     "clean_accuracy",
     "attack_success_rate",
     "defender_utility",

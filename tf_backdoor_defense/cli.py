@@ -37,7 +37,7 @@ _EPILOG = textwrap.dedent(f"""\
       {PROG} inspect bd_net.h5
       {PROG} evaluate bd_net.h5 --clean cl/valid.h5 --poisoned bd/bd_valid.h5
       {PROG} prune bd_net.h5 --clean cl/valid.h5 --poisoned bd/bd_valid.h5 \\
-          --thresholds 0.02 0.04 0.10 --output report/
+          --layer conv_3 --thresholds 0.02 0.04 0.10 --output report/
       {PROG} defend bd_net.h5 --clean cl/valid.h5 --poisoned bd/bd_valid.h5 \\
           --max-accuracy-drop 0.01 --output defended/ --fail-if-active
       {PROG} repair bd_net.h5 --pruned report/models/pruned_drop_0.04.h5 --output goodnet.h5
@@ -387,19 +387,23 @@ def cmd_prune(args, console):
 
     clean_labels = ["statistics", "sweep (clean)"] if ranking is None else ["sweep (clean)"]
     result = prune_to_threshold(
-        model, _progress_data(clean, args, console, clean_labels), layer=args.layer,
-        max_accuracy_drop=thresholds,
+        model, _progress_data(clean, args, console, clean_labels),
+        layer=args.layer[0] if args.layer and len(args.layer) == 1 else args.layer,
+        max_accuracy_drop=thresholds, steps=args.steps,
         poisoned_data=(None if poisoned is None else
                        _progress_data(poisoned, args, console, ["sweep (poisoned)"])),
         target=target, stopping_rule=args.stopping_rule,
         ranking_data=(None if ranking is None else
                       _progress_data(ranking, args, console, ["statistics"])),
         batch_size=args.batch_size)
+    layers = result.layers if hasattr(result, "layers") else [result.layer]
     poisoned_means = None
     if poisoned is not None and not args.no_plots:
-        poisoned_means = mean_channel_activations(
+        poisoned_means = {name: mean_channel_activations(
             model, _progress_data(poisoned, args, console, ["statistics (poisoned)"]),
-            layer=result.layer, batch_size=args.batch_size)
+            layer=name, batch_size=args.batch_size) for name in layers}
+        if not hasattr(result, "layers"):
+            poisoned_means = poisoned_means[result.layer]
     extra = {"inputs": {"model": str(args.model), "clean_data": str(args.clean),
                         "poisoned_data": None if poisoned is None else str(args.poisoned),
                         "ranking_data": None if ranking is None else str(args.ranking_data),
@@ -419,11 +423,15 @@ def cmd_prune(args, console):
                                    overwrite=args.force)
     summary = result.summary()
     rows = summary.to_dict(orient="records")
-    payload = {"output": str(out), "layer": result.layer, "channels": int(result.ranking.size),
+    widths = ({name: int(order.size) for name, order in result.rankings.items()}
+              if hasattr(result, "layers") else {result.layer: int(result.ranking.size)})
+    payload = {"output": str(out), "layer": result.layer if len(widths) == 1 else layers,
+               "channels": widths[layers[0]] if len(widths) == 1 else widths,
                "before": {"clean_accuracy": float(result.history["clean_accuracy"].iloc[0]),
                           "attack_success_rate": float(result.history["attack_success_rate"].iloc[0])},
                "thresholds": rows, "files": sorted(str(p) for p in written.values())}
-    text = [f"layer {result.layer!r}: {result.ranking.size} channels; before pruning: clean accuracy "
+    described = ", ".join(f"{name!r}: {width} channels" for name, width in widths.items())
+    text = [f"layer{'s' if len(widths) > 1 else ''} {described}; before pruning: clean accuracy "
             f"{_fmt(payload['before']['clean_accuracy'])}, ASR "
             f"{_fmt(payload['before']['attack_success_rate'])}", "",
             summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), "",
@@ -753,7 +761,16 @@ def _common(parser, model=True, data=False, attack=False, batch_size=256, batch_
 
 def _sweep_options(parser, multiple=True):
     group = parser.add_argument_group("pruning")
-    group.add_argument("--layer", help="Conv or Dense layer to prune (default: the last conv layer)")
+    if multiple:
+        group.add_argument("--layer", nargs="+", metavar="LAYER",
+                           help="Conv or Dense layer to prune (default: the last conv layer); "
+                                "several are pruned together, the same fraction of each")
+        group.add_argument("--steps", type=int, default=None, metavar="N",
+                           help="with several --layer: levels after level 0 (default: the widest "
+                                "layer's channel count)")
+    else:
+        group.add_argument("--layer",
+                           help="Conv or Dense layer to prune (default: the last conv layer)")
     if multiple:
         group.add_argument("--thresholds", type=_fraction, nargs="+", default=[0.02, 0.04, 0.10],
                            metavar="DROP",

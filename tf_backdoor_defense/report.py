@@ -66,29 +66,34 @@ def sweep_summary(result, *, evaluation=None, extra=None):
     """
     history = result.history
     first = history.iloc[0]
+    group = _is_group(result)
     thresholds, after = [], {}
     for threshold, level in result.levels.items():
         row = history.iloc[level]
+        masks = result.masks[threshold]
         entry = {
             "max_accuracy_drop": float(threshold),
-            "channels_pruned": int(level),
+            "channels_pruned": int(row["channels_pruned"]),
             "fraction_pruned": float(row["fraction_pruned"]),
             "clean_accuracy": _float(row["clean_accuracy"]),
             "attack_success_rate": _float(row["attack_success_rate"]),
-            "pruned_channels": sorted(int(c) for c in np.flatnonzero(result.masks[threshold] == 0)),
+            "pruned_channels": ({name: _zeros(mask) for name, mask in masks.items()} if group
+                                else _zeros(masks)),
         }
         thresholds.append(entry)
         after[f"{threshold:g}"] = {k: entry[k] for k in ("channels_pruned", "clean_accuracy",
                                                          "attack_success_rate")}
     summary = {
-        "layer": result.layer,
-        "channels": int(result.ranking.size),
+        "layer": result.layers if group else result.layer,
+        "channels": ({name: int(order.size) for name, order in result.rankings.items()} if group
+                     else int(result.ranking.size)),
         "stopping_rule": result.stopping_rule,
         "before": {"clean_accuracy": _float(first["clean_accuracy"]),
                    "attack_success_rate": _float(first["attack_success_rate"])},
         "after": after,
         "thresholds": thresholds,
-        "ranking": [int(c) for c in result.ranking],
+        "ranking": ({name: [int(c) for c in order] for name, order in result.rankings.items()}
+                    if group else [int(c) for c in result.ranking]),
         "timings": {k: float(v) for k, v in result.timings.items()},
         "versions": package_versions(),
     }
@@ -97,6 +102,15 @@ def sweep_summary(result, *, evaluation=None, extra=None):
     if extra:
         summary.update(extra)
     return summary
+
+
+def _is_group(result):
+    """True for a several-layer sweep (GroupSweepResult)."""
+    return hasattr(result, "layers")
+
+
+def _zeros(mask):
+    return sorted(int(c) for c in np.flatnonzero(np.asarray(mask) == 0))
 
 
 def _figure(width, height):
@@ -147,12 +161,14 @@ def plot_sweep(result, path=None):
     baseline = float(history["clean_accuracy"].iloc[0])
     for i, (threshold, level) in enumerate(sorted(result.levels.items())):
         color = colors[i % len(colors)]
+        pruned = int(history["channels_pruned"].iloc[level])
         ax.axvline(fraction[level], color=color, linestyle=":",
-                   label=f"max drop {threshold:.0%}: {level} pruned")
+                   label=f"max drop {threshold:.0%}: {pruned} pruned")
         ax.axhline(baseline - threshold, color=color, linestyle="--", linewidth=0.8, alpha=0.6)
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel(f"fraction of channels of layer '{result.layer}' pruned")
+    ax.set_xlabel(f"fraction of channels of layers {', '.join(map(repr, result.layers))} pruned"
+                  if _is_group(result) else f"fraction of channels of layer '{result.layer}' pruned")
     ax.set_ylabel("rate")
     ax.set_title("Pruning defense: clean accuracy and attack success rate", fontsize=10)
     ax.grid(alpha=0.3)
@@ -168,7 +184,9 @@ def plot_activations(mean_clean, mean_poisoned=None, *, ranking=None, layer=None
 
     Parameters
     ----------
-    mean_clean : array of shape (channels,)
+    mean_clean : array of shape (channels,), or dict of them
+        A ``{layer: array}`` dict draws one panel per layer (``mean_poisoned``
+        and ``ranking`` are then dicts too).
     mean_poisoned : array of shape (channels,), default=None
     ranking : array, default=None
         Pruning order; default: increasing ``mean_clean``.
@@ -185,11 +203,28 @@ def plot_activations(mean_clean, mean_poisoned=None, *, ranking=None, layer=None
     >>> figure = plot_activations([0.0, 2.0, 1.0], [3.0, 2.0, 0.5])
     >>> [t.get_text() for t in figure.axes[0].get_xticklabels()]
     ['0', '2', '1']
+    >>> len(plot_activations({"conv": [1.0, 0.0], "fc": [0.5, 0.2, 0.1]}).axes)
+    2
     """
+    if isinstance(mean_clean, dict):
+        panels = [(name, values, (mean_poisoned or {}).get(name), (ranking or {}).get(name))
+                  for name, values in mean_clean.items()]
+    else:
+        panels = [(layer, mean_clean, mean_poisoned, ranking)]
+    widest = max(np.asarray(values).size for _, values, _, _ in panels)
+    figure = _figure(max(6.0, 0.12 * widest + 2.0), 3.5 * len(panels))
+    for index, (name, clean, poisoned, order) in enumerate(panels):
+        _activation_panel(figure.add_subplot(len(panels), 1, index + 1), name, clean, poisoned,
+                          order)
+    figure.tight_layout()
+    if path is not None:
+        _save(figure, path)
+    return figure
+
+
+def _activation_panel(ax, layer, mean_clean, mean_poisoned, ranking):
     clean = np.asarray(mean_clean, dtype=np.float64)
     order = np.argsort(clean, kind="stable") if ranking is None else np.asarray(ranking)
-    figure = _figure(max(6.0, 0.12 * clean.size + 2.0), 3.5)
-    ax = figure.add_subplot(1, 1, 1)
     positions = np.arange(clean.size)
     width = 0.42 if mean_poisoned is not None else 0.8
     offset = width / 2 if mean_poisoned is not None else 0.0
@@ -206,10 +241,6 @@ def plot_activations(mean_clean, mean_poisoned=None, *, ranking=None, layer=None
     ax.set_title(f"Mean activation per channel of layer '{layer}'" if layer else
                  "Mean activation per channel", fontsize=10)
     ax.legend(fontsize=8)
-    figure.tight_layout()
-    if path is not None:
-        _save(figure, path)
-    return figure
 
 
 def write_sweep_report(result, outdir, *, poisoned_means=None, evaluation=None, extra=None,
@@ -218,11 +249,12 @@ def write_sweep_report(result, outdir, *, poisoned_means=None, evaluation=None, 
 
     Parameters
     ----------
-    result : SweepResult
+    result : SweepResult or GroupSweepResult
     outdir : str or os.PathLike
         Created when missing.
     poisoned_means : array, default=None
-        Mean activation per channel on poisoned inputs, for ``activations.png``.
+        Mean activation per channel on poisoned inputs, for ``activations.png``
+        (a ``{layer: array}`` dict for a several-layer sweep).
     evaluation, extra : see :func:`sweep_summary`.
     plots : bool, default=True
         Also draw ``sweep.png`` and ``activations.png`` (needs matplotlib).
@@ -245,6 +277,10 @@ def write_sweep_report(result, outdir, *, poisoned_means=None, evaluation=None, 
     write_json(paths["summary.json"], sweep_summary(result, evaluation=evaluation, extra=extra))
     if plots:
         plot_sweep(result, paths["sweep.png"])
-        plot_activations(result.mean_activations, poisoned_means, ranking=result.ranking,
-                         layer=result.layer, path=paths["activations.png"])
+        if _is_group(result):
+            plot_activations(result.mean_activations, poisoned_means, ranking=result.rankings,
+                             path=paths["activations.png"])
+        else:
+            plot_activations(result.mean_activations, poisoned_means, ranking=result.ranking,
+                             layer=result.layer, path=paths["activations.png"])
     return paths

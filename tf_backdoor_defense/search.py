@@ -19,11 +19,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from tf_backdoor_defense.activations import mean_channel_activations
-from tf_backdoor_defense.masks import PruneByActivation, channel_count, find_layer, last_conv_layer, \
-    wrap_layers
+from tf_backdoor_defense.group_sweep import fraction_masks, layer_rankings
+from tf_backdoor_defense.masks import find_layer, last_conv_layer, wrap_layers
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
-from tf_backdoor_defense.ranking import level_mask, rank_channels
 from tf_backdoor_defense.training import train_clean
 from tf_backdoor_defense.validation import check_data, check_fraction, check_model, check_target, \
     num_classes_of
@@ -175,26 +173,14 @@ def search_pruning_level(model, train_data, validation_data, *, layers=None, max
 
     ranking_set = train if ranking_data is None else check_data(ranking_data, "ranking_data",
                                                                 model=model)
-    rankings, sizes, base_masks = {}, {}, {}
-    for name in names:
-        layer = find_layer(model, name)
-        sizes[name] = channel_count(layer)
-        base_masks[name] = (layer.get_mask() if isinstance(layer, PruneByActivation)
-                            else np.ones(sizes[name], np.float32))
-        order = rank_channels(mean_channel_activations(model, ranking_set, layer=name,
-                                                       batch_size=batch_size))
-        already = base_masks[name][order] == 0  # channels pruned already go first
-        rankings[name] = np.concatenate([order[already], order[~already]])
-    grid = _fractions(fractions, max(sizes.values()))
+    rankings, _, base_masks = layer_rankings(model, names, ranking_set, batch_size)
+    grid = _fractions(fractions, max(order.size for order in rankings.values()))
     baseline = clean_accuracy(model, validation, batch_size)
 
     rows, models = [], {}
 
     def masks_at(fraction):
-        # channels the received model already prunes stay pruned at every level
-        return {name: np.minimum(base_masks[name], level_mask(
-                    rankings[name], int(round(fraction * sizes[name])), sizes[name]))
-                for name in names}
+        return fraction_masks(rankings, base_masks, fraction)
 
     def try_level(index):
         fraction = float(grid[index])

@@ -5,15 +5,9 @@ channels pruned, on clean data and optionally on poisoned data, with the
 incremental engine of :mod:`tf_backdoor_defense.incremental`. It returns a
 :class:`SweepResult` holding the whole curve and the pruned models.
 
-Stopping rules (``drop = accuracy(level 0) - accuracy(level k)``, in absolute
-points, measured on ``clean_data``):
-
-``"largest_within"`` (default)
-    The largest level ``k`` whose drop is at most ``max_accuracy_drop``.
-    Accuracy need not fall monotonically; levels after a dip still count.
-``"first_reaching"`` (the lab reports' rule)
-    The first level ``k`` whose drop is at least ``max_accuracy_drop``; all
-    channels when no level reaches it.
+The stopping rules that turn an accuracy budget into a level are in
+:mod:`tf_backdoor_defense.levels`. A list of layers is swept together by
+:mod:`tf_backdoor_defense.group_sweep`.
 """
 
 import time
@@ -22,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from tf_backdoor_defense.activations import mean_channel_activations, resolve_layer
+from tf_backdoor_defense.group_sweep import sweep_layers
+from tf_backdoor_defense.levels import STOPPING_RULES, LevelResult, select_level
 from tf_backdoor_defense.incremental import LevelEvaluator
 from tf_backdoor_defense.masks import PruneByActivation, channel_count, wrap_layers
 from tf_backdoor_defense.metrics import count_attack_successes
@@ -29,6 +25,7 @@ from tf_backdoor_defense.ranking import level_mask, rank_channels
 from tf_backdoor_defense.validation import (
     check_data,
     check_model,
+    check_number,
     check_target,
     check_thresholds,
     num_classes_of,
@@ -36,32 +33,7 @@ from tf_backdoor_defense.validation import (
 
 __all__ = ["prune_to_threshold", "SweepResult", "STOPPING_RULES", "select_level"]
 
-STOPPING_RULES = ("largest_within", "first_reaching")
-_EPS = 1e-12
-
-
-def select_level(clean_accuracy, max_accuracy_drop, stopping_rule="largest_within"):
-    """Pick a pruning level from per-level clean accuracies (index = level).
-
-    Examples
-    --------
-    >>> acc = [0.90, 0.90, 0.88, 0.89, 0.80, 0.10]
-    >>> select_level(acc, 0.02), select_level(acc, 0.02, "first_reaching")
-    (3, 2)
-    """
-    if stopping_rule not in STOPPING_RULES:
-        raise ValueError(f"The 'stopping_rule' parameter must be one of {list(STOPPING_RULES)}. "
-                         f"Got {stopping_rule!r} instead.")
-    acc = np.asarray(clean_accuracy, dtype=np.float64)
-    drop = acc[0] - acc
-    if stopping_rule == "largest_within":
-        return int(np.flatnonzero(drop <= max_accuracy_drop + _EPS).max())
-    reached = np.flatnonzero(drop >= max_accuracy_drop - _EPS)
-    reached = reached[reached > 0] if max_accuracy_drop > 0 else reached
-    return int(reached.min()) if reached.size else int(acc.size - 1)
-
-
-class SweepResult:
+class SweepResult(LevelResult):
     """What :func:`prune_to_threshold` found.
 
     Attributes
@@ -91,31 +63,15 @@ class SweepResult:
 
     def __init__(self, *, model, layer, history, ranking, mean_activations, thresholds, levels,
                  base_mask, stopping_rule, timings):
-        self._model = model
         self.layer = layer
-        self.history = history
         self.ranking = ranking
         self.mean_activations = mean_activations
-        self.thresholds = thresholds
-        self.levels = levels
-        self.stopping_rule = stopping_rule
-        self.timings = timings
         self._base_mask = base_mask
-        self.masks = {t: self.mask_at(k) for t, k in levels.items()}
-        self.models = {t: self.pruned_model(k) for t, k in levels.items()}
+        super().__init__(model=model, history=history, thresholds=thresholds, levels=levels,
+                         stopping_rule=stopping_rule, timings=timings)
 
-    @property
-    def model(self):
-        """The pruned model, when exactly one threshold was asked for."""
-        if len(self.models) != 1:
-            raise AttributeError(
-                f"Several thresholds were asked for ({list(self.models)}); use `models[threshold]`."
-            )
-        return next(iter(self.models.values()))
-
-    @property
-    def baseline_accuracy(self):
-        return float(self.history["clean_accuracy"].iloc[0])
+    def _masks_at(self, level):
+        return self.mask_at(level)
 
     def mask_at(self, level):
         """Mask with the first ``level`` ranked channels pruned (and any pruned before)."""
@@ -143,7 +99,7 @@ class SweepResult:
 
 def prune_to_threshold(model, clean_data, *, layer=None, max_accuracy_drop=0.04,
                        poisoned_data=None, target=None, stopping_rule="largest_within",
-                       ranking_data=None, ranking=None, batch_size=256):
+                       ranking_data=None, ranking=None, batch_size=256, steps=None):
     """Prune the channels of ``layer`` by mean activation until clean accuracy drops.
 
     The channels are ranked by increasing mean activation on clean data (ties
@@ -151,14 +107,20 @@ def prune_to_threshold(model, clean_data, *, layer=None, max_accuracy_drop=0.04,
     evaluated exactly on ``clean_data`` and, when given, ``poisoned_data``.
     ``model`` is never modified: the pruned models are copies.
 
+    With a list of layers, they are pruned together: each keeps its own
+    ranking and every level prunes the same fraction of each (see
+    :mod:`tf_backdoor_defense.group_sweep`); the result is then a
+    :class:`~tf_backdoor_defense.group_sweep.GroupSweepResult`.
+
     Parameters
     ----------
     model : tf_keras.Model
         The suspect network (Functional or Sequential, one input and output).
     clean_data : (x, y) arrays or tf.data.Dataset
         Clean labelled data on which accuracy and the threshold are measured.
-    layer : str, default=None
+    layer : str or list of str, default=None
         Conv or Dense layer to prune; default: the last convolutional layer.
+        Several names prune those layers together.
     max_accuracy_drop : float or list of float, default=0.04
         Allowed drop in clean accuracy, in absolute points (0.04 = 4 points).
         A list such as ``[0.02, 0.04, 0.10]`` gives one model per value.
@@ -167,25 +129,29 @@ def prune_to_threshold(model, clean_data, *, layer=None, max_accuracy_drop=0.04,
     target : None, int, "untargeted", array, dict or callable, default=None
         How to read the poisoned labels (see :mod:`tf_backdoor_defense.metrics`).
     stopping_rule : {"largest_within", "first_reaching"}, default="largest_within"
-        See the module documentation.
+        See :mod:`tf_backdoor_defense.levels`.
     ranking_data : (x, y) arrays or tf.data.Dataset, default=None
         Data for the activation statistics; default: ``clean_data``. Pass a
         separate set to keep ranking and threshold selection apart.
     ranking : sequence of int, default=None
-        A precomputed pruning order (skips the statistics).
+        A precomputed pruning order (skips the statistics; one layer only).
     batch_size : int, default=256
+    steps : int, default=None
+        Several layers only: the number of levels after level 0 (default: the
+        widest layer's channel count, so that layer loses one channel per level).
 
     Returns
     -------
-    SweepResult
+    SweepResult, or GroupSweepResult for several layers
 
     Examples
     --------
     >>> import numpy as np, tf_keras as keras
     >>> keras.utils.set_random_seed(0)
     >>> model = keras.Sequential([keras.Input((6, 6, 1)),
-    ...     keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
-    ...     keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")])
+    ...     keras.layers.Conv2D(4, 3, activation="relu", name="conv"), keras.layers.Flatten(),
+    ...     keras.layers.Dense(4, activation="relu", name="fc"),
+    ...     keras.layers.Dense(2, activation="softmax")])
     >>> x = np.random.default_rng(0).random((32, 6, 6, 1), dtype=np.float32)
     >>> y = np.argmax(model.predict(x, verbose=0), axis=1)
     >>> result = prune_to_threshold(model, (x, y), max_accuracy_drop=0.10)
@@ -195,15 +161,31 @@ def prune_to_threshold(model, clean_data, *, layer=None, max_accuracy_drop=0.04,
     [0, 1, 2, 3, 4]
     >>> float(result.history["clean_accuracy"].iloc[0])
     1.0
+    >>> both = prune_to_threshold(model, (x, y), layer=["conv", "fc"], steps=2)
+    >>> both.history[["level", "pruned_conv", "pruned_fc", "channels_pruned"]].values.tolist()
+    [[0, 0, 0, 0], [1, 2, 2, 4], [2, 4, 4, 8]]
     """
     check_model(model)
     thresholds = check_thresholds(max_accuracy_drop)
     if stopping_rule not in STOPPING_RULES:
         raise ValueError(f"The 'stopping_rule' parameter must be one of {list(STOPPING_RULES)}. "
                          f"Got {stopping_rule!r} instead.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"The 'batch_size' parameter must be a positive int. Got {batch_size!r}.")
-    found = resolve_layer(model, layer)
+    batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
+    layers = _layer_list(layer)
+    if len(layers) == 1:
+        layer = layers[0]
+    found = resolve_layer(model, layer) if len(layers) <= 1 else None
+    if found is None:
+        if ranking is not None:
+            raise ValueError("The 'ranking' parameter applies to one layer; several layers are "
+                             "each ranked by their own mean activations.")
+        if steps is not None:
+            steps = int(check_number(steps, "steps", 1, integer=True))
+        for name in layers:
+            resolve_layer(model, name)
+    elif steps is not None:
+        raise ValueError("The 'steps' parameter applies to several layers; one layer is swept "
+                         "channel by channel.")
     classes = num_classes_of(model)
     clean = check_data(clean_data, "clean_data", model=model)
     poisoned = None
@@ -212,6 +194,13 @@ def prune_to_threshold(model, clean_data, *, layer=None, max_accuracy_drop=0.04,
         poisoned = check_data(poisoned_data, "poisoned_data", model=model)
     elif target is not None:
         raise ValueError("The 'target' parameter needs `poisoned_data`.")
+
+    if found is None:
+        stats_data = clean if ranking_data is None else check_data(ranking_data, "ranking_data",
+                                                                   model=model)
+        return sweep_layers(model, clean, poisoned, target, layers, thresholds=thresholds,
+                            stopping_rule=stopping_rule, ranking_data=stats_data,
+                            batch_size=batch_size, steps=steps)
 
     started = time.perf_counter()
     means = None
@@ -266,6 +255,20 @@ def prune_to_threshold(model, clean_data, *, layer=None, max_accuracy_drop=0.04,
                        mean_activations=np.asarray(means), thresholds=thresholds, levels=chosen,
                        base_mask=base_mask, stopping_rule=stopping_rule,
                        timings={"statistics_seconds": stats_seconds, "sweep_seconds": sweep_seconds})
+
+
+def _layer_list(layer):
+    """``layer`` as a list of names: [] for the default, one or several."""
+    if layer is None or isinstance(layer, str):
+        return [] if layer is None else [layer]
+    if not isinstance(layer, (list, tuple)) or not all(isinstance(n, str) for n in layer):
+        raise TypeError(f"The 'layer' parameter must be a layer name or a list of names. "
+                        f"Got {layer!r} instead.")
+    if not layer:
+        raise ValueError("The 'layer' parameter must name at least one layer.")
+    if len(set(layer)) != len(layer):
+        raise ValueError(f"The 'layer' parameter names a layer twice: {list(layer)}.")
+    return list(layer)
 
 
 def _check_ranking(ranking, channels):
