@@ -15,6 +15,8 @@ Keras model and as the reloaded SavedModel).
 the original and the shrunk network cut after each stage of the lab
 architecture (prefix timings, so each row includes the rows above it).
 ``--tflite`` also times both networks converted to TFLite (2 threads).
+``--conv-widths`` also times conv_3 alone (with its bias, ReLU and pooling,
+on a batch of pool_2-shaped inputs) at several output widths.
 """
 
 import argparse
@@ -117,6 +119,32 @@ def stage_breakdown(models, x, batch_size, repeats):
     return times
 
 
+def conv_width_times(widths, batch_size, repeats):
+    """Milliseconds per batch of a conv_3-shaped layer (3x3 over 12x10x40, then ReLU and
+    2x2 max pooling) with each number of output channels, minus the cost of an empty call."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0, 1, (batch_size, 12, 10, 40)).astype(np.float32))
+
+    def best(fn):
+        fn(x)
+        times = []
+        for _ in range(repeats * 5):
+            start = time.perf_counter()
+            np.asarray(fn(x))
+            times.append(time.perf_counter() - start)
+        return 1000.0 * min(times)
+
+    empty = best(tf.function(lambda a: a[:1, :1, :1, :1] * 1.0))
+    result = {}
+    for width in widths:
+        kernel = tf.constant(rng.normal(size=(3, 3, 40, width)).astype(np.float32))
+        bias = tf.constant(rng.normal(size=width).astype(np.float32))
+        layer = tf.function(lambda a, k=kernel, b=bias: tf.nn.max_pool2d(
+            tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(a, k, 1, "VALID"), b)), 2, 2, "VALID"))
+        result[width] = best(layer) - empty
+    return result
+
+
 def tflite_runner(model, batch_size):
     """A function running ``model`` converted to TFLite on one batch (2 threads)."""
     spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
@@ -149,6 +177,8 @@ def main():
                         help="also print milliseconds per batch after each stage")
     parser.add_argument("--tflite", action="store_true",
                         help="also time both networks converted to TFLite")
+    parser.add_argument("--conv-widths", type=int, nargs="+", metavar="C",
+                        help="also time conv_3 alone with C output channels, e.g. 8 16 60")
     args = parser.parse_args()
 
     folder = lab_dir(args.model)
@@ -223,6 +253,11 @@ def main():
         for stage in STAGES:
             o, s_ = times["original"][stage], times["shrunk"][stage]
             print(f"{stage:<14} {o:>9.2f} {s_:>9.2f} {o - s_:>7.2f}")
+    if args.conv_widths:
+        widths = conv_width_times(args.conv_widths, args.batch_size, args.repeats)
+        print(f"\nconv_3 alone (bias, ReLU, 2x2 pooling), ms per batch of {args.batch_size}")
+        for width, ms in widths.items():
+            print(f"{width:>4} output channels {ms:>7.2f}")
 
 
 if __name__ == "__main__":
