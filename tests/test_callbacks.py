@@ -271,3 +271,47 @@ def test_fine_prune_accepts_a_batched_dataset_for_training():
     result = fine_prune(model, dataset, (x, y), max_accuracy_drop=0.2, epochs=1)
     assert len(result.history) == 1
     assert result.channels_pruned == result.sweep_result.levels[0.2]
+
+
+# -- several layers at once -----------------------------------------------------------------
+def test_several_layers_are_pruned_together_and_stay_zero_through_fit():
+    x, _ = _data(64)
+    model = wrap_layers(tiny_conv_model(), ["conv_b", "fc"])
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy")
+    y = _labels_of(model, x)
+    expected = prune_to_threshold(model, (x, y), layer=["conv_b", "fc"], max_accuracy_drop=0.3)
+    assert sum(np.sum(m == 0) for m in expected.masks[0.3].values()) > 0
+    y[::3] = (y[::3] + 1) % 3  # something to learn, so the gradients are not zero
+    callback = FinePruning((x, _labels_of(model, x)), layer=["conv_b", "fc"],
+                           max_accuracy_drop=0.3)
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[callback])
+    total = 0
+    for name in ("conv_b", "fc"):
+        layer = model.get_layer(name)
+        np.testing.assert_array_equal(layer.get_mask(), expected.masks[0.3][name])
+        np.testing.assert_array_equal(callback.ranking_[name], expected.rankings[name])
+        pruned = layer.pruned_channels
+        assert np.all(layer.layer.kernel.numpy()[..., pruned] == 0.0)
+        assert np.all(layer.layer.bias.numpy()[pruned] == 0.0)
+        total += pruned.size
+    assert history.history[KEY + "channels_pruned"] == [float(total)] * 2
+    assert history.history[KEY + "fraction_pruned"] == [total / 14] * 2
+
+
+def test_fine_prune_takes_several_layers():
+    x, _ = _data(64)
+    model = tiny_conv_model()
+    y = _labels_of(model, x)
+    result = fine_prune(model, (x, y), (x, y), layer=["conv_b", "fc"], max_accuracy_drop=0.3,
+                        epochs=1)
+    assert result.layer == ["conv_b", "fc"]
+    assert result.channels_pruned == sum(
+        int(np.sum(m == 0)) for m in result.sweep_result.masks[0.3].values()) > 0
+    assert not any(isinstance(layer, PruneByActivation) for layer in model.layers)
+
+
+def test_a_gradual_schedule_refuses_several_layers():
+    with pytest.raises(ValueError, match="one layer"):
+        FinePruning(_data(), layer=["conv_b", "fc"], schedule=GradualChannelSchedule())
+    with pytest.raises(ValueError, match="distinct"):
+        FinePruning(_data(), layer=["conv_b", "conv_b"])

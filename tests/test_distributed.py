@@ -39,7 +39,8 @@ def _load_example():
 
 
 # Each worker runs the example's fine_prune_in_scope on the tiny model and saves what it saw.
-WORKER = textwrap.dedent("""
+# HEADER sets up the strategy, the example module, the data and build(); a body follows.
+HEADER = textwrap.dedent("""
     import importlib.util, json, sys
     import numpy as np
     sys.path.insert(0, {tests!r})
@@ -52,8 +53,6 @@ WORKER = textwrap.dedent("""
     else:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     from conftest import tiny_conv_model
-    from tf_backdoor_defense.distributed import distributed_channel_means
-    from tf_backdoor_defense.masks import wrap_layers
     spec = importlib.util.spec_from_file_location("multi_worker_fine_pruning", {example!r})
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
@@ -65,6 +64,11 @@ WORKER = textwrap.dedent("""
         model = tiny_conv_model(channels=8)
         model.set_weights(weights)
         return model
+""")
+
+WORKER = HEADER + textwrap.dedent("""
+    from tf_backdoor_defense.distributed import distributed_channel_means
+    from tf_backdoor_defense.masks import wrap_layers
 
     with strategy.scope():
         probe = wrap_layers(build(), "conv_b")
@@ -173,3 +177,41 @@ def test_multi_worker_mirrored_strategy_two_workers_agree_with_single_device(set
     assert results[0]["replica_masks"] == results[1]["replica_masks"]
     assert results[0]["means"] == pytest.approx(results[1]["means"], rel=0, abs=0)
     assert results[0]["history"] == results[1]["history"]
+
+
+SEVERAL = HEADER + textwrap.dedent("""
+    model, callback, history = example.fine_prune_in_scope(
+        strategy, build, (x, y), (x, y), (x[:12], np.zeros(12, int)), layer=["conv_b", "fc"],
+        max_accuracy_drop={drop}, epochs=2, batch_size=8, learning_rate=0.05, shuffle=False)
+    result = {{"masks": {{}}, "zero": []}}
+    for name in ("conv_b", "fc"):
+        layer = model.get_layer(name)
+        pruned = layer.pruned_channels
+        result["masks"][name] = [v.numpy().tolist() for v in layer.mask.values]
+        result["zero"] += [bool(np.all(v.numpy()[..., pruned] == 0)) for v in layer.layer.kernel.values]
+        result["zero"] += [bool(np.all(v.numpy()[pruned] == 0)) for v in layer.layer.bias.values]
+    result["channels_pruned"] = history.history["fine_pruning/channels_pruned"]
+    with open(out, "w") as handle:
+        json.dump(result, handle)
+""")
+
+
+def test_mirrored_strategy_prunes_several_layers_like_a_single_device(setup):
+    script = setup["tmp"] / "several.py"
+    script.write_text(SEVERAL.format(tests=str(REPO / "tests"), example=str(EXAMPLE), drop=DROP))
+    saved = np.load(setup["npz"])
+    base = tiny_conv_model(channels=8)
+    base.set_weights([saved[f"w{i}"] for i in range(int(saved["n"]))])
+    reference = prune_to_threshold(wrap_layers(base, ["conv_b", "fc"]), (saved["x"], saved["y"]),
+                                   layer=["conv_b", "fc"], max_accuracy_drop=DROP)
+    out, log = setup["tmp"] / "several.json", setup["tmp"] / "several.log"
+    proc = subprocess.Popen([sys.executable, str(script), "mirrored", str(setup["npz"]), str(out)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    _run([proc], [log])
+    result = json.loads(out.read_text())
+    total = 0
+    for name, mask in reference.masks[DROP].items():
+        assert result["masks"][name] == [mask.tolist()] * 2  # both replicas
+        total += int(np.sum(mask == 0))
+    assert total > 0 and all(result["zero"])
+    assert result["channels_pruned"] == [float(total)] * 2

@@ -146,9 +146,11 @@ class FinePruning(keras.callbacks.Callback):
     ----------
     clean_data : (x, y) arrays or tf.data.Dataset
         The defender's clean labelled data.
-    layer : str, default=None
+    layer : str or list of str, default=None
         The ``PruneByActivation`` layer (its name, or its tfmot wrapper's);
-        default: the first one in the model.
+        default: the first one in the model. Several names prune those layers
+        together with the several-layer sweep of :func:`prune_to_threshold`
+        (one-shot pruning only).
     max_accuracy_drop : float, default=0.04
         Allowed drop of clean accuracy, in absolute points. For the gradual
         schedule it may be ``None`` (no budget, prune to the target fraction).
@@ -169,10 +171,11 @@ class FinePruning(keras.callbacks.Callback):
 
     Attributes
     ----------
-    sweep_result_ : SweepResult or None
-    ranking_ : numpy.ndarray
-    mean_activations_ : numpy.ndarray
+    sweep_result_ : SweepResult, GroupSweepResult or None
+    ranking_ : numpy.ndarray (``{layer: array}`` for several layers)
+    mean_activations_ : numpy.ndarray (``{layer: array}`` for several layers)
     channels_pruned_ : int
+        Channels pruned now, over all the pruned layers.
     baseline_accuracy_ : float
 
     Examples
@@ -218,6 +221,14 @@ class FinePruning(keras.callbacks.Callback):
         if schedule is not None and not isinstance(schedule, GradualChannelSchedule):
             raise TypeError(f"The 'schedule' parameter must be a GradualChannelSchedule or None. "
                             f"Got {type(schedule).__name__}.")
+        if isinstance(layer, (list, tuple)):
+            if not layer or len(set(layer)) != len(layer):
+                raise ValueError(f"The 'layer' parameter must list distinct layer names. "
+                                 f"Got {list(layer)!r}.")
+            if schedule is not None and len(layer) > 1:
+                raise ValueError("A gradual schedule prunes one layer; give one 'layer' name, "
+                                 "or prune several layers at once without a schedule.")
+            layer = list(layer) if len(layer) > 1 else layer[0]
         self.clean_data = clean_data
         self.layer_name = layer
         self.max_accuracy_drop = check_number(max_accuracy_drop, "max_accuracy_drop", maximum=1,
@@ -237,15 +248,28 @@ class FinePruning(keras.callbacks.Callback):
         self.mean_activations_ = None
         self.baseline_accuracy_ = None
         self._outer = self._wrapper = None
+        self._pairs = []
 
     # -- helpers ---------------------------------------------------------
+    @property
+    def _several(self):
+        return isinstance(self.layer_name, list)
+
     def _resolve(self):
-        self._outer, self._wrapper = find_prunable_wrapper(self.model, self.layer_name)
-        if not self._wrapper.built or self._wrapper.mask is None:
-            raise ValueError(f"PruneByActivation layer '{self._wrapper.name}' is not built; build "
-                             "the model before training.")
-        # The sweep and statistics need a model whose layer is a top-level PruneByActivation.
-        self._stats_model = self.model if self._outer is self._wrapper else _plain_copy(self.model)
+        names = self.layer_name if self._several else [self.layer_name]
+        self._pairs = [find_prunable_wrapper(self.model, name) for name in names]
+        self._outer, self._wrapper = self._pairs[0]
+        for _, wrapper in self._pairs:
+            if not wrapper.built or wrapper.mask is None:
+                raise ValueError(f"PruneByActivation layer '{wrapper.name}' is not built; build "
+                                 "the model before training.")
+        # The sweep and statistics need a model whose layers are top-level PruneByActivation.
+        plain = all(outer is wrapper for outer, wrapper in self._pairs)
+        self._stats_model = self.model if plain else _plain_copy(self.model)
+
+    @property
+    def _wrappers(self):
+        return [wrapper for _, wrapper in self._pairs]
 
     def _rank(self):
         data = self.clean_data if self.ranking_data is None else self.ranking_data
@@ -261,15 +285,19 @@ class FinePruning(keras.callbacks.Callback):
         return self.ranking_
 
     def _apply(self, mask):
-        self._wrapper.set_mask(mask)
-        self._wrapper.zero_pruned_weights()
+        masks = mask if isinstance(mask, dict) else {self._wrapper.name: mask}
+        for wrapper in self._wrappers:
+            wrapper.set_mask(masks[wrapper.name])
+            wrapper.zero_pruned_weights()
+
+    def _zero_pruned_weights(self):
+        for wrapper in self._wrappers:
+            wrapper.zero_pruned_weights()
 
     @property
     def channels_pruned_(self):
-        """Channels of the layer whose mask is 0 now."""
-        if self._wrapper is None:
-            return 0
-        return int(self._wrapper.pruned_channels.size)
+        """Channels whose mask is 0 now, over all the pruned layers."""
+        return int(sum(wrapper.pruned_channels.size for wrapper in self._wrappers))
 
     def _clean_accuracy(self):
         return clean_accuracy(self.model, self.clean_data, batch_size=self.batch_size)
@@ -277,25 +305,29 @@ class FinePruning(keras.callbacks.Callback):
     # -- Keras hooks -----------------------------------------------------
     def on_train_begin(self, logs=None):
         self._resolve()
-        ranking = self._rank() if is_distributed(self.model.distribute_strategy) else None
+        # several layers are ranked by the sweep itself, on this replica's copy of the data
+        ranking = (self._rank() if is_distributed(self.model.distribute_strategy)
+                   and not self._several else None)
         result = prune_to_threshold(
-            self._stats_model, self.clean_data, layer=self._wrapper.name,
+            self._stats_model, self.clean_data,
+            layer=[w.name for w in self._wrappers] if self._several else self._wrapper.name,
             max_accuracy_drop=self.max_accuracy_drop, poisoned_data=self.poisoned_data,
             target=self.target, stopping_rule=self.stopping_rule, ranking_data=self.ranking_data,
             ranking=ranking, batch_size=self.batch_size)
         self.sweep_result_ = result
         if ranking is None:
-            self.ranking_ = result.ranking
+            self.ranking_ = result.rankings if self._several else result.ranking
             self.mean_activations_ = result.mean_activations
         self.baseline_accuracy_ = result.baseline_accuracy
         self._apply(result.masks[self.max_accuracy_drop])
 
     def on_epoch_end(self, epoch, logs=None):
-        self._wrapper.zero_pruned_weights()
+        self._zero_pruned_weights()
         if logs is None:
             return
         logs[LOG_PREFIX + "channels_pruned"] = float(self.channels_pruned_)
-        logs[LOG_PREFIX + "fraction_pruned"] = self.channels_pruned_ / self._wrapper.channels
+        logs[LOG_PREFIX + "fraction_pruned"] = self.channels_pruned_ / sum(
+            wrapper.channels for wrapper in self._wrappers)
         if self.evaluate_every and (epoch + 1) % self.evaluate_every == 0:
             logs[LOG_PREFIX + "clean_accuracy"] = self._clean_accuracy()
             if self.poisoned_data is not None:
@@ -303,8 +335,7 @@ class FinePruning(keras.callbacks.Callback):
                     self.model, self.poisoned_data, target=self.target, batch_size=self.batch_size)
 
     def on_train_end(self, logs=None):
-        if self._wrapper is not None:
-            self._wrapper.zero_pruned_weights()
+        self._zero_pruned_weights()
 
 
 class GradualFinePruning(FinePruning):

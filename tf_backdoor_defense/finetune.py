@@ -30,10 +30,11 @@ class FinePruneResult:
         The fine-pruned (or fine-tuned) copy, its layer wrapped in ``PruneByActivation``.
     history : pandas.DataFrame
         One row per epoch (``epoch``, ``loss``, ... and the ``fine_pruning/...`` figures).
-    sweep_result : SweepResult or None
+    sweep_result : SweepResult, GroupSweepResult or None
         The pruning sweep made before fine-tuning (None when ``prune=False``).
-    layer : str
+    layer : str or list of str
     channels_pruned : int
+        Over all the pruned layers.
     """
 
     def __init__(self, model, history, sweep_result, layer):
@@ -44,7 +45,8 @@ class FinePruneResult:
 
     @property
     def channels_pruned(self):
-        return int(self.model.get_layer(self.layer).pruned_channels.size)
+        names = self.layer if isinstance(self.layer, list) else [self.layer]
+        return int(sum(self.model.get_layer(name).pruned_channels.size for name in names))
 
     def __repr__(self):
         return (f"FinePruneResult(layer={self.layer!r}, channels_pruned={self.channels_pruned}, "
@@ -87,9 +89,10 @@ def fine_prune(model, train_data, clean_data, *, layer=None, max_accuracy_drop=0
         Clean data for fine-tuning (labels as class indices or one-hot).
     clean_data : (x, y) arrays or tf.data.Dataset
         Clean data for the ranking, the accuracy budget and the logs.
-    layer : str, default=None
+    layer : str or list of str, default=None
         The layer to prune; default: the model's PruneByActivation layer, else
-        the last convolutional layer.
+        the last convolutional layer. Several names prune those layers
+        together (the several-layer sweep of :func:`prune_to_threshold`).
     max_accuracy_drop : float, default=0.04
     epochs : int, default=10
     optimizer : keras optimizer, default=None
@@ -144,7 +147,10 @@ def fine_prune(model, train_data, clean_data, *, layer=None, max_accuracy_drop=0
     if layer is None:
         wrapped = masked_layers(model)
         layer = wrapped[0].name if wrapped else last_conv_layer(model)
-    copy = wrap_layers(model, [layer])  # a copy; already wrapped layers keep their masks
+    names = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    if len(names) == 1:
+        layer = names[0]
+    copy = wrap_layers(model, names)  # a copy; already wrapped layers keep their masks
     keras.utils.set_random_seed(seed)
     copy.compile(optimizer=optimizer or keras.optimizers.SGD(learning_rate=0.01, momentum=0.9),
                  loss=loss or loss_for(copy), metrics=["accuracy"])
@@ -165,8 +171,9 @@ def fine_prune(model, train_data, clean_data, *, layer=None, max_accuracy_drop=0
     table = pd.DataFrame(history.history)
     table.insert(0, "epoch", np.arange(1, len(table) + 1))
     sweep = callback.sweep_result_ if prune else None
-    if not isinstance(copy.get_layer(layer), PruneByActivation):  # pragma: no cover - defensive
-        raise RuntimeError(f"Layer '{layer}' lost its PruneByActivation wrapper.")
+    for name in names:
+        if not isinstance(copy.get_layer(name), PruneByActivation):  # pragma: no cover - defensive
+            raise RuntimeError(f"Layer '{name}' lost its PruneByActivation wrapper.")
     return FinePruneResult(copy, table, sweep, layer)
 
 
