@@ -48,6 +48,38 @@ def test_every_level_matches_an_explicitly_pruned_model():
     assert result.history["accuracy_drop"].iloc[0] == 0.0
 
 
+def _skip_model():
+    """A skip connection from before the pruned layers to after them (a side input)."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((8, 8, 1))
+    a = keras.layers.Conv2D(4, 3, activation="relu", name="conv_a")(inputs)
+    b = keras.layers.Conv2D(5, 3, padding="same", activation="relu", name="conv_b")(a)
+    c = keras.layers.Conv2D(4, 1, activation="relu", name="conv_c")(b)
+    merged = keras.layers.Concatenate()([a, c])
+    x = keras.layers.Dense(6, activation="relu", name="fc")(keras.layers.Flatten()(merged))
+    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+
+
+@pytest.mark.parametrize("factory, layers", [
+    (tiny_conv_model, ["conv_a", "fc"]),  # the first pruned layer reads the input
+    (_skip_model, ["conv_b", "fc"]),      # the suffix also reads conv_a's output
+    (_skip_model, ["conv_c", "conv_b"]),  # listed out of graph order
+])
+def test_levels_are_exact_whatever_the_graph_around_the_layers(factory, layers):
+    model = factory()
+    x, y = _data(9)
+    xp = _data(10, 30)[0]
+    result = prune_to_threshold(model, (x, y), layer=layers, poisoned_data=(xp, np.zeros(30, int)),
+                                steps=4)
+    for level, row in result.history.iterrows():
+        explicit = _explicit(model, result.masks_at(level))
+        assert row["clean_accuracy"] == pytest.approx(
+            np.mean(np.argmax(explicit(x).numpy(), 1) == y))
+        assert row["attack_success_rate"] == pytest.approx(
+            np.mean(np.argmax(explicit(xp).numpy(), 1) == 0))
+    assert result.history["clean_accuracy"].nunique() > 1  # pruning changes something
+
+
 def test_each_layer_keeps_its_single_layer_ranking():
     model = tiny_conv_model()
     data = _data(3)

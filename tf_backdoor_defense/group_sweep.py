@@ -11,8 +11,10 @@ rankings. Channels pruned before (an already wrapped layer) come first in
 their layer's ranking and stay pruned at every level.
 
 Every level is evaluated exactly, on one masked copy of the model whose masks
-are set level by level, so a sweep costs ``steps + 1`` passes over the clean
-(and poisoned) data.
+are set level by level. The part of the network before the pruned layers runs
+once per batch; only the rest runs once per level, so a sweep costs one pass
+of the prefix and ``steps + 1`` passes of the rest over the clean (and
+poisoned) data.
 """
 
 import time
@@ -20,10 +22,12 @@ import time
 import numpy as np
 import pandas as pd
 
+from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.activations import mean_channel_activations, resolve_layer
+from tf_backdoor_defense.incremental import replay_nodes, split_after_inputs_of
 from tf_backdoor_defense.levels import LevelResult, select_level
 from tf_backdoor_defense.masks import PruneByActivation, channel_count, wrap_layers
-from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
+from tf_backdoor_defense.metrics import count_attack_successes, labels_from_outputs
 from tf_backdoor_defense.ranking import level_mask, rank_channels
 
 __all__ = ["GroupSweepResult", "sweep_layers", "layer_rankings", "fraction_masks"]
@@ -136,18 +140,24 @@ def sweep_layers(model, clean, poisoned, target, layers, *, thresholds, stopping
 
     started = time.perf_counter()
     masked = wrap_layers(model, layers, masks=base)
+    runner = _LevelRunner(masked, layers)
+    level_masks = [fraction_masks(rankings, base, level / steps) for level in range(steps + 1)]
+    correct, total = runner.count(clean, level_masks, batch_size, lambda p, y: (np.sum(p == y), y.size))
+    accuracy = correct / total
+    asr = np.full(steps + 1, np.nan)
+    if poisoned is not None:
+        success, attacked = runner.count(poisoned, level_masks, batch_size,
+                                         lambda p, y: count_attack_successes(p, y, target))
+        if attacked == 0:
+            raise ValueError("No input of `poisoned_data` is attacked: every true label equals "
+                             "its target.")
+        asr = success / attacked
     rows = []
-    for level in range(steps + 1):
-        masks = fraction_masks(rankings, base, level / steps)
-        for name, mask in masks.items():
-            masked.get_layer(name).set_mask(mask)
-        accuracy = clean_accuracy(masked, clean, batch_size=batch_size)
-        asr = (attack_success_rate(masked, poisoned, target=target, batch_size=batch_size)
-               if poisoned is not None else np.nan)
+    for level, masks in enumerate(level_masks):
         pruned = {f"pruned_{name}": int(np.sum(mask == 0)) for name, mask in masks.items()}
         rows.append({"level": level, "fraction_pruned": level / steps,
                      "channels_pruned": sum(pruned.values()), **pruned,
-                     "clean_accuracy": accuracy, "attack_success_rate": asr})
+                     "clean_accuracy": accuracy[level], "attack_success_rate": asr[level]})
     history = pd.DataFrame(rows)
     history.insert(history.columns.get_loc("clean_accuracy") + 1, "accuracy_drop",
                    history["clean_accuracy"].iloc[0] - history["clean_accuracy"])
@@ -161,3 +171,46 @@ def sweep_layers(model, clean, poisoned, target, layers, *, thresholds, stopping
                             base_masks=base, steps=steps, stopping_rule=stopping_rule,
                             timings={"statistics_seconds": stats_seconds,
                                      "sweep_seconds": sweep_seconds})
+
+
+class _LevelRunner:
+    """Predictions of ``masked`` level by level, its prefix run once per batch.
+
+    The prefix is everything the pruned layers do not influence; the suffix
+    (the pruned layers and all downstream of them) is replayed for each set
+    of masks. When the pruned layers read the model input directly, the whole
+    model runs per level.
+    """
+
+    def __init__(self, masked, names):
+        self._masked = masked
+        self._layers = [masked.get_layer(name) for name in names]
+        sides, suffix = split_after_inputs_of(masked, self._layers)
+        spec = tf.TensorSpec([None] + list(masked.inputs[0].shape[1:]), tf.float32)
+        inputs = {id(t) for t in masked.inputs}
+        if any(id(t) in inputs for t in sides):
+            self._prefix = None
+            self._suffix = tf.function(lambda x: masked(x, training=False), input_signature=[spec])
+            return
+        prefix = keras.Model(masked.inputs, sides)
+        self._prefix = tf.function(lambda x: prefix(x, training=False), input_signature=[spec])
+        side_specs = [tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype) for t in sides]
+        self._suffix = tf.function(
+            lambda *values: replay_nodes(suffix, sides, values, masked.outputs[0]),
+            input_signature=side_specs)
+
+    def count(self, data, level_masks, batch_size, tally):
+        """Sum ``tally(labels, y) -> (hits, size)`` over ``data`` at every level."""
+        hits = np.zeros(len(level_masks), dtype=np.int64)
+        size = 0
+        for x, y in data.batches(batch_size):
+            values = [x] if self._prefix is None else self._prefix(x)
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            for level, masks in enumerate(level_masks):
+                for layer in self._layers:
+                    layer.set_mask(masks[layer.name])
+                labels = labels_from_outputs(self._suffix(*values).numpy())
+                found, counted = tally(labels, y)
+                hits[level] += found
+            size += counted
+        return hits, size

@@ -62,7 +62,7 @@ def _is_keras_tensor(value):
     return hasattr(value, "_keras_history")
 
 
-def _nodes_in_order(model):
+def nodes_in_order(model):
     """Non-input nodes of ``model`` in an order where inputs come before users."""
     nodes = []
     for depth in sorted(model._nodes_by_depth, reverse=True):
@@ -70,6 +70,51 @@ def _nodes_in_order(model):
             if not node.is_input:
                 nodes.append(node)
     return nodes
+
+
+def replay_nodes(nodes, tensors, values, output):
+    """Run the graph ``nodes`` (in order, inference mode) from known tensor values.
+
+    ``tensors`` are symbolic Keras tensors of the model and ``values`` their
+    values; returns the value of the symbolic ``output``. Traces inside
+    ``tf.function``.
+    """
+    known = {id(tensor): value for tensor, value in zip(tensors, values)}
+
+    def resolve(obj):
+        return known[id(obj)] if _is_keras_tensor(obj) else obj
+
+    for node in nodes:
+        args = tf.nest.map_structure(resolve, node.call_args)
+        kwargs = dict(tf.nest.map_structure(resolve, node.call_kwargs))
+        if "training" in node.layer._call_spec.arg_names:
+            kwargs["training"] = False
+        outputs = node.layer(*args, **kwargs)
+        for ref, out in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(outputs)):
+            known[id(ref)] = out
+    return known[id(output)]
+
+
+def split_after_inputs_of(model, layers):
+    """Split ``model`` where the first of ``layers`` starts.
+
+    Returns ``(sides, suffix)``: ``suffix`` holds, in order, the nodes of
+    ``layers`` and every node downstream of them; ``sides`` the tensors those
+    nodes read from the rest of the graph (the prefix, which does not depend on
+    ``layers``).
+    """
+    targets = {id(layer) for layer in layers}
+    produced, suffix = set(), []
+    for node in nodes_in_order(model):
+        if id(node.layer) in targets or any(id(t) in produced for t in node.keras_inputs):
+            suffix.append(node)
+            produced.update(id(t) for t in tf.nest.flatten(node.outputs))
+    sides = []
+    for node in suffix:
+        for tensor in node.keras_inputs:
+            if id(tensor) not in produced and all(t is not tensor for t in sides):
+                sides.append(tensor)
+    return sides, suffix
 
 
 class LevelEvaluator:
@@ -99,7 +144,7 @@ class LevelEvaluator:
     # -- graph split -----------------------------------------------------
     def _build(self):
         model = self.model
-        nodes = _nodes_in_order(model)
+        nodes = nodes_in_order(model)
         (start,) = [n for n in nodes if n.layer is self.layer]
         consumers = {}
         for node in nodes:
@@ -166,25 +211,10 @@ class LevelEvaluator:
         self._run_rows = tf.function(self._rows_outputs, input_signature=rows_spec)
 
     def _run_suffix(self, frontier_value, side_values):
-        values = {id(self._frontier): frontier_value}
-        for tensor, value in zip(self._sides, side_values):
-            values[id(tensor)] = value
         if not self._suffix:
             return frontier_value
-
-        def resolve(obj):
-            return values[id(obj)] if _is_keras_tensor(obj) else obj
-
-        for node in self._suffix:
-            args = tf.nest.map_structure(resolve, node.call_args)
-            kwargs = tf.nest.map_structure(resolve, node.call_kwargs)
-            kwargs = dict(kwargs)
-            if "training" in node.layer._call_spec.arg_names:
-                kwargs["training"] = False
-            outputs = node.layer(*args, **kwargs)
-            for ref, out in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(outputs)):
-                values[id(ref)] = out
-        return values[id(self.model.outputs[0])]
+        return replay_nodes(self._suffix, [self._frontier] + self._sides,
+                            [frontier_value] + list(side_values), self.model.outputs[0])
 
     def _rows_outputs(self, frontier_value, side_values, example_index, masks):
         """Predicted labels for rows (example ``example_index[i]`` under ``masks[i]``)."""
