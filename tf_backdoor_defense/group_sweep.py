@@ -41,6 +41,16 @@ def layer_rankings(model, names, data, batch_size=256):
     channels a ``PruneByActivation`` wrapper already masks before all others),
     the mean activations, and the masks the model already has (all ones for an
     unwrapped layer).
+
+    Examples
+    --------
+    >>> import numpy as np, tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((3,)),
+    ...     keras.layers.Dense(3, activation="relu", kernel_initializer="identity", name="fc")])
+    >>> x = np.array([[0.0, 2.0, 1.0], [0.0, 4.0, 3.0]], np.float32)
+    >>> rankings, means, base = layer_rankings(model, ["fc"], (x, np.zeros(2, int)))
+    >>> rankings["fc"].tolist(), means["fc"].tolist(), base["fc"].tolist()
+    ([0, 2, 1], [0.0, 3.0, 2.0], [1.0, 1.0, 1.0])
     """
     rankings, means, base_masks = {}, {}, {}
     for name in names:
@@ -56,7 +66,14 @@ def layer_rankings(model, names, data, batch_size=256):
 
 def fraction_masks(rankings, base_masks, fraction):
     """``{layer: mask}`` pruning ``round(fraction * channels)`` of each layer, plus those
-    already pruned."""
+    already pruned.
+
+    >>> import numpy as np
+    >>> masks = fraction_masks({"a": np.array([2, 0, 1, 3]), "b": np.array([1, 0])},
+    ...                        {"a": np.ones(4), "b": np.array([1.0, 0.0])}, 0.5)
+    >>> {name: mask.tolist() for name, mask in masks.items()}
+    {'a': [0.0, 1.0, 0.0, 1.0], 'b': [1.0, 0.0]}
+    """
     return {name: np.minimum(base_masks[name],
                              level_mask(order, int(round(fraction * order.size)), order.size))
             for name, order in rankings.items()}
