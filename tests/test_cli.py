@@ -61,8 +61,26 @@ def test_inspect_subprocess_json(lab):
     info = json.loads(done.stdout)
     assert info["input_shape"] == [8, 8, 1] and info["classes"] == 3
     assert info["default_layer"] == "conv_b"
+    assert info["convs_read_by_dense"] == ["conv_b"]  # conv_a is read by conv_b only
     prunable = {row["name"] for row in info["layers"] if row["prunable"]}
     assert prunable == {"conv_a", "conv_b", "fc", "out"}
+
+
+def test_inspect_names_every_conv_the_classifier_reads_directly(tmp_path, capsys):
+    from tf_backdoor_defense._keras import keras
+
+    inputs = keras.Input((8, 8, 1))  # the lab BadNet's shape: conv_3 feeds both conv_4 and fc_1
+    c3 = keras.layers.MaxPooling2D(name="pool_3")(
+        keras.layers.Conv2D(4, 3, activation="relu", name="conv_3")(inputs))
+    c4 = keras.layers.Conv2D(5, 2, activation="relu", name="conv_4")(c3)
+    a = keras.layers.Dense(6, name="fc_1")(keras.layers.Flatten()(c3))
+    b = keras.layers.Dense(6, name="fc_2")(keras.layers.Flatten()(c4))
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Add()([a, b]))
+    keras.Model(inputs, outputs).save(tmp_path / "branched.h5")
+    assert cli.main(["inspect", str(tmp_path / "branched.h5")]) == 0
+    text = capsys.readouterr().out
+    assert "default layer to prune: conv_4" in text
+    assert "read directly by a dense layer: conv_3, conv_4" in text
 
 
 def test_prune_subprocess_writes_the_whole_report(lab, tmp_path):

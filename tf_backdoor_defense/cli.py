@@ -253,6 +253,29 @@ def _poisoned_note(args):
 
 
 # -- subcommands ------------------------------------------------------------------------------
+def _convs_read_by_dense(model, names):
+    """The conv layers among ``names`` whose channels reach a Dense layer through
+    channel-wise layers and Flatten only (the classifier reads them directly)."""
+    from tf_backdoor_defense.graph import channel_consumers
+    from tf_backdoor_defense.masks import PruneByActivation, find_layer
+
+    def inner(layer):
+        return layer.layer if isinstance(layer, PruneByActivation) else layer
+
+    found = []
+    for name in names:
+        if isinstance(inner(find_layer(model, name)), keras.layers.Dense):
+            continue
+        try:
+            uses = channel_consumers(model, name)
+        except ValueError:  # a graph the channel tracer does not follow
+            continue
+        if any(use.consumer and isinstance(inner(find_layer(model, use.consumer)),
+                                           keras.layers.Dense) for use in uses):
+            found.append(name)
+    return found
+
+
 def cmd_inspect(args, console):
     from tf_backdoor_defense.activations import resolve_layer
     from tf_backdoor_defense.masks import PRUNABLE_LAYER_TYPES, PruneByActivation, last_conv_layer
@@ -288,13 +311,19 @@ def cmd_inspect(args, console):
         default = last_conv_layer(model)
     except ValueError:
         default = None
+    feeders = _convs_read_by_dense(model, [row["name"] for row in layers if row["prunable"]])
     result = {"model": str(args.model), "name": model.name,
               "input_shape": list(model.inputs[0].shape[1:]), "classes": num_classes_of(model),
-              "params": int(model.count_params()), "default_layer": default, "layers": layers}
+              "params": int(model.count_params()), "default_layer": default,
+              "convs_read_by_dense": feeders, "layers": layers}
     lines = [f"model {model.name!r} from {args.model}",
              f"input shape {tuple(model.inputs[0].shape[1:])}, {result['classes']} classes, "
              f"{result['params']:,} parameters",
-             f"default layer to prune: {default}", "",
+             f"default layer to prune: {default}"]
+    if len(feeders) > 1:
+        lines.append(f"conv layers read directly by a dense layer: {', '.join(feeders)} "
+                     "(choose with --layer; several are pruned together)")
+    lines += ["",
              f"{'layer':<24}{'class':<20}{'output shape':<24}{'channels':>9}  prunable"]
     for row in layers:
         channels = "" if row["channels"] is None else str(row["channels"])
