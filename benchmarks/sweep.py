@@ -6,6 +6,10 @@ weights. Inputs are random 55x47x3 images (11,547 clean plus as many
 "poisoned"), which is enough for timing.
 
     python benchmarks/sweep.py [--images 11547] [--naive-levels 4] [--full-naive]
+                               [--layers conv_3 fc_1 --steps 20]
+
+``--layers`` also times the several-layer sweep of those layers (``--steps``
+levels) against a full forward pass per level with the same masks.
 """
 
 import argparse
@@ -70,6 +74,9 @@ def main():
     parser.add_argument("--naive-levels", type=int, default=4,
                         help="levels timed for the naive loop, extrapolated to all levels")
     parser.add_argument("--full-naive", action="store_true", help="time every naive level")
+    parser.add_argument("--layers", nargs="+", default=None,
+                        help="also time the several-layer sweep of these layers")
+    parser.add_argument("--steps", type=int, default=20, help="levels of the several-layer sweep")
     args = parser.parse_args()
 
     model, source = load_model(args.model)
@@ -118,7 +125,36 @@ def main():
     print(f"naive per-level loop ({'all' if args.full_naive else levels} levels timed"
           f"{'' if args.full_naive else ', extrapolated'}): {naive:.1f} s "
           f"= {naive / full_pass:.1f}x one pass")
+    if args.layers:
+        group_sweep(model, (clean_x, clean_y), (poisoned_x, poisoned_y), args, full_pass)
     print(f"peak resident memory: {peak_mib:.0f} MiB")
+
+
+def group_sweep(model, clean, poisoned, args, full_pass):
+    """Time the several-layer sweep against a full pass per level with the same masks."""
+    from tf_backdoor_defense.masks import wrap_layers
+
+    def sweep():
+        return prune_to_threshold(model, clean, layer=args.layers, poisoned_data=poisoned,
+                                  steps=args.steps, batch_size=args.batch_size)
+
+    sweep()  # trace and warm up
+    start = time.perf_counter()
+    result = sweep()
+    total = time.perf_counter() - start
+    masked = wrap_layers(model, args.layers)
+    start = time.perf_counter()
+    same = True
+    for level in range(args.steps + 1):
+        for name, mask in result.masks_at(level).items():
+            masked.get_layer(name).set_mask(mask)
+        accuracy = np.mean(predict_labels(masked, clean[0], args.batch_size) == clean[1])
+        predict_labels(masked, poisoned[0], args.batch_size)
+        same &= bool(np.isclose(accuracy, result.history["clean_accuracy"].iloc[level]))
+    naive = time.perf_counter() - start
+    print(f"several-layer sweep of {', '.join(args.layers)} ({args.steps + 1} levels): "
+          f"{total:.2f} s = {total / full_pass:.2f}x one pass; a full pass per level: "
+          f"{naive:.2f} s ({naive / total:.1f}x slower, same accuracies: {same})")
 
 
 if __name__ == "__main__":
