@@ -310,8 +310,28 @@ def test_fine_prune_takes_several_layers():
     assert not any(isinstance(layer, PruneByActivation) for layer in model.layers)
 
 
-def test_a_gradual_schedule_refuses_several_layers():
-    with pytest.raises(ValueError, match="one layer"):
-        FinePruning(_data(), layer=["conv_b", "fc"], schedule=GradualChannelSchedule())
+def test_a_gradual_schedule_advances_several_layers_by_fraction():
+    x, _ = _data(64)
+    model = wrap_layers(tiny_conv_model(), ["conv_b", "fc"])  # 6 and 8 channels
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    y = _labels_of(model, x)
+    schedule = GradualChannelSchedule(target_fraction=0.5, channels_per_step=2, every_n_steps=1)
+    callback = FinePruning((x, y), layer=["conv_b", "fc"], schedule=schedule,
+                           max_accuracy_drop=None)
+    seen = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(
+        tuple(int(model.get_layer(n).pruned_channels.size) for n in ("conv_b", "fc"))))
+    model.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0,
+              callbacks=[callback, record])
+    # each channel comes from the layer with the smaller fraction pruned (ties: conv_b first)
+    assert seen == [(1, 1), (2, 2), (3, 3), (3, 4)]
+    for name in ("conv_b", "fc"):
+        layer = model.get_layer(name)
+        pruned = layer.pruned_channels
+        assert sorted(pruned.tolist()) == sorted(callback.ranking_[name][:pruned.size].tolist())
+        assert np.all(layer.layer.kernel.numpy()[..., pruned] == 0.0)
+
+
+def test_several_layer_names_must_be_distinct():
     with pytest.raises(ValueError, match="distinct"):
         FinePruning(_data(), layer=["conv_b", "conv_b"])

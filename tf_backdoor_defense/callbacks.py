@@ -149,8 +149,8 @@ class FinePruning(keras.callbacks.Callback):
     layer : str or list of str, default=None
         The ``PruneByActivation`` layer (its name, or its tfmot wrapper's);
         default: the first one in the model. Several names prune those layers
-        together with the several-layer sweep of :func:`prune_to_threshold`
-        (one-shot pruning only).
+        together: one-shot with the several-layer sweep of
+        :func:`prune_to_threshold`, or gradually with a ``schedule``.
     max_accuracy_drop : float, default=0.04
         Allowed drop of clean accuracy, in absolute points. For the gradual
         schedule it may be ``None`` (no budget, prune to the target fraction).
@@ -225,9 +225,6 @@ class FinePruning(keras.callbacks.Callback):
             if not layer or len(set(layer)) != len(layer):
                 raise ValueError(f"The 'layer' parameter must list distinct layer names. "
                                  f"Got {list(layer)!r}.")
-            if schedule is not None and len(layer) > 1:
-                raise ValueError("A gradual schedule prunes one layer; give one 'layer' name, "
-                                 "or prune several layers at once without a schedule.")
             layer = list(layer) if len(layer) > 1 else layer[0]
         self.clean_data = clean_data
         self.layer_name = layer
@@ -272,17 +269,22 @@ class FinePruning(keras.callbacks.Callback):
         return [wrapper for _, wrapper in self._pairs]
 
     def _rank(self):
+        """Rank every pruned layer's channels; returns ``{layer: ranking}``."""
         data = self.clean_data if self.ranking_data is None else self.ranking_data
         strategy = self.model.distribute_strategy
-        if is_distributed(strategy):
-            means = distributed_channel_means(self._stats_model, data, self._wrapper.name,
-                                              strategy=strategy, batch_size=self.batch_size)
-        else:
-            means = mean_channel_activations(self._stats_model, data, layer=self._wrapper.name,
-                                             batch_size=self.batch_size)
-        self.mean_activations_ = np.asarray(means)
-        self.ranking_ = rank_channels(means)
-        return self.ranking_
+        means = {}
+        for wrapper in self._wrappers:
+            if is_distributed(strategy):
+                means[wrapper.name] = np.asarray(distributed_channel_means(
+                    self._stats_model, data, wrapper.name, strategy=strategy,
+                    batch_size=self.batch_size))
+            else:
+                means[wrapper.name] = np.asarray(mean_channel_activations(
+                    self._stats_model, data, layer=wrapper.name, batch_size=self.batch_size))
+        rankings = {name: rank_channels(values) for name, values in means.items()}
+        self.mean_activations_ = means if self._several else means[self._wrapper.name]
+        self.ranking_ = rankings if self._several else rankings[self._wrapper.name]
+        return rankings
 
     def _apply(self, mask):
         masks = mask if isinstance(mask, dict) else {self._wrapper.name: mask}
@@ -306,7 +308,7 @@ class FinePruning(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._resolve()
         # several layers are ranked by the sweep itself, on this replica's copy of the data
-        ranking = (self._rank() if is_distributed(self.model.distribute_strategy)
+        ranking = (self._rank()[self._wrapper.name] if is_distributed(self.model.distribute_strategy)
                    and not self._several else None)
         result = prune_to_threshold(
             self._stats_model, self.clean_data,
@@ -349,6 +351,10 @@ class GradualFinePruning(FinePruning):
     model being fine-tuned, on ``clean_data``) by more than the budget below
     the accuracy at train begin; that channel is then kept and pruning stops.
 
+    With several layers, each pruned channel comes from the layer with the
+    smallest fraction pruned so far (ties: the order given), so the layers
+    advance together towards ``target_fraction`` of each.
+
     Parameters are those of :class:`FinePruning`; ``schedule`` defaults to
     ``GradualChannelSchedule()``.
     """
@@ -358,34 +364,42 @@ class GradualFinePruning(FinePruning):
 
     def on_train_begin(self, logs=None):
         self._resolve()
-        self._rank()
+        self._rankings = self._rank()
         self._step = 0
         self._done = False
-        self._target = self.schedule.target_channels(self._wrapper.channels)
+        self._targets = {w.name: self.schedule.target_channels(w.channels) for w in self._wrappers}
         self.baseline_accuracy_ = (self._clean_accuracy() if self.max_accuracy_drop is not None
                                    else None)
         self.stopped_by_budget_ = False
 
+    def _next_layer(self):
+        """The wrapper to prune next: below its target, smallest fraction pruned; or None."""
+        open_ = [w for w in self._wrappers
+                 if w.pruned_channels.size < self._targets[w.name] and np.any(w.get_mask() == 1)]
+        if not open_:
+            return None
+        return min(open_, key=lambda w: w.pruned_channels.size / w.channels)  # first on ties
+
     def _prune_more(self):
-        mask = self._wrapper.get_mask()
-        remaining = [c for c in self.ranking_ if mask[c] == 1]
         for _ in range(self.schedule.channels_per_step):
-            if self.channels_pruned_ >= self._target or not remaining:
+            wrapper = self._next_layer()
+            if wrapper is None:
                 self._done = True
-                return
-            channel = remaining.pop(0)
+                break
+            mask = wrapper.get_mask()
+            channel = next(c for c in self._rankings[wrapper.name] if mask[c] == 1)
             mask[channel] = 0.0
-            self._wrapper.set_mask(mask)
+            wrapper.set_mask(mask)
             if self.max_accuracy_drop is not None:
                 drop = self.baseline_accuracy_ - self._clean_accuracy()
                 if drop > self.max_accuracy_drop + 1e-12:
                     mask[channel] = 1.0
-                    self._wrapper.set_mask(mask)
+                    wrapper.set_mask(mask)
                     self._done = True
                     self.stopped_by_budget_ = True
                     break
-        self._wrapper.zero_pruned_weights()
-        if self.channels_pruned_ >= self._target:
+        self._zero_pruned_weights()
+        if self._next_layer() is None:
             self._done = True
 
     def on_train_batch_end(self, batch, logs=None):
