@@ -20,7 +20,6 @@ on a batch of pool_2-shaped inputs) at several output widths.
 """
 
 import argparse
-import os
 import pathlib
 import tempfile
 import time
@@ -33,32 +32,7 @@ from tf_backdoor_defense.export import count_params, export_saved_model, strip_m
 from tf_backdoor_defense.masks import wrap_layers
 from tf_backdoor_defense.ranking import level_mask, rank_channels
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def lab_architecture(classes=1283):
-    """The lab BadNet's architecture with random weights."""
-    L = keras.layers
-    inputs = keras.Input((55, 47, 3), name="input")
-    x = L.Conv2D(20, 4, activation="relu", name="conv_1")(inputs)
-    x = L.MaxPooling2D(name="pool_1")(x)
-    x = L.Conv2D(40, 3, activation="relu", name="conv_2")(x)
-    x = L.MaxPooling2D(name="pool_2")(x)
-    x = L.Conv2D(60, 3, activation="relu", name="conv_3")(x)
-    x = L.MaxPooling2D(name="pool_3")(x)
-    a = L.Dense(160, name="fc_1")(L.Flatten(name="flatten_1")(x))
-    b = L.Conv2D(80, 2, activation="relu", name="conv_4")(x)
-    b = L.Dense(160, name="fc_2")(L.Flatten(name="flatten_2")(b))
-    x = L.Activation("relu", name="activation_1")(L.Add(name="add_1")([a, b]))
-    return keras.Model(inputs, L.Dense(classes, activation="softmax", name="output")(x))
-
-
-def lab_dir(path):
-    candidates = [pathlib.Path(path).parent] if path else []
-    if os.environ.get("TBD_LAB3_DIR"):
-        candidates.append(pathlib.Path(os.environ["TBD_LAB3_DIR"]))
-    candidates.append(REPO.parent / "shared" / "data" / "lab3")
-    return next((c for c in candidates if (c / "bd_net.h5").is_file()), None)
+from lab_badnet import load_lab_badnet  # benchmarks/ is on sys.path when run as a script
 
 
 def face_images(folder):
@@ -181,13 +155,7 @@ def main():
                         help="also time conv_3 alone with C output channels, e.g. 8 16 60")
     args = parser.parse_args()
 
-    folder = lab_dir(args.model)
-    if folder is not None:
-        net = keras.models.load_model(args.model or folder / "bd_net.h5", compile=False)
-        source = str(args.model or folder / "bd_net.h5")
-    else:
-        keras.utils.set_random_seed(0)
-        net, source = lab_architecture(), "random weights (bd_net.h5 not found)"
+    net, source, folder = load_lab_badnet(args.model)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (args.images, 55, 47, 3)).astype(np.float32)
     faces = face_images(folder)

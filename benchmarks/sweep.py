@@ -20,41 +20,11 @@ import time
 
 import numpy as np
 
-from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense.metrics import predict_labels
 from tf_backdoor_defense.sweep import prune_to_threshold
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def lab_architecture(classes=1283):
-    """The lab BadNet's architecture with random weights."""
-    inputs = keras.Input((55, 47, 3))
-    x = keras.layers.Conv2D(20, 4, activation="relu", name="conv_1")(inputs)
-    x = keras.layers.MaxPooling2D(name="pool_1")(x)
-    x = keras.layers.Conv2D(40, 3, activation="relu", name="conv_2")(x)
-    x = keras.layers.MaxPooling2D(name="pool_2")(x)
-    x = keras.layers.Conv2D(60, 3, activation="relu", name="conv_3")(x)
-    x = keras.layers.MaxPooling2D(name="pool_3")(x)
-    a = keras.layers.Dense(160, name="fc_1")(keras.layers.Flatten(name="flatten_1")(x))
-    b = keras.layers.Conv2D(80, 2, activation="relu", name="conv_4")(x)
-    b = keras.layers.Dense(160, name="fc_2")(keras.layers.Flatten(name="flatten_2")(b))
-    x = keras.layers.Activation("relu", name="activation_1")(keras.layers.Add(name="add_1")([a, b]))
-    outputs = keras.layers.Dense(classes, activation="softmax", name="output")(x)
-    return keras.Model(inputs, outputs)
-
-
-def load_model(path):
-    candidates = [path] if path else []
-    if os.environ.get("TBD_LAB3_DIR"):
-        candidates.append(pathlib.Path(os.environ["TBD_LAB3_DIR"]) / "bd_net.h5")
-    candidates.append(REPO.parent / "shared" / "data" / "lab3" / "bd_net.h5")
-    for candidate in candidates:
-        if candidate and pathlib.Path(candidate).is_file():
-            # The lab file is a known, trusted architecture of built-in layers.
-            return keras.models.load_model(candidate, compile=False), str(candidate)
-    return lab_architecture(), "random weights (bd_net.h5 not found)"
-
+from lab_badnet import load_lab_badnet  # benchmarks/ is on sys.path when run as a script
 
 def best_of(fn, repeats):
     times = []
@@ -79,7 +49,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="levels of the several-layer sweep")
     args = parser.parse_args()
 
-    model, source = load_model(args.model)
+    model, source, _ = load_lab_badnet(args.model)
     rng = np.random.default_rng(0)
     clean_x = rng.uniform(0, 255, (args.images, 55, 47, 3)).astype(np.float32)
     poisoned_x = rng.uniform(0, 255, (args.images, 55, 47, 3)).astype(np.float32)

@@ -5,6 +5,7 @@ import weakref
 import numpy as np
 
 from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.graph import IDENTITY_AT_INFERENCE
 from tf_backdoor_defense.masks import PRUNABLE_LAYER_TYPES, PruneByActivation, channel_axis, find_layer, last_conv_layer
 from tf_backdoor_defense.validation import check_data, check_model
 
@@ -14,11 +15,6 @@ __all__ = ["mean_channel_activations", "resolve_layer", "activation_tensor", "ch
 # Layers that apply an activation function to a linear Conv/Dense output.
 _ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
                       keras.layers.ELU, keras.layers.PReLU, keras.layers.ThresholdedReLU)
-# Layers that pass values through unchanged at inference time.
-_IDENTITY_AT_INFERENCE = (keras.layers.Dropout, keras.layers.SpatialDropout1D,
-                          keras.layers.SpatialDropout2D, keras.layers.SpatialDropout3D,
-                          keras.layers.GaussianNoise, keras.layers.GaussianDropout,
-                          keras.layers.AlphaDropout)
 _STAT_FNS = weakref.WeakKeyDictionary()
 
 
@@ -65,7 +61,7 @@ def activation_tensor(model, layer, *, through_batch_norm=True):
     inner = layer.layer if isinstance(layer, PruneByActivation) else layer
     if getattr(inner, "activation", None) is not keras.activations.linear:
         return output
-    passes = _IDENTITY_AT_INFERENCE + ((keras.layers.BatchNormalization,) if through_batch_norm else ())
+    passes = IDENTITY_AT_INFERENCE + ((keras.layers.BatchNormalization,) if through_batch_norm else ())
     current = layer
     while True:
         consumers = [node.layer for node in current._outbound_nodes if node.layer in model.layers]

@@ -200,12 +200,15 @@ def _fmt(value):
 
 # -- loading inputs ----------------------------------------------------------------------
 def _load_model(args, path=None):
-    """MODEL (with --weights), or another model file such as --pruned."""
+    """MODEL (with --weights), or another model file such as --pruned, checked for use."""
     from tf_backdoor_defense.loading import load_model
+    from tf_backdoor_defense.validation import check_model
 
     if path is None:
-        return load_model(args.model, trust_model_code=args.trust_model_code, weights=args.weights)
-    return load_model(path, trust_model_code=args.trust_model_code)
+        model = load_model(args.model, trust_model_code=args.trust_model_code, weights=args.weights)
+    else:
+        model = load_model(path, trust_model_code=args.trust_model_code)
+    return check_model(model)
 
 
 def _load_data(args, path, model, num_classes=None):
@@ -279,10 +282,9 @@ def _convs_read_by_dense(model, names):
 def cmd_inspect(args, console):
     from tf_backdoor_defense.activations import resolve_layer
     from tf_backdoor_defense.masks import PRUNABLE_LAYER_TYPES, PruneByActivation, last_conv_layer
-    from tf_backdoor_defense.validation import check_model, num_classes_of
+    from tf_backdoor_defense.validation import num_classes_of
 
     model = _load_model(args)
-    check_model(model)
     layers = []
     for layer in model.layers:
         inner = layer.layer if isinstance(layer, PruneByActivation) else layer
@@ -338,10 +340,9 @@ def cmd_inspect(args, console):
 def cmd_evaluate(args, console):
     from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
     from tf_backdoor_defense.repair import evaluate_repaired
-    from tf_backdoor_defense.validation import check_model, num_classes_of
+    from tf_backdoor_defense.validation import num_classes_of
 
     model = _load_model(args)
-    check_model(model)
     classes = num_classes_of(model) - (1 if args.repaired else 0)
     clean = _load_data(args, args.clean, model, classes)
     poisoned = _load_data(args, args.poisoned, model, classes) if args.poisoned else None
@@ -392,9 +393,10 @@ def cmd_prune(args, console):
     from tf_backdoor_defense.activations import mean_channel_activations
     from tf_backdoor_defense.export import export_saved_model
     from tf_backdoor_defense.io import check_outputs_free
+    from tf_backdoor_defense.group_sweep import GroupSweepResult
     from tf_backdoor_defense.report import REPORT_FILES, write_sweep_report
     from tf_backdoor_defense.sweep import prune_to_threshold
-    from tf_backdoor_defense.validation import check_model, num_classes_of
+    from tf_backdoor_defense.validation import num_classes_of
 
     out = pathlib.Path(args.output)
     thresholds = list(dict.fromkeys(args.thresholds))
@@ -405,7 +407,6 @@ def cmd_prune(args, console):
     check_outputs_free(planned, force=args.force)
 
     model = _load_model(args)
-    check_model(model)
     classes = num_classes_of(model)
     clean = _load_data(args, args.clean, model)
     poisoned = _load_data(args, args.poisoned, model) if args.poisoned else None
@@ -425,13 +426,14 @@ def cmd_prune(args, console):
         ranking_data=(None if ranking is None else
                       _progress_data(ranking, args, console, ["statistics"])),
         batch_size=args.batch_size)
-    layers = result.layers if hasattr(result, "layers") else [result.layer]
+    group = isinstance(result, GroupSweepResult)
+    layers = result.layers if group else [result.layer]
     poisoned_means = None
     if poisoned is not None and not args.no_plots:
         poisoned_means = {name: mean_channel_activations(
             model, _progress_data(poisoned, args, console, ["statistics (poisoned)"]),
             layer=name, batch_size=args.batch_size) for name in layers}
-        if not hasattr(result, "layers"):
+        if not group:
             poisoned_means = poisoned_means[result.layer]
     extra = {"inputs": {"model": str(args.model), "clean_data": str(args.clean),
                         "poisoned_data": None if poisoned is None else str(args.poisoned),
@@ -453,7 +455,7 @@ def cmd_prune(args, console):
     summary = result.summary()
     rows = summary.to_dict(orient="records")
     widths = ({name: int(order.size) for name, order in result.rankings.items()}
-              if hasattr(result, "layers") else {result.layer: int(result.ranking.size)})
+              if group else {result.layer: int(result.ranking.size)})
     payload = {"output": str(out), "layer": result.layer if len(widths) == 1 else layers,
                "channels": widths[layers[0]] if len(widths) == 1 else widths,
                "before": {"clean_accuracy": float(result.history["clean_accuracy"].iloc[0]),
@@ -475,7 +477,7 @@ def cmd_fine_prune(args, console):
     from tf_backdoor_defense.io import atomic_write, check_outputs_free, write_json
     from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
     from tf_backdoor_defense.report import package_versions, plot_sweep
-    from tf_backdoor_defense.validation import check_model, num_classes_of
+    from tf_backdoor_defense.validation import num_classes_of
 
     out = pathlib.Path(args.output)
     model_path = out / "fine_pruned.h5"
@@ -483,7 +485,6 @@ def cmd_fine_prune(args, console):
     planned += [] if args.no_plots else [out / "sweep.png"]
     check_outputs_free(planned, force=args.force)
     model = _load_model(args)
-    check_model(model)
     classes = num_classes_of(model)
     train = _load_data(args, args.train, model)
     clean = _load_data(args, args.clean, model)
@@ -547,7 +548,7 @@ def cmd_defend(args, console):
     from tf_backdoor_defense.defense import BackdoorStillActiveWarning, defend
     from tf_backdoor_defense.io import check_outputs_free, write_json
     from tf_backdoor_defense.report import package_versions
-    from tf_backdoor_defense.validation import check_model, num_classes_of
+    from tf_backdoor_defense.validation import num_classes_of
 
     out = pathlib.Path(args.output)
     if out.exists() and not out.is_dir():
@@ -560,7 +561,6 @@ def cmd_defend(args, console):
     check_outputs_free([model_path, json_path], force=args.force)
 
     model = _load_model(args)
-    check_model(model)
     classes = num_classes_of(model)
     clean = _load_data(args, args.clean, model)
     validation = _load_data(args, args.validation, model) if args.validation else None
@@ -615,7 +615,6 @@ def cmd_defend(args, console):
 
 def cmd_export(args, console):
     from tf_backdoor_defense.export import count_params, export_keras, export_saved_model, strip_masks
-    from tf_backdoor_defense.validation import check_model
 
     target = pathlib.Path(args.output)
     fmt = args.format
@@ -627,7 +626,6 @@ def cmd_export(args, console):
     if written.exists() and not args.force:
         raise FileExistsError(f"Output already exists: {written}. Pass --force to overwrite.")
     model = _load_model(args)
-    check_model(model)
     with console.step(f"exporting {written}"):
         if fmt == "saved_model":
             written = export_saved_model(model, target, shrink=args.shrink, version=args.version,
@@ -649,14 +647,13 @@ def cmd_repair(args, console):
     from tf_backdoor_defense.io import check_outputs_free
     from tf_backdoor_defense.repair import evaluate_repaired, repaired_model
     from tf_backdoor_defense.sweep import prune_to_threshold
-    from tf_backdoor_defense.validation import check_model, num_classes_of
+    from tf_backdoor_defense.validation import num_classes_of
 
     out = pathlib.Path(args.output)
     if out.suffix.lower() not in (".h5", ".keras"):
         raise ValueError(f"--output must end with .h5 or .keras. Got '{out}'.")
     check_outputs_free([out], force=args.force)
     model = _load_model(args)
-    check_model(model)
     classes = num_classes_of(model)
     clean = _load_data(args, args.clean, model) if args.clean else None
     poisoned = _load_data(args, args.poisoned, model) if args.poisoned else None

@@ -28,12 +28,15 @@ __all__ = [
 
 L = keras.layers
 
-#: Layers that map channel ``c`` to channel ``c`` (per-channel, maybe spatial).
-CHANNELWISE_TYPES = (
-    L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.ThresholdedReLU,
-    L.BatchNormalization,
+#: Layers whose output equals their input at inference time.
+IDENTITY_AT_INFERENCE = (
     L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
     L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization,
+)
+#: Layers that map channel ``c`` to channel ``c`` (per-channel, maybe spatial).
+CHANNELWISE_TYPES = IDENTITY_AT_INFERENCE + (
+    L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.ThresholdedReLU,
+    L.BatchNormalization,
     L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
     L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
     L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,

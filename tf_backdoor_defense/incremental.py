@@ -22,6 +22,7 @@ Every result equals what an explicitly masked model computes.
 import numpy as np
 
 from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.graph import IDENTITY_AT_INFERENCE, topological_nodes
 from tf_backdoor_defense.masks import channel_axis
 
 __all__ = ["LevelEvaluator"]
@@ -35,9 +36,6 @@ def _commutes_with_mask(layer):
     data_format = getattr(layer, "data_format", "channels_last")
     if data_format not in (None, "channels_last"):
         return False
-    identity_like = (keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
-                     keras.layers.SpatialDropout3D, keras.layers.GaussianNoise, keras.layers.GaussianDropout,
-                     keras.layers.AlphaDropout, keras.layers.ActivityRegularization)
     channelwise = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
                    keras.layers.AveragePooling1D, keras.layers.AveragePooling2D,
                    keras.layers.AveragePooling3D, keras.layers.GlobalMaxPooling1D,
@@ -46,7 +44,7 @@ def _commutes_with_mask(layer):
                    keras.layers.GlobalAveragePooling3D, keras.layers.ZeroPadding1D,
                    keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D, keras.layers.Cropping1D,
                    keras.layers.Cropping2D, keras.layers.Cropping3D, keras.layers.ReLU)
-    if isinstance(layer, identity_like + channelwise):
+    if isinstance(layer, IDENTITY_AT_INFERENCE + channelwise):
         if isinstance(layer, keras.layers.ReLU):
             return float(layer.threshold) == 0.0
         return True
@@ -60,16 +58,6 @@ def _commutes_with_mask(layer):
 
 def _is_keras_tensor(value):
     return hasattr(value, "_keras_history")
-
-
-def nodes_in_order(model):
-    """Non-input nodes of ``model`` in an order where inputs come before users."""
-    nodes = []
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
-            if not node.is_input:
-                nodes.append(node)
-    return nodes
 
 
 def replay_nodes(nodes, tensors, values, output):
@@ -105,7 +93,7 @@ def split_after_inputs_of(model, layers):
     """
     targets = {id(layer) for layer in layers}
     produced, suffix = set(), []
-    for node in nodes_in_order(model):
+    for node in topological_nodes(model):
         if id(node.layer) in targets or any(id(t) in produced for t in node.keras_inputs):
             suffix.append(node)
             produced.update(id(t) for t in tf.nest.flatten(node.outputs))
@@ -144,7 +132,7 @@ class LevelEvaluator:
     # -- graph split -----------------------------------------------------
     def _build(self):
         model = self.model
-        nodes = nodes_in_order(model)
+        nodes = topological_nodes(model)
         (start,) = [n for n in nodes if n.layer is self.layer]
         consumers = {}
         for node in nodes:

@@ -106,7 +106,9 @@ def sweep_summary(result, *, evaluation=None, extra=None):
 
 def _is_group(result):
     """True for a several-layer sweep (GroupSweepResult)."""
-    return hasattr(result, "layers")
+    from tf_backdoor_defense.group_sweep import GroupSweepResult
+
+    return isinstance(result, GroupSweepResult)
 
 
 def _zeros(mask):
