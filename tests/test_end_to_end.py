@@ -7,12 +7,12 @@ import pytest
 
 from tf_backdoor_defense._keras import keras
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy, predict_labels
-from tf_backdoor_defense.sweep import prune_to_threshold
+from tf_backdoor_defense.pruning._sweep import prune_to_threshold
 
 
 @pytest.mark.slow
 def test_demo_trains_a_badnet_on_real_digits_and_pruning_lowers_asr(capsys):
-    from tf_backdoor_defense.demo import run_demo
+    from tf_backdoor_defense.experiments._demo import run_demo
 
     out = run_demo(epochs=10, seed=0, verbose=True)
     evaluation = out["evaluation"].set_index("model")

@@ -2,7 +2,7 @@
 
 import sys
 
-from tf_backdoor_defense.cli import main
+from tf_backdoor_defense.cli._main import main
 
 if __name__ == "__main__":
     sys.exit(main())

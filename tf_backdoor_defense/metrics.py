@@ -20,7 +20,7 @@ import weakref
 import numpy as np
 
 from tf_backdoor_defense._keras import tf
-from tf_backdoor_defense.validation import check_data, check_model, check_target, num_classes_of
+from tf_backdoor_defense._validation import check_data, check_model, check_target, num_classes_of
 
 __all__ = [
     "predict_labels",

@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 
-from tf_backdoor_defense.validation import check_number
+from tf_backdoor_defense._validation import check_number
 
 __all__ = [
     "Trigger",

@@ -18,10 +18,10 @@ from typing import NamedTuple
 import numpy as np
 
 from tf_backdoor_defense._keras import keras, tf
-from tf_backdoor_defense.activations import activation_tensor, mean_channel_activations, resolve_layer
-from tf_backdoor_defense.masks import PruneByActivation, channel_axis, wrap_layers
-from tf_backdoor_defense.training import as_arrays, copy_model, loss_for
-from tf_backdoor_defense.validation import check_data, check_fraction, check_model, check_number
+from tf_backdoor_defense.scoring._activations import activation_tensor, mean_channel_activations, resolve_layer
+from tf_backdoor_defense.masks._wrapper import PruneByActivation, channel_axis, wrap_layers
+from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
+from tf_backdoor_defense._validation import check_data, check_fraction, check_model, check_number
 
 __all__ = ["pruning_aware_attack", "PruningAwareAttackResult"]
 
@@ -171,7 +171,7 @@ def pruning_aware_attack(model, poisoned_train, clean_data, *, layer=None, prune
     >>> result = pruning_aware_attack(model, (x, y), (x, y), prune_fraction=0.5, epochs=1)
     >>> result.decoy_channels.size, result.layer
     (2, 'conv')
-    >>> from tf_backdoor_defense.activations import mean_channel_activations
+    >>> from tf_backdoor_defense.scoring._activations import mean_channel_activations
     >>> float(mean_channel_activations(result.model, x)[result.decoy_channels].max())
     0.0
     """
@@ -216,7 +216,7 @@ def pruning_aware_attack(model, poisoned_train, clean_data, *, layer=None, prune
                          f"of layer '{name}'; it must prune at least 1 and keep at least 1.")
     means = mean_channel_activations(working, clean, layer=name, batch_size=activation_batch_size)
     try:
-        from tf_backdoor_defense.ranking import rank_channels
+        from tf_backdoor_defense.pruning._ranking import rank_channels
         ranking = rank_channels(means)
     except ImportError:  # pragma: no cover - ranking.py ships with the package
         ranking = np.argsort(means, kind="stable")

@@ -1,0 +1,558 @@
+"""Tests of tf_backdoor_defense.defenses._defend.defend.
+
+The selection logic is tested with fake methods (entries of ``_RUNNERS``
+replaced) that return "lookup" models: a single Dense layer on one-hot inputs,
+so that every example's prediction, hence every validation accuracy and ASR,
+is set exactly by the test. Real methods run on a tiny conv model, and one
+slow test repairs a real BadNet trained on MNIST digits.
+"""
+
+import importlib
+import json
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import tiny_conv_model
+from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.defenses._defend import METHODS, BackdoorStillActiveWarning, defend
+from tf_backdoor_defense.masks._wrapper import masked_layers
+from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
+from tf_backdoor_defense.finetune._training import copy_model
+
+# The package re-exports the function `defend`, which hides the submodule of the same name.
+defend_module = importlib.import_module("tf_backdoor_defense.defenses._defend")
+search_module = importlib.import_module("tf_backdoor_defense.defenses._search")
+
+COLUMNS = ["method", "validation_accuracy", "accuracy_drop", "validation_asr", "within_budget",
+           "channels_pruned", "seconds", "chosen", "note"]
+
+# -- lookup models: example i is the one-hot input e_i -----------------------------------
+N_TRAIN, N_VAL, N_POISON = 20, 20, 10
+DIM = N_TRAIN + N_VAL + N_POISON
+X = np.eye(DIM, dtype=np.float32)
+_rng = np.random.default_rng(0)
+Y_TRAIN = _rng.integers(0, 3, N_TRAIN)
+Y_VAL = _rng.integers(0, 3, N_VAL)
+TRAIN = (X[:N_TRAIN], Y_TRAIN)
+VAL = (X[N_TRAIN:N_TRAIN + N_VAL], Y_VAL)
+POISONED = (X[N_TRAIN + N_VAL:], np.zeros(N_POISON, np.int64))  # labels = attacker's target 0
+
+
+def _lookup_model(val_pred, poison_pred):
+    predictions = np.concatenate([Y_TRAIN, val_pred, poison_pred]).astype(int)
+    model = keras.Sequential([keras.Input((DIM,)),
+                              keras.layers.Dense(3, activation="softmax", name="out")])
+    model.get_layer("out").set_weights([10.0 * np.eye(3, dtype=np.float32)[predictions],
+                                        np.zeros(3, np.float32)])
+    return model
+
+
+def _fake_model(accuracy, asr):
+    """A model with exactly ``accuracy`` on VAL and ``asr`` on POISONED."""
+    n_right = int(round(accuracy * N_VAL))
+    val_pred = Y_VAL.copy()
+    val_pred[n_right:] = (Y_VAL[n_right:] + 1) % 3
+    poison_pred = np.ones(N_POISON, int)
+    poison_pred[:int(round(asr * N_POISON))] = 0
+    model = _lookup_model(val_pred, poison_pred)
+    assert clean_accuracy(model, VAL) == pytest.approx(accuracy)
+    assert attack_success_rate(model, POISONED) == pytest.approx(asr)
+    return model
+
+
+def _backdoored():
+    return _fake_model(1.0, 1.0)
+
+
+class FakeMethods:
+    """Replace methods by fakes returning given models; records each call."""
+
+    def __init__(self, monkeypatch, specs, sleep=0.0):
+        self.calls = []
+        self.models = {}
+        for name, (accuracy, asr) in specs.items():
+            self.models[name] = _fake_model(accuracy, asr)
+            monkeypatch.setitem(defend_module._RUNNERS, name, self._runner(name, sleep))
+
+    def _runner(self, name, sleep):
+        def run(model, train, context):
+            self.calls.append((name, model, train, context))
+            time.sleep(sleep)
+            return self.models[name], f"fake {name}"
+        return run
+
+
+def _defend(model, methods, **kwargs):
+    kwargs.setdefault("validation_data", VAL)
+    kwargs.setdefault("max_accuracy_drop", 0.1)
+    return defend(model, TRAIN, methods=methods, **kwargs)
+
+
+# -- the table and the result ------------------------------------------------------------
+def test_table_has_the_documented_columns_and_one_row_per_method(monkeypatch):
+    specs = {"reinit-head": (0.95, 0.1), "ft-sam": (1.0, 0.0), "fine-tuning": (0.9, 0.5)}
+    fakes = FakeMethods(monkeypatch, specs)
+    model = _backdoored()
+    result = _defend(model, list(specs), poisoned_validation=POISONED)
+    table = result.table
+    assert list(table.columns) == COLUMNS
+    assert list(table["method"]) == list(specs)
+    np.testing.assert_allclose(table["validation_accuracy"], [0.95, 1.0, 0.9])
+    np.testing.assert_allclose(table["validation_asr"], [0.1, 0.0, 0.5])
+    np.testing.assert_allclose(table["accuracy_drop"], [0.05, 0.0, 0.1])
+    assert list(table["within_budget"]) == [True, True, True]
+    assert list(table["note"]) == [f"fake {m}" for m in specs]
+    assert (table["channels_pruned"] == 0).all() and (table["seconds"] >= 0).all()
+    assert table["chosen"].sum() == 1
+    assert table.loc[table["chosen"], "method"].iloc[0] == result.method == "ft-sam"
+    assert result.model is fakes.models["ft-sam"]
+    assert set(result.candidates) == set(specs)
+    assert all(result.candidates[m] is fakes.models[m] for m in specs)
+    assert result.baseline == {"validation_accuracy": 1.0, "validation_asr": 1.0}
+    assert [call[0] for call in fakes.calls] == list(specs)
+    assert all(call[1] is model for call in fakes.calls)  # every method starts from the original
+    assert "ft-sam" in repr(result)
+
+
+def test_a_single_method_name_string_is_accepted(monkeypatch):
+    FakeMethods(monkeypatch, {"fine-tuning": (1.0, 0.0)})
+    result = _defend(_backdoored(), "fine-tuning")
+    assert list(result.table["method"]) == ["fine-tuning"]
+
+
+def test_baseline_asr_is_none_without_poisoned_validation(monkeypatch):
+    FakeMethods(monkeypatch, {"fine-tuning": (1.0, 0.0)})
+    result = _defend(_backdoored(), ["fine-tuning"])
+    assert result.baseline == {"validation_accuracy": 1.0, "validation_asr": None}
+    assert result.table["validation_asr"].isna().all()
+    assert not result.backdoor_still_active
+
+
+def test_channels_pruned_counts_the_masked_channels_of_the_candidate(monkeypatch):
+    from tf_backdoor_defense.masks._wrapper import wrap_layers
+
+    pruned = wrap_layers(_fake_model(1.0, 0.0), ["out"], masks={"out": [1, 0, 1]})
+    monkeypatch.setitem(defend_module._RUNNERS, "clp", lambda m, t, c: (pruned, ""))
+    result = _defend(_backdoored(), ["clp"])
+    assert result.table["channels_pruned"].tolist() == [1]
+
+
+# -- the selection rule ---------------------------------------------------------------------
+def test_with_poisoned_validation_the_lowest_asr_within_budget_wins(monkeypatch):
+    specs = {"reinit-head": (1.0, 0.5), "clp": (0.7, 0.0),  # clp: lowest ASR but over budget
+             "ft-sam": (0.95, 0.1), "fine-tuning": (0.9, 0.2)}
+    FakeMethods(monkeypatch, specs)
+    with pytest.warns(BackdoorStillActiveWarning):
+        result = _defend(_backdoored(), list(specs), poisoned_validation=POISONED)
+    assert result.method == "ft-sam"
+    assert list(result.table["within_budget"]) == [True, False, True, True]
+
+
+def test_methods_that_clear_the_tolerance_are_taken_in_method_order(monkeypatch):
+    specs = {"reinit-head": (0.95, 0.0), "ft-sam": (1.0, 0.0), "fine-tuning": (1.0, 0.0)}
+    FakeMethods(monkeypatch, specs)
+    assert _defend(_backdoored(), list(specs), poisoned_validation=POISONED).method == \
+        "reinit-head"
+    order = ["fine-tuning", "reinit-head", "ft-sam"]
+    assert _defend(_backdoored(), order, poisoned_validation=POISONED).method == "fine-tuning"
+
+
+def test_equal_asr_above_tolerance_is_broken_by_higher_accuracy_then_by_method_order(monkeypatch):
+    specs = {"reinit-head": (0.95, 0.3), "ft-sam": (1.0, 0.3), "fine-tuning": (1.0, 0.3)}
+    FakeMethods(monkeypatch, specs)
+    with pytest.warns(BackdoorStillActiveWarning):
+        assert _defend(_backdoored(), list(specs), poisoned_validation=POISONED).method == "ft-sam"
+    order = ["fine-tuning", "reinit-head", "ft-sam"]
+    with pytest.warns(BackdoorStillActiveWarning):
+        assert _defend(_backdoored(), order, poisoned_validation=POISONED).method == "fine-tuning"
+
+
+def test_without_poisoned_data_the_first_method_within_budget_wins(monkeypatch):
+    specs = {"reinit-head": (0.7, 0.0), "ft-sam": (0.95, 1.0), "fine-tuning": (1.0, 1.0)}
+    FakeMethods(monkeypatch, specs)
+    assert _defend(_backdoored(), ["reinit-head", "ft-sam", "fine-tuning"]).method == "ft-sam"
+    assert _defend(_backdoored(), ["fine-tuning", "ft-sam", "reinit-head"]).method == \
+        "fine-tuning"
+
+
+def test_no_method_within_budget_returns_the_smallest_drop_with_a_note(monkeypatch):
+    specs = {"reinit-head": (0.7, 0.0), "ft-sam": (0.8, 0.0), "fine-tuning": (0.75, 0.0),
+             "clp": (0.8, 0.0)}
+    FakeMethods(monkeypatch, specs)
+    result = _defend(_backdoored(), list(specs), poisoned_validation=POISONED)
+    assert result.method == "ft-sam"  # smallest drop; ties: first in order
+    assert not result.table["within_budget"].any()
+    assert result.table.loc[result.table["chosen"], "method"].tolist() == ["ft-sam"]
+    assert any("no method stayed within the accuracy budget" in w for w in result.warnings)
+    assert not result.backdoor_still_active
+
+
+def test_budget_is_measured_against_the_model_as_received(monkeypatch):
+    FakeMethods(monkeypatch, {"ft-sam": (0.7, 0.0), "fine-tuning": (0.6, 0.0)})
+    received = _fake_model(0.75, 1.0)
+    result = _defend(received, ["fine-tuning", "ft-sam"], max_accuracy_drop=0.05)
+    np.testing.assert_allclose(result.table["accuracy_drop"], [0.15, 0.05])
+    assert result.method == "ft-sam"
+    assert result.baseline["validation_accuracy"] == 0.75
+
+
+# -- the backdoor-still-active warning --------------------------------------------------------
+def test_backdoor_still_active_warning_when_chosen_asr_exceeds_tolerance(monkeypatch):
+    FakeMethods(monkeypatch, {"fine-tuning": (1.0, 0.3), "ft-sam": (0.5, 0.0)})
+    with pytest.warns(BackdoorStillActiveWarning, match="30.0%"):
+        result = _defend(_backdoored(), ["fine-tuning", "ft-sam"], poisoned_validation=POISONED,
+                         asr_tolerance=0.2)
+    assert result.method == "fine-tuning"
+    assert result.backdoor_still_active
+    assert result.warnings[0].startswith("backdoor still active")
+
+
+@pytest.mark.parametrize("asr, tolerance", [(0.0, 0.02), (0.1, 0.1), (0.2, 0.5)])
+def test_no_backdoor_warning_when_chosen_asr_is_within_tolerance(monkeypatch, asr, tolerance):
+    FakeMethods(monkeypatch, {"fine-tuning": (1.0, asr)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackdoorStillActiveWarning)
+        result = _defend(_backdoored(), ["fine-tuning"], poisoned_validation=POISONED,
+                         asr_tolerance=tolerance)
+    assert not result.backdoor_still_active
+    assert not any(w.startswith("backdoor") for w in result.warnings)
+
+
+def test_no_backdoor_warning_without_poisoned_validation(monkeypatch):
+    FakeMethods(monkeypatch, {"fine-tuning": (1.0, 1.0)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackdoorStillActiveWarning)
+        result = _defend(_backdoored(), ["fine-tuning"])
+    assert not result.backdoor_still_active
+
+
+# -- time budget, skipped methods ----------------------------------------------------------------
+def test_time_budget_skips_the_later_methods_with_a_note(monkeypatch):
+    specs = {"fine-tuning": (1.0, 0.0), "ft-sam": (1.0, 0.0), "clp": (1.0, 0.0)}
+    fakes = FakeMethods(monkeypatch, specs, sleep=0.3)
+    result = _defend(_backdoored(), list(specs), time_budget=0.1)
+    assert list(result.table["method"]) == ["fine-tuning"]
+    assert [call[0] for call in fakes.calls] == ["fine-tuning"]
+    assert result.method == "fine-tuning"
+    for skipped in ("ft-sam", "clp"):
+        assert any(w.startswith(f"skipped {skipped}: time budget") for w in result.warnings)
+
+
+def test_a_generous_time_budget_runs_every_method(monkeypatch):
+    specs = {"fine-tuning": (1.0, 0.0), "ft-sam": (1.0, 0.0)}
+    FakeMethods(monkeypatch, specs)
+    result = _defend(_backdoored(), list(specs), time_budget=600)
+    assert list(result.table["method"]) == list(specs)
+    assert result.warnings == []
+
+
+def _no_dense_head_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(3, 3, name="c"),
+                             keras.layers.GlobalAveragePooling2D(), keras.layers.Softmax()])
+
+
+def _image_data(n=20, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 6, 6, 1), dtype=np.float32), rng.integers(0, 3, n)
+
+
+def test_a_method_that_does_not_apply_is_recorded_in_warnings_not_in_the_table(monkeypatch):
+    model = _no_dense_head_model()
+    stand_in = copy_model(model)
+    monkeypatch.setitem(defend_module._RUNNERS, "fine-tuning", lambda m, t, c: (stand_in, ""))
+    result = defend(model, _image_data(), methods=["reinit-head", "fine-tuning"],
+                    max_accuracy_drop=1.0)
+    assert list(result.table["method"]) == ["fine-tuning"]
+    assert "reinit-head" not in result.candidates
+    assert any(w.startswith("skipped reinit-head:") and "dense" in w for w in result.warnings)
+    assert result.method == "fine-tuning" and result.model is stand_in
+
+
+def test_when_no_method_runs_the_model_as_received_is_returned():
+    model = _no_dense_head_model()
+    result = defend(model, _image_data(), methods=["reinit-head"])
+    assert result.method is None
+    assert result.model is model
+    assert len(result.table) == 0 and list(result.table.columns) == COLUMNS
+    assert any("no method ran" in w for w in result.warnings)
+    json.dumps(result.summary(), allow_nan=False)
+
+
+def test_methods_needing_a_convolution_are_skipped_on_a_dense_only_model(monkeypatch):
+    FakeMethods(monkeypatch, {"fine-tuning": (1.0, 0.0)})
+    result = _defend(_backdoored(), ["prune-search", "fine-pruning", "fine-tuning"])
+    assert list(result.table["method"]) == ["fine-tuning"]
+    assert any(w.startswith("skipped prune-search") for w in result.warnings)
+
+
+# -- what data each step sees ----------------------------------------------------------------------
+class Recorder:
+    """Record the inputs handed to train_clean and clean_accuracy inside defend."""
+
+    def __init__(self, monkeypatch):
+        self.trained, self.measured = [], []
+        monkeypatch.setattr(defend_module, "train_clean", self.train_clean)
+        monkeypatch.setattr(defend_module, "clean_accuracy", self.clean_accuracy)
+
+    def train_clean(self, model, data, **kwargs):
+        self.trained.append((np.asarray(data[0]).copy(), kwargs))
+        return copy_model(model)
+
+    def clean_accuracy(self, model, data, *args, **kwargs):
+        self.measured.append(np.asarray(data[0]).copy())
+        return clean_accuracy(model, data, *args, **kwargs)
+
+
+def _ids(x):
+    """Example ids of one-hot inputs."""
+    return set(np.argmax(x, axis=1).tolist())
+
+
+def test_validation_data_is_used_for_measuring_and_never_for_training(monkeypatch):
+    recorder = Recorder(monkeypatch)
+    result = _defend(_backdoored(), ["reinit-head", "ft-sam", "fine-tuning"], epochs=3,
+                     learning_rate=0.01, batch_size=8, seed=4)
+    assert len(recorder.trained) == 3
+    for x, kwargs in recorder.trained:
+        assert _ids(x) == _ids(TRAIN[0])  # all of clean_data, none of validation
+        assert kwargs["epochs"] == 3 and kwargs["learning_rate"] == 0.01
+        assert kwargs["batch_size"] == 8 and kwargs["seed"] == 4
+    assert recorder.trained[0][1]["reinitialize_layers"] == ["out"]
+    assert recorder.trained[1][1]["sam_rho"] > 0
+    assert len(recorder.measured) == 4  # the baseline and each method
+    for x in recorder.measured:
+        assert _ids(x) == _ids(VAL[0])
+    assert result.settings["train_size"] == N_TRAIN
+    assert result.settings["validation_size"] == N_VAL
+
+
+@pytest.mark.parametrize("split, expected_validation", [(0.2, 8), (0.5, 20), (0.05, 2)])
+def test_validation_split_holds_out_part_of_clean_data(monkeypatch, split, expected_validation):
+    recorder = Recorder(monkeypatch)
+    clean = (X[:40], np.concatenate([Y_TRAIN, Y_VAL]))
+    result = defend(_backdoored(), clean, validation_split=split, methods=["fine-tuning"])
+    train_ids = _ids(recorder.trained[0][0])
+    validation_ids = _ids(recorder.measured[0])
+    assert len(validation_ids) == expected_validation
+    assert len(train_ids) == 40 - expected_validation
+    assert train_ids.isdisjoint(validation_ids)
+    assert train_ids | validation_ids == set(range(40))
+    assert all(_ids(x) == validation_ids for x in recorder.measured)
+    assert result.settings["validation_size"] == expected_validation
+    assert result.settings["train_size"] == 40 - expected_validation
+
+
+def test_validation_split_depends_on_the_seed_only(monkeypatch):
+    recorder = Recorder(monkeypatch)
+    clean = (X[:40], np.concatenate([Y_TRAIN, Y_VAL]))
+    for seed in (0, 0, 1):
+        defend(_backdoored(), clean, methods=["fine-tuning"], seed=seed)
+    first, again, other = (_ids(x) for x in recorder.measured[::2])
+    assert first == again
+    assert first != other
+
+
+def test_prune_search_gets_separate_train_and_validation_data(monkeypatch):
+    seen = {}
+
+    class FakeSearch:
+        fraction = 0.25
+        table = pd.DataFrame({"fraction": [0.0, 0.25]})
+
+    def fake_search(model, train, validation, **kwargs):
+        seen.update(train=train, validation=validation, **kwargs)
+        FakeSearch.model = copy_model(model)
+        return FakeSearch
+
+    monkeypatch.setattr(search_module, "search_pruning_level", fake_search)
+    model = tiny_conv_model()
+    rng = np.random.default_rng(0)
+    x, y = rng.random((30, 8, 8, 1), dtype=np.float32), rng.integers(0, 3, 30)
+    validation = (x[20:], y[20:])
+    result = defend(model, (x[:20], y[:20]), validation_data=validation, methods=["prune-search"],
+                    max_accuracy_drop=0.05, epochs=2, seed=3)
+    np.testing.assert_array_equal(seen["train"][0], x[:20])
+    np.testing.assert_array_equal(seen["validation"][0], x[20:])
+    assert seen["layers"] == ["conv_b", "fc"]  # last conv and penultimate dense
+    assert seen["max_accuracy_drop"] == 0.05 and seen["seed"] == 3
+    assert seen["fine_tune"]["epochs"] == 2
+    assert "25%" in result.table["note"].iloc[0]
+
+
+def test_datasets_are_accepted_for_clean_and_validation_data(monkeypatch):
+    recorder = Recorder(monkeypatch)
+    train_ds = tf.data.Dataset.from_tensor_slices(TRAIN).batch(6)
+    val_ds = tf.data.Dataset.from_tensor_slices(VAL).batch(7)
+    result = defend(_backdoored(), train_ds, validation_data=val_ds, methods=["fine-tuning"])
+    assert _ids(recorder.trained[0][0]) == _ids(TRAIN[0])
+    assert _ids(recorder.measured[0]) == _ids(VAL[0])
+    assert result.baseline["validation_accuracy"] == 1.0
+
+
+# -- summary, verbose ------------------------------------------------------------------------------
+@pytest.mark.parametrize("poisoned", [None, POISONED])
+def test_summary_is_json_serialisable(monkeypatch, poisoned):
+    FakeMethods(monkeypatch, {"reinit-head": (1.0, 0.5), "fine-tuning": (0.95, 0.0)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackdoorStillActiveWarning)
+        result = _defend(_backdoored(), ["reinit-head", "fine-tuning"],
+                         poisoned_validation=poisoned)
+    summary = result.summary()
+    restored = json.loads(json.dumps(summary, allow_nan=False))
+    assert restored["method"] == result.method
+    assert [row["method"] for row in restored["methods"]] == ["reinit-head", "fine-tuning"]
+    assert restored["warnings"] == result.warnings
+    assert restored["settings"]["methods"] == ["reinit-head", "fine-tuning"]
+    if poisoned is None:
+        assert all(row["validation_asr"] is None for row in restored["methods"])
+    else:
+        assert [row["validation_asr"] for row in restored["methods"]] == [0.5, 0.0]
+
+
+def test_verbose_prints_one_line_per_method(monkeypatch, capsys):
+    FakeMethods(monkeypatch, {"reinit-head": (1.0, 0.0), "fine-tuning": (0.95, 0.0)})
+    _defend(_backdoored(), ["reinit-head", "fine-tuning"], poisoned_validation=POISONED,
+            verbose=1)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("reinit-head") and "ASR" in lines[0]
+    assert lines[1].startswith("fine-tuning")
+
+
+# -- argument errors -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"methods": ["nope"]}, ValueError, "methods"),
+    ({"methods": []}, ValueError, "methods"),
+    ({"methods": ["fine-tuning", "fine-tuning"]}, ValueError, "twice"),
+    ({"methods": "fine-tuning,ft-sam"}, ValueError, "methods"),
+    ({"max_accuracy_drop": 1.5}, ValueError, "max_accuracy_drop"),
+    ({"max_accuracy_drop": -0.01}, ValueError, "max_accuracy_drop"),
+    ({"max_accuracy_drop": "0.01"}, TypeError, "max_accuracy_drop"),
+    ({"asr_tolerance": 2.0}, ValueError, "asr_tolerance"),
+    ({"validation_split": 1.0}, ValueError, "validation_split"),
+    ({"epochs": 0}, ValueError, "epochs"),
+    ({"epochs": 1.5}, TypeError, "epochs"),
+    ({"learning_rate": 0}, ValueError, "learning_rate"),
+    ({"batch_size": True}, TypeError, "batch_size"),
+    ({"time_budget": 0}, ValueError, "time_budget"),
+    ({"target": 0}, ValueError, "poisoned_validation"),
+])
+def test_bad_arguments_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        defend(_backdoored(), TRAIN, **kwargs)
+
+
+def test_validation_data_of_the_wrong_shape_raises():
+    with pytest.raises((ValueError, TypeError)):
+        defend(_backdoored(), TRAIN, validation_data=(np.zeros((4, 3), np.float32), [0, 1, 2, 0]))
+
+
+# -- real methods on a tiny model ----------------------------------------------------------
+def test_every_real_method_runs_without_touching_the_users_model():
+    model = tiny_conv_model()
+    rng = np.random.default_rng(0)
+    x, y = rng.random((40, 8, 8, 1), dtype=np.float32), rng.integers(0, 3, 40)
+    poisoned = (x[:10], np.zeros(10, int))
+    before = [w.copy() for w in model.get_weights()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackdoorStillActiveWarning)
+        result = defend(model, (x[10:], y[10:]), validation_data=(x[:10], y[:10]),
+                        poisoned_validation=poisoned, methods=METHODS, epochs=1,
+                        max_accuracy_drop=1.0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert not masked_layers(model)
+    assert list(result.table["method"]) == list(METHODS)
+    for row in result.table.itertuples():
+        candidate = result.candidates[row.method]
+        assert candidate is not model
+        assert row.validation_accuracy == clean_accuracy(candidate, (x[:10], y[:10]))
+        assert row.validation_asr == attack_success_rate(candidate, poisoned)
+        assert row.channels_pruned == sum(
+            layer.pruned_channels.size for layer in masked_layers(candidate))
+    pruning = result.table.set_index("method")["channels_pruned"]
+    assert pruning["fine-tuning"] == 0 and pruning["prune-search"] > 0
+    assert result.model is result.candidates[result.method]
+    json.dumps(result.summary(), allow_nan=False)
+
+
+def test_real_defend_is_deterministic_for_a_seed():
+    model = tiny_conv_model()
+    rng = np.random.default_rng(1)
+    data = rng.random((30, 8, 8, 1), dtype=np.float32), rng.integers(0, 3, 30)
+    runs = [defend(model, data, methods=["reinit-head", "ft-sam"], epochs=1, seed=2,
+                   max_accuracy_drop=1.0) for _ in range(2)]
+    for method in ("reinit-head", "ft-sam"):
+        a, b = (r.candidates[method].get_weights() for r in runs)
+        assert all(np.array_equal(p, q) for p, q in zip(a, b))
+
+
+# -- a realistic BadNet on real MNIST digits ------------------------------------------------------
+@pytest.mark.slow
+def test_reinit_head_removes_a_real_badnet_backdoor_on_mnist_digits():
+    from tf_backdoor_defense.attacks import pixel_pattern, poisoned_evaluation_set
+    from tf_backdoor_defense.experiments._datasets import load_mnist_digits, split
+    from tf_backdoor_defense.experiments._models import mnist_cnn, train_badnet
+
+    x, y = load_mnist_digits()
+    train, validation, test = split(x, y, [1000, 300, 1500], seed=0)
+    trigger = pixel_pattern()
+    model = train_badnet(*train, trigger, target=0, rate=0.1, epochs=6, seed=0,
+                         model=mnist_cnn(conv_channels=(8, 16), dense_units=64, padding="same"))
+    x_poison, y_attacker, _ = poisoned_evaluation_set(*test, trigger, target=0)
+    asr_before = attack_success_rate(model, (x_poison, y_attacker))
+    accuracy_before = clean_accuracy(model, test)
+    assert asr_before > 0.9  # the backdoor is there to begin with
+    result = defend(model, train, validation_data=validation, methods=["reinit-head"], epochs=8)
+    assert result.method == "reinit-head"
+    assert attack_success_rate(result.model, (x_poison, y_attacker)) < 0.1
+    assert clean_accuracy(result.model, test) >= accuracy_before - 0.03
+    assert attack_success_rate(model, (x_poison, y_attacker)) == asr_before  # original untouched
+
+
+def test_several_learning_rates_keep_the_best_validation_accuracy(monkeypatch):
+    import tf_backdoor_defense.finetune._training as training
+
+    seen = []
+    real = training.train_clean
+
+    def recording(model, train, *, learning_rate, **options):
+        seen.append(learning_rate)
+        tuned = real(model, train, learning_rate=learning_rate, **options)
+        if learning_rate != 0.02:  # only the 0.02 run keeps its accuracy
+            tuned.set_weights([np.zeros_like(w) for w in tuned.get_weights()])
+        return tuned
+
+    monkeypatch.setattr(defend_module, "train_clean", recording)
+    result = defend(_backdoored(), TRAIN, validation_data=VAL, methods=["fine-tuning"],
+                    learning_rate=[0.1, 0.02, 0.005], epochs=1, max_accuracy_drop=1.0)
+    assert seen == [0.1, 0.02, 0.005]
+    assert result.table["note"].iloc[0] == "lr 0.02"
+    assert result.settings["learning_rate"] == [0.1, 0.02, 0.005]
+
+
+def test_each_model_is_measured_on_validation_data_once(monkeypatch):
+    measured = []
+    real = defend_module.clean_accuracy
+
+    def counting(model, data, **kwargs):
+        measured.append(id(model))
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(defend_module, "clean_accuracy", counting)
+    defend(_backdoored(), TRAIN, validation_data=VAL, methods=["fine-tuning", "ft-sam"],
+           learning_rate=[0.1, 0.02], epochs=1, max_accuracy_drop=1.0)
+    # the received model, then two tuned models per method; the chosen one is not re-measured
+    assert len(measured) == 5 and len(set(measured)) == 5
+
+
+@pytest.mark.parametrize("rates, error", [([], ValueError), ([0.1, -1.0], ValueError),
+                                          ([0.1, True], TypeError)])
+def test_bad_learning_rate_lists_are_refused(rates, error):
+    with pytest.raises(error, match="learning_rate"):
+        defend(_backdoored(), TRAIN, validation_data=VAL, methods=["fine-tuning"],
+               learning_rate=rates, epochs=1)

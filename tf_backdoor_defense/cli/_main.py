@@ -1,0 +1,1048 @@
+"""``tf-backdoor-defense``: the pruning defense as a command (also ``python -m tf_backdoor_defense``).
+
+Subcommands: ``inspect``, ``evaluate``, ``prune``, ``fine-prune``, ``defend``,
+``export``, ``repair`` and ``demo``; ``tf-backdoor-defense COMMAND --help``
+shows each one's options and examples.
+
+Exit codes: 0 success; 2 bad input (usage, unreadable or invalid data or
+model files, a refused untrusted model, existing outputs without
+``--force``); 3 ``defend --fail-if-active`` found the backdoor still active
+on the poisoned validation data (the outputs are written all the same);
+1 an unexpected error (``--debug`` shows its traceback).
+Results go to stdout (``--json`` for machine-readable output); progress bars
+and notes go to stderr, and the bars switch themselves off when stderr is
+not a terminal or with ``--quiet``.
+"""
+
+import argparse
+import contextlib
+import logging
+import pathlib
+import sys
+import textwrap
+import time
+import traceback
+import warnings
+
+from tf_backdoor_defense._keras import keras
+from tf_backdoor_defense.cli._native_stderr import silenced
+
+__all__ = ["main", "build_parser"]
+
+PROG = "tf-backdoor-defense"
+
+_EPILOG = textwrap.dedent(f"""\
+    examples:
+      {PROG} demo --output demo_report
+      {PROG} inspect bd_net.h5
+      {PROG} evaluate bd_net.h5 --clean cl/valid.h5 --poisoned bd/bd_valid.h5
+      {PROG} prune bd_net.h5 --clean cl/valid.h5 --poisoned bd/bd_valid.h5 \\
+          --layer conv_3 --thresholds 0.02 0.04 0.10 --output report/
+      {PROG} defend bd_net.h5 --clean cl/valid.h5 --poisoned bd/bd_valid.h5 \\
+          --max-accuracy-drop 0.01 --output defended/ --fail-if-active
+      {PROG} repair bd_net.h5 --pruned report/models/pruned_drop_0.04.h5 --output goodnet.h5
+      {PROG} export report/models/pruned_drop_0.04.h5 --output served/ --shrink
+
+    Models from people you do not trust are scanned before loading: Lambda layers and
+    classes outside tf-keras and this package are refused (--trust-model-code allows them).
+
+    exit codes: 0 success, 2 bad input or existing outputs without --force, 3 defend
+    --fail-if-active: backdoor still active on the poisoned validation data, 1 unexpected error.
+    """)
+
+
+# -- output helpers --------------------------------------------------------------------
+class Console:
+    """Notes and progress bars on stderr, results on stdout."""
+
+    def __init__(self, quiet=False, json_mode=False, stream=None):
+        self.quiet = quiet
+        self.json_mode = json_mode
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            tty = False
+        self.bars = tty and not quiet
+
+    def note(self, text):
+        if not self.quiet:
+            print(text, file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def bar(self, label, total):
+        bar = _Bar(label, total, self.stream) if self.bars else _NoBar()
+        try:
+            yield bar
+        finally:
+            bar.close()
+
+    @contextlib.contextmanager
+    def step(self, label):
+        """A step without a count: a line when it starts and its time when it ends."""
+        started = time.perf_counter()
+        if self.bars:
+            self.stream.write(f"{label} ...")
+            self.stream.flush()
+        yield
+        if self.bars:
+            self.stream.write(f"\r{label} ... done in {time.perf_counter() - started:.1f} s\n")
+            self.stream.flush()
+
+
+class _NoBar:
+    def update(self, n=1, info=None, force=False):
+        pass
+
+    def close(self):
+        pass
+
+
+class _Bar:
+    """A one-line text progress bar (no dependency)."""
+
+    def __init__(self, label, total, stream, width=28):
+        self.label, self.total, self.stream, self.width = label, max(int(total), 1), stream, width
+        self.done = 0
+        self.info = ""
+        self.started = time.perf_counter()
+        self.last = 0.0
+        self.closed = False
+        self.draw()
+
+    def draw(self):
+        filled = int(self.width * self.done / self.total)
+        elapsed = time.perf_counter() - self.started
+        self.stream.write(f"\r{self.label:<22} [{'#' * filled}{'.' * (self.width - filled)}] "
+                          f"{self.done}/{self.total} {elapsed:5.1f} s"
+                          + (f"  {self.info}" if self.info else ""))
+        self.stream.flush()
+
+    def update(self, n=1, info=None, force=False):
+        """Advance by ``n``; ``info`` is shown after the count; redrawn at most every 0.1 s."""
+        self.done = min(self.done + n, self.total)
+        if info is not None:
+            self.info = info
+        now = time.perf_counter()
+        if force or now - self.last > 0.1:
+            self.last = now
+            self.draw()
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.draw()
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class _EpochProgress(keras.callbacks.Callback):
+    """A ``fit`` callback that moves a :class:`Console` bar once per epoch.
+
+    The bar shows the epoch's loss and accuracy (and the attack success
+    rate that ``FinePruning`` logs when there is poisoned data).
+    """
+
+    SHOWN = (("loss", "loss"), ("accuracy", "acc"), ("fine_pruning/attack_success_rate", "ASR"))
+
+    def __init__(self, bar):
+        super().__init__()
+        self.bar = bar
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        info = "  ".join(f"{short} {float(logs[key]):.4f}" for key, short in self.SHOWN
+                         if key in logs)
+        self.bar.update(1, info=info, force=True)
+
+
+class _ProgressBatches:
+    """Re-iterable (x, y) batches that move a progress bar; pass number ``i`` uses ``labels[i]``."""
+
+    def __init__(self, x, y, batch_size, console, labels):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.console, self.labels, self.passes = console, list(labels), 0
+
+    def __iter__(self):
+        label = self.labels[min(self.passes, len(self.labels) - 1)]
+        self.passes += 1
+        total = -(-len(self.x) // self.batch_size)
+        with self.console.bar(label, total) as bar:
+            for start in range(0, len(self.x), self.batch_size):
+                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+                bar.update(1)
+
+
+def _progress_data(data, args, console, labels):
+    """Arrays as they are, or (on a terminal) a stream of batches with a progress bar."""
+    if not console.bars:
+        return data
+    from tf_backdoor_defense._validation import LabeledData
+
+    return LabeledData(str(labels[0]), dataset=_ProgressBatches(data[0], data[1], args.batch_size,
+                                                                  console, labels))
+
+
+def _emit(args, result, text):
+    """Print the result: JSON with ``--json``, else ``text``."""
+    from tf_backdoor_defense.io._data import to_json
+
+    if args.json:
+        sys.stdout.write(to_json(result))
+    elif text:
+        print(text)
+    sys.stdout.flush()
+
+
+def _fmt(value):
+    return "n/a" if value is None or value != value else f"{value:.4f}"
+
+
+# -- loading inputs ----------------------------------------------------------------------
+def _load_model(args, path=None):
+    """MODEL (with --weights), or another model file such as --pruned, checked for use."""
+    from tf_backdoor_defense.io._loading import load_model
+    from tf_backdoor_defense._validation import check_model
+
+    if path is None:
+        model = load_model(args.model, trust_model_code=args.trust_model_code, weights=args.weights)
+    else:
+        model = load_model(path, trust_model_code=args.trust_model_code)
+    return check_model(model)
+
+
+def _load_data(args, path, model, num_classes=None):
+    from tf_backdoor_defense.io._data import DataFileError, load_data
+    from tf_backdoor_defense._validation import check_data
+
+    x, y = load_data(path, scale=args.scale, input_shape=tuple(model.inputs[0].shape[1:]))
+    try:
+        data = check_data((x, y), str(path), model=model, num_classes=num_classes)
+    except (ValueError, TypeError) as error:
+        raise DataFileError(f"{path}: {error}") from None
+    return data.x, data.y
+
+
+def _target(args, num_classes):
+    """The ``target=`` argument of the metrics from --target/--all-to-all/--untargeted."""
+    if args.untargeted:
+        return "untargeted"
+    if args.target is not None:
+        return args.target
+    if args.all_to_all is not None:
+        import numpy as np
+
+        text = args.all_to_all.strip()
+        try:
+            if "," in text:
+                mapping = np.array([int(v) for v in text.split(",")])
+            else:
+                mapping = (np.arange(num_classes) + int(text)) % num_classes
+        except ValueError:
+            raise ValueError(f"--all-to-all must be a shift (e.g. 1) or a comma-separated list of "
+                             f"{num_classes} classes. Got {args.all_to_all!r}.") from None
+        return mapping
+    return None
+
+
+def _poisoned_note(args):
+    if args.untargeted:
+        return "untargeted (any wrong class counts)"
+    if args.target is not None:
+        return f"all-to-one, target class {args.target}"
+    if args.all_to_all is not None:
+        return f"all-to-all ({args.all_to_all})"
+    return "labels are the attacker's targets"
+
+
+# -- subcommands ------------------------------------------------------------------------------
+def _convs_read_by_dense(model, names):
+    """The conv layers among ``names`` whose channels reach a Dense layer through
+    channel-wise layers and Flatten only (the classifier reads them directly)."""
+    from tf_backdoor_defense.graph._channels import channel_consumers
+    from tf_backdoor_defense.masks._wrapper import PruneByActivation, find_layer
+
+    def inner(layer):
+        return layer.layer if isinstance(layer, PruneByActivation) else layer
+
+    found = []
+    for name in names:
+        if isinstance(inner(find_layer(model, name)), keras.layers.Dense):
+            continue
+        try:
+            uses = channel_consumers(model, name)
+        except ValueError:  # a graph the channel tracer does not follow
+            continue
+        if any(use.consumer and isinstance(inner(find_layer(model, use.consumer)),
+                                           keras.layers.Dense) for use in uses):
+            found.append(name)
+    return found
+
+
+def cmd_inspect(args, console):
+    from tf_backdoor_defense.scoring._activations import resolve_layer
+    from tf_backdoor_defense.masks._wrapper import PRUNABLE_LAYER_TYPES, PruneByActivation, last_conv_layer
+    from tf_backdoor_defense._validation import num_classes_of
+
+    model = _load_model(args)
+    layers = []
+    for layer in model.layers:
+        inner = layer.layer if isinstance(layer, PruneByActivation) else layer
+        try:
+            resolve_layer(model, layer.name)
+            prunable = True
+        except (ValueError, TypeError):
+            prunable = False
+        channels = None
+        if isinstance(inner, PRUNABLE_LAYER_TYPES):
+            channels = int(getattr(inner, "filters", None) or getattr(inner, "units"))
+        try:
+            shape = layer.output_shape
+        except AttributeError:
+            shape = None
+        if isinstance(shape, list) and len(shape) == 1:
+            shape = shape[0]
+        shape = None if shape is None else tuple(shape)
+        layers.append({
+            "name": layer.name, "class": type(inner).__name__, "output_shape": shape,
+            "params": int(layer.count_params()), "channels": channels, "prunable": prunable,
+            "pruned": (int(layer.pruned_channels.size) if isinstance(layer, PruneByActivation)
+                       else None),
+        })
+    try:
+        default = last_conv_layer(model)
+    except ValueError:
+        default = None
+    feeders = _convs_read_by_dense(model, [row["name"] for row in layers if row["prunable"]])
+    result = {"model": str(args.model), "name": model.name,
+              "input_shape": list(model.inputs[0].shape[1:]), "classes": num_classes_of(model),
+              "params": int(model.count_params()), "default_layer": default,
+              "convs_read_by_dense": feeders, "layers": layers}
+    lines = [f"model {model.name!r} from {args.model}",
+             f"input shape {tuple(model.inputs[0].shape[1:])}, {result['classes']} classes, "
+             f"{result['params']:,} parameters",
+             f"default layer to prune: {default}"]
+    if len(feeders) > 1:
+        lines.append(f"conv layers read directly by a dense layer: {', '.join(feeders)} "
+                     "(choose with --layer; several are pruned together)")
+    lines += ["",
+             f"{'layer':<24}{'class':<20}{'output shape':<24}{'channels':>9}  prunable"]
+    for row in layers:
+        channels = "" if row["channels"] is None else str(row["channels"])
+        if row["pruned"] is not None:
+            channels += f" ({row['pruned']} pruned)"
+        lines.append(f"{row['name']:<24}{row['class']:<20}{str(row['output_shape']):<24}"
+                     f"{channels:>9}  {'yes' if row['prunable'] else ''}")
+    _emit(args, result, "\n".join(lines))
+    return 0
+
+
+def cmd_evaluate(args, console):
+    from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
+    from tf_backdoor_defense.defenses._repair import evaluate_repaired
+    from tf_backdoor_defense._validation import num_classes_of
+
+    model = _load_model(args)
+    classes = num_classes_of(model) - (1 if args.repaired else 0)
+    clean = _load_data(args, args.clean, model, classes)
+    poisoned = _load_data(args, args.poisoned, model, classes) if args.poisoned else None
+    target = _target(args, classes)
+    result = {"model": str(args.model), "clean_data": str(args.clean), "clean_examples": len(clean[1])}
+    with console.step("evaluating"):
+        if args.repaired:
+            if poisoned is None:
+                raise ValueError("--repaired needs --poisoned data.")
+            scores = evaluate_repaired(model, clean, poisoned, target=target,
+                                       batch_size=args.batch_size)
+            result.update(scores.as_dict())
+        else:
+            result["clean_accuracy"] = clean_accuracy(model, clean, batch_size=args.batch_size)
+            result["attack_success_rate"] = None
+            if poisoned is not None:
+                result["attack_success_rate"] = attack_success_rate(
+                    model, poisoned, target=target, batch_size=args.batch_size)
+    if poisoned is not None:
+        result["poisoned_data"] = str(args.poisoned)
+        result["poisoned_examples"] = len(poisoned[1])
+        result["attack"] = _poisoned_note(args)
+    text = [f"clean accuracy      {_fmt(result['clean_accuracy'])}  ({len(clean[1])} inputs)"]
+    if poisoned is not None:
+        text.append(f"attack success rate {_fmt(result['attack_success_rate'])}  "
+                    f"({len(poisoned[1])} inputs; {_poisoned_note(args)})")
+    if args.repaired:
+        text.append(f"flagged as backdoor {result['clean_flagged']:.4f} clean, "
+                    f"{result['poisoned_flagged']:.4f} poisoned")
+    _emit(args, result, "\n".join(text))
+    return 0
+
+
+def _threshold_name(threshold):
+    return f"drop_{threshold:g}"
+
+
+def _save_model(model, path, force):
+    from tf_backdoor_defense.io._data import atomic_path
+
+    with atomic_path(path, overwrite=force) as temp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(str(temp))
+    return path
+
+
+def cmd_prune(args, console):
+    from tf_backdoor_defense.scoring._activations import mean_channel_activations
+    from tf_backdoor_defense.export._export import export_saved_model
+    from tf_backdoor_defense.io._data import check_outputs_free
+    from tf_backdoor_defense.pruning._group_sweep import GroupSweepResult
+    from tf_backdoor_defense.report._report import REPORT_FILES, write_sweep_report
+    from tf_backdoor_defense.pruning._sweep import prune_to_threshold
+    from tf_backdoor_defense._validation import num_classes_of
+
+    out = pathlib.Path(args.output)
+    thresholds = list(dict.fromkeys(args.thresholds))
+    model_paths = {t: out / "models" / f"pruned_{_threshold_name(t)}.h5" for t in thresholds}
+    export_paths = {t: out / "saved_models" / _threshold_name(t) for t in thresholds}
+    planned = [out / name for name in (REPORT_FILES if not args.no_plots else REPORT_FILES[:2])]
+    planned += list(model_paths.values()) + (list(export_paths.values()) if args.export else [])
+    check_outputs_free(planned, force=args.force)
+
+    model = _load_model(args)
+    classes = num_classes_of(model)
+    clean = _load_data(args, args.clean, model)
+    poisoned = _load_data(args, args.poisoned, model) if args.poisoned else None
+    ranking = _load_data(args, args.ranking_data, model) if args.ranking_data else None
+    target = _target(args, classes) if poisoned is not None else None
+    if poisoned is None and (args.target is not None or args.all_to_all or args.untargeted):
+        raise ValueError("--target, --all-to-all and --untargeted need --poisoned data.")
+
+    clean_labels = ["statistics", "sweep (clean)"] if ranking is None else ["sweep (clean)"]
+    result = prune_to_threshold(
+        model, _progress_data(clean, args, console, clean_labels),
+        layer=args.layer[0] if args.layer and len(args.layer) == 1 else args.layer,
+        max_accuracy_drop=thresholds, steps=args.steps,
+        poisoned_data=(None if poisoned is None else
+                       _progress_data(poisoned, args, console, ["sweep (poisoned)"])),
+        target=target, stopping_rule=args.stopping_rule,
+        ranking_data=(None if ranking is None else
+                      _progress_data(ranking, args, console, ["statistics"])),
+        batch_size=args.batch_size)
+    group = isinstance(result, GroupSweepResult)
+    layers = result.layers if group else [result.layer]
+    poisoned_means = None
+    if poisoned is not None and not args.no_plots:
+        poisoned_means = {name: mean_channel_activations(
+            model, _progress_data(poisoned, args, console, ["statistics (poisoned)"]),
+            layer=name, batch_size=args.batch_size) for name in layers}
+        if not group:
+            poisoned_means = poisoned_means[result.layer]
+    extra = {"inputs": {"model": str(args.model), "clean_data": str(args.clean),
+                        "poisoned_data": None if poisoned is None else str(args.poisoned),
+                        "ranking_data": None if ranking is None else str(args.ranking_data),
+                        "scale": args.scale, "attack": _poisoned_note(args) if poisoned else None},
+             "models": {f"{t:g}": str(p) for t, p in model_paths.items()}}
+    if args.export:
+        extra["saved_models"] = {f"{t:g}": str(p) for t, p in export_paths.items()}
+    written = write_sweep_report(result, out, poisoned_means=poisoned_means, extra=extra,
+                                 plots=not args.no_plots, overwrite=args.force)
+    for t, path in model_paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_model(result.models[t], path, args.force)
+    if args.export:
+        for t, path in export_paths.items():
+            with console.step(f"exporting {path}"):
+                export_saved_model(result.models[t], path, shrink=args.shrink,
+                                   overwrite=args.force)
+    summary = result.summary()
+    rows = summary.to_dict(orient="records")
+    widths = ({name: int(order.size) for name, order in result.rankings.items()}
+              if group else {result.layer: int(result.ranking.size)})
+    payload = {"output": str(out), "layer": result.layer if len(widths) == 1 else layers,
+               "channels": widths[layers[0]] if len(widths) == 1 else widths,
+               "before": {"clean_accuracy": float(result.history["clean_accuracy"].iloc[0]),
+                          "attack_success_rate": float(result.history["attack_success_rate"].iloc[0])},
+               "thresholds": rows, "files": sorted(str(p) for p in written.values())}
+    described = ", ".join(f"{name!r}: {width} channels" for name, width in widths.items())
+    text = [f"layer{'s' if len(widths) > 1 else ''} {described}; before pruning: clean accuracy "
+            f"{_fmt(payload['before']['clean_accuracy'])}, ASR "
+            f"{_fmt(payload['before']['attack_success_rate'])}", "",
+            summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), "",
+            f"report written to {out}/ ({', '.join(sorted(written))}, models/"
+            + (", saved_models/" if args.export else "") + ")"]
+    _emit(args, payload, "\n".join(text))
+    return 0
+
+
+def cmd_fine_prune(args, console):
+    from tf_backdoor_defense.finetune._fine_prune import fine_prune
+    from tf_backdoor_defense.io._data import atomic_write, check_outputs_free, write_json
+    from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
+    from tf_backdoor_defense.report._report import package_versions, plot_sweep
+    from tf_backdoor_defense._validation import num_classes_of
+
+    out = pathlib.Path(args.output)
+    model_path = out / "fine_pruned.h5"
+    planned = [model_path, out / "history.csv", out / "summary.json", out / "sweep.csv"]
+    planned += [] if args.no_plots else [out / "sweep.png"]
+    check_outputs_free(planned, force=args.force)
+    model = _load_model(args)
+    classes = num_classes_of(model)
+    train = _load_data(args, args.train, model)
+    clean = _load_data(args, args.clean, model)
+    poisoned = _load_data(args, args.poisoned, model) if args.poisoned else None
+    target = _target(args, classes) if poisoned is not None else None
+    before = {"clean_accuracy": clean_accuracy(model, clean),
+              "attack_success_rate": (attack_success_rate(model, poisoned, target=target)
+                                      if poisoned is not None else None)}
+    with console.bar("fine-pruning (epochs)", args.epochs) as bar:
+        fine = fine_prune(model, train, clean, layer=args.layer,
+                          max_accuracy_drop=args.threshold, epochs=args.epochs,
+                          batch_size=args.train_batch_size, poisoned_data=poisoned, target=target,
+                          stopping_rule=args.stopping_rule, seed=args.seed,
+                          callbacks=[_EpochProgress(bar)] if console.bars else None)
+    after = {"clean_accuracy": clean_accuracy(fine.model, clean),
+             "attack_success_rate": (attack_success_rate(fine.model, poisoned, target=target)
+                                     if poisoned is not None else None)}
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "history.csv") as handle:
+        fine.history.to_csv(handle, index=False, lineterminator="\n")
+    if fine.sweep_result is not None:
+        with atomic_write(out / "sweep.csv") as handle:
+            fine.sweep_result.history.to_csv(handle, index=False, lineterminator="\n")
+        if not args.no_plots:
+            plot_sweep(fine.sweep_result, out / "sweep.png")
+    _save_model(fine.model, model_path, args.force)
+    payload = {"output": str(out), "layer": fine.layer, "channels_pruned": fine.channels_pruned,
+               "epochs": args.epochs, "before": before, "after": after,
+               "model": str(model_path), "versions": package_versions(),
+               "inputs": {"model": str(args.model), "train_data": str(args.train),
+                          "clean_data": str(args.clean),
+                          "poisoned_data": str(args.poisoned) if poisoned is not None else None}}
+    write_json(out / "summary.json", payload)
+    text = [f"fine-pruned layer {fine.layer!r}: {fine.channels_pruned} channels pruned, "
+            f"{args.epochs} epochs of fine-tuning",
+            f"before: clean accuracy {_fmt(before['clean_accuracy'])}, ASR "
+            f"{_fmt(before['attack_success_rate'])}",
+            f"after:  clean accuracy {_fmt(after['clean_accuracy'])}, ASR "
+            f"{_fmt(after['attack_success_rate'])}",
+            f"model written to {model_path}"]
+    _emit(args, payload, "\n".join(text))
+    return 0
+
+DEFENSE_FILES = ("repaired.h5", "defense.json")
+
+
+def _defense_table(rows):
+    """The ``defend`` table as text: one line per method tried."""
+    header = (f"{'method':<14}{'val accuracy':>13}{'drop':>9}{'val ASR':>9}{'within budget':>15}"
+              f"{'seconds':>9}{'chosen':>8}  note")
+    lines = [header]
+    for row in rows:
+        lines.append(f"{row['method']:<14}{_fmt(row['validation_accuracy']):>13}"
+                     f"{row['accuracy_drop']:>+9.4f}{_fmt(row['validation_asr']):>9}"
+                     f"{'yes' if row['within_budget'] else 'no':>15}{row['seconds']:>9.1f}"
+                     f"{'*' if row['chosen'] else '':>8}  {row['note'] or ''}".rstrip())
+    return "\n".join(lines)
+
+
+def cmd_defend(args, console):
+    from tf_backdoor_defense.defenses._defend import BackdoorStillActiveWarning, defend
+    from tf_backdoor_defense.io._data import check_outputs_free, write_json
+    from tf_backdoor_defense.report._report import package_versions
+    from tf_backdoor_defense._validation import num_classes_of
+
+    out = pathlib.Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output must be a folder. Got '{out}', which is a file.")
+    attack_given = args.target is not None or args.all_to_all is not None or args.untargeted
+    if args.poisoned is None and (attack_given or args.fail_if_active):
+        raise ValueError("--target, --all-to-all, --untargeted and --fail-if-active need "
+                         "--poisoned validation data.")
+    model_path, json_path = (out / name for name in DEFENSE_FILES)
+    check_outputs_free([model_path, json_path], force=args.force)
+
+    model = _load_model(args)
+    classes = num_classes_of(model)
+    clean = _load_data(args, args.clean, model)
+    validation = _load_data(args, args.validation, model) if args.validation else None
+    poisoned = _load_data(args, args.poisoned, model) if args.poisoned else None
+    target = _target(args, classes) if poisoned is not None else None
+    methods = list(dict.fromkeys(args.methods))
+    console.note(f"defend: trying {', '.join(methods)} on {len(clean[1])} clean examples"
+                 + (f", validating on {len(validation[1])}" if validation is not None else
+                    f" ({args.validation_split:g} held out for validation)")
+                 + (f" and {len(poisoned[1])} poisoned" if poisoned is not None else ""))
+    # defend(verbose=1) prints one line per method: to stderr, stdout is for the results
+    with warnings.catch_warnings(record=True) as caught, \
+            contextlib.redirect_stdout(console.stream):
+        warnings.simplefilter("always", BackdoorStillActiveWarning)
+        result = defend(model, clean, validation_data=validation,
+                        validation_split=args.validation_split,
+                        max_accuracy_drop=args.max_accuracy_drop, poisoned_validation=poisoned,
+                        target=target, methods=methods, time_budget=args.time_budget,
+                        epochs=args.epochs, learning_rate=list(args.learning_rate),
+                        batch_size=args.batch_size, asr_tolerance=args.asr_tolerance,
+                        seed=args.seed, verbose=0 if args.quiet else 1)
+    for warning in caught:  # anything else the methods warned about, shown as usual
+        if not issubclass(warning.category, BackdoorStillActiveWarning):
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)
+    active = bool(result.backdoor_still_active)
+    _save_model(result.model, model_path, args.force)
+    payload = result.summary()
+    payload.update({
+        "backdoor_still_active": active, "output": str(out), "model": str(model_path),
+        "files": [str(model_path), str(json_path)], "versions": package_versions(),
+        "inputs": {"model": str(args.model), "clean_data": str(args.clean),
+                   "validation_data": str(args.validation) if validation is not None else None,
+                   "poisoned_data": str(args.poisoned) if poisoned is not None else None,
+                   "scale": args.scale, "attack": _poisoned_note(args) if poisoned else None}})
+    write_json(json_path, payload, overwrite=args.force)
+    if active:  # shown even with --quiet: exit code 0 must not hide it
+        for text in result.warnings:
+            if text.startswith("backdoor still active"):
+                print(f"{PROG} defend: warning: {text}", file=sys.stderr, flush=True)
+    base = result.baseline
+    lines = [f"model as received: validation accuracy {_fmt(base['validation_accuracy'])}, "
+             f"validation ASR {_fmt(base['validation_asr'])}", "",
+             _defense_table(payload["methods"]), "",
+             f"chosen: {result.method or 'none (the model as received)'}; "
+             f"written to {model_path} and {json_path}"]
+    if result.warnings:
+        lines += ["", "warnings:"] + [f"  - {text}" for text in result.warnings]
+    _emit(args, payload, "\n".join(lines))
+    return 3 if active and args.fail_if_active else 0
+
+
+def cmd_export(args, console):
+    from tf_backdoor_defense.export._export import count_params, export_keras, export_saved_model, strip_masks
+
+    target = pathlib.Path(args.output)
+    fmt = args.format
+    if fmt == "auto":
+        fmt = {".h5": "h5", ".keras": "keras"}.get(target.suffix.lower(), "saved_model")
+    if fmt in ("h5", "keras") and target.suffix.lower() != f".{fmt}":
+        raise ValueError(f"--format {fmt} needs an output path ending in .{fmt}. Got '{target}'.")
+    written = target / str(args.version) if (fmt == "saved_model" and args.version) else target
+    if written.exists() and not args.force:
+        raise FileExistsError(f"Output already exists: {written}. Pass --force to overwrite.")
+    model = _load_model(args)
+    with console.step(f"exporting {written}"):
+        if fmt == "saved_model":
+            written = export_saved_model(model, target, shrink=args.shrink, version=args.version,
+                                         overwrite=args.force)
+        else:
+            written = export_keras(model, target, shrink=args.shrink, overwrite=args.force)
+    payload = {"model": str(args.model), "output": str(written), "format": fmt,
+               "shrink": bool(args.shrink), "params_before": int(model.count_params())}
+    try:
+        payload["params_after"] = int(count_params(strip_masks(model, shrink=args.shrink)))
+    except Exception:  # noqa: BLE001 - the count is informative only
+        payload["params_after"] = None
+    _emit(args, payload, f"exported {args.model} to {written} ({fmt}"
+          + (", pruned channels removed" if args.shrink else "") + ")")
+    return 0
+
+
+def cmd_repair(args, console):
+    from tf_backdoor_defense.io._data import check_outputs_free
+    from tf_backdoor_defense.defenses._repair import evaluate_repaired, repaired_model
+    from tf_backdoor_defense.pruning._sweep import prune_to_threshold
+    from tf_backdoor_defense._validation import num_classes_of
+
+    out = pathlib.Path(args.output)
+    if out.suffix.lower() not in (".h5", ".keras"):
+        raise ValueError(f"--output must end with .h5 or .keras. Got '{out}'.")
+    check_outputs_free([out], force=args.force)
+    model = _load_model(args)
+    classes = num_classes_of(model)
+    clean = _load_data(args, args.clean, model) if args.clean else None
+    poisoned = _load_data(args, args.poisoned, model) if args.poisoned else None
+    target = _target(args, classes) if poisoned is not None else None
+    payload = {"model": str(args.model), "output": str(out)}
+    if args.pruned:
+        pruned = _load_model(args, path=args.pruned)
+        payload["pruned"] = str(args.pruned)
+    else:
+        if clean is None:
+            raise ValueError("repair needs --pruned PRUNED_MODEL, or --clean DATA to prune first.")
+        result = prune_to_threshold(model, _progress_data(clean, args, console,
+                                                          ["statistics", "sweep (clean)"]),
+                                    layer=args.layer, max_accuracy_drop=args.threshold,
+                                    stopping_rule=args.stopping_rule, batch_size=args.batch_size)
+        pruned = result.model
+        payload.update({"layer": result.layer, "channels_pruned": int(result.levels[args.threshold]),
+                        "max_accuracy_drop": args.threshold})
+    repaired = repaired_model(model, pruned)
+    _save_model(repaired, out, args.force)
+    text = [f"repaired network ({classes} + 1 outputs; class {classes} = backdoor suspected) "
+            f"written to {out}"]
+    if "channels_pruned" in payload:
+        text.insert(0, f"pruned {payload['channels_pruned']} channels of layer {payload['layer']!r} "
+                       f"(max accuracy drop {args.threshold:g})")
+    if clean is not None and poisoned is not None:
+        scores = evaluate_repaired(repaired, clean, poisoned, target=target,
+                                   batch_size=args.batch_size)
+        payload["scores"] = scores.as_dict()
+        text.append(f"clean accuracy {_fmt(scores.clean_accuracy)}, ASR "
+                    f"{_fmt(scores.attack_success_rate)}, poisoned inputs flagged "
+                    f"{_fmt(scores.poisoned_flagged)}, clean inputs flagged "
+                    f"{_fmt(scores.clean_flagged)}")
+    _emit(args, payload, "\n".join(text))
+    return 0
+
+
+def cmd_demo(args, console):
+    from tf_backdoor_defense.experiments._demo import run_demo
+    from tf_backdoor_defense.io._data import atomic_write, check_outputs_free
+    from tf_backdoor_defense.report._report import REPORT_FILES, write_sweep_report
+
+    out = pathlib.Path(args.output) if args.output else None
+    if out is not None:
+        check_outputs_free([out / n for n in REPORT_FILES] + [out / "evaluation.csv"],
+                           force=args.force)
+    verbose = not (args.json or args.quiet)
+    demo = run_demo(epochs=args.epochs, seed=args.seed, verbose=verbose)
+    evaluation = demo["evaluation"]
+    result = demo["result"]
+    payload = {"evaluation": evaluation.to_dict(orient="records"),
+               "levels": {f"{t:g}": int(k) for t, k in result.levels.items()},
+               "seconds": demo["seconds"]}
+    if out is not None:
+        written = write_sweep_report(result, out, evaluation=payload["evaluation"],
+                                     extra={"demo": {"epochs": args.epochs, "seed": args.seed}},
+                                     overwrite=args.force)
+        with atomic_write(out / "evaluation.csv") as handle:
+            evaluation.to_csv(handle, index=False, lineterminator="\n")
+        payload["files"] = sorted(str(p) for p in written.values()) + [str(out / "evaluation.csv")]
+        console.note(f"report written to {out}/")
+    if args.json:
+        payload["sweep"] = result.history.to_dict(orient="records")
+        _emit(args, payload, None)
+    elif args.quiet:
+        _emit(args, payload, evaluation.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+# -- the parser ----------------------------------------------------------------------------
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") \
+                from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def _common(parser, model=True, data=False, attack=False, batch_size=256, batch_help=None):
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    out.add_argument("-q", "--quiet", action="store_true",
+                     help="no progress bars or notes on stderr")
+    out.add_argument("--debug", action="store_true", help="show tracebacks and TensorFlow's logs")
+    if model:
+        group = parser.add_argument_group("model")
+        group.add_argument("--weights", metavar="FILE",
+                           help="weights-only .h5 to load into MODEL's architecture "
+                                "(MODEL may then be a model.to_json() file)")
+        group.add_argument("--trust-model-code", action="store_true",
+                           help="load models with Lambda layers or unknown classes (runs code "
+                                "from the file: only for models from people you trust)")
+    if data:
+        group = parser.add_argument_group("data")
+        group.add_argument("--scale", type=_positive(float), metavar="S",
+                           help="divide inputs by S (255 for models trained on x/255)")
+        group.add_argument("--batch-size", type=_positive(int), default=batch_size,
+                           help=batch_help)
+    if attack:
+        group = parser.add_argument_group(
+            "attack", "How to read the poisoned labels. Default: they are the attacker's targets "
+                      "(the lab's bd_*.h5 files).")
+        mode = group.add_mutually_exclusive_group()
+        mode.add_argument("--target", type=int, metavar="N",
+                          help="all-to-one attack: poisoned labels are true classes, target N")
+        mode.add_argument("--all-to-all", metavar="SHIFT|MAP",
+                          help="all-to-all attack: true class c goes to (c+SHIFT) mod N, or a "
+                               "comma-separated list giving the target of each class")
+        mode.add_argument("--untargeted", action="store_true",
+                          help="any misclassified poisoned input counts as a success")
+
+
+def _sweep_options(parser, multiple=True):
+    group = parser.add_argument_group("pruning")
+    if multiple:
+        group.add_argument("--layer", nargs="+", metavar="LAYER",
+                           help="Conv or Dense layer to prune (default: the last conv layer); "
+                                "several are pruned together, the same fraction of each")
+        group.add_argument("--steps", type=int, default=None, metavar="N",
+                           help="with several --layer: levels after level 0 (default: the widest "
+                                "layer's channel count)")
+    else:
+        group.add_argument("--layer",
+                           help="Conv or Dense layer to prune (default: the last conv layer)")
+    if multiple:
+        group.add_argument("--thresholds", type=_fraction, nargs="+", default=[0.02, 0.04, 0.10],
+                           metavar="DROP",
+                           help="allowed drops in clean accuracy (absolute, 0.04 = 4 points); one "
+                                "model per value")
+    else:
+        group.add_argument("--threshold", type=_fraction, default=0.04, metavar="DROP",
+                           help="allowed drop in clean accuracy (absolute)")
+    group.add_argument("--stopping-rule", choices=["largest_within", "first_reaching"],
+                       default="largest_within",
+                       help="largest level within the drop, or first level reaching it (the "
+                            "lab reports' rule)")
+
+
+def build_parser():
+    """The ``argparse`` parser of ``tf-backdoor-defense``."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter, epilog=_EPILOG,
+        description="Repair backdoored tf-keras networks by pruning channels (Fine-Pruning, "
+                    "Liu et al. 2018). Data files: HDF5 with 'data'/'label' (channels-first or "
+                    "last), .npz with 'x'/'y', or a folder (or glob) of images labelled "
+                    "'name_label=N.png' or by class subfolders.")
+    from tf_backdoor_defense import __version__
+    from tf_backdoor_defense.defenses._defend import METHODS as DEFENSE_METHODS
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def add(name, help_text, examples, func, notes=None):
+        epilog = "examples:\n" + textwrap.indent(examples, "  ")
+        if notes:
+            epilog += "\n\n" + notes
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  formatter_class=_Formatter, epilog=epilog)
+        sub.set_defaults(func=func)
+        return sub
+
+    sub = add("inspect", "List a model's layers, which can be pruned, its input shape and classes.",
+              f"{PROG} inspect bd_net.h5\n{PROG} inspect bd_net.h5 --json", cmd_inspect)
+    sub.add_argument("model", metavar="MODEL", help=".h5, .keras, SavedModel folder or .json")
+    _common(sub)
+
+    sub = add("evaluate", "Clean accuracy and attack success rate of a model.",
+              f"{PROG} evaluate bd_net.h5 --clean valid.h5 --poisoned bd_valid.h5\n"
+              f"{PROG} evaluate net.h5 --clean test.npz --poisoned triggered.npz --target 0 "
+              "--scale 255\n"
+              f"{PROG} evaluate goodnet.h5 --repaired --clean valid.h5 --poisoned bd_valid.h5",
+              cmd_evaluate)
+    sub.add_argument("model", metavar="MODEL")
+    sub.add_argument("--clean", required=True, metavar="DATA", help="clean labelled data")
+    sub.add_argument("--poisoned", metavar="DATA", help="triggered data (for the ASR)")
+    sub.add_argument("--repaired", action="store_true",
+                     help="MODEL is a repaired N+1 network: its last class means 'backdoor "
+                          "suspected' and counts as a defended poisoned input")
+    _common(sub, data=True, attack=True)
+
+    sub = add("prune", "The pruning sweep: accuracy and ASR at every level, a model per threshold.",
+              f"{PROG} prune bd_net.h5 --clean valid.h5 --poisoned bd_valid.h5 --output report/\n"
+              f"{PROG} prune net.h5 --clean valid.npz --ranking-data train_subset.npz \\\n"
+              "    --thresholds 0.04 --layer conv_3 --export --shrink --output report/",
+              cmd_prune)
+    sub.add_argument("model", metavar="MODEL")
+    sub.add_argument("--clean", required=True, metavar="DATA",
+                     help="clean data: accuracy at each level and the thresholds")
+    sub.add_argument("--poisoned", metavar="DATA", help="triggered data: ASR at each level")
+    sub.add_argument("--ranking-data", metavar="DATA",
+                     help="clean data for the activation ranking (default: --clean)")
+    sub.add_argument("-o", "--output", required=True, metavar="DIR",
+                     help="writes sweep.csv, summary.json, sweep.png, activations.png, "
+                          "models/pruned_drop_<t>.h5 (and saved_models/ with --export)")
+    sub.add_argument("--export", action="store_true",
+                     help="also export each pruned model as a SavedModel")
+    sub.add_argument("--shrink", action="store_true",
+                     help="with --export: remove pruned channels instead of zeroing them")
+    sub.add_argument("--no-plots", action="store_true", help="skip sweep.png and activations.png")
+    sub.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _sweep_options(sub)
+    _common(sub, data=True, attack=True)
+
+    sub = add("fine-prune", "Prune within an accuracy budget, then fine-tune on clean data.",
+              f"{PROG} fine-prune bd_net.h5 --train clean_train.h5 --clean valid.h5 \\\n"
+              "    --poisoned bd_valid.h5 --epochs 5 --output fineprune/", cmd_fine_prune)
+    sub.add_argument("model", metavar="MODEL")
+    sub.add_argument("--train", required=True, metavar="DATA", help="clean data to fine-tune on")
+    sub.add_argument("--clean", required=True, metavar="DATA",
+                     help="clean data for the ranking and the accuracy budget")
+    sub.add_argument("--poisoned", metavar="DATA", help="triggered data (ASR before and after)")
+    sub.add_argument("--epochs", type=int, default=10)
+    sub.add_argument("--train-batch-size", type=_positive(int), default=64)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("-o", "--output", required=True, metavar="DIR",
+                     help="writes fine_pruned.h5, history.csv, sweep.csv, sweep.png, summary.json")
+    sub.add_argument("--no-plots", action="store_true")
+    sub.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _sweep_options(sub, multiple=False)
+    _common(sub, data=True, attack=True)
+
+    sub = add("defend", "Try several repairs, keep the best one within an accuracy budget.",
+              f"{PROG} defend bd_net.h5 --clean valid.h5 --poisoned bd_valid.h5 --output defended/\n"
+              f"{PROG} defend net.h5 --clean train.npz --validation val.npz --scale 255 \\\n"
+              "    --methods reinit-head prune-search --time-budget 600 --output defended/\n"
+              f"{PROG} defend bd_net.h5 --clean valid.h5 --poisoned bd_valid.h5 --fail-if-active \\\n"
+              "    --json --output defended/ > defense_run.json",
+              cmd_defend,
+              notes="Each method repairs a copy of MODEL and is measured on the validation data "
+                    "(--validation,\nelse a held-out share of --clean). Among the methods within "
+                    "--max-accuracy-drop of MODEL,\nthe lowest validation ASR wins when "
+                    "--poisoned is given, else the first in --methods order.\n\n"
+                    "When the chosen model still obeys the trigger on --poisoned (ASR above "
+                    "--asr-tolerance)\na warning is printed (stderr, the table and the JSON) "
+                    "and the exit code is still 0;\n--fail-if-active makes it 3 (the outputs "
+                    "are written all the same).\n\n"
+                    "exit codes: 0 done, 2 bad input or existing outputs without --force, 3 "
+                    "--fail-if-active and\nthe backdoor still active, 1 unexpected error.")
+    sub.add_argument("model", metavar="MODEL", help="the suspect model")
+    sub.add_argument("--clean", required=True, metavar="DATA",
+                     help="the defender's clean data, to train the repairs on")
+    sub.add_argument("--validation", metavar="DATA",
+                     help="clean data to measure each repair on; without it, "
+                          "--validation-split of --clean is held out from training")
+    sub.add_argument("--validation-split", type=_fraction, default=0.2, metavar="FRACTION",
+                     help="share of --clean held out when there is no --validation")
+    sub.add_argument("--poisoned", metavar="DATA",
+                     help="triggered validation data: picks the repair with the lowest ASR and "
+                          "checks the backdoor is gone")
+    sub.add_argument("-o", "--output", required=True, metavar="DIR",
+                     help="writes repaired.h5 (the chosen model) and defense.json")
+    sub.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    sub.add_argument("--fail-if-active", action="store_true",
+                     help="exit with code 3 when the backdoor is still active on --poisoned")
+    group = sub.add_argument_group("defense")
+    group.add_argument("--max-accuracy-drop", type=_fraction, default=0.01, metavar="DROP",
+                       help="allowed drop of validation accuracy against MODEL (absolute)")
+    group.add_argument("--methods", nargs="+", choices=list(DEFENSE_METHODS),
+                       default=list(DEFENSE_METHODS), metavar="METHOD",
+                       help="repairs to try, in order of preference: "
+                            + ", ".join(DEFENSE_METHODS))
+    group.add_argument("--time-budget", type=_positive(float), metavar="SECONDS",
+                       help="skip the remaining methods once this many seconds are spent")
+    group.add_argument("--epochs", type=_positive(int), default=20,
+                       help="fine-tuning epochs of each method")
+    group.add_argument("--learning-rate", type=_positive(float), nargs="+", default=[0.05],
+                       metavar="RATE",
+                       help="initial SGD rate (cosine decay); several rates: each method keeps "
+                            "the one with the best validation accuracy")
+    group.add_argument("--asr-tolerance", type=_fraction, default=0.02, metavar="ASR",
+                       help="validation ASR above which the backdoor counts as still active")
+    group.add_argument("--seed", type=int, default=0)
+    _common(sub, data=True, attack=True, batch_size=64, batch_help="fine-tuning batch size")
+
+    sub = add("export", "Write a pruned model for serving: masks folded in (or channels removed).",
+              f"{PROG} export report/models/pruned_drop_0.04.h5 --output served/ --version 1\n"
+              f"{PROG} export pruned.h5 --output plain.keras --shrink", cmd_export)
+    sub.add_argument("model", metavar="MODEL")
+    sub.add_argument("-o", "--output", required=True, metavar="PATH",
+                     help="a folder (SavedModel), or a .h5/.keras file")
+    sub.add_argument("--format", choices=["auto", "saved_model", "h5", "keras"], default="auto",
+                     help="auto: from the output's suffix")
+    sub.add_argument("--shrink", action="store_true", help="remove pruned channels")
+    sub.add_argument("--version", type=_positive(int), help="SavedModel version subfolder (TF Serving)")
+    sub.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _common(sub)
+
+    sub = add("repair", "Build the repaired N+1 network: class N when the original and pruned "
+                        "models disagree.",
+              f"{PROG} repair bd_net.h5 --pruned report/models/pruned_drop_0.04.h5 "
+              "--output goodnet.h5\n"
+              f"{PROG} repair bd_net.h5 --clean valid.h5 --threshold 0.04 --poisoned bd_valid.h5 "
+              "--output goodnet.h5", cmd_repair)
+    sub.add_argument("model", metavar="MODEL", help="the original (backdoored) model")
+    sub.add_argument("--pruned", metavar="MODEL", help="its pruned copy (else prune with --clean)")
+    sub.add_argument("--clean", metavar="DATA", help="clean data to prune on and/or evaluate")
+    sub.add_argument("--poisoned", metavar="DATA", help="triggered data to evaluate on")
+    sub.add_argument("-o", "--output", required=True, metavar="FILE", help=".h5 or .keras")
+    sub.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _sweep_options(sub, multiple=False)
+    _common(sub, data=True, attack=True)
+
+    sub = add("demo", "End to end on real MNIST digits: train a BadNet, prune it, print the table.",
+              f"{PROG} demo\n{PROG} demo --epochs 5 --output demo_report/ --json", cmd_demo)
+    sub.add_argument("--epochs", type=_positive(int), default=15)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("-o", "--output", metavar="DIR",
+                     help="also write sweep.csv, summary.json, plots and evaluation.csv there")
+    sub.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _common(sub, model=False)
+    return parser
+
+
+# -- main --------------------------------------------------------------------------------
+def _quiet_libraries():
+    warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from tf_backdoor_defense._keras import tf
+
+    tf.get_logger().setLevel("ERROR")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _user_errors():
+    from tf_backdoor_defense.io._data import DataFileError
+    from tf_backdoor_defense.io._loading import ModelFileError, UnsafeModelError
+
+    return (UnsafeModelError, ModelFileError, DataFileError, FileExistsError, ValueError, TypeError)
+
+
+def main(argv=None):
+    """Run the command line; returns the exit code (0 ok, 2 bad input, 1 unexpected error,
+    3 ``defend --fail-if-active`` with the backdoor still active).
+
+    Called with ``argv=None`` (the console script) TensorFlow's native log
+    lines are silenced unless ``--debug``: those written while TensorFlow
+    loads by the package's ``__init__`` (``_native_stderr.quiet_native_startup``)
+    and those of the run.
+    """
+    as_script = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    with silenced(as_script and not debug):  # fd 2 (TF's C++ logs) to /dev/null
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+        except SystemExit as stop:  # argparse: --help, --version or a usage error
+            return stop.code if isinstance(stop.code, int) else 2
+        console = Console(quiet=args.quiet, json_mode=args.json)
+        try:
+            if not args.debug:
+                _quiet_libraries()
+            return args.func(args, console)
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:  # noqa: BLE001 - one clear line, never a traceback
+            if args.debug:
+                traceback.print_exc()
+            user = isinstance(error, _user_errors())
+            message = str(error).strip() or type(error).__name__
+            if isinstance(error, FileNotFoundError):
+                user = True
+            if not user and not isinstance(error, ImportError):
+                message = (f"unexpected {type(error).__name__}: {message.splitlines()[0]} "
+                           "(run with --debug for the traceback)")
+            print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+            return 2 if user else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Fine-tuning that moves the weights: schedules, weight decay, SAM and head re-initialisation.
+
+A backdoored network usually fits the defender's clean data almost perfectly
+(often it was trained on it), so the clean loss is near zero and plain
+fine-tuning at a small learning rate barely moves the weights: the backdoor
+survives. :func:`train_clean` is the fine-tuning step the repairs of
+:mod:`tf_backdoor_defense.defenses._defend` build on:
+
+- a cosine-decayed SGD learning rate, large enough to leave the attacker's
+  minimum (``learning_rate``);
+- optional weight decay, which shrinks weights that clean data never uses;
+- optional sharpness-aware minimisation (``sam_rho``; FT-SAM, Zhu et al.,
+  ICCV 2023), which seeks flat minima, where backdoor neurons lose their
+  outsized weights;
+- optional re-initialisation of layers (``reinitialize``), e.g. the dense
+  head after the last convolution: the classifier is relearnt from clean
+  data only, so the trigger's route to the target class is cut (in the
+  spirit of feature-shift tuning, Min et al., NeurIPS 2023).
+
+``PruneByActivation`` masks are non-trainable and multiply the channels'
+outputs, so pruned channels stay at zero throughout.
+"""
+
+
+import numpy as np
+
+from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.masks._wrapper import PruneByActivation
+from tf_backdoor_defense._validation import check_data, check_number
+
+__all__ = ["train_clean", "loss_for", "copy_model", "head_layers", "reinitialize", "as_arrays"]
+
+
+def loss_for(model):
+    """The training loss matching ``model``'s output layer.
+
+    Sparse categorical cross-entropy (binary for one output unit), from logits
+    unless the last layer ends in a softmax (sigmoid).
+
+    >>> import tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> loss_for(model).get_config()["from_logits"]
+    True
+    """
+    units = model.outputs[0].shape[-1]
+    last = _inner(model.layers[-1])
+    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    if units == 1:
+        return keras.losses.BinaryCrossentropy(from_logits=activation != "sigmoid")
+    probabilities = isinstance(last, keras.layers.Softmax) or activation in ("softmax", "softmax_v2")
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
+
+
+def copy_model(model):
+    """A structural copy of ``model`` with copied weights (masks included).
+
+    >>> import tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> copy_model(model) is model
+    False
+    """
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def as_arrays(data, name, model):
+    """``(x, y)`` numpy arrays from arrays or a dataset (read once into memory)."""
+    return check_data(data, name, model=model).arrays()
+
+
+def _inner(layer):
+    return layer.layer if isinstance(layer, PruneByActivation) else layer
+
+
+def head_layers(model):
+    """Names of the Dense layers after the model's last convolution (its classifier head).
+
+    For a model without convolutions: all its Dense layers.
+
+    >>> from tf_backdoor_defense.experiments._models import mnist_cnn
+    >>> head_layers(mnist_cnn())
+    ['fc', 'output']
+    """
+    layers = list(model.layers)
+    conv_types = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+    last_conv = max((i for i, layer in enumerate(layers) if isinstance(_inner(layer), conv_types)),
+                    default=-1)
+    return [layer.name for layer in layers[last_conv + 1:]
+            if isinstance(_inner(layer), keras.layers.Dense)]
+
+
+def reinitialize(model, layers, seed=0):
+    """Draw fresh weights for ``layers`` of ``model`` from their initialisers (in place).
+
+    Masks of ``PruneByActivation`` layers are kept. Returns ``model``.
+
+    >>> import numpy as np, tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d",
+    ...                           bias_initializer="zeros")])
+    >>> model.get_layer("d").bias.assign([5.0, 5.0]) is not None
+    True
+    >>> reinitialize(model, ["d"]).get_layer("d").bias.numpy().tolist()
+    [0.0, 0.0]
+    """
+    for offset, name in enumerate(layers):
+        layer = _inner(model.get_layer(name))
+        for attribute, initializer in (("kernel", "kernel_initializer"), ("bias", "bias_initializer")):
+            variable = getattr(layer, attribute, None)
+            if variable is None:
+                continue
+            original = keras.initializers.get(getattr(layer, initializer))
+            config = original.get_config()
+            if "seed" in config:
+                config["seed"] = int(seed) * 1000 + offset
+            init = original.__class__.from_config(config)
+            variable.assign(init(variable.shape, dtype=variable.dtype))
+    return model
+
+
+def train_clean(model, train_data, *, epochs=20, learning_rate=0.05, momentum=0.9,
+                schedule="cosine", weight_decay=0.0, sam_rho=0.0, reinitialize_layers=(),
+                batch_size=64, seed=0):
+    """Fine-tune a copy of ``model`` on clean data, hard enough to move the weights.
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+        Not modified.
+    train_data : (x, y) arrays or tf.data.Dataset
+        Clean labelled data.
+    epochs : int, default=20
+    learning_rate : float, default=0.05
+        Initial SGD learning rate.
+    momentum : float, default=0.9
+    schedule : {"cosine", "constant"}, default="cosine"
+        Cosine decay to zero over all steps, or a constant rate.
+    weight_decay : float, default=0.0
+        Decoupled weight decay of SGD.
+    sam_rho : float, default=0.0
+        Neighbourhood radius of sharpness-aware minimisation; 0 turns it off.
+        Each step then costs two forward/backward passes.
+    reinitialize_layers : sequence of str, default=()
+        Layers whose weights are drawn afresh before training (see
+        :func:`head_layers`).
+    batch_size : int, default=64
+    seed : int, default=0
+
+    Returns
+    -------
+    tf_keras.Model
+        The fine-tuned copy (masks, if any, kept).
+
+    Examples
+    --------
+    >>> import numpy as np, tf_keras as keras
+    >>> keras.utils.set_random_seed(0)
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+    ...                           keras.layers.Dense(2, activation="softmax")])
+    >>> x = np.random.default_rng(0).random((64, 4), dtype=np.float32)
+    >>> y = (x[:, 0] > 0.5).astype(int)
+    >>> tuned = train_clean(model, (x, y), epochs=2, sam_rho=0.05)
+    >>> tuned is model, len(tuned.get_weights()) == len(model.get_weights())
+    (False, True)
+    """
+    epochs = int(check_number(epochs, "epochs", 0, integer=True))
+    batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
+    learning_rate = float(check_number(learning_rate, "learning_rate"))
+    momentum = float(check_number(momentum, "momentum"))
+    weight_decay = float(check_number(weight_decay, "weight_decay"))
+    sam_rho = float(check_number(sam_rho, "sam_rho"))
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"The 'schedule' parameter must be 'cosine' or 'constant'. Got {schedule!r}.")
+    x, y = as_arrays(train_data, "train_data", model)
+    if isinstance(reinitialize_layers, str):
+        reinitialize_layers = [reinitialize_layers]
+    for name in reinitialize_layers:
+        model.get_layer(name)  # raises a clear ValueError for unknown names
+    keras.utils.set_random_seed(seed)
+    tuned = copy_model(model)
+    reinitialize(tuned, list(reinitialize_layers), seed=seed)
+    if epochs == 0 or x.shape[0] == 0:
+        return tuned
+    steps = epochs * int(np.ceil(x.shape[0] / batch_size))
+    rate = (keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+            if schedule == "cosine" else learning_rate)
+    optimizer = keras.optimizers.SGD(rate, momentum=momentum,
+                                     weight_decay=weight_decay or None)
+    loss_fn = loss_for(tuned)
+    variables = tuned.trainable_variables
+
+    def loss_on(xb, yb):
+        return loss_fn(yb, tuned(xb, training=True)) + tf.add_n(tuned.losses or [0.0])
+
+    @tf.function(reduce_retracing=True)
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_on(xb, yb)
+        grads = tape.gradient(loss, variables)
+        if sam_rho > 0:
+            norm = tf.linalg.global_norm([g for g in grads if g is not None]) + 1e-12
+            nudges = [None if g is None else g * (sam_rho / norm) for g in grads]
+            for variable, nudge in zip(variables, nudges):
+                if nudge is not None:
+                    variable.assign_add(nudge)
+            with tf.GradientTape() as tape:
+                sharp_loss = loss_on(xb, yb)
+            grads = tape.gradient(sharp_loss, variables)
+            for variable, nudge in zip(variables, nudges):
+                if nudge is not None:
+                    variable.assign_sub(nudge)
+        optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+        return loss
+
+    dataset = (tf.data.Dataset.from_tensor_slices((x, y))
+               .shuffle(x.shape[0], seed=seed, reshuffle_each_iteration=True)
+               .batch(batch_size))
+    for _ in range(epochs):
+        for xb, yb in dataset:
+            step(xb, yb)
+    return tuned

@@ -1,0 +1,174 @@
+"""Streaming per-channel mean activations of one layer over clean data."""
+
+import weakref
+
+import numpy as np
+
+from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.graph._channels import IDENTITY_AT_INFERENCE
+from tf_backdoor_defense.masks._wrapper import PRUNABLE_LAYER_TYPES, PruneByActivation, channel_axis, find_layer, last_conv_layer
+from tf_backdoor_defense._validation import check_data, check_model
+
+__all__ = ["mean_channel_activations", "resolve_layer", "activation_tensor", "channel_sum_fn",
+           "average_channel_sums"]
+
+# Layers that apply an activation function to a linear Conv/Dense output.
+_ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
+                      keras.layers.ELU, keras.layers.PReLU, keras.layers.ThresholdedReLU)
+_STAT_FNS = weakref.WeakKeyDictionary()
+
+
+def resolve_layer(model, layer=None):
+    """The layer object to prune: ``layer`` by name (default: the last conv layer)."""
+    name = last_conv_layer(model) if layer is None else layer
+    if not isinstance(name, str):
+        raise TypeError(f"The 'layer' parameter must be a layer name (str). Got {name!r} instead.")
+    found = find_layer(model, name)
+    inner = found.layer if isinstance(found, PruneByActivation) else found
+    if not isinstance(inner, PRUNABLE_LAYER_TYPES):
+        raise ValueError(
+            f"Layer '{name}' of type {type(inner).__name__} cannot be pruned by channel: "
+            "expected a Conv1D, Conv2D, Conv3D or Dense layer."
+        )
+    if len(found._inbound_nodes) != 1:
+        raise ValueError(f"Layer '{name}' is used {len(found._inbound_nodes)} times in the model; "
+                         "a shared layer cannot be pruned by activation.")
+    return found
+
+
+def activation_tensor(model, layer, *, through_batch_norm=True):
+    """The symbolic output of ``layer`` after its activation function.
+
+    When the layer itself is linear and its output reaches a separate
+    activation layer through a chain of single-consumer layers, the activation
+    layer's output is used: ``Conv2D -> ReLU``, and with ``through_batch_norm``
+    also ``Conv2D -> BatchNormalization -> ReLU`` (the usual ResNet/VGG block)
+    and inference-time identities such as ``Dropout`` on the way. Otherwise
+    the layer's own output is used.
+
+    Examples
+    --------
+    >>> import tf_keras as keras
+    >>> inputs = keras.Input((4, 4, 1))
+    >>> x = keras.layers.Conv2D(2, 3, name="conv")(inputs)
+    >>> x = keras.layers.BatchNormalization(name="bn")(x)
+    >>> x = keras.layers.ReLU(name="relu")(x)
+    >>> model = keras.Model(inputs, keras.layers.Flatten()(x))
+    >>> activation_tensor(model, model.get_layer("conv")).name.split("/")[0]
+    'relu'
+    """
+    output = layer.output
+    inner = layer.layer if isinstance(layer, PruneByActivation) else layer
+    if getattr(inner, "activation", None) is not keras.activations.linear:
+        return output
+    passes = IDENTITY_AT_INFERENCE + ((keras.layers.BatchNormalization,) if through_batch_norm else ())
+    current = layer
+    while True:
+        consumers = [node.layer for node in current._outbound_nodes if node.layer in model.layers]
+        if len(consumers) != 1 or len(consumers[0]._inbound_nodes) != 1:
+            return output
+        current = consumers[0]
+        if isinstance(current, _ACTIVATION_LAYERS):
+            return current.output
+        if not isinstance(current, passes) or (
+                isinstance(current, keras.layers.BatchNormalization)
+                and not _normalizes_channels(current, layer)):
+            return output
+
+
+def _normalizes_channels(batch_norm, layer):
+    """True when ``batch_norm`` normalises ``layer``'s channel axis (one scale per channel)."""
+    axes = batch_norm.axis if isinstance(batch_norm.axis, (list, tuple)) else [batch_norm.axis]
+    rank = len(layer.output.shape)
+    return [a % rank for a in axes] == [channel_axis(layer) % rank]
+
+
+def channel_sum_fn(model, layer):
+    """A function ``x -> (sums, size)`` over ``layer``'s activations, in float64.
+
+    ``sums`` holds one total per channel (summed over every axis but the
+    channel axis: examples and positions) and ``size`` the number of values
+    summed, so ``size / channels`` is the count behind each total. It traces
+    inside ``tf.function`` and ``strategy.run``.
+
+    Examples
+    --------
+    >>> import numpy as np, tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((2,)),
+    ...     keras.layers.Dense(2, activation="relu", kernel_initializer="identity", name="fc")])
+    >>> sums, size = channel_sum_fn(model, model.get_layer("fc"))(np.array([[1., -1.], [3., 2.]]))
+    >>> sums.numpy().tolist(), float(size)
+    ([4.0, 2.0], 4.0)
+    """
+    features = keras.Model(model.inputs, activation_tensor(model, layer))
+    rank = len(features.outputs[0].shape)
+    axes = [a for a in range(rank) if a != channel_axis(layer) % rank]
+
+    def sums(x):
+        out = tf.cast(features(x, training=False), tf.float64)
+        return tf.reduce_sum(out, axis=axes), tf.cast(tf.size(out), tf.float64)
+
+    return sums
+
+
+def average_channel_sums(batches, step):
+    """Mean per channel from ``step(x) -> (sums, size)`` (see :func:`channel_sum_fn`) over batches.
+
+    ``batches`` yields ``(x, y)``; the totals are accumulated in float64 in
+    batch order. Raises ``ValueError`` when there is no batch.
+    """
+    totals, count = None, 0.0
+    for x, _ in batches:
+        sums, size = step(x)
+        sums = np.asarray(sums.numpy(), dtype=np.float64)
+        totals = sums if totals is None else totals + sums
+        count += float(size.numpy()) / sums.shape[0]
+    if totals is None:
+        raise ValueError("`data` is empty: it has no examples.")
+    return totals / count
+
+
+def _stats_fn(model, layer):
+    key = (layer.name, id(layer))
+    cache = _STAT_FNS.setdefault(model, {})
+    if key not in cache:
+        spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
+        cache[key] = tf.function(channel_sum_fn(model, layer), input_signature=[spec])
+    return cache[key]
+
+
+def mean_channel_activations(model, data, layer=None, batch_size=256):
+    """Mean activation of each channel of ``layer`` over ``data``.
+
+    The mean is taken after the layer's activation function, over every
+    example and spatial position, accumulated in float64 batch by batch, so
+    memory does not grow with the data set and the result is deterministic.
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+    data : (x, y) arrays, x alone, or a tf.data.Dataset of (x, y)
+        Clean inputs (labels are not used).
+    layer : str, default=None
+        Name of a Conv or Dense layer; default: the last convolutional layer.
+    batch_size : int, default=256
+
+    Returns
+    -------
+    numpy.ndarray of shape (channels,), float64
+
+    Examples
+    --------
+    >>> import numpy as np, tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((2,)),
+    ...     keras.layers.Dense(2, activation="relu", kernel_initializer="identity", name="fc")])
+    >>> mean_channel_activations(model, np.array([[1., -1.], [3., 2.]]), layer="fc").tolist()
+    [2.0, 1.0]
+    """
+    check_model(model)
+    found = resolve_layer(model, layer)
+    if not isinstance(data, (tuple, list)) and not isinstance(data, tf.data.Dataset) and \
+            not hasattr(data, "batches"):
+        data = (data, np.zeros(len(data), dtype=np.int64))
+    data = check_data(data, "data", model=model, num_classes=None)
+    return average_channel_sums(data.batches(batch_size), _stats_fn(model, found))
