@@ -27,10 +27,10 @@ import numpy as np
 
 from tf_backdoor_defense._keras import keras
 from tf_backdoor_defense.attacks import pixel_pattern, poisoned_evaluation_set
-from tf_backdoor_defense.callbacks import FinePruning
-from tf_backdoor_defense.datasets import load_mnist_digits, split
-from tf_backdoor_defense.masks import wrap_layers
-from tf_backdoor_defense.models import mnist_cnn
+from tf_backdoor_defense.finetune._callbacks import FinePruning
+from tf_backdoor_defense.experiments._datasets import load_mnist_digits, split
+from tf_backdoor_defense.masks._wrapper import wrap_layers
+from tf_backdoor_defense.experiments._models import mnist_cnn
 
 
 class EpochTimer(keras.callbacks.Callback):

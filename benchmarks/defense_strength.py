@@ -35,10 +35,10 @@ import numpy as np
 from tf_backdoor_defense.attacks import (all_to_all_shift, checkerboard_patch, pixel_pattern,
                                          poison_dataset, poisoned_evaluation_set,
                                          pruning_aware_attack, single_pixel)
-from tf_backdoor_defense.datasets import load_mnist_digits, split
-from tf_backdoor_defense.defense import METHODS, BackdoorStillActiveWarning, _choose, defend
+from tf_backdoor_defense.experiments._datasets import load_mnist_digits, split
+from tf_backdoor_defense.defenses._defend import METHODS, BackdoorStillActiveWarning, _choose, defend
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
-from tf_backdoor_defense.models import mnist_cnn, train_badnet
+from tf_backdoor_defense.experiments._models import mnist_cnn, train_badnet
 
 TRIGGERS = {"pixel": lambda: single_pixel(1.0), "pattern": lambda: pixel_pattern(1.0),
             "patch": lambda: checkerboard_patch(4, 1.0)}

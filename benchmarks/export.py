@@ -27,10 +27,10 @@ import time
 import numpy as np
 
 from tf_backdoor_defense._keras import keras, tf
-from tf_backdoor_defense.activations import mean_channel_activations
-from tf_backdoor_defense.export import count_params, export_saved_model, strip_masks
-from tf_backdoor_defense.masks import wrap_layers
-from tf_backdoor_defense.ranking import level_mask, rank_channels
+from tf_backdoor_defense.scoring._activations import mean_channel_activations
+from tf_backdoor_defense.export._export import count_params, export_saved_model, strip_masks
+from tf_backdoor_defense.masks._wrapper import wrap_layers
+from tf_backdoor_defense.pruning._ranking import level_mask, rank_channels
 
 from lab_badnet import load_lab_badnet  # benchmarks/ is on sys.path when run as a script
 

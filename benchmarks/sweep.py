@@ -22,7 +22,7 @@ import numpy as np
 
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense.metrics import predict_labels
-from tf_backdoor_defense.sweep import prune_to_threshold
+from tf_backdoor_defense.pruning._sweep import prune_to_threshold
 
 from lab_badnet import load_lab_badnet  # benchmarks/ is on sys.path when run as a script
 
@@ -102,7 +102,7 @@ def main():
 
 def group_sweep(model, clean, poisoned, args, full_pass):
     """Time the several-layer sweep against a full pass per level with the same masks."""
-    from tf_backdoor_defense.masks import wrap_layers
+    from tf_backdoor_defense.masks._wrapper import wrap_layers
 
     def sweep():
         return prune_to_threshold(model, clean, layer=args.layers, poisoned_data=poisoned,

@@ -13,9 +13,9 @@ import warnings
 
 from tf_backdoor_defense import attack_success_rate, clean_accuracy, defend
 from tf_backdoor_defense.attacks import pixel_pattern, poisoned_evaluation_set
-from tf_backdoor_defense.datasets import load_mnist_digits, split
-from tf_backdoor_defense.defense import METHODS
-from tf_backdoor_defense.models import mnist_cnn, train_badnet
+from tf_backdoor_defense.experiments._datasets import load_mnist_digits, split
+from tf_backdoor_defense.defenses._defend import METHODS
+from tf_backdoor_defense.experiments._models import mnist_cnn, train_badnet
 
 
 def main(argv=None):

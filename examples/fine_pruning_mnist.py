@@ -20,11 +20,11 @@ import time
 import pandas as pd
 
 from tf_backdoor_defense.attacks import pixel_pattern, poisoned_evaluation_set
-from tf_backdoor_defense.datasets import load_mnist_digits, split
-from tf_backdoor_defense.finetune import fine_prune, fine_tune
+from tf_backdoor_defense.experiments._datasets import load_mnist_digits, split
+from tf_backdoor_defense.finetune._fine_prune import fine_prune, fine_tune
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
-from tf_backdoor_defense.models import train_badnet
-from tf_backdoor_defense.sweep import prune_to_threshold
+from tf_backdoor_defense.experiments._models import train_badnet
+from tf_backdoor_defense.pruning._sweep import prune_to_threshold
 
 
 def run(badnet_epochs=15, epochs=5, seed=0, max_accuracy_drop=0.04, target=0):

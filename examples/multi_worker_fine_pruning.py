@@ -44,7 +44,7 @@ def free_ports(count):
 
 def _data(seed):
     from tf_backdoor_defense.attacks import pixel_pattern, poisoned_evaluation_set
-    from tf_backdoor_defense.datasets import load_mnist_digits, split
+    from tf_backdoor_defense.experiments._datasets import load_mnist_digits, split
 
     x, y = load_mnist_digits()
     trigger = pixel_pattern(value=1.0)
@@ -55,7 +55,7 @@ def _data(seed):
 
 def launch(args):
     from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
-    from tf_backdoor_defense.models import train_badnet
+    from tf_backdoor_defense.experiments._models import train_badnet
 
     train, _, evaluation, poisoned, trigger = _data(args.seed)
     badnet = train_badnet(*train, trigger, target=0, epochs=args.badnet_epochs, seed=args.seed)
@@ -98,8 +98,8 @@ def fine_prune_in_scope(strategy, build_model, train, clean, poisoned, *, layer=
     ``batch_size`` examples per replica. Returns ``(model, callback, history)``.
     """
     from tf_backdoor_defense._keras import keras
-    from tf_backdoor_defense.callbacks import FinePruning
-    from tf_backdoor_defense.masks import wrap_layers
+    from tf_backdoor_defense.finetune._callbacks import FinePruning
+    from tf_backdoor_defense.masks._wrapper import wrap_layers
 
     with strategy.scope():
         model = wrap_layers(build_model(), layer)
@@ -115,7 +115,7 @@ def fine_prune_in_scope(strategy, build_model, train, clean, poisoned, *, layer=
 def worker(args):
     from tf_backdoor_defense._keras import tf
     from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
-    from tf_backdoor_defense.models import mnist_cnn
+    from tf_backdoor_defense.experiments._models import mnist_cnn
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]

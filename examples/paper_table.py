@@ -16,7 +16,7 @@ import time
 
 import pandas as pd
 
-from tf_backdoor_defense.evaluation import paper_table_mnist
+from tf_backdoor_defense.experiments._paper import paper_table_mnist
 
 
 def main(argv=None):
