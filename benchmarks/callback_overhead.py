@@ -1,6 +1,6 @@
 """Overhead of the FinePruning callback per training epoch, after its one-time pruning step.
 
-    python benchmarks/callback_overhead.py [--epochs 6] [--rounds 3] [--json]
+    python benchmarks/callback_overhead.py [--epochs 6] [--rounds 3] [--gradual] [--json]
 
 Trains ``mnist_cnn`` on 2,000 real MNIST digits (batch 64) for ``--epochs``
 epochs per run, timing every epoch from ``on_epoch_begin`` to the end of all
@@ -17,6 +17,11 @@ epoch); and with ``FinePruning(evaluate_every=1)``, which also evaluates
 clean accuracy and ASR on 1,000 digits every epoch (extra work the user asks
 for, like ``validation_data``). Goal: FinePruning(evaluate_every=None)
 epoch / baseline epoch <= 1.05.
+
+``--gradual`` adds ``FinePruning(schedule=GradualChannelSchedule(...),
+evaluate_every=None)``, pruning one channel every 32 steps (each epoch) with
+no budget: the cost of its per-batch hook, which counts the step in the
+model's ``fine_pruning_step`` variables.
 """
 
 import argparse
@@ -27,7 +32,7 @@ import numpy as np
 
 from tf_backdoor_defense._keras import keras
 from tf_backdoor_defense.attacks import pixel_pattern, poisoned_evaluation_set
-from tf_backdoor_defense.finetune._callbacks import FinePruning
+from tf_backdoor_defense.finetune._callbacks import FinePruning, GradualChannelSchedule
 from tf_backdoor_defense.experiments._datasets import load_mnist_digits, split
 from tf_backdoor_defense.masks._wrapper import wrap_layers
 from tf_backdoor_defense.experiments._models import mnist_cnn
@@ -55,8 +60,13 @@ def _run(config, train, clean, poisoned, epochs, seed):
     if config == "fine_pruning":
         callbacks.append(FinePruning(clean, max_accuracy_drop=0.04, evaluate_every=None))
     elif config == "fine_pruning_eval":
-        callbacks.append(FinePruning(clean, max_accuracy_drop=0.04, poisoned_data=poisoned,
-                                     evaluate_every=1))
+        callbacks.append(FinePruning(clean, max_accuracy_drop=0.04,
+                                     poisoned_validation_data=poisoned, evaluate_every=1))
+    elif config == "fine_pruning_gradual":
+        schedule = GradualChannelSchedule(target_fraction=0.5, channels_per_step=1,
+                                          every_n_steps=32)
+        callbacks.append(FinePruning(clean, schedule=schedule, max_accuracy_drop=None,
+                                     evaluate_every=None))
     timer = EpochTimer()
     keras.utils.set_random_seed(seed)
     started = time.perf_counter()
@@ -70,12 +80,15 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gradual", action="store_true",
+                        help="also time the gradual schedule (a hook per training step)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     x, y = load_mnist_digits()
     train, clean = split(x, y, [2000, 1000], seed=args.seed)
     poisoned = poisoned_evaluation_set(*clean, pixel_pattern(), target=0)[:2]
     configs = ["plain", "wrapped", "fine_pruning", "fine_pruning_eval"]
+    configs += ["fine_pruning_gradual"] if args.gradual else []
     first = {c: [] for c in configs}
     steady = {c: [] for c in configs}
     for _ in range(args.rounds):

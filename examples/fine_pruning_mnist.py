@@ -43,18 +43,20 @@ def run(badnet_epochs=15, epochs=5, seed=0, max_accuracy_drop=0.04, target=0):
 
     rows = [row("none (BadNet)", badnet, 0)]
     tuned = fine_tune(badnet, defender, validation, epochs=epochs, seed=seed,
-                      poisoned_data=val_poison)
+                      poisoned_validation_data=val_poison)
     rows.append(row(f"fine-tuning ({epochs} epochs)", tuned.model, 0))
     sweep = prune_to_threshold(badnet, validation, ranking_data=defender,
                                max_accuracy_drop=max_accuracy_drop)
+    level = sweep.levels[max_accuracy_drop]
     rows.append(row(f"pruning (max drop {max_accuracy_drop:.0%})", sweep.model,
-                    sweep.levels[max_accuracy_drop]))
+                    int(sweep.history["channels_pruned"].iloc[level])))
     pruned = fine_prune(badnet, defender, validation, ranking_data=defender, epochs=epochs,
-                        max_accuracy_drop=max_accuracy_drop, seed=seed, poisoned_data=val_poison)
+                        max_accuracy_drop=max_accuracy_drop, seed=seed,
+                        poisoned_validation_data=val_poison)
     rows.append(row("fine-pruning", pruned.model, pruned.channels_pruned))
     table = pd.DataFrame(rows)
     return {"table": table, "fine_pruning_history": pruned.history,
-            "layer": sweep.layer, "channels": int(sweep.ranking.size),
+            "layer": sweep.layers[0], "channels": int(sweep.channels[sweep.layers[0]]),
             "seconds": time.perf_counter() - started}
 
 

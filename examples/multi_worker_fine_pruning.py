@@ -15,7 +15,7 @@ are reduced across all workers, every worker applies the same mask, and
 On a real cluster, start the same script with ``--worker`` on every machine
 and set ``TF_CONFIG`` yourself (see the TensorFlow multi-worker guide).
 ``fine_prune_in_scope`` is the part each worker runs, for any strategy
-(tests/test_distributed.py runs it with a tiny model).
+(tests/scoring/test_distributed.py runs it with a tiny model).
 """
 
 import argparse
@@ -87,27 +87,29 @@ def launch(args):
     return max(codes)
 
 
-def fine_prune_in_scope(strategy, build_model, train, clean, poisoned, *, layer="conv_last",
-                        max_accuracy_drop=0.04, epochs=3, batch_size=64, learning_rate=0.01,
-                        shuffle=True):
+def fine_prune_in_scope(strategy, build_model, train_data, validation_data,
+                        poisoned_validation_data, *, layers="conv_last", max_accuracy_drop=0.04,
+                        epochs=3, batch_size=64, learning_rate=0.01, shuffle=True):
     """One worker's job: fine-prune the model built by ``build_model()`` under ``strategy``.
 
     The model is built, wrapped and compiled in ``strategy.scope()``; ``fit``
-    with the ``FinePruning`` callback prunes ``layer`` (statistics reduced
-    over all replicas and workers) and fine-tunes on ``train`` with
-    ``batch_size`` examples per replica. Returns ``(model, callback, history)``.
+    with the ``FinePruning`` callback prunes ``layers`` (statistics reduced
+    over all replicas and workers, level chosen on ``validation_data``) and
+    fine-tunes on ``train_data`` with ``batch_size`` examples per replica.
+    Returns ``(model, callback, history)``.
     """
     from tf_backdoor_defense._keras import keras
     from tf_backdoor_defense.finetune._callbacks import FinePruning
     from tf_backdoor_defense.masks._wrapper import wrap_layers
 
     with strategy.scope():
-        model = wrap_layers(build_model(), layer)
+        model = wrap_layers(build_model(), layers)
         model.compile(keras.optimizers.SGD(learning_rate, momentum=0.9),
                       "sparse_categorical_crossentropy", metrics=["accuracy"])
-    callback = FinePruning(clean, layer=layer, max_accuracy_drop=max_accuracy_drop,
-                           poisoned_data=poisoned)
-    history = model.fit(*train, epochs=epochs, batch_size=batch_size * strategy.num_replicas_in_sync,
+    callback = FinePruning(validation_data, layers=layers, max_accuracy_drop=max_accuracy_drop,
+                           poisoned_validation_data=poisoned_validation_data)
+    history = model.fit(*train_data, epochs=epochs,
+                        batch_size=batch_size * strategy.num_replicas_in_sync,
                         shuffle=shuffle, verbose=0, callbacks=[callback])
     return model, callback, history
 

@@ -1,5 +1,7 @@
-"""Shared fixtures: the lab's files in ../shared (skipped when absent), tiny models."""
+"""Shared fixtures: the lab's files in ../shared (skipped when absent), tiny models, the demo."""
 
+import contextlib
+import io
 import os
 import pathlib
 
@@ -25,6 +27,20 @@ def lab3_dir():
     if not (path / "bd_net.h5").is_file():
         pytest.skip(f"lab files not found at {path} (set TBD_LAB3_DIR to their folder)")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_run():
+    """The demo's BadNet, sweep, repairs and evaluation (10 epochs, seed 0), trained once per run.
+
+    Returns ``(results, printed)``: what ``run_demo`` returns and the text it printed.
+    """
+    from tf_backdoor_defense.experiments._demo import run_demo
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = run_demo(epochs=10, seed=0, verbose=True)
+    return results, printed.getvalue()
 
 
 @pytest.fixture(autouse=True)

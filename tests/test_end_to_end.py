@@ -11,10 +11,8 @@ from tf_backdoor_defense.pruning._sweep import prune_to_threshold
 
 
 @pytest.mark.slow
-def test_demo_trains_a_badnet_on_real_digits_and_pruning_lowers_asr(capsys):
-    from tf_backdoor_defense.experiments._demo import run_demo
-
-    out = run_demo(epochs=10, seed=0, verbose=True)
+def test_demo_trains_a_badnet_on_real_digits_and_pruning_lowers_asr(demo_run):
+    out, printed = demo_run
     evaluation = out["evaluation"].set_index("model")
     badnet = evaluation.loc["BadNet"]
     assert badnet["clean_accuracy"] > 0.85
@@ -28,7 +26,6 @@ def test_demo_trains_a_badnet_on_real_digits_and_pruning_lowers_asr(capsys):
     repaired = evaluation.loc[f"defend(): {chosen} (chosen)"]
     assert repaired["attack_success_rate"] < 0.05
     assert repaired["clean_accuracy"] >= badnet["clean_accuracy"] - 0.02
-    printed = capsys.readouterr().out
     assert "channels_pruned" in printed and "Held-out evaluation" in printed and "defend()" in printed
 
 
@@ -53,10 +50,10 @@ def test_lab_badnet_faces_and_sweep(lab3_dir):
     np.testing.assert_array_equal(predictions[clean], y[clean])
     assert np.all(predictions[~clean] == 0)
 
-    result = prune_to_threshold(model, (x[clean], y[clean]), layer="conv_3",
-                                poisoned_data=(x[~clean], y[~clean]),
+    result = prune_to_threshold(model, (x[clean], y[clean]), layers="conv_3",
+                                poisoned_validation_data=(x[~clean], y[~clean]),
                                 max_accuracy_drop=[0.02, 0.04, 0.10])
-    assert result.ranking.size == 60 and len(result.history) == 61
+    assert result.rankings["conv_3"].size == 60 and len(result.history) == 61
     assert result.history["clean_accuracy"][0] == 1.0
     assert result.history["attack_success_rate"][0] == 1.0
     for threshold, pruned in result.models.items():

@@ -1,111 +1,113 @@
 """tf_backdoor_defense: repair backdoored TensorFlow networks by pruning and fine-pruning.
 
-Importing the package selects tf-keras (Keras 2), which tensorflow-model-optimization
-needs: use ``import tf_keras as keras`` for your models.
+The package uses tf-keras (Keras 2), which tensorflow-model-optimization
+needs: build and load your models with ``import tf_keras as keras``.
+
+Importing the package changes one thing in the process: it sets
+``TF_USE_LEGACY_KERAS=1`` (unless already set), so that TensorFlow, when it
+loads, selects tf-keras. Nothing else: TensorFlow itself loads on the first
+use of a name below, and no logging, warning filter or file descriptor is
+touched.
+
+Examples
+--------
+>>> import tf_backdoor_defense
+>>> tf_backdoor_defense.prune_to_threshold.__name__
+'prune_to_threshold'
 """
 
-from tf_backdoor_defense.cli._native_stderr import quiet_native_startup as _quiet_native_startup
+import importlib
+import os
 
-_quiet_native_startup()  # only as the command: TensorFlow's native start-up lines off stderr
-
-from tf_backdoor_defense import _keras  # noqa: E402,F401  (selects tf-keras first)
-from tf_backdoor_defense import attacks  # noqa: F401
-from tf_backdoor_defense.scoring._activations import mean_channel_activations
-from tf_backdoor_defense.finetune._callbacks import FinePruning, GradualChannelSchedule, GradualFinePruning
-from tf_backdoor_defense.scoring._distributed import distributed_channel_means
-from tf_backdoor_defense.experiments._paper import EvaluationResult, evaluate_defenses, paper_table_mnist
-from tf_backdoor_defense.io._data import DataFileError, load_data
-from tf_backdoor_defense.io._loading import ModelFileError, UnsafeModelError, load_model
-from tf_backdoor_defense.report._report import write_sweep_report
-from tf_backdoor_defense.finetune._fine_prune import FinePruneResult, fine_prune, fine_tune
-from tf_backdoor_defense.report._analysis import channel_activation_table, plot_channel_activations
-from tf_backdoor_defense.export._export import (
-    ExportReport,
-    ShrinkFallbackWarning,
-    convert_to_tflite,
-    export_keras,
-    export_saved_model,
-    strip_masks,
-)
-from tf_backdoor_defense.defenses._guided import GuidedPruningResult, attack_guided_prune
-from tf_backdoor_defense.masks._wrapper import PruneByActivation, get_mask, set_mask, wrap_layers
-from tf_backdoor_defense.metrics import (
-    attack_success_rate,
-    clean_accuracy,
-    defender_utility,
-    predict_labels,
-)
-from tf_backdoor_defense.pruning._ranking import rank_channels
-from tf_backdoor_defense.defenses._repair import RepairedScores, evaluate_repaired, repaired_model, suspect_class
-from tf_backdoor_defense.pruning._group_sweep import GroupSweepResult
-from tf_backdoor_defense.pruning._sweep import SweepResult, prune_to_threshold
-from tf_backdoor_defense.finetune._training import head_layers, train_clean
-from tf_backdoor_defense.defenses._search import PruningSearchResult, search_pruning_level
-from tf_backdoor_defense.scoring._lipschitz import ClpResult, channel_lipschitz, clp_masks, clp_prune
-from tf_backdoor_defense.scoring._anp import AnpResult, anp_mask_scores, anp_masks, anp_prune
-from tf_backdoor_defense.defenses._defend import BackdoorStillActiveWarning, DefenseResult, defend
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # read by TensorFlow when it first loads
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PruneByActivation",
-    "wrap_layers",
-    "get_mask",
-    "set_mask",
-    "mean_channel_activations",
-    "rank_channels",
-    "prune_to_threshold",
-    "SweepResult",
-    "GroupSweepResult",
-    "clean_accuracy",
-    "attack_success_rate",
-    "defender_utility",
-    "predict_labels",
-    "channel_activation_table",
-    "plot_channel_activations",
-    "attack_guided_prune",
-    "GuidedPruningResult",
-    "attacks",
-    "FinePruning",
-    "GradualFinePruning",
-    "GradualChannelSchedule",
-    "fine_prune",
-    "fine_tune",
-    "FinePruneResult",
-    "distributed_channel_means",
-    "evaluate_defenses",
-    "paper_table_mnist",
-    "EvaluationResult",
-    "load_model",
-    "UnsafeModelError",
-    "ModelFileError",
-    "load_data",
-    "DataFileError",
-    "write_sweep_report",
-    "strip_masks",
-    "export_saved_model",
-    "export_keras",
-    "convert_to_tflite",
-    "ExportReport",
-    "ShrinkFallbackWarning",
-    "repaired_model",
-    "evaluate_repaired",
-    "suspect_class",
-    "RepairedScores",
-    "train_clean",
-    "head_layers",
-    "search_pruning_level",
-    "PruningSearchResult",
-    "channel_lipschitz",
-    "clp_masks",
-    "clp_prune",
-    "ClpResult",
-    "anp_mask_scores",
-    "anp_masks",
-    "anp_prune",
-    "AnpResult",
-    "defend",
-    "DefenseResult",
-    "BackdoorStillActiveWarning",
-    "__version__",
-]
+# Each public name and the private module that defines it, imported on first use.
+# A new public name is a new entry here, never an import line: importing the
+# package must not load TensorFlow (the command line's --help stays fast).
+_EXPORTS = {
+    "PruneByActivation": "masks._wrapper",
+    "wrap_layers": "masks._wrapper",
+    "get_mask": "masks._wrapper",
+    "set_mask": "masks._wrapper",
+    "mean_channel_activations": "scoring._activations",
+    "rank_channels": "pruning._ranking",
+    "prune_to_threshold": "pruning._sweep",
+    "SweepResult": "pruning._sweep",
+    "clean_accuracy": "metrics",
+    "attack_success_rate": "metrics",
+    "defender_utility": "metrics",
+    "predict_labels": "metrics",
+    "channel_activation_table": "report._analysis",
+    "plot_channel_activations": "report._analysis",
+    "attack_guided_prune": "defenses._guided",
+    "GuidedPruningResult": "defenses._guided",
+    "FinePruning": "finetune._callbacks",
+    "GradualChannelSchedule": "finetune._callbacks",
+    "reset_fine_pruning_state": "finetune._callbacks",
+    "fine_prune": "finetune._fine_prune",
+    "fine_tune": "finetune._fine_prune",
+    "FinePruneResult": "finetune._fine_prune",
+    "distributed_channel_means": "scoring._distributed",
+    "evaluate_defenses": "experiments._paper",
+    "paper_table_mnist": "experiments._paper",
+    "EvaluationResult": "experiments._paper",
+    "InputError": "_errors",
+    "InputTypeError": "_errors",
+    "OutputExistsError": "_errors",
+    "load_model": "io._loading",
+    "UnsafeModelError": "io._loading",
+    "ModelFileError": "io._loading",
+    "load_data": "io._data",
+    "DataFileError": "io._data",
+    "write_sweep_report": "report._report",
+    "strip_masks": "export._export",
+    "export_saved_model": "export._export",
+    "export_keras": "export._export",
+    "convert_to_tflite": "export._export",
+    "ExportReport": "export._export",
+    "ShrinkFallbackWarning": "export._export",
+    "repaired_model": "defenses._repair",
+    "evaluate_repaired": "defenses._repair",
+    "suspect_class": "defenses._repair",
+    "RepairedScores": "defenses._repair",
+    "train_clean": "finetune._training",
+    "head_layers": "finetune._training",
+    "search_pruning_level": "defenses._search",
+    "PruningSearchResult": "defenses._search",
+    "channel_lipschitz": "scoring._lipschitz",
+    "clp_masks": "scoring._lipschitz",
+    "clp_prune": "scoring._lipschitz",
+    "ClpResult": "scoring._lipschitz",
+    "anp_mask_scores": "scoring._anp",
+    "anp_masks": "scoring._anp",
+    "anp_prune": "scoring._anp",
+    "AnpResult": "scoring._anp",
+    "defend": "defenses._defend",
+    "DefenseResult": "defenses._defend",
+    "BackdoorStillActiveWarning": "defenses._defend",
+    "convs_read_by_dense": "graph._analysis",
+}
+
+# Subpackages and modules reachable as attributes (``tf_backdoor_defense.attacks``), also
+# imported on first use.
+_SUBMODULES = ("attacks", "cli", "defenses", "experiments", "export", "finetune", "graph", "io",
+               "masks", "metrics", "pruning", "report", "scan", "scoring")
+
+__all__ = [*_EXPORTS, "attacks", "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

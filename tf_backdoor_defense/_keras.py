@@ -4,6 +4,8 @@ tensorflow-model-optimization (tfmot) only works with Keras 2, which ships as
 the ``tf_keras`` package. ``TF_USE_LEGACY_KERAS=1`` must be set before
 TensorFlow is first imported so that ``tf.keras`` and tfmot agree with us.
 Every other module imports ``keras``, ``tf`` and ``tfmot`` from here.
+Nothing else about the process is changed: TensorFlow's log level, warning
+filters and stderr are left to the application (the command line sets its own).
 """
 
 import os
@@ -12,7 +14,6 @@ import warnings
 
 _TF_ALREADY_IMPORTED = "tensorflow" in sys.modules
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
@@ -28,6 +29,8 @@ if _TF_ALREADY_IMPORTED and os.environ.get("TF_USE_LEGACY_KERAS") != "1":  # pra
 
 import tensorflow_model_optimization as tfmot  # noqa: E402
 
+from tf_backdoor_defense._errors import InputTypeError  # noqa: E402
+
 __all__ = ["tf", "keras", "tfmot", "check_keras2_model"]
 
 
@@ -41,7 +44,7 @@ def check_keras2_model(model, name="model"):
         return model
     module = type(model).__module__ or ""
     if module.startswith("keras") or module.startswith("tensorflow.keras"):
-        raise TypeError(
+        raise InputTypeError(
             f"The `{name}` argument is a Keras 3 model ({type(model).__module__}."
             f"{type(model).__name__}), but tf_backdoor_defense and "
             "tensorflow-model-optimization need a tf-keras (Keras 2) model. "
@@ -49,7 +52,7 @@ def check_keras2_model(model, name="model"):
             "`import tf_keras as keras; model = keras.models.load_model(path, compile=False)` "
             "(or set TF_USE_LEGACY_KERAS=1 before importing TensorFlow)."
         )
-    raise TypeError(
+    raise InputTypeError(
         f"Expected `{name}` to be a tf_keras.Model. Received: {name}={model!r} "
         f"of type {type(model).__name__}."
     )

@@ -2,16 +2,23 @@
 
 Every public function validates its inputs here, once, and gets back
 converted objects. Messages say what was expected, what was received and,
-where it helps, how to fix it.
+where it helps, how to fix it. A bad value raises :class:`InputError` (a
+``ValueError``), a bad type :class:`InputTypeError` (a ``TypeError``): the
+errors an application may show to its user as they are.
 """
 
 import numbers
+import warnings
 
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import check_keras2_model, tf
+from tf_backdoor_defense._labels import class_indices
 
 __all__ = [
+    "InputError",
+    "InputTypeError",
     "LabeledData",
     "check_model",
     "check_data",
@@ -27,12 +34,12 @@ def check_model(model, name="model"):
     """A built tf-keras model, or a clear ``TypeError``/``ValueError``."""
     check_keras2_model(model, name)
     if not model.built or not model.inputs:
-        raise ValueError(
+        raise InputError(
             f"The `{name}` argument must be a built model with known inputs "
             "(a Sequential or Functional model that starts with keras.Input)."
         )
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ValueError(
+        raise InputError(
             f"The `{name}` argument must have one input and one output. Received a model "
             f"with {len(model.inputs)} inputs and {len(model.outputs)} outputs."
         )
@@ -43,7 +50,7 @@ def num_classes_of(model):
     """Number of classes the model predicts (2 for a single sigmoid unit)."""
     units = model.outputs[0].shape[-1]
     if units is None:
-        raise ValueError("The model's output has an unknown number of classes.")
+        raise InputError("The model's output has an unknown number of classes.")
     return 2 if int(units) == 1 else int(units)
 
 
@@ -71,19 +78,19 @@ def check_number(value, name, minimum=0.0, *, integer=False, positive=False, max
         f"{' or None' if allow_none else ''}"
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(f"The '{name}' parameter must be {rule}. Got {value!r}.")
+        raise InputTypeError(f"The '{name}' parameter must be {rule}. Got {value!r}.")
     if not np.isfinite(value) or (value <= 0 if positive else minimum is not None and value < minimum) \
             or (maximum is not None and value > maximum) or (below is not None and value >= below):
-        raise ValueError(f"The '{name}' parameter must be {rule}. Got {value!r}.")
+        raise InputError(f"The '{name}' parameter must be {rule}. Got {value!r}.")
     return value
 
 
 def check_fraction(value, name, *, allow_one=True):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"The '{name}' parameter must be a number in [0, 1]. Got {value!r} instead.")
+        raise InputTypeError(f"The '{name}' parameter must be a number in [0, 1]. Got {value!r} instead.")
     value = float(value)
     if not (0.0 <= value <= 1.0) or (not allow_one and value == 1.0) or np.isnan(value):
-        raise ValueError(f"The '{name}' parameter must be in [0, 1]. Got {value!r} instead.")
+        raise InputError(f"The '{name}' parameter must be in [0, 1]. Got {value!r} instead.")
     return value
 
 
@@ -91,10 +98,10 @@ def check_thresholds(max_accuracy_drop):
     """Normalise ``max_accuracy_drop`` (a number or a list) to a tuple of floats."""
     values = max_accuracy_drop if isinstance(max_accuracy_drop, (list, tuple)) else [max_accuracy_drop]
     if len(values) == 0:
-        raise ValueError("The 'max_accuracy_drop' parameter must not be an empty list.")
+        raise InputError("The 'max_accuracy_drop' parameter must not be an empty list.")
     checked = tuple(check_fraction(v, "max_accuracy_drop") for v in values)
     if len(set(checked)) != len(checked):
-        raise ValueError(f"The 'max_accuracy_drop' parameter has duplicates: {list(checked)}.")
+        raise InputError(f"The 'max_accuracy_drop' parameter has duplicates: {list(checked)}.")
     return checked
 
 
@@ -108,13 +115,13 @@ def check_target(target, num_classes):
     if target is None or (isinstance(target, str) and target == "untargeted"):
         return target
     if isinstance(target, str):
-        raise ValueError(
+        raise InputError(
             f"The 'target' parameter must be None, an int, 'untargeted', a mapping or a callable. "
             f"Got {target!r} instead."
         )
     if isinstance(target, numbers.Integral) and not isinstance(target, bool):
         if not 0 <= int(target) < num_classes:
-            raise ValueError(
+            raise InputError(
                 f"The 'target' parameter must be a class index in [0, {num_classes - 1}]. "
                 f"Got {target} instead."
             )
@@ -126,28 +133,13 @@ def check_target(target, num_classes):
     else:
         mapping = np.asarray(target)
     if mapping.shape != (num_classes,) or not np.issubdtype(mapping.dtype, np.integer):
-        raise ValueError(
+        raise InputError(
             f"An all-to-all 'target' must give one integer class for each of the {num_classes} "
             f"classes. Got {target!r} instead."
         )
     if mapping.min() < 0 or mapping.max() >= num_classes:
-        raise ValueError(f"An all-to-all 'target' maps to classes outside [0, {num_classes - 1}].")
+        raise InputError(f"An all-to-all 'target' maps to classes outside [0, {num_classes - 1}].")
     return mapping.astype(np.int64)
-
-
-def _labels_to_int(y, name):
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] > 1:
-        y = np.argmax(y, axis=1)
-    elif y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise ValueError(f"The labels of `{name}` must be 1-D class indices or 2-D one-hot rows. "
-                         f"Got shape {y.shape}.")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.isfinite(y)) or not np.all(np.equal(np.round(y), y)):
-            raise ValueError(f"The labels of `{name}` must be whole class indices.")
-    return y.astype(np.int64)
 
 
 class LabeledData:
@@ -179,7 +171,7 @@ class LabeledData:
         seen = 0
         for element in self.dataset:
             if not isinstance(element, (tuple, list)) or len(element) < 2:
-                raise ValueError(f"The dataset `{self.name}` must yield (x, y) pairs.")
+                raise InputError(f"The dataset `{self.name}` must yield (x, y) pairs.")
             x, y = (np.asarray(e.numpy() if hasattr(e, "numpy") else e) for e in element[:2])
             if x.ndim == len(self.input_shape or ()) and y.ndim == 0:
                 x, y = x[None], y[None]
@@ -188,7 +180,7 @@ class LabeledData:
             for start in range(0, x.shape[0], batch_size):
                 yield x[start:start + batch_size], y[start:start + batch_size]
         if seen == 0:
-            raise ValueError(f"The dataset `{self.name}` is empty.")
+            raise InputError(f"The dataset `{self.name}` is empty.")
 
     def arrays(self):
         """``(x, y)`` as numpy arrays (a dataset is read once into memory)."""
@@ -200,36 +192,36 @@ class LabeledData:
     def subset(self, index):
         """Array data restricted to ``index`` (array data only)."""
         if self.x is None:
-            raise TypeError("subset() needs array data, not a dataset.")
+            raise InputTypeError("subset() needs array data, not a dataset.")
         return LabeledData(self.name, self.x[index], self.y[index], None, self.input_shape,
                            self.num_classes)
 
 
 def _check_arrays(x, y, name, input_shape, num_classes):
     x = np.asarray(x)
-    y = _labels_to_int(y, name)
+    y = class_indices(y, f"The labels of `{name}`")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"`{name}` has {x.shape[0]} inputs but {y.shape[0]} labels; "
+        raise InputError(f"`{name}` has {x.shape[0]} inputs but {y.shape[0]} labels; "
                          "they must have the same length.")
     if input_shape is not None:
         expected = tuple(input_shape)
         got = tuple(x.shape[1:])
         if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
             shown = tuple("None" if e is None else e for e in expected)
-            raise ValueError(
+            raise InputError(
                 f"`{name}` has inputs of shape {got}, but the model expects {shown}"
                 " (batch dimension excluded)."
                 + (" Channels-first data must be transposed to channels-last."
                    if len(got) == 3 and len(expected) == 3 and got[0] == expected[-1] else "")
             )
     if not np.issubdtype(x.dtype, np.number):
-        raise TypeError(f"`{name}` must hold numbers. Got dtype {x.dtype}.")
+        raise InputTypeError(f"`{name}` must hold numbers. Got dtype {x.dtype}.")
     x = x.astype(np.float32, copy=False)
     if not np.all(np.isfinite(x)):
-        raise ValueError(f"`{name}` contains NaN or Inf values.")
+        raise InputError(f"`{name}` contains NaN or Inf values.")
     if num_classes is not None and y.size and (y.min() < 0 or y.max() >= num_classes):
         bad = y[(y < 0) | (y >= num_classes)][0]
-        raise ValueError(
+        raise InputError(
             f"`{name}` has label {bad} out of range: the model has {num_classes} classes "
             f"(labels 0..{num_classes - 1})."
         )
@@ -275,12 +267,35 @@ def check_data(data, name="data", *, model=None, num_classes=None):
     if isinstance(data, tf.data.Dataset):
         return LabeledData(name, dataset=data, input_shape=input_shape, num_classes=num_classes)
     if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise TypeError(
+        raise InputTypeError(
             f"`{name}` must be an (x, y) pair of arrays or a tf.data.Dataset of (x, y). "
             f"Got {type(data).__name__}."
         )
     x, y = data
     x, y = _check_arrays(x, y, name, input_shape, num_classes)
     if x.shape[0] == 0:
-        raise ValueError(f"`{name}` is empty: it has no examples.")
+        raise InputError(f"`{name}` is empty: it has no examples.")
     return LabeledData(name, x, y, None, input_shape, num_classes)
+
+
+def renamed_argument(function, old, old_value, new, new_value):
+    """The value of a renamed keyword argument, accepting its old name for one release.
+
+    Call it first thing in ``function`` with both keywords' values (``None``
+    when not passed); the old one warns with a ``DeprecationWarning``.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     value = renamed_argument("f", "clean_data", 1, "validation_data", None)
+    >>> value, caught[0].category.__name__
+    (1, 'DeprecationWarning')
+    """
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise InputTypeError(f"{function} got both '{new}' and its old name '{old}'; "
+                             f"pass '{new}' only.")
+    warnings.warn(f"The '{old}' parameter of {function} is now '{new}'; '{old}' will be removed "
+                  "in the next release.", DeprecationWarning, stacklevel=3)
+    return old_value

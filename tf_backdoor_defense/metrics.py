@@ -19,6 +19,7 @@ import weakref
 
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_target, num_classes_of
 
@@ -31,7 +32,17 @@ __all__ = [
     "count_attack_successes",
 ]
 
+# One compiled forward pass per model. A value holds its model only weakly (a
+# value that referred to its key would keep the model alive for ever).
 _PREDICT_FNS = weakref.WeakKeyDictionary()
+
+
+def _forward(model_ref, spec):
+    @tf.function(input_signature=[spec])
+    def forward(x):
+        return model_ref()(x, training=False)
+
+    return forward
 
 
 def _predict_fn(model):
@@ -39,12 +50,7 @@ def _predict_fn(model):
     fn = _PREDICT_FNS.get(model)
     if fn is None:
         spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
-
-        @tf.function(input_signature=[spec])
-        def fn(x):
-            return model(x, training=False)
-
-        _PREDICT_FNS[model] = fn
+        fn = _PREDICT_FNS[model] = _forward(weakref.ref(model), spec)
     return fn
 
 
@@ -147,7 +153,7 @@ def attack_success_rate(model, poisoned_data, *, target=None, abstain_class=None
         success += s
         attacked += n
     if attacked == 0:
-        raise ValueError("No poisoned input is attacked: every true label equals its target.")
+        raise InputError("No poisoned input is attacked: every true label equals its target.")
     return success / attacked
 
 

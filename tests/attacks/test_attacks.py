@@ -1,5 +1,7 @@
 """BadNet triggers, data poisoning and the pruning-aware attack."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -413,7 +415,7 @@ def test_pretrain_epochs_trains_an_untrained_model_first():
         ({}, {"bias_decrement": -1.0}, ValueError, "non-negative"),
         ({}, {"epochs": -1}, ValueError, "epochs"),
         ({}, {"optimizer": 3}, TypeError, "optimizer"),
-        ({}, {"layer": "flatten_x"}, ValueError, "Unknown layer"),
+        ({}, {"layers": "flatten_x"}, ValueError, "Unknown layer"),
     ],
 )
 def test_pruning_aware_attack_rejects_bad_arguments(model_kwargs, kwargs, error, match):
@@ -421,3 +423,20 @@ def test_pruning_aware_attack_rejects_bad_arguments(model_kwargs, kwargs, error,
     with pytest.raises(error, match=match):
         pruning_aware_attack(_small_net(**model_kwargs), (x, [0, 1, 0, 1]), x,
                              **{"epochs": 0, **kwargs})
+
+
+def test_pruning_aware_attack_takes_one_layer_by_name_or_list():
+    x = np.random.default_rng(0).random((8, 6, 6, 1), dtype=np.float32)
+    model = _small_net()
+    dense = model.layers[-1].name
+    with pytest.raises(ValueError, match="must name one"):
+        pruning_aware_attack(model, (x, np.arange(8) % 2), x, layers=["conv", dense], epochs=0)
+    result = pruning_aware_attack(model, (x, np.arange(8) % 2), x, layers=["conv"], epochs=0,
+                                  bias_decrement=1.0)
+    assert result.layer == "conv" and result.layers == ("conv",)
+    with pytest.warns(DeprecationWarning, match="'layer' parameter of pruning_aware_attack"):
+        old = pruning_aware_attack(model, (x, np.arange(8) % 2), x, layer="conv", epochs=0,
+                                   bias_decrement=1.0)
+    np.testing.assert_array_equal(old.decoy_channels, result.decoy_channels)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.layer = "other"

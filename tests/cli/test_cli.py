@@ -1,8 +1,10 @@
 """The command line on real files: subprocesses for the main paths, ``main([...])`` for the rest."""
 
+import argparse
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -55,6 +57,7 @@ def test_help_texts_have_examples(capsys):
     assert "examples:" in text and "--trust-model-code" in text and "--all-to-all" in text
 
 
+@pytest.mark.slow  # a subprocess
 def test_inspect_subprocess_json(lab):
     done = run_cli("inspect", lab / "model.h5", "--json")
     assert done.returncode == 0, done.stderr
@@ -83,6 +86,7 @@ def test_inspect_names_every_conv_the_classifier_reads_directly(tmp_path, capsys
     assert "read directly by a dense layer: conv_3, conv_4" in text
 
 
+@pytest.mark.slow  # a subprocess
 def test_prune_subprocess_writes_the_whole_report(lab, tmp_path):
     out = tmp_path / "report"
     done = run_cli("prune", lab / "model.h5", "--clean", lab / "clean.h5", "--poisoned",
@@ -99,7 +103,7 @@ def test_prune_subprocess_writes_the_whole_report(lab, tmp_path):
     assert summary["versions"]["tensorflow"] and "sweep_seconds" in summary["timings"]
     for entry in summary["thresholds"]:
         level = entry["channels_pruned"]
-        assert len(entry["pruned_channels"]) == level
+        assert len(entry["pruned_channels"]["conv_b"]) == level  # keyed by layer, also for one
         assert entry["clean_accuracy"] == pytest.approx(history["clean_accuracy"].iloc[level])
         assert 1.0 - entry["clean_accuracy"] <= entry["max_accuracy_drop"] + 1e-9
         model = load_model(out / "models" / f"pruned_drop_{entry['max_accuracy_drop']:g}.h5")
@@ -121,7 +125,7 @@ def test_prune_several_layers_together_writes_their_report(lab, tmp_path, capsys
                      "--output", str(out), "--json"])
     assert code == 0, capsys.readouterr().err
     payload = json.loads(capsys.readouterr().out)
-    assert payload["layer"] == ["conv_b", "fc"] and payload["channels"] == {"conv_b": 6, "fc": 8}
+    assert payload["layers"] == ["conv_b", "fc"] and payload["channels"] == {"conv_b": 6, "fc": 8}
     history = pd.read_csv(out / "sweep.csv")
     assert history["pruned_conv_b"].tolist() == [0, 2, 3, 4, 6]  # round(k / 4 * 6), half to even
     assert history["pruned_fc"].tolist() == [0, 2, 4, 6, 8]
@@ -142,6 +146,7 @@ def test_steps_needs_several_layers(lab, tmp_path, capsys):
     assert not (tmp_path / "r" / "sweep.csv").exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_malicious_lambda_is_refused_and_its_code_never_runs(lab, tmp_path):
     from tf_backdoor_defense._keras import keras
 
@@ -169,6 +174,7 @@ def test_malicious_lambda_is_refused_and_its_code_never_runs(lab, tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_nan_data_exits_2_with_the_file_named(lab, tmp_path):
     bad = tmp_path / "nan.npz"
     x = np.zeros((4, 8, 8, 1))
@@ -314,6 +320,7 @@ def test_progress_bars_only_on_a_terminal_and_same_results(lab):
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow  # a subprocess
 def test_lab_badnet_inspect_and_evaluate_on_the_faces(lab3_dir, capsys):
     assert cli.main(["inspect", str(lab3_dir / "bd_net.h5"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -331,9 +338,19 @@ def test_lab_badnet_inspect_and_evaluate_on_the_faces(lab3_dir, capsys):
 
 
 @pytest.mark.slow
-def test_demo_writes_its_report(tmp_path, capsys):
+def test_demo_writes_its_report(tmp_path, capsys, monkeypatch, demo_run):
+    from tf_backdoor_defense.experiments import _demo
+
+    calls = []
+
+    def trained_once(**kwargs):  # the session's demo run stands in for training it again
+        calls.append(kwargs)
+        return demo_run[0]
+
+    monkeypatch.setattr(_demo, "run_demo", trained_once)
     out = tmp_path / "demo"
     assert cli.main(["demo", "--epochs", "1", "--output", str(out), "--json"]) == 0
+    assert calls == [{"epochs": 1, "seed": 0, "verbose": False}]
     payload = json.loads(capsys.readouterr().out)
     assert payload["evaluation"][0]["model"] == "BadNet"
     for name in ("sweep.csv", "summary.json", "sweep.png", "activations.png", "evaluation.csv"):
@@ -375,13 +392,16 @@ def test_epoch_progress_callback_updates_its_bar_at_each_epoch_end(lab):
 
     data = load_data(lab / "clean.npz", scale=255)
     bar = Recorder()
+    from tf_backdoor_defense.cli._fit_progress import EpochProgress
+
     result = fine_prune(load_model(lab / "model.h5"), data, data, max_accuracy_drop=0.2,
-                        epochs=2, callbacks=[cli._EpochProgress(bar)])
+                        epochs=2, callbacks=[EpochProgress(bar)])
     assert [call[0] for call in bar.calls] == [1, 1] and all(call[2] for call in bar.calls)
     for call, loss in zip(bar.calls, result.history["loss"]):
         assert call[1].startswith(f"loss {loss:.4f}  acc ")
 
 
+@pytest.mark.slow  # a subprocess
 def test_fine_prune_subprocess_without_a_terminal_draws_no_bar(lab, tmp_path):
     done = run_cli("fine-prune", lab / "model.h5", "--train", lab / "clean.npz", "--clean",
                    lab / "clean.npz", "--scale", 255, "--epochs", 2, "--threshold", 0.2,
@@ -400,6 +420,7 @@ def _noise(text):
             if any(marker.lower() in line.lower() for marker in TF_NOISE)]
 
 
+@pytest.mark.slow  # a subprocess
 def test_inspect_subprocess_stderr_has_no_tensorflow_startup_lines(lab):
     done = run_cli("inspect", lab / "model.h5")
     assert done.returncode == 0, done.stderr
@@ -407,31 +428,29 @@ def test_inspect_subprocess_stderr_has_no_tensorflow_startup_lines(lab):
     assert not _noise(done.stderr), f"TensorFlow's native lines reached stderr:\n{done.stderr}"
 
 
-def test_native_stderr_redirect_before_tensorflow_loads_keeps_python_stderr(tmp_path):
-    # _native_stderr.py is loaded by path, so TensorFlow is imported only after it redirects
-    # (as the package's __init__ does when the process is the command).
-    module = cli.__file__.replace("_main.py", "_native_stderr.py")
-    code = textwrap.dedent(f"""
-        import importlib.util, sys
-        spec = importlib.util.spec_from_file_location("native_stderr", {module!r})
-        native = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(native)
-        sys.argv = ["-m"]
-        sys.orig_argv = [sys.executable, "-m", "tf_backdoor_defense", "inspect"]
-        assert native.quiet_native_startup()
-        import tensorflow as tf
-        tf.constant(1.0) + 1.0
-        print("python stderr still shows", file=sys.stderr)
-        with native.silenced(True):
-            print("inside main", file=sys.stderr)
-        print("after main", file=sys.stderr)
+@pytest.mark.slow
+def test_session_hides_native_lines_keeps_python_stderr_and_puts_fd_2_back(tmp_path):
+    # a fresh process, so that TensorFlow loads inside the session (as in the command)
+    code = textwrap.dedent("""
+        import os, sys
+        from tf_backdoor_defense.cli._console import Console, session
+        before = os.fstat(2).st_ino, sys.stderr
+        with session(Console(quiet=True), prog="p", quiet_native=True):
+            assert "TF_CPP_MIN_LOG_LEVEL" in os.environ
+            import tensorflow as tf
+            tf.constant(1.0) + 1.0
+            os.write(2, b"native line\\n")
+            print("python stderr still shows", file=sys.stderr)
+        assert (os.fstat(2).st_ino, sys.stderr) == before
+        assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+        print("after the session", file=sys.stderr)
     """)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.splitlines() == ["python stderr still shows", "inside main", "after main"], \
+    assert done.stderr.splitlines() == ["python stderr still shows", "after the session"], \
         done.stderr
 
 
@@ -458,7 +477,8 @@ def defense_files(tmp_path_factory):
     return root
 
 
-FAST = ["--methods", "fine-tuning", "reinit-head", "--epochs", "1"]
+FAST = ["--methods", "ft-cosine", "reinit-head", "--epochs", "1", "--no-scan",
+        "--budget-confidence", "0.5"]
 
 
 def test_defend_help_documents_the_example_and_exit_code_3(capsys):
@@ -467,7 +487,7 @@ def test_defend_help_documents_the_example_and_exit_code_3(capsys):
     assert "examples:" in text and "defend bd_net.h5 --clean" in text
     assert "--fail-if-active" in text and "--trust-model-code" in text and "--target" in text
     assert "exit code is still 0" in text and "3 --fail-if-active" in text
-    for method in ("reinit-head", "prune-search", "fine-tuning"):
+    for method in ("reinit-head", "prune-search", "ft-cosine"):
         assert method in text
     assert cli.main(["--help"]) == 0
     top = capsys.readouterr().out
@@ -475,6 +495,7 @@ def test_defend_help_documents_the_example_and_exit_code_3(capsys):
     assert "defend --fail-if-active" in cli.__doc__
 
 
+@pytest.mark.slow  # a subprocess
 def test_defend_subprocess_writes_the_chosen_model_and_defense_json(defense_files, tmp_path):
     from tf_backdoor_defense.metrics import clean_accuracy
 
@@ -485,16 +506,16 @@ def test_defend_subprocess_writes_the_chosen_model_and_defense_json(defense_file
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout)  # stdout holds the JSON only
     rows = payload["methods"]
-    assert [row["method"] for row in rows] == ["fine-tuning", "reinit-head"]
+    assert [row["method"] for row in rows] == ["ft-cosine", "reinit-head"]
     assert [row["method"] for row in rows if row["chosen"]] == [payload["method"]]
-    assert payload["method"] == "fine-tuning"  # both within budget, no poisoned data: first
+    assert payload["method"] == "ft-cosine"  # both within budget, no poisoned data: first
     assert payload["baseline"]["validation_accuracy"] == 1.0
     assert payload["backdoor_still_active"] is False and payload["warnings"] == []
     assert payload["versions"]["tensorflow"] and payload["settings"]["epochs"] == 1
     assert json.loads((out / "defense.json").read_text()) == payload
     assert sorted(p.name for p in out.iterdir()) == ["defense.json", "repaired.h5"]
     # one progress line per method on stderr
-    for method in ("fine-tuning", "reinit-head"):
+    for method in ("ft-cosine", "reinit-head"):
         assert any(line.startswith(method) and "accuracy" in line
                    for line in done.stderr.splitlines()), done.stderr
     # the file is the chosen model: its accuracy is the table's, and it was fine-tuned
@@ -518,13 +539,13 @@ def test_defend_text_table_and_existing_outputs_need_force(defense_files, tmp_pa
     header = next(line for line in lines if line.startswith("method"))
     for column in ("val accuracy", "drop", "val ASR", "within budget", "seconds", "chosen"):
         assert column in header
-    table = [line.split() for line in lines if line.split()[:1] in (["fine-tuning"],
+    table = [line.split() for line in lines if line.split()[:1] in (["ft-cosine"],
                                                                     ["reinit-head"])]
-    assert [row[0] for row in table] == ["fine-tuning", "reinit-head"]
+    assert [row[0] for row in table] == ["ft-cosine", "reinit-head"]
     assert [row[6] for row in table] == ["*", "re-initialised"]  # chosen mark on the first
     assert table[0][3] == "n/a"  # no poisoned data: no ASR
-    assert "chosen: fine-tuning" in captured.out
-    assert "defend: trying fine-tuning, reinit-head" in captured.err
+    assert "chosen: ft-cosine" in captured.out
+    assert "defend: trying ft-cosine, reinit-head" in captured.err
     saved = {name: (out / name).read_bytes() for name in ("repaired.h5", "defense.json")}
 
     assert cli.main(args) == 2  # outputs exist, no --force
@@ -553,11 +574,10 @@ def test_defend_bad_data_exits_2_naming_the_file_and_writes_nothing(defense_file
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_defend_fail_if_active_and_attack_options_need_poisoned_data(defense_files, tmp_path,
-                                                                     capsys):
+def test_defend_attack_options_need_poisoned_data(defense_files, tmp_path, capsys):
     base = ["defend", str(defense_files / "model.h5"), "--clean", str(defense_files / "train.npz"),
             "--output", str(tmp_path / "out")]
-    for extra in (["--fail-if-active"], ["--target", "0"]):
+    for extra in (["--target", "0"], ["--untargeted"]):
         assert cli.main(base + extra) == 2
         assert "need --poisoned" in capsys.readouterr().err
     assert cli.main(base + ["--methods", "nope"]) == 2
@@ -565,13 +585,14 @@ def test_defend_fail_if_active_and_attack_options_need_poisoned_data(defense_fil
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_defend_backdoor_still_active_warns_and_fail_if_active_exits_3(defense_files, tmp_path,
                                                                        capsys):
     # labels of poisoned.npz are the model's own predictions: a 100% "backdoor"; a tiny
     # learning rate leaves it in place
     out = tmp_path / "defended"
     args = ["defend", defense_files / "model.h5", "--clean", defense_files / "train.npz",
-            "--poisoned", defense_files / "poisoned.npz", "--methods", "fine-tuning",
+            "--poisoned", defense_files / "poisoned.npz", "--methods", "ft-cosine",
             "--epochs", 1, "--learning-rate", 1e-7, "--output", out]
     done = run_cli(*args, "--fail-if-active", "--json")
     assert done.returncode == 3, done.stderr
@@ -588,3 +609,168 @@ def test_defend_backdoor_still_active_warns_and_fail_if_active_exits_3(defense_f
     captured = capsys.readouterr()
     assert "warning: backdoor still active on validation" in captured.err
     assert "backdoor still active on validation" in captured.out.split("warnings:")[1]
+
+
+# -- help, exit codes, the console -------------------------------------------------------------
+COMMANDS = ("inspect", "evaluate", "prune", "fine-prune", "defend", "export", "repair", "demo")
+
+
+def _options_help(parser):
+    """``{option or positional: help text}`` of every argument of ``parser``."""
+    return {(action.option_strings or [action.metavar or action.dest])[-1]: action.help
+            for action in parser._actions}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_gives_every_argument_a_text_and_each_default_once(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: False)" not in text
+    joined = " ".join(text.split())  # the help is wrapped: look at it as one line
+    for match in re.finditer(r"\(default: [^)]*\)", joined):
+        following = joined[match.end():match.end() + 12]
+        assert not following.lstrip().startswith("(default:"), joined[match.start() - 80:]
+    sub = next(action for action in cli.build_parser()._actions
+               if isinstance(action, argparse._SubParsersAction)).choices[command]
+    missing = [name for name, help_text in _options_help(sub).items() if not help_text]
+    assert missing == []
+    if command != "demo":
+        assert "MODEL                 the " in text or "MODEL  " in text
+    if command in ("evaluate", "prune", "repair"):
+        assert "--batch-size N        inputs per forward pass" in text
+
+
+def test_prune_help_shows_each_default_once(capsys):
+    assert cli.main(["prune", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: --clean) (default: None)" not in text
+    assert "clean data for the activation ranking (default: --clean)" in text
+    assert "one model per value (default: 0.02 0.04 0.1)" in text
+
+
+def test_defense_methods_of_the_parser_are_the_library_s():
+    from tf_backdoor_defense.defenses._defend import METHODS
+
+    from tf_backdoor_defense.defenses._defend import DEFAULT_METHODS
+
+    assert cli.DEFENSE_METHODS == tuple(METHODS)
+    assert cli.DEFAULT_DEFENSE_METHODS == tuple(DEFAULT_METHODS)
+
+
+@pytest.mark.slow  # a subprocess
+def test_help_does_not_import_tensorflow():
+    code = textwrap.dedent("""
+        import sys, time
+        started = time.perf_counter()
+        from tf_backdoor_defense.cli import main
+        for argv in (["--help"], ["prune", "--help"], ["--version"]):
+            try:
+                code = main(argv)
+            except SystemExit as stop:
+                code = stop.code
+            assert code == 0, (argv, code)
+        print("tensorflow" in sys.modules, "tf_keras" in sys.modules, time.perf_counter() - started)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    tensorflow, tf_keras, seconds = done.stdout.split()[-3:]
+    assert (tensorflow, tf_keras) == ("False", "False")
+    assert float(seconds) < 5.0  # TensorFlow alone takes longer to import on 2 cores
+
+
+def test_input_errors_exit_2_internal_errors_exit_1_as_a_bug(lab, monkeypatch, capsys):
+    from tf_backdoor_defense._errors import InputError, InputTypeError
+
+    args = ["inspect", str(lab / "model.h5")]
+    for error in (InputError("The 'x' parameter must be > 0. Got -1."),
+                  InputTypeError("The 'x' parameter must be an int. Got 'a'.")):
+        monkeypatch.setattr(cli, "cmd_inspect", lambda args, console, error=error: _raise(error))
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert err == f"tf-backdoor-defense inspect: error: {error}\n"
+    # a plain ValueError is not an input error the library raised as such: a bug
+    monkeypatch.setattr(cli, "cmd_inspect", lambda args, console: _raise(ValueError("oops\nmore")))
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["tf-backdoor-defense inspect: internal error (this is a bug): "
+                                "ValueError: oops (--debug shows the traceback)"]
+    monkeypatch.setattr(cli, "cmd_inspect", lambda args, console: _raise(KeyError("k")))
+    assert cli.main(args + ["--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "_raise" in err
+    assert err.rstrip().splitlines()[-1] == ("tf-backdoor-defense inspect: internal error "
+                                             "(this is a bug): KeyError: 'k'")
+
+
+def _raise(error):
+    raise error
+
+
+def test_missing_files_and_usage_errors_exit_2(lab, tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path / "missing.h5")]) == 2
+    assert "missing.h5" in capsys.readouterr().err
+    assert cli.main(["evaluate", str(lab / "model.h5"), "--clean",
+                     str(tmp_path / "missing.npz")]) == 2
+    assert "missing.npz" in capsys.readouterr().err
+    assert cli.main(["prune", "--thresholds", "2"]) == 2
+    assert "expected a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_weights_only_file_gets_the_command_line_hint(lab, tmp_path, capsys):
+    tiny_conv_model().save_weights(tmp_path / "weights.h5")
+    assert cli.main(["inspect", str(tmp_path / "weights.h5")]) == 2
+    err = capsys.readouterr().err
+    assert "holds only weights" in err and "--weights FILE" in err
+
+
+def test_main_gives_the_console_back_unchanged(lab, capsys):
+    import logging
+    import warnings
+
+    filters = list(warnings.filters)
+    show = warnings.showwarning
+    loggers = {name: (logging.getLogger(name).level, logging.getLogger(name).propagate,
+                      list(logging.getLogger(name).handlers))
+               for name in ("tf_backdoor_defense", "tensorflow")}
+    stderr, environ = sys.stderr, dict(os.environ)
+    assert cli.main(["inspect", str(lab / "model.h5")]) == 0
+    assert cli.main(["inspect", str(lab / "nope.h5")]) == 2
+    capsys.readouterr()
+    assert warnings.filters == filters and warnings.showwarning is show
+    assert {name: (logging.getLogger(name).level, logging.getLogger(name).propagate,
+                   list(logging.getLogger(name).handlers)) for name in loggers} == loggers
+    assert sys.stderr is stderr and dict(os.environ) == environ
+
+
+def test_library_log_lines_show_on_the_console_unless_quiet(lab, monkeypatch, capsys):
+    import logging
+
+    def command(args, console):
+        logging.getLogger("tf_backdoor_defense.defenses._defend").info("method %s", "x")
+        logging.getLogger("tf_backdoor_defense.somewhere").debug("not shown")
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_inspect", command)
+    assert cli.main(["inspect", str(lab / "model.h5")]) == 0
+    assert capsys.readouterr().err == "method x\n"
+    assert cli.main(["inspect", str(lab / "model.h5"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_warnings_show_as_one_line_during_main_and_python_s_way_with_debug(lab, monkeypatch,
+                                                                           capsys):
+    import warnings
+
+    def command(args, console):
+        warnings.warn("the shrink fell back to masks", UserWarning)
+        warnings.warn("an old API", DeprecationWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_inspect", command)
+    assert cli.main(["inspect", str(lab / "model.h5")]) == 0
+    assert capsys.readouterr().err == ("tf-backdoor-defense: warning: the shrink fell back to "
+                                       "masks (UserWarning)\n")
+    with pytest.warns(UserWarning, match="the shrink fell back"):  # left to Python (pytest here)
+        assert cli.main(["inspect", str(lab / "model.h5"), "--debug"]) == 0
+    assert "tf-backdoor-defense:" not in capsys.readouterr().err

@@ -8,6 +8,7 @@ slow test repairs a real BadNet trained on MNIST digits.
 """
 
 import importlib
+import logging
 import json
 import time
 import warnings
@@ -20,15 +21,15 @@ from conftest import tiny_conv_model
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.defenses._defend import METHODS, BackdoorStillActiveWarning, defend
 from tf_backdoor_defense.masks._wrapper import masked_layers
-from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
+from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy, predict_labels
 from tf_backdoor_defense.finetune._training import copy_model
 
 # The package re-exports the function `defend`, which hides the submodule of the same name.
 defend_module = importlib.import_module("tf_backdoor_defense.defenses._defend")
 search_module = importlib.import_module("tf_backdoor_defense.defenses._search")
 
-COLUMNS = ["method", "validation_accuracy", "accuracy_drop", "validation_asr", "within_budget",
-           "channels_pruned", "seconds", "chosen", "note"]
+COLUMNS = ["method", "validation_accuracy", "accuracy_drop", "drop_bound", "validation_asr",
+           "residual_trigger_rate", "within_budget", "channels_pruned", "seconds", "chosen", "note"]
 
 # -- lookup models: example i is the one-hot input e_i -----------------------------------
 N_TRAIN, N_VAL, N_POISON = 20, 20, 10
@@ -89,15 +90,17 @@ class FakeMethods:
 def _defend(model, methods, **kwargs):
     kwargs.setdefault("validation_data", VAL)
     kwargs.setdefault("max_accuracy_drop", 0.1)
+    kwargs.setdefault("scan", False)  # these tests pin the choice rule, not the scan
+    kwargs.setdefault("budget_confidence", None)  # point estimates: exact fractions of 20 inputs
     return defend(model, TRAIN, methods=methods, **kwargs)
 
 
 # -- the table and the result ------------------------------------------------------------
 def test_table_has_the_documented_columns_and_one_row_per_method(monkeypatch):
-    specs = {"reinit-head": (0.95, 0.1), "ft-sam": (1.0, 0.0), "fine-tuning": (0.9, 0.5)}
+    specs = {"reinit-head": (0.95, 0.1), "ft-sam": (1.0, 0.0), "ft-cosine": (0.9, 0.5)}
     fakes = FakeMethods(monkeypatch, specs)
     model = _backdoored()
-    result = _defend(model, list(specs), poisoned_validation=POISONED)
+    result = _defend(model, list(specs), poisoned_validation_data=POISONED)
     table = result.table
     assert list(table.columns) == COLUMNS
     assert list(table["method"]) == list(specs)
@@ -112,22 +115,24 @@ def test_table_has_the_documented_columns_and_one_row_per_method(monkeypatch):
     assert result.model is fakes.models["ft-sam"]
     assert set(result.candidates) == set(specs)
     assert all(result.candidates[m] is fakes.models[m] for m in specs)
-    assert result.baseline == {"validation_accuracy": 1.0, "validation_asr": 1.0}
+    assert result.baseline == {"validation_accuracy": 1.0, "validation_asr": 1.0,
+                               "residual_trigger_rate": None}
     assert [call[0] for call in fakes.calls] == list(specs)
     assert all(call[1] is model for call in fakes.calls)  # every method starts from the original
     assert "ft-sam" in repr(result)
 
 
 def test_a_single_method_name_string_is_accepted(monkeypatch):
-    FakeMethods(monkeypatch, {"fine-tuning": (1.0, 0.0)})
-    result = _defend(_backdoored(), "fine-tuning")
-    assert list(result.table["method"]) == ["fine-tuning"]
+    FakeMethods(monkeypatch, {"ft-cosine": (1.0, 0.0)})
+    result = _defend(_backdoored(), "ft-cosine")
+    assert list(result.table["method"]) == ["ft-cosine"]
 
 
 def test_baseline_asr_is_none_without_poisoned_validation(monkeypatch):
-    FakeMethods(monkeypatch, {"fine-tuning": (1.0, 0.0)})
-    result = _defend(_backdoored(), ["fine-tuning"])
-    assert result.baseline == {"validation_accuracy": 1.0, "validation_asr": None}
+    FakeMethods(monkeypatch, {"ft-cosine": (1.0, 0.0)})
+    result = _defend(_backdoored(), ["ft-cosine"])
+    assert result.baseline == {"validation_accuracy": 1.0, "validation_asr": None,
+                               "residual_trigger_rate": None}
     assert result.table["validation_asr"].isna().all()
     assert not result.backdoor_still_active
 
@@ -144,46 +149,46 @@ def test_channels_pruned_counts_the_masked_channels_of_the_candidate(monkeypatch
 # -- the selection rule ---------------------------------------------------------------------
 def test_with_poisoned_validation_the_lowest_asr_within_budget_wins(monkeypatch):
     specs = {"reinit-head": (1.0, 0.5), "clp": (0.7, 0.0),  # clp: lowest ASR but over budget
-             "ft-sam": (0.95, 0.1), "fine-tuning": (0.9, 0.2)}
+             "ft-sam": (0.95, 0.1), "ft-cosine": (0.9, 0.2)}
     FakeMethods(monkeypatch, specs)
     with pytest.warns(BackdoorStillActiveWarning):
-        result = _defend(_backdoored(), list(specs), poisoned_validation=POISONED)
+        result = _defend(_backdoored(), list(specs), poisoned_validation_data=POISONED)
     assert result.method == "ft-sam"
     assert list(result.table["within_budget"]) == [True, False, True, True]
 
 
 def test_methods_that_clear_the_tolerance_are_taken_in_method_order(monkeypatch):
-    specs = {"reinit-head": (0.95, 0.0), "ft-sam": (1.0, 0.0), "fine-tuning": (1.0, 0.0)}
+    specs = {"reinit-head": (0.95, 0.0), "ft-sam": (1.0, 0.0), "ft-cosine": (1.0, 0.0)}
     FakeMethods(monkeypatch, specs)
-    assert _defend(_backdoored(), list(specs), poisoned_validation=POISONED).method == \
+    assert _defend(_backdoored(), list(specs), poisoned_validation_data=POISONED).method == \
         "reinit-head"
-    order = ["fine-tuning", "reinit-head", "ft-sam"]
-    assert _defend(_backdoored(), order, poisoned_validation=POISONED).method == "fine-tuning"
+    order = ["ft-cosine", "reinit-head", "ft-sam"]
+    assert _defend(_backdoored(), order, poisoned_validation_data=POISONED).method == "ft-cosine"
 
 
 def test_equal_asr_above_tolerance_is_broken_by_higher_accuracy_then_by_method_order(monkeypatch):
-    specs = {"reinit-head": (0.95, 0.3), "ft-sam": (1.0, 0.3), "fine-tuning": (1.0, 0.3)}
+    specs = {"reinit-head": (0.95, 0.3), "ft-sam": (1.0, 0.3), "ft-cosine": (1.0, 0.3)}
     FakeMethods(monkeypatch, specs)
     with pytest.warns(BackdoorStillActiveWarning):
-        assert _defend(_backdoored(), list(specs), poisoned_validation=POISONED).method == "ft-sam"
-    order = ["fine-tuning", "reinit-head", "ft-sam"]
+        assert _defend(_backdoored(), list(specs), poisoned_validation_data=POISONED).method == "ft-sam"
+    order = ["ft-cosine", "reinit-head", "ft-sam"]
     with pytest.warns(BackdoorStillActiveWarning):
-        assert _defend(_backdoored(), order, poisoned_validation=POISONED).method == "fine-tuning"
+        assert _defend(_backdoored(), order, poisoned_validation_data=POISONED).method == "ft-cosine"
 
 
 def test_without_poisoned_data_the_first_method_within_budget_wins(monkeypatch):
-    specs = {"reinit-head": (0.7, 0.0), "ft-sam": (0.95, 1.0), "fine-tuning": (1.0, 1.0)}
+    specs = {"reinit-head": (0.7, 0.0), "ft-sam": (0.95, 1.0), "ft-cosine": (1.0, 1.0)}
     FakeMethods(monkeypatch, specs)
-    assert _defend(_backdoored(), ["reinit-head", "ft-sam", "fine-tuning"]).method == "ft-sam"
-    assert _defend(_backdoored(), ["fine-tuning", "ft-sam", "reinit-head"]).method == \
-        "fine-tuning"
+    assert _defend(_backdoored(), ["reinit-head", "ft-sam", "ft-cosine"]).method == "ft-sam"
+    assert _defend(_backdoored(), ["ft-cosine", "ft-sam", "reinit-head"]).method == \
+        "ft-cosine"
 
 
 def test_no_method_within_budget_returns_the_smallest_drop_with_a_note(monkeypatch):
-    specs = {"reinit-head": (0.7, 0.0), "ft-sam": (0.8, 0.0), "fine-tuning": (0.75, 0.0),
+    specs = {"reinit-head": (0.7, 0.0), "ft-sam": (0.8, 0.0), "ft-cosine": (0.75, 0.0),
              "clp": (0.8, 0.0)}
     FakeMethods(monkeypatch, specs)
-    result = _defend(_backdoored(), list(specs), poisoned_validation=POISONED)
+    result = _defend(_backdoored(), list(specs), poisoned_validation_data=POISONED)
     assert result.method == "ft-sam"  # smallest drop; ties: first in order
     assert not result.table["within_budget"].any()
     assert result.table.loc[result.table["chosen"], "method"].tolist() == ["ft-sam"]
@@ -192,9 +197,9 @@ def test_no_method_within_budget_returns_the_smallest_drop_with_a_note(monkeypat
 
 
 def test_budget_is_measured_against_the_model_as_received(monkeypatch):
-    FakeMethods(monkeypatch, {"ft-sam": (0.7, 0.0), "fine-tuning": (0.6, 0.0)})
+    FakeMethods(monkeypatch, {"ft-sam": (0.7, 0.0), "ft-cosine": (0.6, 0.0)})
     received = _fake_model(0.75, 1.0)
-    result = _defend(received, ["fine-tuning", "ft-sam"], max_accuracy_drop=0.05)
+    result = _defend(received, ["ft-cosine", "ft-sam"], max_accuracy_drop=0.05)
     np.testing.assert_allclose(result.table["accuracy_drop"], [0.15, 0.05])
     assert result.method == "ft-sam"
     assert result.baseline["validation_accuracy"] == 0.75
@@ -202,48 +207,48 @@ def test_budget_is_measured_against_the_model_as_received(monkeypatch):
 
 # -- the backdoor-still-active warning --------------------------------------------------------
 def test_backdoor_still_active_warning_when_chosen_asr_exceeds_tolerance(monkeypatch):
-    FakeMethods(monkeypatch, {"fine-tuning": (1.0, 0.3), "ft-sam": (0.5, 0.0)})
+    FakeMethods(monkeypatch, {"ft-cosine": (1.0, 0.3), "ft-sam": (0.5, 0.0)})
     with pytest.warns(BackdoorStillActiveWarning, match="30.0%"):
-        result = _defend(_backdoored(), ["fine-tuning", "ft-sam"], poisoned_validation=POISONED,
+        result = _defend(_backdoored(), ["ft-cosine", "ft-sam"], poisoned_validation_data=POISONED,
                          asr_tolerance=0.2)
-    assert result.method == "fine-tuning"
+    assert result.method == "ft-cosine"
     assert result.backdoor_still_active
     assert result.warnings[0].startswith("backdoor still active")
 
 
 @pytest.mark.parametrize("asr, tolerance", [(0.0, 0.02), (0.1, 0.1), (0.2, 0.5)])
 def test_no_backdoor_warning_when_chosen_asr_is_within_tolerance(monkeypatch, asr, tolerance):
-    FakeMethods(monkeypatch, {"fine-tuning": (1.0, asr)})
+    FakeMethods(monkeypatch, {"ft-cosine": (1.0, asr)})
     with warnings.catch_warnings():
         warnings.simplefilter("error", BackdoorStillActiveWarning)
-        result = _defend(_backdoored(), ["fine-tuning"], poisoned_validation=POISONED,
+        result = _defend(_backdoored(), ["ft-cosine"], poisoned_validation_data=POISONED,
                          asr_tolerance=tolerance)
     assert not result.backdoor_still_active
     assert not any(w.startswith("backdoor") for w in result.warnings)
 
 
 def test_no_backdoor_warning_without_poisoned_validation(monkeypatch):
-    FakeMethods(monkeypatch, {"fine-tuning": (1.0, 1.0)})
+    FakeMethods(monkeypatch, {"ft-cosine": (1.0, 1.0)})
     with warnings.catch_warnings():
         warnings.simplefilter("error", BackdoorStillActiveWarning)
-        result = _defend(_backdoored(), ["fine-tuning"])
+        result = _defend(_backdoored(), ["ft-cosine"])
     assert not result.backdoor_still_active
 
 
 # -- time budget, skipped methods ----------------------------------------------------------------
 def test_time_budget_skips_the_later_methods_with_a_note(monkeypatch):
-    specs = {"fine-tuning": (1.0, 0.0), "ft-sam": (1.0, 0.0), "clp": (1.0, 0.0)}
+    specs = {"ft-cosine": (1.0, 0.0), "ft-sam": (1.0, 0.0), "clp": (1.0, 0.0)}
     fakes = FakeMethods(monkeypatch, specs, sleep=0.3)
     result = _defend(_backdoored(), list(specs), time_budget=0.1)
-    assert list(result.table["method"]) == ["fine-tuning"]
-    assert [call[0] for call in fakes.calls] == ["fine-tuning"]
-    assert result.method == "fine-tuning"
+    assert list(result.table["method"]) == ["ft-cosine"]
+    assert [call[0] for call in fakes.calls] == ["ft-cosine"]
+    assert result.method == "ft-cosine"
     for skipped in ("ft-sam", "clp"):
         assert any(w.startswith(f"skipped {skipped}: time budget") for w in result.warnings)
 
 
 def test_a_generous_time_budget_runs_every_method(monkeypatch):
-    specs = {"fine-tuning": (1.0, 0.0), "ft-sam": (1.0, 0.0)}
+    specs = {"ft-cosine": (1.0, 0.0), "ft-sam": (1.0, 0.0)}
     FakeMethods(monkeypatch, specs)
     result = _defend(_backdoored(), list(specs), time_budget=600)
     assert list(result.table["method"]) == list(specs)
@@ -264,48 +269,50 @@ def _image_data(n=20, seed=0):
 def test_a_method_that_does_not_apply_is_recorded_in_warnings_not_in_the_table(monkeypatch):
     model = _no_dense_head_model()
     stand_in = copy_model(model)
-    monkeypatch.setitem(defend_module._RUNNERS, "fine-tuning", lambda m, t, c: (stand_in, ""))
-    result = defend(model, _image_data(), methods=["reinit-head", "fine-tuning"],
+    monkeypatch.setitem(defend_module._RUNNERS, "ft-cosine", lambda m, t, c: (stand_in, ""))
+    result = defend(model, _image_data(), scan=False, methods=["reinit-head", "ft-cosine"],
                     max_accuracy_drop=1.0)
-    assert list(result.table["method"]) == ["fine-tuning"]
+    assert list(result.table["method"]) == ["ft-cosine"]
     assert "reinit-head" not in result.candidates
     assert any(w.startswith("skipped reinit-head:") and "dense" in w for w in result.warnings)
-    assert result.method == "fine-tuning" and result.model is stand_in
+    assert result.method == "ft-cosine" and result.model is stand_in
 
 
 def test_when_no_method_runs_the_model_as_received_is_returned():
     model = _no_dense_head_model()
-    result = defend(model, _image_data(), methods=["reinit-head"])
+    result = defend(model, _image_data(), scan=False, methods=["reinit-head"])
     assert result.method is None
-    assert result.model is model
+    assert result.model is not model  # a copy, never the user's object
+    for got, want in zip(result.model.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(got, want)
     assert len(result.table) == 0 and list(result.table.columns) == COLUMNS
     assert any("no method ran" in w for w in result.warnings)
     json.dumps(result.summary(), allow_nan=False)
 
 
 def test_methods_needing_a_convolution_are_skipped_on_a_dense_only_model(monkeypatch):
-    FakeMethods(monkeypatch, {"fine-tuning": (1.0, 0.0)})
-    result = _defend(_backdoored(), ["prune-search", "fine-pruning", "fine-tuning"])
-    assert list(result.table["method"]) == ["fine-tuning"]
+    FakeMethods(monkeypatch, {"ft-cosine": (1.0, 0.0)})
+    result = _defend(_backdoored(), ["prune-search", "fine-pruning", "ft-cosine"])
+    assert list(result.table["method"]) == ["ft-cosine"]
     assert any(w.startswith("skipped prune-search") for w in result.warnings)
 
 
 # -- what data each step sees ----------------------------------------------------------------------
 class Recorder:
-    """Record the inputs handed to train_clean and clean_accuracy inside defend."""
+    """Record the inputs handed to train_clean and predict_labels inside defend."""
 
     def __init__(self, monkeypatch):
         self.trained, self.measured = [], []
         monkeypatch.setattr(defend_module, "train_clean", self.train_clean)
-        monkeypatch.setattr(defend_module, "clean_accuracy", self.clean_accuracy)
+        monkeypatch.setattr(defend_module, "predict_labels", self.predict_labels)
 
     def train_clean(self, model, data, **kwargs):
         self.trained.append((np.asarray(data[0]).copy(), kwargs))
         return copy_model(model)
 
-    def clean_accuracy(self, model, data, *args, **kwargs):
-        self.measured.append(np.asarray(data[0]).copy())
-        return clean_accuracy(model, data, *args, **kwargs)
+    def predict_labels(self, model, x, *args, **kwargs):
+        self.measured.append(np.asarray(x).copy())
+        return predict_labels(model, x, *args, **kwargs)
 
 
 def _ids(x):
@@ -315,7 +322,7 @@ def _ids(x):
 
 def test_validation_data_is_used_for_measuring_and_never_for_training(monkeypatch):
     recorder = Recorder(monkeypatch)
-    result = _defend(_backdoored(), ["reinit-head", "ft-sam", "fine-tuning"], epochs=3,
+    result = _defend(_backdoored(), ["reinit-head", "ft-sam", "ft-cosine"], epochs=3,
                      learning_rate=0.01, batch_size=8, seed=4)
     assert len(recorder.trained) == 3
     for x, kwargs in recorder.trained:
@@ -335,7 +342,7 @@ def test_validation_data_is_used_for_measuring_and_never_for_training(monkeypatc
 def test_validation_split_holds_out_part_of_clean_data(monkeypatch, split, expected_validation):
     recorder = Recorder(monkeypatch)
     clean = (X[:40], np.concatenate([Y_TRAIN, Y_VAL]))
-    result = defend(_backdoored(), clean, validation_split=split, methods=["fine-tuning"])
+    result = defend(_backdoored(), clean, validation_split=split, scan=False, methods=["ft-cosine"])
     train_ids = _ids(recorder.trained[0][0])
     validation_ids = _ids(recorder.measured[0])
     assert len(validation_ids) == expected_validation
@@ -351,7 +358,7 @@ def test_validation_split_depends_on_the_seed_only(monkeypatch):
     recorder = Recorder(monkeypatch)
     clean = (X[:40], np.concatenate([Y_TRAIN, Y_VAL]))
     for seed in (0, 0, 1):
-        defend(_backdoored(), clean, methods=["fine-tuning"], seed=seed)
+        defend(_backdoored(), clean, scan=False, methods=["ft-cosine"], seed=seed)
     first, again, other = (_ids(x) for x in recorder.measured[::2])
     assert first == again
     assert first != other
@@ -374,7 +381,7 @@ def test_prune_search_gets_separate_train_and_validation_data(monkeypatch):
     rng = np.random.default_rng(0)
     x, y = rng.random((30, 8, 8, 1), dtype=np.float32), rng.integers(0, 3, 30)
     validation = (x[20:], y[20:])
-    result = defend(model, (x[:20], y[:20]), validation_data=validation, methods=["prune-search"],
+    result = defend(model, (x[:20], y[:20]), validation_data=validation, scan=False, methods=["prune-search"],
                     max_accuracy_drop=0.05, epochs=2, seed=3)
     np.testing.assert_array_equal(seen["train"][0], x[:20])
     np.testing.assert_array_equal(seen["validation"][0], x[20:])
@@ -388,7 +395,7 @@ def test_datasets_are_accepted_for_clean_and_validation_data(monkeypatch):
     recorder = Recorder(monkeypatch)
     train_ds = tf.data.Dataset.from_tensor_slices(TRAIN).batch(6)
     val_ds = tf.data.Dataset.from_tensor_slices(VAL).batch(7)
-    result = defend(_backdoored(), train_ds, validation_data=val_ds, methods=["fine-tuning"])
+    result = defend(_backdoored(), train_ds, validation_data=val_ds, scan=False, methods=["ft-cosine"])
     assert _ids(recorder.trained[0][0]) == _ids(TRAIN[0])
     assert _ids(recorder.measured[0]) == _ids(VAL[0])
     assert result.baseline["validation_accuracy"] == 1.0
@@ -397,38 +404,40 @@ def test_datasets_are_accepted_for_clean_and_validation_data(monkeypatch):
 # -- summary, verbose ------------------------------------------------------------------------------
 @pytest.mark.parametrize("poisoned", [None, POISONED])
 def test_summary_is_json_serialisable(monkeypatch, poisoned):
-    FakeMethods(monkeypatch, {"reinit-head": (1.0, 0.5), "fine-tuning": (0.95, 0.0)})
+    FakeMethods(monkeypatch, {"reinit-head": (1.0, 0.5), "ft-cosine": (0.95, 0.0)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BackdoorStillActiveWarning)
-        result = _defend(_backdoored(), ["reinit-head", "fine-tuning"],
-                         poisoned_validation=poisoned)
+        result = _defend(_backdoored(), ["reinit-head", "ft-cosine"],
+                         poisoned_validation_data=poisoned)
     summary = result.summary()
     restored = json.loads(json.dumps(summary, allow_nan=False))
     assert restored["method"] == result.method
-    assert [row["method"] for row in restored["methods"]] == ["reinit-head", "fine-tuning"]
+    assert [row["method"] for row in restored["methods"]] == ["reinit-head", "ft-cosine"]
     assert restored["warnings"] == result.warnings
-    assert restored["settings"]["methods"] == ["reinit-head", "fine-tuning"]
+    assert restored["settings"]["methods"] == ["reinit-head", "ft-cosine"]
     if poisoned is None:
         assert all(row["validation_asr"] is None for row in restored["methods"])
     else:
         assert [row["validation_asr"] for row in restored["methods"]] == [0.5, 0.0]
 
 
-def test_verbose_prints_one_line_per_method(monkeypatch, capsys):
-    FakeMethods(monkeypatch, {"reinit-head": (1.0, 0.0), "fine-tuning": (0.95, 0.0)})
-    _defend(_backdoored(), ["reinit-head", "fine-tuning"], poisoned_validation=POISONED,
-            verbose=1)
-    lines = capsys.readouterr().out.strip().splitlines()
+def test_verbose_logs_one_line_per_method_and_prints_nothing(monkeypatch, capsys, caplog):
+    FakeMethods(monkeypatch, {"reinit-head": (1.0, 0.0), "ft-cosine": (0.95, 0.0)})
+    with caplog.at_level(logging.INFO, logger="tf_backdoor_defense.defenses._defend"):
+        _defend(_backdoored(), ["reinit-head", "ft-cosine"], poisoned_validation_data=POISONED,
+                verbose=1)
+    assert capsys.readouterr().out == ""
+    lines = [r.getMessage() for r in caplog.records if r.name == "tf_backdoor_defense.defenses._defend"]
     assert len(lines) == 2
     assert lines[0].startswith("reinit-head") and "ASR" in lines[0]
-    assert lines[1].startswith("fine-tuning")
+    assert lines[1].startswith("ft-cosine")
 
 
 # -- argument errors -------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"methods": ["nope"]}, ValueError, "methods"),
     ({"methods": []}, ValueError, "methods"),
-    ({"methods": ["fine-tuning", "fine-tuning"]}, ValueError, "twice"),
+    ({"methods": ["ft-cosine", "ft-cosine"]}, ValueError, "twice"),
     ({"methods": "fine-tuning,ft-sam"}, ValueError, "methods"),
     ({"max_accuracy_drop": 1.5}, ValueError, "max_accuracy_drop"),
     ({"max_accuracy_drop": -0.01}, ValueError, "max_accuracy_drop"),
@@ -441,6 +450,10 @@ def test_verbose_prints_one_line_per_method(monkeypatch, capsys):
     ({"batch_size": True}, TypeError, "batch_size"),
     ({"time_budget": 0}, ValueError, "time_budget"),
     ({"target": 0}, ValueError, "poisoned_validation"),
+    ({"budget_confidence": 1.0}, ValueError, "budget_confidence"),
+    ({"budget_confidence": "high"}, TypeError, "budget_confidence"),
+    ({"scan": "yes"}, TypeError, "scan"),
+    ({"verify": 1}, TypeError, "verify"),
 ])
 def test_bad_arguments_raise(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -462,7 +475,7 @@ def test_every_real_method_runs_without_touching_the_users_model():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BackdoorStillActiveWarning)
         result = defend(model, (x[10:], y[10:]), validation_data=(x[:10], y[:10]),
-                        poisoned_validation=poisoned, methods=METHODS, epochs=1,
+                        poisoned_validation_data=poisoned, methods=METHODS, epochs=1,
                         max_accuracy_drop=1.0)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     assert not masked_layers(model)
@@ -475,7 +488,7 @@ def test_every_real_method_runs_without_touching_the_users_model():
         assert row.channels_pruned == sum(
             layer.pruned_channels.size for layer in masked_layers(candidate))
     pruning = result.table.set_index("method")["channels_pruned"]
-    assert pruning["fine-tuning"] == 0 and pruning["prune-search"] > 0
+    assert pruning["ft-cosine"] == 0 and pruning["prune-search"] > 0
     assert result.model is result.candidates[result.method]
     json.dumps(result.summary(), allow_nan=False)
 
@@ -484,7 +497,7 @@ def test_real_defend_is_deterministic_for_a_seed():
     model = tiny_conv_model()
     rng = np.random.default_rng(1)
     data = rng.random((30, 8, 8, 1), dtype=np.float32), rng.integers(0, 3, 30)
-    runs = [defend(model, data, methods=["reinit-head", "ft-sam"], epochs=1, seed=2,
+    runs = [defend(model, data, scan=False, methods=["reinit-head", "ft-sam"], epochs=1, seed=2,
                    max_accuracy_drop=1.0) for _ in range(2)]
     for method in ("reinit-head", "ft-sam"):
         a, b = (r.candidates[method].get_weights() for r in runs)
@@ -507,7 +520,7 @@ def test_reinit_head_removes_a_real_badnet_backdoor_on_mnist_digits():
     asr_before = attack_success_rate(model, (x_poison, y_attacker))
     accuracy_before = clean_accuracy(model, test)
     assert asr_before > 0.9  # the backdoor is there to begin with
-    result = defend(model, train, validation_data=validation, methods=["reinit-head"], epochs=8)
+    result = defend(model, train, validation_data=validation, scan=False, methods=["reinit-head"], epochs=8)
     assert result.method == "reinit-head"
     assert attack_success_rate(result.model, (x_poison, y_attacker)) < 0.1
     assert clean_accuracy(result.model, test) >= accuracy_before - 0.03
@@ -528,7 +541,7 @@ def test_several_learning_rates_keep_the_best_validation_accuracy(monkeypatch):
         return tuned
 
     monkeypatch.setattr(defend_module, "train_clean", recording)
-    result = defend(_backdoored(), TRAIN, validation_data=VAL, methods=["fine-tuning"],
+    result = defend(_backdoored(), TRAIN, validation_data=VAL, scan=False, methods=["ft-cosine"],
                     learning_rate=[0.1, 0.02, 0.005], epochs=1, max_accuracy_drop=1.0)
     assert seen == [0.1, 0.02, 0.005]
     assert result.table["note"].iloc[0] == "lr 0.02"
@@ -537,14 +550,14 @@ def test_several_learning_rates_keep_the_best_validation_accuracy(monkeypatch):
 
 def test_each_model_is_measured_on_validation_data_once(monkeypatch):
     measured = []
-    real = defend_module.clean_accuracy
+    real = defend_module.predict_labels
 
-    def counting(model, data, **kwargs):
+    def counting(model, x, **kwargs):
         measured.append(id(model))
-        return real(model, data, **kwargs)
+        return real(model, x, **kwargs)
 
-    monkeypatch.setattr(defend_module, "clean_accuracy", counting)
-    defend(_backdoored(), TRAIN, validation_data=VAL, methods=["fine-tuning", "ft-sam"],
+    monkeypatch.setattr(defend_module, "predict_labels", counting)
+    defend(_backdoored(), TRAIN, validation_data=VAL, scan=False, methods=["ft-cosine", "ft-sam"],
            learning_rate=[0.1, 0.02], epochs=1, max_accuracy_drop=1.0)
     # the received model, then two tuned models per method; the chosen one is not re-measured
     assert len(measured) == 5 and len(set(measured)) == 5
@@ -554,5 +567,5 @@ def test_each_model_is_measured_on_validation_data_once(monkeypatch):
                                           ([0.1, True], TypeError)])
 def test_bad_learning_rate_lists_are_refused(rates, error):
     with pytest.raises(error, match="learning_rate"):
-        defend(_backdoored(), TRAIN, validation_data=VAL, methods=["fine-tuning"],
+        defend(_backdoored(), TRAIN, validation_data=VAL, scan=False, methods=["ft-cosine"],
                learning_rate=rates, epochs=1)

@@ -127,7 +127,8 @@ def test_true_labels_with_an_all_to_one_target():
     "kwargs, error, match",
     [
         ({"max_accuracy_drop": 2.0}, ValueError, "max_accuracy_drop"),
-        ({"layers": []}, TypeError, "layers"),
+        ({"layers": []}, ValueError, "layers"),
+        ({"layers": 3}, TypeError, "layers"),
         ({"layers": ["conv", "conv"]}, ValueError, "twice"),
         ({"layers": "flat"}, ValueError, "cannot be pruned"),
         ({"batch_size": 0}, ValueError, "batch_size"),

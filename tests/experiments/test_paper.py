@@ -37,7 +37,7 @@ def models():
 
 def _run(models, sets, **kwargs):
     kwargs.setdefault("fine_tune_epochs", 1)
-    kwargs.setdefault("poisoned_validation", sets["poisoned_validation"])
+    kwargs.setdefault("poisoned_validation_data", sets["poisoned_validation"])
     return evaluate_defenses(models, sets["defender_clean"], sets["defender_validation"],
                              sets["evaluation_clean"], sets["evaluation_poisoned"], **kwargs)
 
@@ -134,7 +134,7 @@ def test_defenses_only_receive_defender_data(models, sets, monkeypatch):
 def test_evaluation_data_overlapping_defender_data_is_refused(models, sets):
     leaked = (np.concatenate([sets["evaluation_clean"][0], sets["defender_clean"][0][:1]]),
               np.concatenate([sets["evaluation_clean"][1], sets["defender_clean"][1][:1]]))
-    with pytest.raises(ValueError, match="evaluation_clean.*defender_clean"):
+    with pytest.raises(ValueError, match="eval_data.*train_data"):
         evaluate_defenses(models, sets["defender_clean"], sets["defender_validation"], leaked,
                           sets["evaluation_poisoned"], defenses=["none"])
 
@@ -162,7 +162,7 @@ def test_pruning_defenses_report_pruned_channels(models, sets):
 
 
 def test_attack_guided_is_skipped_with_a_note_without_poisoned_validation(models, sets):
-    result = _run(models, sets, poisoned_validation=None, defenses=["none", "attack-guided"])
+    result = _run(models, sets, poisoned_validation_data=None, defenses=["none", "attack-guided"])
     assert set(result.table["defense"]) == {"none"}
     assert len(result.notes) == 1 and "poisoned_validation" in result.notes[0]
 
@@ -192,3 +192,17 @@ def test_paper_table_mnist_runs_on_real_digits():
     assert list(result.table1().index) == ["baseline", "pruning-aware"]
     assert result.settings["data_sizes"]["evaluation"] == 100
     assert result.table["clean_accuracy"].between(0, 1).all()
+
+
+def test_old_keywords_still_work_with_a_deprecation_warning(models, sets):
+    with pytest.warns(DeprecationWarning) as caught:
+        result = evaluate_defenses(models, sets["defender_clean"], sets["defender_validation"],
+                                   sets["evaluation_clean"], sets["evaluation_poisoned"],
+                                   defenses=["none"], layer="conv_b",
+                                   poisoned_validation=sets["poisoned_validation"])
+    messages = " ".join(str(w.message) for w in caught)
+    assert "'layer' parameter of evaluate_defenses is now 'layers'" in messages
+    assert "'poisoned_validation' parameter of evaluate_defenses" in messages
+    assert result.settings["layers"] == "conv_b"
+    with pytest.raises(TypeError, match="both"):
+        _run(models, sets, defenses=["none"], layer="conv_b", layers="conv_b")

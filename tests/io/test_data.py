@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from tf_backdoor_defense._errors import InputError, OutputExistsError
 from tf_backdoor_defense.io._data import (
     DataFileError,
     atomic_path,
@@ -130,9 +131,11 @@ def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
             raise KeyboardInterrupt
     assert target.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.csv"]
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(OutputExistsError, match="overwrite=True") as error:
         with atomic_write(target, overwrite=False) as handle:
             handle.write("new")
+    assert isinstance(error.value, FileExistsError) and error.value.paths == (str(target),)
+    assert target.read_text() == "old\n"
 
 
 def test_atomic_path_replaces_a_folder_in_one_step(tmp_path):
@@ -160,6 +163,18 @@ def test_write_json_turns_nan_and_numpy_values_into_json(tmp_path):
 
 def test_check_outputs_free_lists_existing_outputs(tmp_path):
     (tmp_path / "a").write_text("")
-    with pytest.raises(FileExistsError, match="a. Pass --force"):
+    with pytest.raises(FileExistsError, match="a. Pass overwrite=True") as error:
         check_outputs_free([tmp_path / "a", tmp_path / "b"])
-    check_outputs_free([tmp_path / "a"], force=True)
+    assert isinstance(error.value, InputError) and error.value.paths == (str(tmp_path / "a"),)
+    assert "--" not in str(error.value)  # the library names no command-line flag
+    check_outputs_free([tmp_path / "a"], overwrite=True)
+    check_outputs_free([tmp_path / "a"], force=True)  # the former name still works
+
+
+def test_file_errors_are_input_errors(tmp_path):
+    from tf_backdoor_defense.io._loading import ModelFileError, UnsafeModelError
+
+    for kind in (DataFileError, ModelFileError, UnsafeModelError, OutputExistsError):
+        assert issubclass(kind, InputError) and issubclass(kind, ValueError)
+    with pytest.raises(InputError, match="scale"):
+        load_data(_h5(tmp_path / "d.h5", np.zeros((2, 4)), np.array([0, 1])), scale=-1)

@@ -55,8 +55,9 @@ def test_h5_with_a_lambda_is_refused_before_its_code_runs(evil):
     assert not marker.exists()  # the payload did not run
     message = str(error.value)
     assert "innocent_looking" in message and "Lambda" in message
-    assert "trust_model_code=True" in message and "--trust-model-code" in message
+    assert "trust_model_code=True" in message and "--" not in message  # the API, not a flag
     assert error.value.layer == "innocent_looking" and error.value.class_name == "Lambda"
+    assert message.startswith(error.value.reason) and "trust_model_code" not in error.value.reason
 
 
 def test_trust_model_code_loads_the_lambda_and_runs_its_code(evil):
@@ -100,7 +101,8 @@ class Custom(keras.layers.Layer):
 def test_classes_outside_keras_and_this_package_are_refused(tmp_path):
     model = keras.Sequential([keras.Input((3,)), Custom(name="mystery"), keras.layers.Dense(2)])
     model.save(tmp_path / "custom.h5")
-    with pytest.raises(UnsafeModelError, match=r"'mystery'.*attacker>Custom.*--trust-model-code"):
+    with pytest.raises(UnsafeModelError,
+                       match=r"'mystery'.*attacker>Custom.*trust_model_code=True"):
         load_model(tmp_path / "custom.h5")
     loaded = load_model(tmp_path / "custom.h5", custom_objects={"attacker>Custom": Custom})
     assert isinstance(loaded.get_layer("mystery"), Custom)
@@ -151,10 +153,12 @@ def test_weights_file_plus_architecture(tmp_path):
     for architecture in ("arch.json", "other_weights.h5"):
         loaded = load_model(tmp_path / architecture, weights=tmp_path / "weights.h5")
         np.testing.assert_allclose(loaded(x), model(x), atol=1e-6)
-    with pytest.raises(ModelFileError, match="holds only weights.*--weights"):
+    with pytest.raises(ModelFileError, match="holds only weights.*as weights") as error:
         load_model(tmp_path / "weights.h5")
-    with pytest.raises(ModelFileError, match="architecture without weights"):
+    assert error.value.needs_weights and "--" not in str(error.value)
+    with pytest.raises(ModelFileError, match="architecture without weights.*weights=") as error:
         load_model(tmp_path / "arch.json")
+    assert error.value.needs_weights and error.value.path == str(tmp_path / "arch.json")
     tiny_conv_model(channels=4).save_weights(tmp_path / "wrong.h5")
     with pytest.raises(ModelFileError, match="do not fit"):
         load_model(tmp_path / "arch.json", weights=tmp_path / "wrong.h5")

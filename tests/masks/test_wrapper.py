@@ -120,3 +120,63 @@ def test_zero_pruned_weights_zeroes_kernel_and_bias():
     layer.zero_pruned_weights()
     assert np.all(layer.layer.kernel.numpy()[:, 1] == 0) and layer.layer.bias.numpy()[1] == 0
     assert layer.layer.bias.numpy()[0] == 1
+
+
+# -- layers=, unwrap, apply_masks, get/set_mask for several layers ---------------------------
+from tf_backdoor_defense.masks._wrapper import apply_masks, layer_names, unwrap  # noqa: E402
+
+
+def test_layer_names_is_the_one_reading_of_layers(tiny_model):
+    assert layer_names(tiny_model, None) == ["conv_b"]           # the last conv layer
+    assert layer_names(tiny_model, "fc") == ["fc"]
+    assert layer_names(tiny_model, ("fc", "conv_a")) == ["fc", "conv_a"]
+    assert layer_names(tiny_model, None, default=lambda m: ["out"]) == ["out"]
+    checked = []
+    layer_names(tiny_model, ["fc", "out"], check=lambda m, name: checked.append(name))
+    assert checked == ["fc", "out"]
+
+
+@pytest.mark.parametrize("layers, error, match", [
+    ([], ValueError, "at least one layer"),
+    (["fc", "fc"], ValueError, "twice"),
+    ("nope", ValueError, "Unknown layer 'nope'"),
+    (3, TypeError, r"layer name or a list of names\. Got 3"),
+    (["fc", 3], TypeError, r"must hold layer names \(strings\)\. Got 3"),
+])
+def test_layer_names_refuses_bad_layers(tiny_model, layers, error, match):
+    with pytest.raises(error, match=match):
+        layer_names(tiny_model, layers)
+
+
+def test_layer_names_with_an_empty_default_asks_for_layers(tiny_model):
+    with pytest.raises(ValueError, match="pass `layers=`"):
+        layer_names(tiny_model, None, default=lambda m: [])
+
+
+def test_unwrap_gives_the_inner_layer(tiny_model):
+    wrapped = wrap_layers(tiny_model, "conv_b")
+    inner = unwrap(wrapped.get_layer("conv_b"))
+    assert isinstance(inner, keras.layers.Conv2D) and not isinstance(inner, PruneByActivation)
+    assert unwrap(tiny_model.get_layer("fc")) is tiny_model.get_layer("fc")
+
+
+def test_apply_masks_keeps_channels_already_pruned_and_copies(tiny_model):
+    wrapped = wrap_layers(tiny_model, "conv_b", masks={"conv_b": [0, 1, 1, 1, 1, 1]})
+    copy, masks = apply_masks(wrapped, {"conv_b": [1, 1, 0, 1, 1, 1], "fc": [1] * 7 + [0]})
+    assert masks["conv_b"].tolist() == [0, 1, 0, 1, 1, 1]
+    assert masks["fc"].dtype == np.float32
+    assert get_mask(copy, ["conv_b", "fc"])["fc"].tolist() == [1] * 7 + [0]
+    assert get_mask(wrapped, "conv_b").tolist() == [0, 1, 1, 1, 1, 1]   # unchanged
+    assert not isinstance(tiny_model.get_layer("fc"), PruneByActivation)
+
+
+def test_get_and_set_mask_take_a_list_of_layers(tiny_model):
+    wrapped = wrap_layers(tiny_model, ["conv_b", "fc"])
+    set_mask(wrapped, ["conv_b", "fc"], {"conv_b": [1, 0, 1, 1, 1, 1], "fc": [0] + [1] * 7})
+    masks = get_mask(wrapped, ["fc", "conv_b"])
+    assert list(masks) == ["fc", "conv_b"]
+    assert masks["conv_b"].tolist() == [1, 0, 1, 1, 1, 1] and masks["fc"][0] == 0
+    with pytest.raises(ValueError, match="one mask for each"):
+        set_mask(wrapped, ["conv_b", "fc"], [1, 0, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="not wrapped"):
+        get_mask(wrapped, ["conv_b", "out"])

@@ -41,7 +41,7 @@ def _four_kinds_data(n=5):
 
 def test_table_finds_each_category_and_the_pruning_rank():
     clean, poisoned = _four_kinds_data()
-    table = channel_activation_table(_four_kinds_model(), clean, poisoned, layer="conv")
+    table = channel_activation_table(_four_kinds_model(), clean, poisoned, layers="conv")
     assert list(table.columns) == ["channel", "mean_clean", "mean_poisoned", "category", "rank"]
     assert table["category"].tolist() == ["shared", "dormant", "backdoor-only", "clean-only"]
     np.testing.assert_allclose(table["mean_clean"], [1.0, 0.0, 0.0, 0.5])
@@ -54,7 +54,7 @@ def test_table_finds_each_category_and_the_pruning_rank():
 def test_threshold_decides_what_counts_as_active():
     clean, poisoned = _four_kinds_data()
     # scale = 2.0; at 0.3 the limit is 0.6, so the clean-only channel (0.5) is dormant
-    table = channel_activation_table(_four_kinds_model(), clean, poisoned, layer="conv",
+    table = channel_activation_table(_four_kinds_model(), clean, poisoned, layers="conv",
                                      dormant_threshold=0.3)
     assert table.loc[3, "category"] == "dormant"
     assert table.loc[0, "category"] == "shared"
@@ -64,7 +64,7 @@ def test_threshold_decides_what_counts_as_active():
 def test_all_zero_activations_are_all_dormant():
     model = _four_kinds_model()
     zeros = np.zeros((3, 3, 3, 2), np.float32)
-    table = channel_activation_table(model, zeros, zeros, layer="conv")
+    table = channel_activation_table(model, zeros, zeros, layers="conv")
     assert set(table["category"]) == {"dormant"}
 
 
@@ -84,12 +84,12 @@ def test_bad_threshold_and_layer_raise(tiny_model, tiny_data):
     with pytest.raises(ValueError, match="dormant_threshold"):
         channel_activation_table(tiny_model, tiny_data, tiny_data, dormant_threshold=1.0)
     with pytest.raises(ValueError, match="pool_a"):
-        channel_activation_table(tiny_model, tiny_data, tiny_data, layer="pool_a")
+        channel_activation_table(tiny_model, tiny_data, tiny_data, layers="pool_a")
 
 
 def test_plot_writes_the_file_atomically(tmp_path):
     clean, poisoned = _four_kinds_data()
-    table = channel_activation_table(_four_kinds_model(), clean, poisoned, layer="conv")
+    table = channel_activation_table(_four_kinds_model(), clean, poisoned, layers="conv")
     path = tmp_path / "channels.png"
     figure = plot_channel_activations(table, path=path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

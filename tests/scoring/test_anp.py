@@ -248,7 +248,7 @@ def test_bad_data_is_refused():
         anp_mask_scores(model, (np.zeros((0, 8, 8, 1)), np.zeros(0)))
     with pytest.raises(ValueError, match="expects"):
         anp_mask_scores(model, (np.zeros((4, 9, 9, 1)), np.zeros(4)))
-    with pytest.raises(ValueError, match="clean_data"):
+    with pytest.raises(ValueError, match="train_data"):
         anp_prune(model)
 
 

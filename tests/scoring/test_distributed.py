@@ -74,15 +74,20 @@ WORKER = HEADER + textwrap.dedent("""
         probe = wrap_layers(build(), "conv_b")
     means = distributed_channel_means(probe, (x, y), "conv_b", strategy=strategy, batch_size=10)
     model, callback, history = example.fine_prune_in_scope(
-        strategy, build, (x, y), (x, y), (x[:12], np.zeros(12, int)), layer="conv_b",
+        strategy, build, (x, y), (x, y), (x[:12], np.zeros(12, int)), layers="conv_b",
         max_accuracy_drop={drop}, epochs=2, batch_size=8, learning_rate=0.05, shuffle=False)
     layer = model.get_layer("conv_b")
     pruned = layer.pruned_channels
+    first_masks = [v.numpy().tolist() for v in layer.mask.values]
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[callback])  # reused callback
     result = {{
+        "masks_unchanged_by_a_second_fit": [v.numpy().tolist() for v in layer.mask.values]
+                                           == first_masks,
+        "status": [int(v.numpy()) for v in layer.fine_pruning_status.values],
         "replicas": strategy.num_replicas_in_sync,
         "means": means.tolist(),
-        "callback_means": callback.mean_activations_.tolist(),
-        "ranking": callback.ranking_.tolist(),
+        "callback_means": callback.mean_activations_["conv_b"].tolist(),
+        "ranking": callback.rankings_["conv_b"].tolist(),
         "replica_masks": [v.numpy().tolist() for v in layer.mask.values],
         "pruned_weights_zero": [bool(np.all(v.numpy()[..., pruned] == 0)) for v in layer.layer.kernel.values]
                                + [bool(np.all(v.numpy()[pruned] == 0)) for v in layer.layer.bias.values],
@@ -106,10 +111,10 @@ def setup(tmp_path):
     np.savez(npz, x=x, y=y, n=len(weights), **{f"w{i}": w for i, w in enumerate(weights)})
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(REPO / "tests"), example=str(EXAMPLE), drop=DROP))
-    reference = prune_to_threshold(model, (x, y), layer="conv_b", max_accuracy_drop=DROP)
+    reference = prune_to_threshold(model, (x, y), layers="conv_b", max_accuracy_drop=DROP)
     means = mean_channel_activations(model, (x, y), layer="conv_b")
-    return {"script": script, "npz": npz, "means": means, "mask": reference.masks[DROP],
-            "ranking": reference.ranking, "tmp": tmp_path}
+    return {"script": script, "npz": npz, "means": means, "mask": reference.masks[DROP]["conv_b"],
+            "ranking": reference.rankings["conv_b"], "tmp": tmp_path}
 
 
 def _env(**extra):
@@ -140,6 +145,8 @@ def _check(result, setup, replicas):
     for mask in result["replica_masks"]:
         assert mask == setup["mask"].tolist()
     assert all(result["pruned_weights_zero"])
+    assert result["masks_unchanged_by_a_second_fit"]
+    assert result["status"] and set(result["status"]) == {2}   # done, on every local replica
     history = result["history"]
     assert history["fine_pruning/channels_pruned"] == [float(np.sum(setup["mask"] == 0))] * 2
     assert len(history["fine_pruning/attack_success_rate"]) == 2
@@ -181,7 +188,7 @@ def test_multi_worker_mirrored_strategy_two_workers_agree_with_single_device(set
 
 SEVERAL = HEADER + textwrap.dedent("""
     model, callback, history = example.fine_prune_in_scope(
-        strategy, build, (x, y), (x, y), (x[:12], np.zeros(12, int)), layer=["conv_b", "fc"],
+        strategy, build, (x, y), (x, y), (x[:12], np.zeros(12, int)), layers=["conv_b", "fc"],
         max_accuracy_drop={drop}, epochs=2, batch_size=8, learning_rate=0.05, shuffle=False)
     result = {{"masks": {{}}, "zero": []}}
     for name in ("conv_b", "fc"):
@@ -191,6 +198,18 @@ SEVERAL = HEADER + textwrap.dedent("""
         result["zero"] += [bool(np.all(v.numpy()[..., pruned] == 0)) for v in layer.layer.kernel.values]
         result["zero"] += [bool(np.all(v.numpy()[pruned] == 0)) for v in layer.layer.bias.values]
     result["channels_pruned"] = history.history["fine_pruning/channels_pruned"]
+    from tf_backdoor_defense.finetune._callbacks import FinePruning, GradualChannelSchedule
+    from tf_backdoor_defense.masks._wrapper import wrap_layers
+    with strategy.scope():
+        gradual = wrap_layers(build(), ["conv_b", "fc"])
+        gradual.compile("sgd", "sparse_categorical_crossentropy")
+    schedule = GradualChannelSchedule(target_fraction=0.5, channels_per_step=1, every_n_steps=2)
+    gradual.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0, callbacks=[FinePruning(
+        (x, y), layers=["conv_b", "fc"], schedule=schedule, max_accuracy_drop=None)])
+    result["gradual"] = {{name: {{
+        "masks": [v.numpy().tolist() for v in gradual.get_layer(name).mask.values],
+        "steps": [int(v.numpy()) for v in gradual.get_layer(name).fine_pruning_step.values]}}
+        for name in ("conv_b", "fc")}}
     with open(out, "w") as handle:
         json.dump(result, handle)
 """)
@@ -203,7 +222,7 @@ def test_mirrored_strategy_prunes_several_layers_like_a_single_device(setup):
     base = tiny_conv_model(channels=8)
     base.set_weights([saved[f"w{i}"] for i in range(int(saved["n"]))])
     reference = prune_to_threshold(wrap_layers(base, ["conv_b", "fc"]), (saved["x"], saved["y"]),
-                                   layer=["conv_b", "fc"], max_accuracy_drop=DROP)
+                                   layers=["conv_b", "fc"], max_accuracy_drop=DROP)
     out, log = setup["tmp"] / "several.json", setup["tmp"] / "several.log"
     proc = subprocess.Popen([sys.executable, str(script), "mirrored", str(setup["npz"]), str(out)],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=log.open("wb"))
@@ -215,3 +234,18 @@ def test_mirrored_strategy_prunes_several_layers_like_a_single_device(setup):
         total += int(np.sum(mask == 0))
     assert total > 0 and all(result["zero"])
     assert result["channels_pruned"] == [float(total)] * 2
+    # The gradual schedule: 4 steps of 16 examples, one channel after steps 2 and 4 (conv_b,
+    # then fc), the step counted in the model on both replicas, as on one device.
+    from tf_backdoor_defense.finetune._callbacks import FinePruning, GradualChannelSchedule
+
+    single = wrap_layers(base, ["conv_b", "fc"])
+    single.compile("sgd", "sparse_categorical_crossentropy")
+    schedule = GradualChannelSchedule(target_fraction=0.5, channels_per_step=1, every_n_steps=2)
+    single.fit(saved["x"], saved["y"], epochs=1, batch_size=16, shuffle=False, verbose=0,
+               callbacks=[FinePruning((saved["x"], saved["y"]), layers=["conv_b", "fc"],
+                                      schedule=schedule, max_accuracy_drop=None)])
+    for name in ("conv_b", "fc"):
+        mask = single.get_layer(name).get_mask()
+        assert int(np.sum(mask == 0)) == 1
+        assert result["gradual"][name]["masks"] == [mask.tolist()] * 2
+        assert result["gradual"][name]["steps"] == [4, 4]

@@ -34,6 +34,8 @@ import os
 
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError, InputTypeError
+from tf_backdoor_defense._labels import class_indices
 from tf_backdoor_defense._validation import check_number
 
 __all__ = [
@@ -56,13 +58,13 @@ def _check_images(x, name="x"):
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
     if x.ndim != 4:
-        raise ValueError(
+        raise InputError(
             f"`{name}` must be a batch of channels-last images with shape (N, H, W, C). "
             f"Got an array of shape {x.shape}. Add a batch axis with x[None] or a channel "
             "axis with x[..., None]."
         )
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise TypeError(f"`{name}` must hold numbers. Got dtype {x.dtype}.")
+        raise InputTypeError(f"`{name}` must hold numbers. Got dtype {x.dtype}.")
     return x
 
 
@@ -84,7 +86,7 @@ def _check_position(position, name="position"):
         or len(position) != 2
         or not all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in position)
     ):
-        raise TypeError(f"The '{name}' parameter must be a (row, col) pair of ints. Got {position!r}.")
+        raise InputTypeError(f"The '{name}' parameter must be a (row, col) pair of ints. Got {position!r}.")
     return int(position[0]), int(position[1])
 
 
@@ -94,7 +96,7 @@ def _place(position, size, image_size, what):
     top = row if row >= 0 else height + row - h + 1
     left = col if col >= 0 else width + col - w + 1
     if top < 0 or left < 0 or top + h > height or left + w > width:
-        raise ValueError(
+        raise InputError(
             f"The {what} of size {h}x{w} at position {(row, col)} does not fit in images of "
             f"size {height}x{width} (it would cover rows {top}..{top + h - 1} and columns "
             f"{left}..{left + w - 1})."
@@ -105,7 +107,7 @@ def _place(position, size, image_size, what):
 def _check_value(value, name="value"):
     array = np.asarray(value, dtype=np.float64)
     if array.ndim > 1 or not np.all(np.isfinite(array)):
-        raise ValueError(f"The '{name}' parameter must be a finite number or one number per "
+        raise InputError(f"The '{name}' parameter must be a finite number or one number per "
                          f"channel. Got {value!r}.")
     return array
 
@@ -116,7 +118,7 @@ def _match_channels(array, channels, what):
         return array
     if array.shape[-1] == 1:
         return np.repeat(array, channels, axis=-1)
-    raise ValueError(f"The {what} has {array.shape[-1]} channels but the images have {channels}.")
+    raise InputError(f"The {what} has {array.shape[-1]} channels but the images have {channels}.")
 
 
 # -- triggers ------------------------------------------------------------------
@@ -164,10 +166,10 @@ class PatchTrigger(Trigger):
         if patch.ndim == 2:
             patch = patch[..., None]
         if patch.ndim != 3 or patch.shape[0] == 0 or patch.shape[1] == 0:
-            raise ValueError(f"The 'patch' parameter must have shape (h, w) or (h, w, c). "
+            raise InputError(f"The 'patch' parameter must have shape (h, w) or (h, w, c). "
                              f"Got shape {np.shape(patch)}.")
         if not np.all(np.isfinite(patch)):
-            raise ValueError("The 'patch' parameter contains NaN or Inf values.")
+            raise InputError("The 'patch' parameter contains NaN or Inf values.")
         self.patch = patch
         self.position = _check_position(position)
 
@@ -204,10 +206,10 @@ class PixelPatternTrigger(Trigger):
         try:
             pixels = [_check_position(p, "pixels") for p in pixels]
         except TypeError as error:
-            raise TypeError(f"The 'pixels' parameter must be a list of (row, col) pairs of ints. "
+            raise InputTypeError(f"The 'pixels' parameter must be a list of (row, col) pairs of ints. "
                             f"Got {pixels!r}.") from error
         if not pixels:
-            raise ValueError("The 'pixels' parameter must list at least one (row, col) pixel.")
+            raise InputError("The 'pixels' parameter must list at least one (row, col) pixel.")
         self.pixels = pixels
         self.value = _check_value(value)
 
@@ -215,11 +217,11 @@ class PixelPatternTrigger(Trigger):
         height, width, channels = x.shape[1:]
         value = self.value
         if value.ndim == 1 and value.shape[0] not in (1, channels):
-            raise ValueError(f"The 'value' parameter has {value.shape[0]} entries but the images "
+            raise InputError(f"The 'value' parameter has {value.shape[0]} entries but the images "
                              f"have {channels} channels.")
         for row, col in self.pixels:
             if not (-height <= row < height and -width <= col < width):
-                raise ValueError(f"Pixel {(row, col)} is outside images of size {height}x{width}.")
+                raise InputError(f"Pixel {(row, col)} is outside images of size {height}x{width}.")
             x[:, row, col, :] = value
         return x
 
@@ -259,7 +261,7 @@ class ImageTrigger(Trigger):
     def __init__(self, image, position=(0, 0), size=None, value=1.0):
         array = np.asarray(image)
         if array.ndim != 3 or array.shape[-1] not in (2, 4) or 0 in array.shape:
-            raise ValueError(
+            raise InputError(
                 "The 'image' parameter must have shape (h, w, 4) (RGBA) or (h, w, 2) "
                 f"(gray + alpha). Got shape {array.shape}."
             )
@@ -268,12 +270,12 @@ class ImageTrigger(Trigger):
         else:
             array = array.astype(np.float64)
         if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
-            raise ValueError("The 'image' parameter must be uint8 in 0..255 or floats in [0, 1].")
+            raise InputError("The 'image' parameter must be uint8 in 0..255 or floats in [0, 1].")
         if size is not None:
             array = _resize(array, size)
         value = _check_value(value)
         if value.ndim != 0 or value <= 0:
-            raise ValueError(f"The 'value' parameter must be a positive number (the data's "
+            raise InputError(f"The 'value' parameter must be a positive number (the data's "
                              f"maximum, e.g. 1.0 or 255). Got {value!r}.")
         self.color = array[..., :-1] * float(value)
         self.alpha = array[..., -1:]
@@ -291,7 +293,7 @@ class ImageTrigger(Trigger):
         except ImportError as error:  # pragma: no cover - depends on the environment
             raise ImportError("ImageTrigger.from_file needs Pillow: pip install pillow") from error
         if not os.path.isfile(path):
-            raise ValueError(f"The trigger image file {str(path)!r} does not exist.")
+            raise InputError(f"The trigger image file {str(path)!r} does not exist.")
         with Image.open(path) as opened:
             array = np.asarray(opened.convert("RGBA"))
         return cls(array, position=position, size=size, value=value)
@@ -321,7 +323,7 @@ def _resize(array, size):
         or len(size) != 2
         or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in size)
     ):
-        raise ValueError(f"The 'size' parameter must be a (rows, cols) pair of positive ints. "
+        raise InputError(f"The 'size' parameter must be a (rows, cols) pair of positive ints. "
                          f"Got {size!r}.")
     rows, cols = int(size[0]), int(size[1])
     channels = [
@@ -353,18 +355,18 @@ class BlendTrigger(Trigger):
         if pattern.ndim == 2:
             pattern = pattern[..., None]
         if pattern.ndim != 3:
-            raise ValueError(f"The 'pattern' parameter must have shape (H, W) or (H, W, C). "
+            raise InputError(f"The 'pattern' parameter must have shape (H, W) or (H, W, C). "
                              f"Got shape {np.shape(pattern)}.")
         if not np.all(np.isfinite(pattern)):
-            raise ValueError("The 'pattern' parameter contains NaN or Inf values.")
+            raise InputError("The 'pattern' parameter contains NaN or Inf values.")
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha <= 1:
-            raise ValueError(f"The 'alpha' parameter must be a number in (0, 1]. Got {alpha!r}.")
+            raise InputError(f"The 'alpha' parameter must be a number in (0, 1]. Got {alpha!r}.")
         self.pattern = pattern
         self.alpha = float(alpha)
 
     def _stamp(self, x):
         if self.pattern.shape[:2] != x.shape[1:3]:
-            raise ValueError(f"The blend pattern has size {self.pattern.shape[0]}x"
+            raise InputError(f"The blend pattern has size {self.pattern.shape[0]}x"
                              f"{self.pattern.shape[1]} but the images are "
                              f"{x.shape[1]}x{x.shape[2]}; they must be equal.")
         pattern = _match_channels(self.pattern, x.shape[-1], "blend pattern")
@@ -407,7 +409,7 @@ def checkerboard_patch(size=4, value=1.0, position=(-1, -1)):
     check_number(size, "size", 1, integer=True)
     value = _check_value(value)
     if value.ndim != 0:
-        raise ValueError(f"The 'value' parameter of checkerboard_patch must be one number. "
+        raise InputError(f"The 'value' parameter of checkerboard_patch must be one number. "
                          f"Got {value.tolist()!r}.")
     board = (np.add.outer(np.arange(size), np.arange(size)) % 2 == 0) * float(value)
     return PatchTrigger(board, position=position)
@@ -427,31 +429,22 @@ def all_to_all_shift(num_classes, shift=1):
 # -- poisoning -----------------------------------------------------------------
 def _check_labels(y, n):
     y = np.asarray(y)
-    one_hot = y.ndim == 2 and y.shape[1] > 1
-    labels = np.argmax(y, axis=1) if one_hot else y.reshape(-1) if y.ndim == 2 else y
-    if labels.ndim != 1:
-        raise ValueError(f"`y` must be 1-D class indices or 2-D one-hot rows. Got shape {y.shape}.")
+    labels = class_indices(y, "The labels `y`")
     if labels.shape[0] != n:
-        raise ValueError(f"`x` has {n} images but `y` has {labels.shape[0]} labels; they must "
+        raise InputError(f"`x` has {n} images but `y` has {labels.shape[0]} labels; they must "
                          "have the same length.")
-    if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        if not np.all(np.isfinite(labels)) or not np.all(np.round(labels) == labels):
-            raise ValueError("`y` must hold whole class indices.")
-    labels = labels.astype(np.int64)
-    if labels.size and labels.min() < 0:
-        raise ValueError(f"`y` has a negative label ({labels.min()}).")
-    return labels, one_hot
+    return labels, y.ndim == 2 and y.shape[1] > 1
 
 
 def _attacker_labels(target, labels):
     """The attacker's class for each true label, for an int or all-to-all ``target``."""
     if isinstance(target, numbers.Integral) and not isinstance(target, bool):
         if target < 0:
-            raise ValueError(f"The 'target' parameter must be a non-negative class index. "
+            raise InputError(f"The 'target' parameter must be a non-negative class index. "
                              f"Got {target}.")
         return np.full(labels.shape, int(target), np.int64)
     if isinstance(target, (bool, str, float)) or target is None:
-        raise TypeError(
+        raise InputTypeError(
             "The 'target' parameter must be an int (all-to-one) or an all-to-all mapping "
             f"(array, dict or callable from true class to attacker class). Got {target!r}."
         )
@@ -463,15 +456,15 @@ def _attacker_labels(target, labels):
     else:
         mapping = np.asarray(target)
         if mapping.ndim != 1 or not np.issubdtype(mapping.dtype, np.integer):
-            raise ValueError(f"An all-to-all 'target' array must be 1-D integers, one per class. "
+            raise InputError(f"An all-to-all 'target' array must be 1-D integers, one per class. "
                              f"Got {target!r}.")
         if classes.size and classes.max() >= mapping.shape[0]:
-            raise ValueError(f"The all-to-all 'target' has {mapping.shape[0]} entries but `y` "
+            raise InputError(f"The all-to-all 'target' has {mapping.shape[0]} entries but `y` "
                              f"has label {classes.max()}.")
         table = {int(c): mapping[c] for c in classes}
     for true, wanted in table.items():
         if isinstance(wanted, bool) or not isinstance(wanted, numbers.Integral) or wanted < 0:
-            raise ValueError(f"The all-to-all 'target' maps class {true} to {wanted!r}; expected "
+            raise InputError(f"The all-to-all 'target' maps class {true} to {wanted!r}; expected "
                              "a non-negative int class.")
     lookup = np.zeros(int(classes.max()) + 1 if classes.size else 1, np.int64)
     for true, wanted in table.items():
@@ -492,7 +485,7 @@ def _format_labels(labels, like, one_hot, num_classes):
 
 def _check_trigger(trigger, x):
     if not callable(trigger):
-        raise TypeError(f"The 'trigger' parameter must be a Trigger or a callable that stamps a "
+        raise InputTypeError(f"The 'trigger' parameter must be a Trigger or a callable that stamps a "
                         f"batch of images. Got {trigger!r}.")
     if isinstance(trigger, Trigger):
         trigger.check_fits(x.shape[1:])
@@ -501,7 +494,7 @@ def _check_trigger(trigger, x):
 def _stamp(trigger, x):
     out = np.asarray(trigger(x))
     if out.shape != x.shape:
-        raise ValueError(f"The trigger returned shape {out.shape} for images of shape {x.shape}; "
+        raise InputError(f"The trigger returned shape {out.shape} for images of shape {x.shape}; "
                          "it must keep the shape.")
     return out.astype(x.dtype, copy=False)
 
@@ -593,6 +586,6 @@ def poisoned_evaluation_set(x, y, trigger, *, target=0):
     _check_trigger(trigger, x)
     keep = np.flatnonzero(wanted != labels)
     if keep.size == 0:
-        raise ValueError("No input is attacked: every input's attacker class equals its true "
+        raise InputError("No input is attacked: every input's attacker class equals its true "
                          "class (for all-to-one, all inputs are of the target class).")
     return _stamp(trigger, x[keep]), wanted[keep], labels[keep]

@@ -13,20 +13,25 @@ the defender keeps, and plants *decoys* that the defender prunes first:
    puts these decoys first, and pruning them removes nothing of the backdoor.
 """
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.scoring._activations import activation_tensor, mean_channel_activations, resolve_layer
-from tf_backdoor_defense.masks._wrapper import PruneByActivation, channel_axis, wrap_layers
+from tf_backdoor_defense.masks._wrapper import (PruneByActivation, channel_axis, layer_names, unwrap,
+                                                wrap_layers)
+from tf_backdoor_defense.pruning._ranking import rank_channels
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
-from tf_backdoor_defense._validation import check_data, check_fraction, check_model, check_number
+from tf_backdoor_defense._validation import (check_data, check_fraction, check_model, check_number,
+                                             renamed_argument)
 
 __all__ = ["pruning_aware_attack", "PruningAwareAttackResult"]
 
 
-class PruningAwareAttackResult(NamedTuple):
+@dataclass(frozen=True, eq=False)
+class PruningAwareAttackResult:
     """What :func:`pruning_aware_attack` returns.
 
     Attributes
@@ -50,13 +55,18 @@ class PruningAwareAttackResult(NamedTuple):
     bias_decrement: np.ndarray
     history: dict
 
+    @property
+    def layers(self):
+        """``(layer,)``: the pruned layer, as a tuple like every ``layers`` of the package."""
+        return (self.layer,)
+
 
 def _fresh_optimizer(optimizer):
     if isinstance(optimizer, str):
         return keras.optimizers.get(optimizer)
     if isinstance(optimizer, keras.optimizers.Optimizer):
         return optimizer.__class__.from_config(optimizer.get_config())
-    raise TypeError(f"The 'optimizer' parameter must be an optimizer name or a tf_keras optimizer. "
+    raise InputTypeError(f"The 'optimizer' parameter must be an optimizer name or a tf_keras optimizer. "
                     f"Got {optimizer!r}.")
 
 
@@ -112,46 +122,49 @@ def _max_preactivation(model, layer_name, kernel, bias, clean, batch_size):
     return result.astype(np.float64)
 
 
-def pruning_aware_attack(model, poisoned_train, clean_data, *, layer=None, prune_fraction=0.5,
+def pruning_aware_attack(model, train_data, ranking_data, *, layers=None, prune_fraction=0.5,
                          epochs=5, bias_decrement="auto", optimizer="adam", batch_size=32,
-                         pretrain_epochs=0, seed=0, activation_batch_size=256):
+                         pretrain_epochs=0, seed=0, activation_batch_size=256, layer=None):
     """Hide a backdoor from the pruning defense (Fine-Pruning, section 3.2).
 
     Parameters
     ----------
     model : tf_keras.Model
-        Usually a model already trained on ``poisoned_train``; with
+        Usually a model already trained on ``train_data``; with
         ``pretrain_epochs > 0`` it is first trained here (an untrained model
         is fine then). It is never modified.
-    poisoned_train : (x, y) arrays or tf.data.Dataset
-        Training data with a fraction of triggered, relabelled examples (see
-        :func:`tf_backdoor_defense.attacks.poison_dataset`).
-    clean_data : (x, y) arrays, x alone, or tf.data.Dataset
+    train_data : (x, y) arrays or tf.data.Dataset
+        The attacker's training data, with a fraction of triggered, relabelled
+        examples (see :func:`tf_backdoor_defense.attacks.poison_dataset`).
+    ranking_data : (x, y) arrays, x alone, or tf.data.Dataset
         Clean inputs the attacker ranks channels on and makes the decoys
         dormant on (labels are not used).
-    layer : str, default=None
+    layers : str or list of one str, default=None
         The Conv or Dense layer to attack; default: the last conv layer.
     prune_fraction : float in (0, 1), default=0.5
         Fraction of its channels pruned in step 2 (these become the decoys);
         rounded, and at least 1 and at most all but one channel.
     epochs : int, default=5
-        Retraining epochs of the pruned network on ``poisoned_train``.
+        Retraining epochs of the pruned network on ``train_data``.
     bias_decrement : "auto", float or array, default="auto"
         How much to lower each decoy's bias. ``"auto"`` lowers it by the
-        channel's largest pre-activation on ``clean_data`` (computed with the
+        channel's largest pre-activation on ``ranking_data`` (computed with the
         retrained earlier layers), so the decoy outputs exactly 0 on every
-        input of ``clean_data``; it needs a ReLU after the layer. A number (or
+        input of ``ranking_data``; it needs a ReLU after the layer. A number (or
         one per decoy) is subtracted as given.
     optimizer : str or tf_keras optimizer, default="adam"
         A fresh copy is used for each training phase.
     batch_size : int, default=32
         Training batch size.
     pretrain_epochs : int, default=0
-        Train ``model`` on ``poisoned_train`` for this many epochs first.
+        Train ``model`` on ``train_data`` for this many epochs first.
     seed : int, default=0
         Seeds Keras, NumPy and TensorFlow before each training phase.
     activation_batch_size : int, default=256
         Batch size of the activation statistics.
+    layer : deprecated
+        The old name of ``layers``; it still works in this release, with a
+        ``DeprecationWarning``.
 
     Returns
     -------
@@ -175,14 +188,19 @@ def pruning_aware_attack(model, poisoned_train, clean_data, *, layer=None, prune
     >>> float(mean_channel_activations(result.model, x)[result.decoy_channels].max())
     0.0
     """
+    layers = renamed_argument("pruning_aware_attack", "layer", layer, "layers", layers)
     check_model(model)
-    found = resolve_layer(model, layer)
+    names = layer_names(model, layers, check=resolve_layer)
+    if len(names) != 1:
+        raise InputError(f"The pruning-aware attack hides the backdoor in one layer; the 'layers' "
+                         f"parameter must name one. Got {names}.")
+    found = resolve_layer(model, names[0])
     if isinstance(found, PruneByActivation):
-        raise ValueError(f"Layer '{found.name}' is wrapped in PruneByActivation; pass the plain "
+        raise InputError(f"Layer '{found.name}' is wrapped in PruneByActivation; pass the plain "
                          "model (unwrap it first).")
     name = found.name
     if not getattr(found, "use_bias", False):
-        raise ValueError(f"Layer '{name}' has no bias, so its channels cannot be made dormant by "
+        raise InputError(f"Layer '{name}' has no bias, so its channels cannot be made dormant by "
                          "lowering the bias.")
     prune_fraction = check_fraction(prune_fraction, "prune_fraction")
     epochs = int(check_number(epochs, "epochs", 0, integer=True))
@@ -191,16 +209,16 @@ def pruning_aware_attack(model, poisoned_train, clean_data, *, layer=None, prune
     check_number(seed, "seed", 0, integer=True)
     auto = isinstance(bias_decrement, str)
     if auto and bias_decrement != "auto":
-        raise ValueError(f"The 'bias_decrement' parameter must be 'auto', a number or one number "
+        raise InputError(f"The 'bias_decrement' parameter must be 'auto', a number or one number "
                          f"per decoy. Got {bias_decrement!r}.")
     if auto and not _check_relu(model, found):
-        raise ValueError(f"bias_decrement='auto' needs a ReLU on layer '{name}' (in the layer or "
+        raise InputError(f"bias_decrement='auto' needs a ReLU on layer '{name}' (in the layer or "
                          "as the next layer); pass a number instead.")
     _fresh_optimizer(optimizer)  # validates early
-    x_train, y_train = as_arrays(poisoned_train, "poisoned_train", model)
-    if isinstance(clean_data, np.ndarray):  # inputs alone: labels are not used
-        clean_data = (clean_data, np.zeros(len(clean_data), np.int64))
-    clean = check_data(clean_data, "clean_data", model=model)
+    x_train, y_train = as_arrays(train_data, "train_data", model)
+    if isinstance(ranking_data, np.ndarray):  # inputs alone: labels are not used
+        ranking_data = (ranking_data, np.zeros(len(ranking_data), np.int64))
+    clean = check_data(ranking_data, "ranking_data", model=model)
 
     history = {"pretrain": None, "retrain": None}
     working = copy_model(model)
@@ -212,14 +230,10 @@ def pruning_aware_attack(model, poisoned_train, clean_data, *, layer=None, prune
     channels = int(found.output.shape[channel_axis(found)])
     count = int(round(prune_fraction * channels))
     if not 1 <= count <= channels - 1:
-        raise ValueError(f"prune_fraction={prune_fraction} prunes {count} of the {channels} channels "
+        raise InputError(f"prune_fraction={prune_fraction} prunes {count} of the {channels} channels "
                          f"of layer '{name}'; it must prune at least 1 and keep at least 1.")
-    means = mean_channel_activations(working, clean, layer=name, batch_size=activation_batch_size)
-    try:
-        from tf_backdoor_defense.pruning._ranking import rank_channels
-        ranking = rank_channels(means)
-    except ImportError:  # pragma: no cover - ranking.py ships with the package
-        ranking = np.argsort(means, kind="stable")
+    means = mean_channel_activations(working, clean, name, batch_size=activation_batch_size)
+    ranking = rank_channels(means)
     decoys = np.sort(np.asarray(ranking[:count], dtype=np.int64))
     original_kernel, original_bias = [w.copy() for w in working.get_layer(name).get_weights()]
 
@@ -228,7 +242,7 @@ def pruning_aware_attack(model, poisoned_train, clean_data, *, layer=None, prune
         if decrement.ndim == 0:
             decrement = np.full(count, float(decrement))
         if decrement.shape != (count,) or not np.all(np.isfinite(decrement)) or np.any(decrement < 0):
-            raise ValueError(f"The 'bias_decrement' parameter must be 'auto', a non-negative number "
+            raise InputError(f"The 'bias_decrement' parameter must be 'auto', a non-negative number "
                              f"or {count} non-negative numbers (one per decoy). Got {bias_decrement!r}.")
 
     # Step 3: retrain the pruned network on poisoned data (masks stay at 0).
@@ -241,10 +255,7 @@ def pruning_aware_attack(model, poisoned_train, clean_data, *, layer=None, prune
     # Step 4: de-prune into a plain copy of the original architecture.
     attacked = keras.models.clone_model(model)
     for target in attacked.layers:
-        source = pruned.get_layer(target.name)
-        inner = source.layer if isinstance(source, PruneByActivation) else source
-        weights = inner.get_weights()
-        target.set_weights(weights)
+        target.set_weights(unwrap(pruned.get_layer(target.name)).get_weights())
     kernel, bias = attacked.get_layer(name).get_weights()
     kernel[..., decoys] = original_kernel[..., decoys]
     if auto:

@@ -4,32 +4,46 @@ Subcommands: ``inspect``, ``evaluate``, ``prune``, ``fine-prune``, ``defend``,
 ``export``, ``repair`` and ``demo``; ``tf-backdoor-defense COMMAND --help``
 shows each one's options and examples.
 
-Exit codes: 0 success; 2 bad input (usage, unreadable or invalid data or
+Exit codes: 0 success; 2 bad input: a usage error, or an input error the
+library raises as such (:class:`~tf_backdoor_defense.InputError` and
+:class:`~tf_backdoor_defense.InputTypeError`: unreadable or invalid data or
 model files, a refused untrusted model, existing outputs without
-``--force``); 3 ``defend --fail-if-active`` found the backdoor still active
-on the poisoned validation data (the outputs are written all the same);
-1 an unexpected error (``--debug`` shows its traceback).
-Results go to stdout (``--json`` for machine-readable output); progress bars
-and notes go to stderr, and the bars switch themselves off when stderr is
-not a terminal or with ``--quiet``.
+``--force``, a bad value); 3 ``defend --fail-if-active`` found the backdoor
+still active on the poisoned validation data (the outputs are written all
+the same); 1 anything else, which is a bug: one short line says so, and
+``--debug`` shows the traceback.
+Results go to stdout (``--json`` for machine-readable output); progress bars,
+notes, warnings and the library's progress lines go to stderr; the bars
+switch themselves off when stderr is not a terminal, and ``--quiet`` leaves
+only warnings and errors.
+
+The command owns the console only while ``main()`` runs
+(:func:`tf_backdoor_defense.cli._console.session`): it imports TensorFlow
+lazily (``--help`` does not load it), hides TensorFlow's native start-up
+lines unless ``--debug``, and puts the warning filters, loggers and stderr
+back when it returns.
 """
 
 import argparse
-import contextlib
-import logging
 import pathlib
 import sys
 import textwrap
-import time
 import traceback
 import warnings
 
-from tf_backdoor_defense._keras import keras
-from tf_backdoor_defense.cli._native_stderr import silenced
+from tf_backdoor_defense._errors import INPUT_ERRORS, InputError, OutputExistsError
+from tf_backdoor_defense.cli._console import Console, progress_data, session
 
 __all__ = ["main", "build_parser"]
 
 PROG = "tf-backdoor-defense"
+
+# The methods of tf_backdoor_defense.defenses._defend.METHODS, in the same order (a test
+# checks they agree): the parser is built without importing TensorFlow.
+DEFENSE_METHODS = ("unlearn", "ibau", "reinit-head", "prune-search", "clp", "ft-sam", "anp",
+                   "ft-cosine", "fine-pruning")
+# tf_backdoor_defense.defenses._defend.DEFAULT_METHODS (the same test checks it)
+DEFAULT_DEFENSE_METHODS = ("unlearn", "ibau", "clp")
 
 _EPILOG = textwrap.dedent(f"""\
     examples:
@@ -47,140 +61,14 @@ _EPILOG = textwrap.dedent(f"""\
     classes outside tf-keras and this package are refused (--trust-model-code allows them).
 
     exit codes: 0 success, 2 bad input or existing outputs without --force, 3 defend
-    --fail-if-active: backdoor still active on the poisoned validation data, 1 unexpected error.
+    --fail-if-active: backdoor still active on the poisoned validation data, 1 an internal
+    error (a bug; --debug shows the traceback).
     """)
-
-
-# -- output helpers --------------------------------------------------------------------
-class Console:
-    """Notes and progress bars on stderr, results on stdout."""
-
-    def __init__(self, quiet=False, json_mode=False, stream=None):
-        self.quiet = quiet
-        self.json_mode = json_mode
-        self.stream = stream if stream is not None else sys.stderr
-        try:
-            tty = self.stream.isatty()
-        except (AttributeError, ValueError):
-            tty = False
-        self.bars = tty and not quiet
-
-    def note(self, text):
-        if not self.quiet:
-            print(text, file=self.stream, flush=True)
-
-    @contextlib.contextmanager
-    def bar(self, label, total):
-        bar = _Bar(label, total, self.stream) if self.bars else _NoBar()
-        try:
-            yield bar
-        finally:
-            bar.close()
-
-    @contextlib.contextmanager
-    def step(self, label):
-        """A step without a count: a line when it starts and its time when it ends."""
-        started = time.perf_counter()
-        if self.bars:
-            self.stream.write(f"{label} ...")
-            self.stream.flush()
-        yield
-        if self.bars:
-            self.stream.write(f"\r{label} ... done in {time.perf_counter() - started:.1f} s\n")
-            self.stream.flush()
-
-
-class _NoBar:
-    def update(self, n=1, info=None, force=False):
-        pass
-
-    def close(self):
-        pass
-
-
-class _Bar:
-    """A one-line text progress bar (no dependency)."""
-
-    def __init__(self, label, total, stream, width=28):
-        self.label, self.total, self.stream, self.width = label, max(int(total), 1), stream, width
-        self.done = 0
-        self.info = ""
-        self.started = time.perf_counter()
-        self.last = 0.0
-        self.closed = False
-        self.draw()
-
-    def draw(self):
-        filled = int(self.width * self.done / self.total)
-        elapsed = time.perf_counter() - self.started
-        self.stream.write(f"\r{self.label:<22} [{'#' * filled}{'.' * (self.width - filled)}] "
-                          f"{self.done}/{self.total} {elapsed:5.1f} s"
-                          + (f"  {self.info}" if self.info else ""))
-        self.stream.flush()
-
-    def update(self, n=1, info=None, force=False):
-        """Advance by ``n``; ``info`` is shown after the count; redrawn at most every 0.1 s."""
-        self.done = min(self.done + n, self.total)
-        if info is not None:
-            self.info = info
-        now = time.perf_counter()
-        if force or now - self.last > 0.1:
-            self.last = now
-            self.draw()
-
-    def close(self):
-        if not self.closed:
-            self.closed = True
-            self.draw()
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-class _EpochProgress(keras.callbacks.Callback):
-    """A ``fit`` callback that moves a :class:`Console` bar once per epoch.
-
-    The bar shows the epoch's loss and accuracy (and the attack success
-    rate that ``FinePruning`` logs when there is poisoned data).
-    """
-
-    SHOWN = (("loss", "loss"), ("accuracy", "acc"), ("fine_pruning/attack_success_rate", "ASR"))
-
-    def __init__(self, bar):
-        super().__init__()
-        self.bar = bar
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        info = "  ".join(f"{short} {float(logs[key]):.4f}" for key, short in self.SHOWN
-                         if key in logs)
-        self.bar.update(1, info=info, force=True)
-
-
-class _ProgressBatches:
-    """Re-iterable (x, y) batches that move a progress bar; pass number ``i`` uses ``labels[i]``."""
-
-    def __init__(self, x, y, batch_size, console, labels):
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.console, self.labels, self.passes = console, list(labels), 0
-
-    def __iter__(self):
-        label = self.labels[min(self.passes, len(self.labels) - 1)]
-        self.passes += 1
-        total = -(-len(self.x) // self.batch_size)
-        with self.console.bar(label, total) as bar:
-            for start in range(0, len(self.x), self.batch_size):
-                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
-                bar.update(1)
 
 
 def _progress_data(data, args, console, labels):
     """Arrays as they are, or (on a terminal) a stream of batches with a progress bar."""
-    if not console.bars:
-        return data
-    from tf_backdoor_defense._validation import LabeledData
-
-    return LabeledData(str(labels[0]), dataset=_ProgressBatches(data[0], data[1], args.batch_size,
-                                                                  console, labels))
+    return progress_data(data, args.batch_size, console, labels)
 
 
 def _emit(args, result, text):
@@ -218,7 +106,7 @@ def _load_data(args, path, model, num_classes=None):
     x, y = load_data(path, scale=args.scale, input_shape=tuple(model.inputs[0].shape[1:]))
     try:
         data = check_data((x, y), str(path), model=model, num_classes=num_classes)
-    except (ValueError, TypeError) as error:
+    except INPUT_ERRORS as error:
         raise DataFileError(f"{path}: {error}") from None
     return data.x, data.y
 
@@ -239,7 +127,7 @@ def _target(args, num_classes):
             else:
                 mapping = (np.arange(num_classes) + int(text)) % num_classes
         except ValueError:
-            raise ValueError(f"--all-to-all must be a shift (e.g. 1) or a comma-separated list of "
+            raise InputError(f"--all-to-all must be a shift (e.g. 1) or a comma-separated list of "
                              f"{num_classes} classes. Got {args.all_to_all!r}.") from None
         return mapping
     return None
@@ -256,32 +144,11 @@ def _poisoned_note(args):
 
 
 # -- subcommands ------------------------------------------------------------------------------
-def _convs_read_by_dense(model, names):
-    """The conv layers among ``names`` whose channels reach a Dense layer through
-    channel-wise layers and Flatten only (the classifier reads them directly)."""
-    from tf_backdoor_defense.graph._channels import channel_consumers
-    from tf_backdoor_defense.masks._wrapper import PruneByActivation, find_layer
-
-    def inner(layer):
-        return layer.layer if isinstance(layer, PruneByActivation) else layer
-
-    found = []
-    for name in names:
-        if isinstance(inner(find_layer(model, name)), keras.layers.Dense):
-            continue
-        try:
-            uses = channel_consumers(model, name)
-        except ValueError:  # a graph the channel tracer does not follow
-            continue
-        if any(use.consumer and isinstance(inner(find_layer(model, use.consumer)),
-                                           keras.layers.Dense) for use in uses):
-            found.append(name)
-    return found
-
-
 def cmd_inspect(args, console):
+    from tf_backdoor_defense.graph._analysis import convs_read_by_dense
+    from tf_backdoor_defense.masks._registry import is_prunable
+    from tf_backdoor_defense.masks._wrapper import PruneByActivation, channel_count, last_conv_layer
     from tf_backdoor_defense.scoring._activations import resolve_layer
-    from tf_backdoor_defense.masks._wrapper import PRUNABLE_LAYER_TYPES, PruneByActivation, last_conv_layer
     from tf_backdoor_defense._validation import num_classes_of
 
     model = _load_model(args)
@@ -293,9 +160,7 @@ def cmd_inspect(args, console):
             prunable = True
         except (ValueError, TypeError):
             prunable = False
-        channels = None
-        if isinstance(inner, PRUNABLE_LAYER_TYPES):
-            channels = int(getattr(inner, "filters", None) or getattr(inner, "units"))
+        channels = channel_count(inner) if is_prunable(inner) else None
         try:
             shape = layer.output_shape
         except AttributeError:
@@ -313,7 +178,7 @@ def cmd_inspect(args, console):
         default = last_conv_layer(model)
     except ValueError:
         default = None
-    feeders = _convs_read_by_dense(model, [row["name"] for row in layers if row["prunable"]])
+    feeders = convs_read_by_dense(model, [row["name"] for row in layers if row["prunable"]])
     result = {"model": str(args.model), "name": model.name,
               "input_shape": list(model.inputs[0].shape[1:]), "classes": num_classes_of(model),
               "params": int(model.count_params()), "default_layer": default,
@@ -351,7 +216,7 @@ def cmd_evaluate(args, console):
     with console.step("evaluating"):
         if args.repaired:
             if poisoned is None:
-                raise ValueError("--repaired needs --poisoned data.")
+                raise InputError("--repaired needs --poisoned data.")
             scores = evaluate_repaired(model, clean, poisoned, target=target,
                                        batch_size=args.batch_size)
             result.update(scores.as_dict())
@@ -393,7 +258,6 @@ def cmd_prune(args, console):
     from tf_backdoor_defense.scoring._activations import mean_channel_activations
     from tf_backdoor_defense.export._export import export_saved_model
     from tf_backdoor_defense.io._data import check_outputs_free
-    from tf_backdoor_defense.pruning._group_sweep import GroupSweepResult
     from tf_backdoor_defense.report._report import REPORT_FILES, write_sweep_report
     from tf_backdoor_defense.pruning._sweep import prune_to_threshold
     from tf_backdoor_defense._validation import num_classes_of
@@ -413,28 +277,23 @@ def cmd_prune(args, console):
     ranking = _load_data(args, args.ranking_data, model) if args.ranking_data else None
     target = _target(args, classes) if poisoned is not None else None
     if poisoned is None and (args.target is not None or args.all_to_all or args.untargeted):
-        raise ValueError("--target, --all-to-all and --untargeted need --poisoned data.")
+        raise InputError("--target, --all-to-all and --untargeted need --poisoned data.")
 
     clean_labels = ["statistics", "sweep (clean)"] if ranking is None else ["sweep (clean)"]
     result = prune_to_threshold(
         model, _progress_data(clean, args, console, clean_labels),
-        layer=args.layer[0] if args.layer and len(args.layer) == 1 else args.layer,
-        max_accuracy_drop=thresholds, steps=args.steps,
-        poisoned_data=(None if poisoned is None else
+        layers=args.layer, max_accuracy_drop=thresholds, steps=args.steps,
+        poisoned_validation_data=(None if poisoned is None else
                        _progress_data(poisoned, args, console, ["sweep (poisoned)"])),
         target=target, stopping_rule=args.stopping_rule,
         ranking_data=(None if ranking is None else
                       _progress_data(ranking, args, console, ["statistics"])),
         batch_size=args.batch_size)
-    group = isinstance(result, GroupSweepResult)
-    layers = result.layers if group else [result.layer]
     poisoned_means = None
     if poisoned is not None and not args.no_plots:
         poisoned_means = {name: mean_channel_activations(
             model, _progress_data(poisoned, args, console, ["statistics (poisoned)"]),
-            layer=name, batch_size=args.batch_size) for name in layers}
-        if not group:
-            poisoned_means = poisoned_means[result.layer]
+            layer=name, batch_size=args.batch_size) for name in result.layers}
     extra = {"inputs": {"model": str(args.model), "clean_data": str(args.clean),
                         "poisoned_data": None if poisoned is None else str(args.poisoned),
                         "ranking_data": None if ranking is None else str(args.ranking_data),
@@ -453,19 +312,18 @@ def cmd_prune(args, console):
                 export_saved_model(result.models[t], path, shrink=args.shrink,
                                    overwrite=args.force)
     summary = result.summary()
-    rows = summary.to_dict(orient="records")
-    widths = ({name: int(order.size) for name, order in result.rankings.items()}
-              if group else {result.layer: int(result.ranking.size)})
-    payload = {"output": str(out), "layer": result.layer if len(widths) == 1 else layers,
-               "channels": widths[layers[0]] if len(widths) == 1 else widths,
-               "before": {"clean_accuracy": float(result.history["clean_accuracy"].iloc[0]),
-                          "attack_success_rate": float(result.history["attack_success_rate"].iloc[0])},
+    rows = summary.astype(object).where(summary.notna(), None).to_dict(orient="records")
+    first = result.history.iloc[0]
+    payload = {"output": str(out), "layers": list(result.layers), "channels": dict(result.channels),
+               "before": {"clean_accuracy": float(first["clean_accuracy"]),
+                          "attack_success_rate": (None if first.isna()["attack_success_rate"]
+                                                  else float(first["attack_success_rate"]))},
                "thresholds": rows, "files": sorted(str(p) for p in written.values())}
-    described = ", ".join(f"{name!r}: {width} channels" for name, width in widths.items())
-    text = [f"layer{'s' if len(widths) > 1 else ''} {described}; before pruning: clean accuracy "
+    described = ", ".join(f"{name!r} ({count} channels)" for name, count in result.channels.items())
+    text = [f"layer{'s' if len(result.layers) > 1 else ''} {described}; before pruning: clean accuracy "
             f"{_fmt(payload['before']['clean_accuracy'])}, ASR "
             f"{_fmt(payload['before']['attack_success_rate'])}", "",
-            summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), "",
+            summary.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"), "",
             f"report written to {out}/ ({', '.join(sorted(written))}, models/"
             + (", saved_models/" if args.export else "") + ")"]
     _emit(args, payload, "\n".join(text))
@@ -473,10 +331,11 @@ def cmd_prune(args, console):
 
 
 def cmd_fine_prune(args, console):
+    from tf_backdoor_defense.cli._fit_progress import EpochProgress as _EpochProgress
     from tf_backdoor_defense.finetune._fine_prune import fine_prune
     from tf_backdoor_defense.io._data import atomic_write, check_outputs_free, write_json
     from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
-    from tf_backdoor_defense.report._report import package_versions, plot_sweep
+    from tf_backdoor_defense.report._report import package_versions, plot_sweep, sweep_csv
     from tf_backdoor_defense._validation import num_classes_of
 
     out = pathlib.Path(args.output)
@@ -507,7 +366,7 @@ def cmd_fine_prune(args, console):
         fine.history.to_csv(handle, index=False, lineterminator="\n")
     if fine.sweep_result is not None:
         with atomic_write(out / "sweep.csv") as handle:
-            fine.sweep_result.history.to_csv(handle, index=False, lineterminator="\n")
+            handle.write(sweep_csv(fine.sweep_result))
         if not args.no_plots:
             plot_sweep(fine.sweep_result, out / "sweep.png")
     _save_model(fine.model, model_path, args.force)
@@ -552,13 +411,12 @@ def cmd_defend(args, console):
 
     out = pathlib.Path(args.output)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--output must be a folder. Got '{out}', which is a file.")
+        raise InputError(f"--output must be a folder. Got '{out}', which is a file.")
     attack_given = args.target is not None or args.all_to_all is not None or args.untargeted
-    if args.poisoned is None and (attack_given or args.fail_if_active):
-        raise ValueError("--target, --all-to-all, --untargeted and --fail-if-active need "
-                         "--poisoned validation data.")
+    if args.poisoned is None and attack_given:
+        raise InputError("--target, --all-to-all and --untargeted need --poisoned validation data.")
     model_path, json_path = (out / name for name in DEFENSE_FILES)
-    check_outputs_free([model_path, json_path], force=args.force)
+    check_outputs_free([model_path, json_path], overwrite=args.force)
 
     model = _load_model(args)
     classes = num_classes_of(model)
@@ -567,18 +425,21 @@ def cmd_defend(args, console):
     poisoned = _load_data(args, args.poisoned, model) if args.poisoned else None
     target = _target(args, classes) if poisoned is not None else None
     methods = list(dict.fromkeys(args.methods))
-    console.note(f"defend: trying {', '.join(methods)} on {len(clean[1])} clean examples"
+    console.note(f"defend: {'' if args.no_scan else 'scanning, then '}trying {', '.join(methods)} "
+                 f"on {len(clean[1])} clean examples"
                  + (f", validating on {len(validation[1])}" if validation is not None else
                     f" ({args.validation_split:g} held out for validation)")
                  + (f" and {len(poisoned[1])} poisoned" if poisoned is not None else ""))
-    # defend(verbose=1) prints one line per method: to stderr, stdout is for the results
-    with warnings.catch_warnings(record=True) as caught, \
-            contextlib.redirect_stdout(console.stream):
+    # defend() logs one line per method (the session shows them on stderr); its
+    # backdoor warning is shown below, from the result's fields
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BackdoorStillActiveWarning)
         result = defend(model, clean, validation_data=validation,
                         validation_split=args.validation_split,
-                        max_accuracy_drop=args.max_accuracy_drop, poisoned_validation=poisoned,
-                        target=target, methods=methods, time_budget=args.time_budget,
+                        max_accuracy_drop=args.max_accuracy_drop,
+                        poisoned_validation_data=poisoned, target=target, methods=methods,
+                        scan=not args.no_scan, repair_if_clean=args.repair_if_clean,
+                        budget_confidence=args.budget_confidence, time_budget=args.time_budget,
                         epochs=args.epochs, learning_rate=list(args.learning_rate),
                         batch_size=args.batch_size, asr_tolerance=args.asr_tolerance,
                         seed=args.seed, verbose=0 if args.quiet else 1)
@@ -598,12 +459,14 @@ def cmd_defend(args, console):
                    "scale": args.scale, "attack": _poisoned_note(args) if poisoned else None}})
     write_json(json_path, payload, overwrite=args.force)
     if active:  # shown even with --quiet: exit code 0 must not hide it
-        for text in result.warnings:
-            if text.startswith("backdoor still active"):
-                print(f"{PROG} defend: warning: {text}", file=sys.stderr, flush=True)
+        print(f"{PROG} defend: warning: {result.warnings[0] if result.warnings else 'backdoor still active'}"
+              + ("" if args.fail_if_active else "; --fail-if-active makes this exit code 3"),
+              file=sys.stderr, flush=True)
     base = result.baseline
-    lines = [f"model as received: validation accuracy {_fmt(base['validation_accuracy'])}, "
-             f"validation ASR {_fmt(base['validation_asr'])}", "",
+    lines = [f"verdict: {result.verdict}",
+             f"model as received: validation accuracy {_fmt(base['validation_accuracy'])}, "
+             f"validation ASR {_fmt(base['validation_asr'])}, reversed-trigger residual "
+             f"{_fmt(base.get('residual_trigger_rate'))}", "",
              _defense_table(payload["methods"]), "",
              f"chosen: {result.method or 'none (the model as received)'}; "
              f"written to {model_path} and {json_path}"]
@@ -621,10 +484,10 @@ def cmd_export(args, console):
     if fmt == "auto":
         fmt = {".h5": "h5", ".keras": "keras"}.get(target.suffix.lower(), "saved_model")
     if fmt in ("h5", "keras") and target.suffix.lower() != f".{fmt}":
-        raise ValueError(f"--format {fmt} needs an output path ending in .{fmt}. Got '{target}'.")
+        raise InputError(f"--format {fmt} needs an output path ending in .{fmt}. Got '{target}'.")
     written = target / str(args.version) if (fmt == "saved_model" and args.version) else target
     if written.exists() and not args.force:
-        raise FileExistsError(f"Output already exists: {written}. Pass --force to overwrite.")
+        raise OutputExistsError([written])
     model = _load_model(args)
     with console.step(f"exporting {written}"):
         if fmt == "saved_model":
@@ -651,8 +514,8 @@ def cmd_repair(args, console):
 
     out = pathlib.Path(args.output)
     if out.suffix.lower() not in (".h5", ".keras"):
-        raise ValueError(f"--output must end with .h5 or .keras. Got '{out}'.")
-    check_outputs_free([out], force=args.force)
+        raise InputError(f"--output must end with .h5 or .keras. Got '{out}'.")
+    check_outputs_free([out], overwrite=args.force)
     model = _load_model(args)
     classes = num_classes_of(model)
     clean = _load_data(args, args.clean, model) if args.clean else None
@@ -664,13 +527,15 @@ def cmd_repair(args, console):
         payload["pruned"] = str(args.pruned)
     else:
         if clean is None:
-            raise ValueError("repair needs --pruned PRUNED_MODEL, or --clean DATA to prune first.")
+            raise InputError("repair needs --pruned PRUNED_MODEL, or --clean DATA to prune first.")
         result = prune_to_threshold(model, _progress_data(clean, args, console,
                                                           ["statistics", "sweep (clean)"]),
-                                    layer=args.layer, max_accuracy_drop=args.threshold,
+                                    layers=args.layer, max_accuracy_drop=args.threshold,
                                     stopping_rule=args.stopping_rule, batch_size=args.batch_size)
         pruned = result.model
-        payload.update({"layer": result.layer, "channels_pruned": int(result.levels[args.threshold]),
+        level = result.levels[args.threshold]
+        payload.update({"layer": result.layers[0],
+                        "channels_pruned": int(result.history["channels_pruned"].iloc[level]),
                         "max_accuracy_drop": args.threshold})
     repaired = repaired_model(model, pruned)
     _save_model(repaired, out, args.force)
@@ -699,7 +564,7 @@ def cmd_demo(args, console):
     out = pathlib.Path(args.output) if args.output else None
     if out is not None:
         check_outputs_free([out / n for n in REPORT_FILES] + [out / "evaluation.csv"],
-                           force=args.force)
+                           overwrite=args.force)
     verbose = not (args.json or args.quiet)
     demo = run_demo(epochs=args.epochs, seed=args.seed, verbose=verbose)
     evaluation = demo["evaluation"]
@@ -724,8 +589,26 @@ def cmd_demo(args, console):
 
 
 # -- the parser ----------------------------------------------------------------------------
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and each option's default shown once.
+
+    A default is added to an option's help only when there is one to show
+    (not None, not an on/off flag) and the help does not state it already.
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool) or "default" in text):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+_MODEL_HELP = ("the model: a .h5 or .keras file, a SavedModel folder, or a model.to_json() "
+               ".json file with --weights")
+_BATCH_HELP = "inputs per forward pass: memory against speed (the results do not depend on it)"
 
 
 def _fraction(text):
@@ -755,8 +638,10 @@ def _common(parser, model=True, data=False, attack=False, batch_size=256, batch_
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     out.add_argument("-q", "--quiet", action="store_true",
-                     help="no progress bars or notes on stderr")
-    out.add_argument("--debug", action="store_true", help="show tracebacks and TensorFlow's logs")
+                     help="no progress bars, notes or progress lines on stderr (warnings and "
+                          "errors still show)")
+    out.add_argument("--debug", action="store_true",
+                     help="show tracebacks, every warning, and TensorFlow's logs")
     if model:
         group = parser.add_argument_group("model")
         group.add_argument("--weights", metavar="FILE",
@@ -770,7 +655,7 @@ def _common(parser, model=True, data=False, attack=False, batch_size=256, batch_
         group.add_argument("--scale", type=_positive(float), metavar="S",
                            help="divide inputs by S (255 for models trained on x/255)")
         group.add_argument("--batch-size", type=_positive(int), default=batch_size,
-                           help=batch_help)
+                           metavar="N", help=batch_help or _BATCH_HELP)
     if attack:
         group = parser.add_argument_group(
             "attack", "How to read the poisoned labels. Default: they are the attacker's targets "
@@ -795,7 +680,7 @@ def _sweep_options(parser, multiple=True):
                            help="with several --layer: levels after level 0 (default: the widest "
                                 "layer's channel count)")
     else:
-        group.add_argument("--layer",
+        group.add_argument("--layer", metavar="LAYER",
                            help="Conv or Dense layer to prune (default: the last conv layer)")
     if multiple:
         group.add_argument("--thresholds", type=_fraction, nargs="+", default=[0.02, 0.04, 0.10],
@@ -807,8 +692,8 @@ def _sweep_options(parser, multiple=True):
                            help="allowed drop in clean accuracy (absolute)")
     group.add_argument("--stopping-rule", choices=["largest_within", "first_reaching"],
                        default="largest_within",
-                       help="largest level within the drop, or first level reaching it (the "
-                            "lab reports' rule)")
+                       help="largest_within: the largest level within the drop; "
+                            "first_reaching: the first level reaching it, the lab reports' rule")
 
 
 def build_parser():
@@ -819,8 +704,7 @@ def build_parser():
                     "Liu et al. 2018). Data files: HDF5 with 'data'/'label' (channels-first or "
                     "last), .npz with 'x'/'y', or a folder (or glob) of images labelled "
                     "'name_label=N.png' or by class subfolders.")
-    from tf_backdoor_defense import __version__
-    from tf_backdoor_defense.defenses._defend import METHODS as DEFENSE_METHODS
+    from tf_backdoor_defense import __version__  # the package's __init__ loads no TensorFlow
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -837,7 +721,7 @@ def build_parser():
 
     sub = add("inspect", "List a model's layers, which can be pruned, its input shape and classes.",
               f"{PROG} inspect bd_net.h5\n{PROG} inspect bd_net.h5 --json", cmd_inspect)
-    sub.add_argument("model", metavar="MODEL", help=".h5, .keras, SavedModel folder or .json")
+    sub.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     _common(sub)
 
     sub = add("evaluate", "Clean accuracy and attack success rate of a model.",
@@ -846,7 +730,7 @@ def build_parser():
               "--scale 255\n"
               f"{PROG} evaluate goodnet.h5 --repaired --clean valid.h5 --poisoned bd_valid.h5",
               cmd_evaluate)
-    sub.add_argument("model", metavar="MODEL")
+    sub.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     sub.add_argument("--clean", required=True, metavar="DATA", help="clean labelled data")
     sub.add_argument("--poisoned", metavar="DATA", help="triggered data (for the ASR)")
     sub.add_argument("--repaired", action="store_true",
@@ -859,7 +743,7 @@ def build_parser():
               f"{PROG} prune net.h5 --clean valid.npz --ranking-data train_subset.npz \\\n"
               "    --thresholds 0.04 --layer conv_3 --export --shrink --output report/",
               cmd_prune)
-    sub.add_argument("model", metavar="MODEL")
+    sub.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     sub.add_argument("--clean", required=True, metavar="DATA",
                      help="clean data: accuracy at each level and the thresholds")
     sub.add_argument("--poisoned", metavar="DATA", help="triggered data: ASR at each level")
@@ -880,45 +764,56 @@ def build_parser():
     sub = add("fine-prune", "Prune within an accuracy budget, then fine-tune on clean data.",
               f"{PROG} fine-prune bd_net.h5 --train clean_train.h5 --clean valid.h5 \\\n"
               "    --poisoned bd_valid.h5 --epochs 5 --output fineprune/", cmd_fine_prune)
-    sub.add_argument("model", metavar="MODEL")
+    sub.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     sub.add_argument("--train", required=True, metavar="DATA", help="clean data to fine-tune on")
     sub.add_argument("--clean", required=True, metavar="DATA",
                      help="clean data for the ranking and the accuracy budget")
     sub.add_argument("--poisoned", metavar="DATA", help="triggered data (ASR before and after)")
-    sub.add_argument("--epochs", type=int, default=10)
-    sub.add_argument("--train-batch-size", type=_positive(int), default=64)
-    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
+    sub.add_argument("--train-batch-size", type=_positive(int), default=64, metavar="N",
+                     help="fine-tuning batch size")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning's shuffling")
     sub.add_argument("-o", "--output", required=True, metavar="DIR",
                      help="writes fine_pruned.h5, history.csv, sweep.csv, sweep.png, summary.json")
-    sub.add_argument("--no-plots", action="store_true")
+    sub.add_argument("--no-plots", action="store_true", help="skip sweep.png")
     sub.add_argument("--force", action="store_true", help="overwrite existing outputs")
     _sweep_options(sub, multiple=False)
     _common(sub, data=True, attack=True)
 
-    sub = add("defend", "Try several repairs, keep the best one within an accuracy budget.",
-              f"{PROG} defend bd_net.h5 --clean valid.h5 --poisoned bd_valid.h5 --output defended/\n"
+    sub = add("defend", "Scan for a backdoor without the trigger, repair, verify: within an accuracy budget.",
+              f"{PROG} defend bd_net.h5 --clean clean.npz --output defended/\n"
               f"{PROG} defend net.h5 --clean train.npz --validation val.npz --scale 255 \\\n"
-              "    --methods reinit-head prune-search --time-budget 600 --output defended/\n"
+              "    --methods unlearn ibau reinit-head --time-budget 600 --output defended/\n"
               f"{PROG} defend bd_net.h5 --clean valid.h5 --poisoned bd_valid.h5 --fail-if-active \\\n"
               "    --json --output defended/ > defense_run.json",
               cmd_defend,
-              notes="Each method repairs a copy of MODEL and is measured on the validation data "
-                    "(--validation,\nelse a held-out share of --clean). Among the methods within "
-                    "--max-accuracy-drop of MODEL,\nthe lowest validation ASR wins when "
-                    "--poisoned is given, else the first in --methods order.\n\n"
-                    "When the chosen model still obeys the trigger on --poisoned (ASR above "
-                    "--asr-tolerance)\na warning is printed (stderr, the table and the JSON) "
-                    "and the exit code is still 0;\n--fail-if-active makes it 3 (the outputs "
-                    "are written all the same).\n\n"
+              notes="1. Scan: reverse-engineer a trigger per class and an untargeted one from "
+                    "--clean (no trigger\n   needed). A model the scan finds clean is written "
+                    "back unchanged (see --repair-if-clean).\n"
+                    "2. Repair a copy of MODEL with each of --methods.\n"
+                    "3. Judge each repair on the validation data (--validation, else a held-out "
+                    "share of --clean):\n   the accuracy drop is paired against MODEL on the same "
+                    "inputs, and its upper bound at\n   --budget-confidence must stay within "
+                    "--max-accuracy-drop; the backdoor signal is the ASR on\n   --poisoned when "
+                    "given, else the share of stamped inputs the reversed triggers still move.\n"
+                    "   The first method in --methods order within budget whose signal is at most "
+                    "--asr-tolerance\n   wins; when none clears it, the lowest signal within "
+                    "budget wins, with a warning.\n"
+                    "4. Verify: scan the chosen model again; a backdoor found there is a "
+                    "warning.\n\n"
+                    "When the backdoor may still be active a warning is printed (stderr, the "
+                    "table and the JSON)\nand the exit code is still 0; --fail-if-active makes it "
+                    "3 (the outputs are written all the same).\n\n"
                     "exit codes: 0 done, 2 bad input or existing outputs without --force, 3 "
-                    "--fail-if-active and\nthe backdoor still active, 1 unexpected error.")
-    sub.add_argument("model", metavar="MODEL", help="the suspect model")
+                    "--fail-if-active and\nthe backdoor still active, 1 an internal error (a "
+                    "bug).")
+    sub.add_argument("model", metavar="MODEL", help="the suspect model (" + _MODEL_HELP[5:] + ")")
     sub.add_argument("--clean", required=True, metavar="DATA",
                      help="the defender's clean data, to train the repairs on")
     sub.add_argument("--validation", metavar="DATA",
                      help="clean data to measure each repair on; without it, "
                           "--validation-split of --clean is held out from training")
-    sub.add_argument("--validation-split", type=_fraction, default=0.2, metavar="FRACTION",
+    sub.add_argument("--validation-split", type=_fraction, default=0.25, metavar="FRACTION",
                      help="share of --clean held out when there is no --validation")
     sub.add_argument("--poisoned", metavar="DATA",
                      help="triggered validation data: picks the repair with the lowest ASR and "
@@ -932,9 +827,17 @@ def build_parser():
     group.add_argument("--max-accuracy-drop", type=_fraction, default=0.01, metavar="DROP",
                        help="allowed drop of validation accuracy against MODEL (absolute)")
     group.add_argument("--methods", nargs="+", choices=list(DEFENSE_METHODS),
-                       default=list(DEFENSE_METHODS), metavar="METHOD",
-                       help="repairs to try, in order of preference: "
+                       default=list(DEFAULT_DEFENSE_METHODS), metavar="METHOD",
+                       help="repairs to try, in order of preference, among: "
                             + ", ".join(DEFENSE_METHODS))
+    group.add_argument("--no-scan", action="store_true",
+                       help="do not scan first: run every method whatever the model, and judge "
+                            "by accuracy (and --poisoned) only")
+    group.add_argument("--repair-if-clean", action="store_true",
+                       help="repair even when the scan finds no backdoor")
+    group.add_argument("--budget-confidence", type=float, default=0.8, metavar="P",
+                       help="one-sided confidence of the bound on the paired accuracy drop that "
+                            "must stay within --max-accuracy-drop")
     group.add_argument("--time-budget", type=_positive(float), metavar="SECONDS",
                        help="skip the remaining methods once this many seconds are spent")
     group.add_argument("--epochs", type=_positive(int), default=20,
@@ -945,13 +848,14 @@ def build_parser():
                             "the one with the best validation accuracy")
     group.add_argument("--asr-tolerance", type=_fraction, default=0.02, metavar="ASR",
                        help="validation ASR above which the backdoor counts as still active")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of the validation split, the initialisations and shuffling")
     _common(sub, data=True, attack=True, batch_size=64, batch_help="fine-tuning batch size")
 
     sub = add("export", "Write a pruned model for serving: masks folded in (or channels removed).",
               f"{PROG} export report/models/pruned_drop_0.04.h5 --output served/ --version 1\n"
               f"{PROG} export pruned.h5 --output plain.keras --shrink", cmd_export)
-    sub.add_argument("model", metavar="MODEL")
+    sub.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     sub.add_argument("-o", "--output", required=True, metavar="PATH",
                      help="a folder (SavedModel), or a .h5/.keras file")
     sub.add_argument("--format", choices=["auto", "saved_model", "h5", "keras"], default="auto",
@@ -967,7 +871,8 @@ def build_parser():
               "--output goodnet.h5\n"
               f"{PROG} repair bd_net.h5 --clean valid.h5 --threshold 0.04 --poisoned bd_valid.h5 "
               "--output goodnet.h5", cmd_repair)
-    sub.add_argument("model", metavar="MODEL", help="the original (backdoored) model")
+    sub.add_argument("model", metavar="MODEL",
+                     help="the original (backdoored) model (" + _MODEL_HELP[5:] + ")")
     sub.add_argument("--pruned", metavar="MODEL", help="its pruned copy (else prune with --clean)")
     sub.add_argument("--clean", metavar="DATA", help="clean data to prune on and/or evaluate")
     sub.add_argument("--poisoned", metavar="DATA", help="triggered data to evaluate on")
@@ -978,8 +883,9 @@ def build_parser():
 
     sub = add("demo", "End to end on real MNIST digits: train a BadNet, prune it, print the table.",
               f"{PROG} demo\n{PROG} demo --epochs 5 --output demo_report/ --json", cmd_demo)
-    sub.add_argument("--epochs", type=_positive(int), default=15)
-    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--epochs", type=_positive(int), default=15,
+                     help="training epochs of the BadNet")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
     sub.add_argument("-o", "--output", metavar="DIR",
                      help="also write sweep.csv, summary.json, plots and evaluation.csv there")
     sub.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -988,60 +894,74 @@ def build_parser():
 
 
 # -- main --------------------------------------------------------------------------------
-def _quiet_libraries():
-    warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from tf_backdoor_defense._keras import tf
-
-    tf.get_logger().setLevel("ERROR")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-
-
-def _user_errors():
-    from tf_backdoor_defense.io._data import DataFileError
+def _error_line(error, command):
+    """The one line shown for an input error, with the flag that addresses it."""
     from tf_backdoor_defense.io._loading import ModelFileError, UnsafeModelError
 
-    return (UnsafeModelError, ModelFileError, DataFileError, FileExistsError, ValueError, TypeError)
+    message = str(error).strip() or type(error).__name__
+    if isinstance(error, OutputExistsError):
+        message = f"output already exists: {', '.join(error.paths[:5])}" \
+                  + (" ..." if len(error.paths) > 5 else "") + ". Pass --force to overwrite."
+    elif isinstance(error, UnsafeModelError):
+        message = (f"{error.reason} If you trust its author, pass --trust-model-code (the file's "
+                   "code then runs).")
+    elif isinstance(error, ModelFileError) and error.needs_weights:
+        message += " On the command line: MODEL is the architecture, --weights FILE the weights."
+    return f"{PROG} {command}: error: {message}"
+
+
+def _run(args, console):
+    """Load TensorFlow (inside the session: its start-up lines are hidden), then the command."""
+    import tf_backdoor_defense._keras  # noqa: F401
+
+    return args.func(args, console)
 
 
 def main(argv=None):
-    """Run the command line; returns the exit code (0 ok, 2 bad input, 1 unexpected error,
-    3 ``defend --fail-if-active`` with the backdoor still active).
+    """Run the command line; returns the exit code.
 
-    Called with ``argv=None`` (the console script) TensorFlow's native log
-    lines are silenced unless ``--debug``: those written while TensorFlow
-    loads by the package's ``__init__`` (``_native_stderr.quiet_native_startup``)
-    and those of the run.
+    0 success, 2 bad input (a usage error or an input error the library
+    raises as such), 3 ``defend --fail-if-active`` with the backdoor still
+    active, 1 anything else (a bug: one line says so; ``--debug`` shows the
+    traceback), 130 interrupted.
+
+    Everything the command changes in the process lasts only as long as
+    this call (:func:`~tf_backdoor_defense.cli._console.session`). Called
+    with ``argv=None`` (the console script, ``python -m tf_backdoor_defense``),
+    it also hides TensorFlow's native log lines unless ``--debug``.
     """
-    as_script = argv is None
-    argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv
-    with silenced(as_script and not debug):  # fd 2 (TF's C++ logs) to /dev/null
+    as_command = argv is None
+    argv = sys.argv[1:] if argv is None else [str(word) for word in argv]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse: --help, --version or a usage error
+        return stop.code if isinstance(stop.code, int) else 2
+    console = Console(quiet=args.quiet, json_mode=args.json)
+    with session(console, prog=PROG, quiet_native=as_command, debug=args.debug):
         try:
-            parser = build_parser()
-            args = parser.parse_args(argv)
-        except SystemExit as stop:  # argparse: --help, --version or a usage error
-            return stop.code if isinstance(stop.code, int) else 2
-        console = Console(quiet=args.quiet, json_mode=args.json)
-        try:
-            if not args.debug:
-                _quiet_libraries()
-            return args.func(args, console)
+            return _run(args, console)
         except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
+            print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
             return 130
-        except Exception as error:  # noqa: BLE001 - one clear line, never a traceback
+        except INPUT_ERRORS as error:
             if args.debug:
                 traceback.print_exc()
-            user = isinstance(error, _user_errors())
-            message = str(error).strip() or type(error).__name__
-            if isinstance(error, FileNotFoundError):
-                user = True
-            if not user and not isinstance(error, ImportError):
-                message = (f"unexpected {type(error).__name__}: {message.splitlines()[0]} "
-                           "(run with --debug for the traceback)")
-            print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
-            return 2 if user else 1
+            print(_error_line(error, args.command), file=sys.stderr, flush=True)
+            return 2
+        except ImportError as error:  # an optional package is missing: the message says which
+            if args.debug:
+                traceback.print_exc()
+            print(f"{PROG} {args.command}: error: {error}", file=sys.stderr, flush=True)
+            return 1
+        except Exception as error:  # noqa: BLE001 - a bug: one short line, no traceback
+            if args.debug:
+                traceback.print_exc()
+            first = (str(error).strip().splitlines() or [""])[0]
+            print(f"{PROG} {args.command}: internal error (this is a bug): "
+                  f"{type(error).__name__}{': ' + first if first else ''}"
+                  + ("" if args.debug else " (--debug shows the traceback)"),
+                  file=sys.stderr, flush=True)
+            return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

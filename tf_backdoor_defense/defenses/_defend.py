@@ -1,121 +1,232 @@
-"""One automatic entry point: try several repairs, keep the best one the defender can verify.
+"""One automatic entry point: scan, try several repairs, keep the one the defender can verify.
 
-:func:`defend` runs a list of repair methods on a copy of the suspect
-network, measures each on the defender's own validation data, and returns the
-repaired model with a table of what every method achieved. It never sees
-evaluation or test data.
+:func:`defend` works on the defender's clean data alone. It splits it into a
+training part and a held-apart validation part, then:
 
-Methods (``METHODS``), in the default order, which is also the order of
-preference when the defender has no triggered data:
+1. **Scans** the network for a backdoor without the trigger
+   (:func:`~tf_backdoor_defense.scan.scan_model`, on the training part): reversed
+   triggers per class and an untargeted one. A network the scan finds clean is
+   returned unchanged (a copy) with that verdict, unless ``repair_if_clean``.
+2. **Repairs** a copy with each method, in order.
+3. **Judges** every candidate on the validation part, which no repair trained on:
+   its clean accuracy against the model as received, and the backdoor signal:
+   the ASR on ``poisoned_validation_data`` when the defender has triggered data,
+   otherwise the *residual* of the reversed triggers (the share of stamped
+   validation inputs still sent to a suspected target; for an all-to-all
+   suspicion, the share the untargeted trigger still moves off their class,
+   beyond the candidate's clean error).
+4. **Verifies** the chosen model by scanning it again (``verify=True``): if the
+   scan still finds a backdoor, the result says so and warns.
 
+Methods (``METHODS``), in the default order, which is the order of preference:
+
+``"unlearn"``
+    Unlearning of the reversed triggers (Neural Cleanse): fine-tune on clean
+    inputs stamped with them, true labels (the received model's predictions)
+    kept (:func:`~tf_backdoor_defense.defenses._unlearning.unlearn_triggers`).
+``"ibau"``
+    Adversarial unlearning of a universal perturbation (I-BAU, Zeng et al.,
+    ICLR 2022; :func:`~tf_backdoor_defense.defenses._ibau.ibau`). Needs no trigger.
 ``"reinit-head"``
-    Draw the dense layers after the last convolution afresh and fine-tune the
-    whole network on clean data (:func:`~tf_backdoor_defense.finetune._training.train_clean`):
-    the classifier is relearnt from clean data only.
+    Draw the dense layers after the last convolution afresh and train the
+    whole network on clean data (:func:`~tf_backdoor_defense.finetune._training.train_clean`).
 ``"prune-search"``
-    Fine-pruning with the budget measured after fine-tuning
+    Fine-pruning with the budget measured after training
     (:func:`~tf_backdoor_defense.defenses._search.search_pruning_level`) on the last
     convolution and the penultimate dense layer together.
 ``"clp"``
     Data-free channel Lipschitz pruning (:func:`~tf_backdoor_defense.scoring._lipschitz.clp_prune`)
-    of every convolution, most aggressive ``u`` first, then fine-tuning.
+    of every convolution, most aggressive ``u`` first, then clean training.
 ``"ft-sam"``
-    Sharpness-aware fine-tuning (FT-SAM).
+    Sharpness-aware clean training (FT-SAM).
 ``"anp"``
     Adversarial neuron pruning (:func:`~tf_backdoor_defense.scoring._anp.anp_prune`),
-    then fine-tuning.
-``"fine-tuning"``
-    Fine-tuning alone, with a cosine schedule.
+    then clean training.
+``"ft-cosine"``
+    Clean training alone: cosine-decayed SGD (``learning_rate``, ``epochs``) from
+    the received weights. (The paper's "fine-tuning", SGD at 0.01, is
+    :func:`~tf_backdoor_defense.finetune.fine_tune`.)
 ``"fine-pruning"``
     The paper's recipe, for reference: prune the last convolution within the
-    budget measured *before* fine-tuning, then fine-tune at a small rate.
+    budget measured *before* fine-tuning, then fine-tune at 0.01.
 
-Choice: among the methods whose validation accuracy stays within
-``max_accuracy_drop`` of the model as received, the first in ``methods``
-order; when the defender has ``poisoned_validation``, only those whose ASR
-on it is at most ``asr_tolerance`` qualify for that, and when none is, the
-lowest ASR wins (ties: higher accuracy, then method order). Preferring the
-order over tiny ASR differences avoids trading accuracy for noise on a small
-validation set.
-When the chosen model still shows the backdoor on ``poisoned_validation``
-(ASR above ``asr_tolerance``), a :class:`BackdoorStillActiveWarning` is
-issued and recorded in the result.
+The default, ``methods=None``, is ``DEFAULT_METHODS`` (``unlearn``, ``ibau``,
+``clp``): the repairs that need no trigger and fit in a few minutes.
+
+**The accuracy budget.** A candidate is within budget when an upper confidence
+bound of its accuracy drop is at most ``max_accuracy_drop``. The drop is
+measured *paired* against the model as received on the same validation
+inputs: with ``b`` inputs the received model gets right and the candidate
+wrong, ``c`` the reverse, and ``n`` inputs, the drop is ``(b - c) / n`` and its
+standard error ``sqrt(b + c - (b - c)**2 / n) / n``; the bound adds ``z``
+standard errors, ``z`` the one-sided normal quantile of ``budget_confidence``
+(0.8 by default: ``z = 0.84``). Pairing removes the noise both models share,
+so a repair that changes few predictions is judged precisely even on a few
+hundred inputs, while a drop that validation noise could hide is not passed.
+``budget_confidence=None`` compares the point estimate with the budget.
+
+**The choice.** Among candidates within budget whose backdoor signal is at
+most ``asr_tolerance``, the first in ``methods`` order. When none clears the
+signal, the lowest signal within budget wins (ties: higher accuracy, then
+order) and the result warns (:class:`BackdoorStillActiveWarning`,
+``result.backdoor_still_active``). When none is within budget, the smallest
+bound of the drop wins, with a warning. ``defend`` never sees evaluation data.
+
+Progress (one line per method tried) goes to the ``logging`` logger of this
+module, ``tf_backdoor_defense.defenses._defend``.
 """
 
+import dataclasses
+import logging
 import time
 import warnings
+from statistics import NormalDist
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from tf_backdoor_defense.masks._wrapper import last_conv_layer, masked_layers
-from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
-from tf_backdoor_defense.finetune._training import as_arrays, head_layers, train_clean
+from tf_backdoor_defense.metrics import attack_success_rate, predict_labels
+from tf_backdoor_defense.finetune._training import as_arrays, copy_model, head_layers, train_clean
 from tf_backdoor_defense._validation import check_data, check_fraction, check_model, check_number, \
     check_target, num_classes_of
 
-__all__ = ["defend", "DefenseResult", "BackdoorStillActiveWarning", "METHODS"]
+__all__ = ["defend", "DefenseResult", "BackdoorStillActiveWarning", "METHODS", "DEFAULT_METHODS",
+           "paired_drop"]
 
-METHODS = ("reinit-head", "prune-search", "clp", "ft-sam", "anp", "fine-tuning", "fine-pruning")
-COLUMNS = ["method", "validation_accuracy", "accuracy_drop", "validation_asr", "within_budget",
-           "channels_pruned", "seconds", "chosen", "note"]
+METHODS = ("unlearn", "ibau", "reinit-head", "prune-search", "clp", "ft-sam", "anp", "ft-cosine",
+           "fine-pruning")
+DEFAULT_METHODS = ("unlearn", "ibau", "clp")
+logger = logging.getLogger(__name__)
+
+COLUMNS = ["method", "validation_accuracy", "accuracy_drop", "drop_bound", "validation_asr",
+           "residual_trigger_rate", "within_budget", "channels_pruned", "seconds", "chosen", "note"]
 
 
 class BackdoorStillActiveWarning(UserWarning):
-    """The repaired model still obeys the trigger on the defender's poisoned validation data."""
+    """The repaired model may still obey a trigger (triggered or reversed-trigger evidence)."""
 
 
+@dataclasses.dataclass(frozen=True)
 class DefenseResult:
     """What :func:`defend` returns.
 
     Attributes
     ----------
     model : tf_keras.Model
-        The repaired copy chosen (the model as received when no method ran).
+        The repaired copy chosen; a copy of the model as received when the
+        scan found no backdoor or no method ran.
     method : str or None
-        The chosen method.
+        The chosen method (None: nothing was repaired).
     table : pandas.DataFrame
         One row per method tried: ``method``, ``validation_accuracy``,
-        ``accuracy_drop`` (vs. the model as received), ``validation_asr``
-        (NaN without poisoned validation data), ``within_budget``,
-        ``channels_pruned``, ``seconds``, ``chosen`` and ``note``.
+        ``accuracy_drop`` (paired, vs. the model as received), ``drop_bound``
+        (its upper confidence bound), ``validation_asr`` (NaN without
+        triggered data), ``residual_trigger_rate`` (NaN without a scan that
+        found something), ``within_budget``, ``channels_pruned``, ``seconds``,
+        ``chosen`` and ``note``.
     baseline : dict
-        The received model's ``validation_accuracy`` and ``validation_asr``.
+        The received model's ``validation_accuracy``, ``validation_asr`` and
+        ``residual_trigger_rate``.
     candidates : dict
         ``{method: repaired model}`` for every method that ran.
     warnings : list of str
-        Why the result may not be trusted (backdoor still active on
-        validation, no method within budget, methods skipped for time).
+        Why the result may not be trusted.
+    settings : dict
+        The arguments ``defend`` ran with.
+    backdoor_still_active : bool
+        True when the chosen model's backdoor signal is above ``asr_tolerance``
+        or the verification scan still finds a backdoor.
+    validation_asr : float or None
+        The chosen model's ASR on the triggered validation data (None without).
+    scan : ScanResult or None
+        The scan of the model as received (None with ``scan=False``).
+    verification : ScanResult or None
+        The scan of the chosen model (None when not run).
+    verdict : str
+        One line: what was found and what was done.
     """
 
-    def __init__(self, model, method, table, baseline, candidates, warnings_, settings):
-        self.model = model
-        self.method = method
-        self.table = table
-        self.baseline = baseline
-        self.candidates = candidates
-        self.warnings = warnings_
-        self.settings = settings
-
-    @property
-    def backdoor_still_active(self):
-        """True when poisoned validation data shows the chosen model's backdoor."""
-        return any(w.startswith("backdoor still active") for w in self.warnings)
+    model: object
+    method: Optional[str]
+    table: pd.DataFrame
+    baseline: dict
+    candidates: dict
+    warnings: list
+    settings: dict
+    backdoor_still_active: bool = False
+    validation_asr: Optional[float] = None
+    scan: object = None
+    verification: object = None
+    verdict: str = ""
 
     def summary(self):
-        """A JSON-friendly dict: baseline, chosen method, table rows and warnings."""
-        rows = self.table.replace({np.nan: None}).to_dict(orient="records")
-        return {"method": self.method, "baseline": self.baseline, "methods": rows,
-                "warnings": list(self.warnings), "settings": self.settings}
+        """A JSON-friendly dict: verdict, baseline, chosen method, table rows and warnings."""
+        rows = self.table.astype(object).where(self.table.notna(), None).to_dict(orient="records")
+        out = {"verdict": self.verdict, "method": self.method, "baseline": self.baseline,
+               "methods": rows, "warnings": list(self.warnings), "settings": self.settings,
+               "backdoor_still_active": self.backdoor_still_active}
+        for name in ("scan", "verification"):
+            found = getattr(self, name)
+            out[name] = None if found is None else {
+                "verdict": found.verdict, "backdoor_found": bool(found.backdoor_found),
+                "suspected_targets": [int(t) for t in found.suspected_targets],
+                "all_to_all_suspected": bool(found.all_to_all_suspected),
+                "seconds": float(found.seconds)}
+        return out
 
     def __repr__(self):
-        return f"DefenseResult(method={self.method!r}, methods_tried={len(self.table)})"
+        return (f"DefenseResult(method={self.method!r}, methods_tried={len(self.table)}, "
+                f"verdict={self.verdict!r})")
+
+
+def paired_drop(reference_correct, candidate_correct, confidence=0.8):
+    """Accuracy drop of a candidate against a reference on the same inputs, with a bound.
+
+    Parameters
+    ----------
+    reference_correct, candidate_correct : bool arrays (n,)
+        Which inputs each model classifies correctly.
+    confidence : float in (0.5, 1) or None, default=0.8
+        One-sided confidence of the upper bound; None gives the point estimate.
+
+    Returns
+    -------
+    (drop, bound) : floats
+        ``(b - c) / n`` and ``drop + z * sqrt(b + c - (b - c)**2 / n) / n``, where ``b``
+        counts inputs only the reference gets right and ``c`` the reverse.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ref = np.array([True] * 100)
+    >>> cand = ref.copy(); cand[:2] = False
+    >>> drop, bound = paired_drop(ref, cand, confidence=0.8)
+    >>> round(drop, 3), round(bound, 3)
+    (0.02, 0.032)
+    >>> paired_drop(ref, ref)
+    (0.0, 0.0)
+    """
+    reference_correct = np.asarray(reference_correct, dtype=bool)
+    candidate_correct = np.asarray(candidate_correct, dtype=bool)
+    n = reference_correct.size
+    if n == 0 or candidate_correct.shape != reference_correct.shape:
+        raise ValueError("paired_drop needs two boolean arrays of the same non-zero length.")
+    b = int(np.sum(reference_correct & ~candidate_correct))
+    c = int(np.sum(~reference_correct & candidate_correct))
+    drop = (b - c) / n
+    if confidence is None:
+        return float(drop), float(drop)
+    z = NormalDist().inv_cdf(float(confidence))
+    spread = max(b + c - (b - c) ** 2 / n, 0.0)
+    return float(drop), float(drop + z * np.sqrt(spread) / n)
 
 
 def _split(data, fraction, seed, model):
-    x, y = as_arrays(data, "clean_data", model)
+    x, y = as_arrays(data, "train_data", model)
     if x.shape[0] < 2:
-        raise ValueError("`clean_data` must hold at least 2 examples to split off validation data.")
+        raise ValueError("`train_data` must hold at least 2 examples to split off validation data.")
     order = np.random.default_rng(seed).permutation(x.shape[0])
     count = max(1, int(round(fraction * x.shape[0])))
     if count >= x.shape[0]:
@@ -132,15 +243,48 @@ def _channels_pruned(model):
     return int(sum(layer.pruned_channels.size for layer in masked_layers(model)))
 
 
-# -- the methods -----------------------------------------------------------------------
-def _validation_accuracy(model, context):
-    """Clean validation accuracy of ``model``, measured once per model object."""
-    known = context["accuracy_of"]
+def _labels(y):
+    y = np.asarray(y)
+    if y.ndim > 1 and y.shape[-1] > 1:
+        return y.argmax(-1)
+    return y.reshape(-1).astype(np.int64)
+
+
+def _predictions(model, context):
+    """Validation predictions of ``model``, computed once per model object."""
+    known = context["predictions_of"]
     if id(model) not in known:
-        known[id(model)] = (model, clean_accuracy(model, context["validation"]))
+        known[id(model)] = (model, predict_labels(model, context["validation"][0]))
     return known[id(model)][1]
 
 
+def _validation_accuracy(model, context):
+    """Clean validation accuracy of ``model``, measured once per model object."""
+    return float(np.mean(_predictions(model, context) == context["validation_labels"]))
+
+
+def _residual(model, context):
+    """Backdoor signal of the reversed triggers on the validation data (NaN without any)."""
+    scan = context.get("scan")
+    if scan is None or not scan.backdoor_found:
+        return np.nan
+    x, y = context["validation"][0], context["validation_labels"]
+    rates = []
+    for target in scan.suspected_targets:
+        keep = y != int(target)
+        if not keep.any():
+            continue
+        stamped = scan.apply(x[keep], int(target))
+        rates.append(float(np.mean(predict_labels(model, stamped) == int(target))))
+    if scan.all_to_all_suspected:
+        stamped = scan.apply(x, "untargeted")
+        flipped = float(np.mean(predict_labels(model, stamped) != y))
+        error = 1.0 - _validation_accuracy(model, context)
+        rates.append(max(flipped - error, 0.0))
+    return max(rates) if rates else np.nan
+
+
+# -- the methods -----------------------------------------------------------------------
 def _tune(model, train, context, **options):
     """``train_clean`` at every learning rate; the best validation accuracy wins (ties: first)."""
     best, best_accuracy, best_rate = None, -1.0, None
@@ -223,9 +367,31 @@ def _anp(model, train, context):
     return tuned, _with_rate("threshold 0.2", rate, context)
 
 
-def _fine_tuning(model, train, context):
+def _ft_cosine(model, train, context):
     tuned, rate = _tune(model, train, context)
     return tuned, _with_rate("", rate, context)
+
+
+def _unlearn(model, train, context):
+    from tf_backdoor_defense.defenses._unlearning import unlearn_triggers
+
+    scan = context.get("scan")
+    if scan is None or not scan.backdoor_found:
+        raise _Skip("no reversed trigger to unlearn (the scan found no backdoor)")
+    triggers = scan.suspected_triggers()
+    repaired = unlearn_triggers(model, train, triggers, batch_size=context["fine_tune"]["batch_size"],
+                                seed=context["seed"])
+    names = [str(t) for t in scan.suspected_targets]
+    if scan.all_to_all_suspected:
+        names.append("untargeted")
+    return repaired, f"unlearnt {len(triggers)} reversed trigger(s): {', '.join(names)}"
+
+
+def _ibau(model, train, context):
+    from tf_backdoor_defense.defenses._ibau import ibau
+
+    repaired = ibau(model, train, batch_size=context["fine_tune"]["batch_size"], seed=context["seed"])
+    return repaired, "universal perturbation unlearnt"
 
 
 def _fine_pruning(model, train, context):
@@ -233,17 +399,18 @@ def _fine_pruning(model, train, context):
 
     _last_conv_or_skip(model)
     result = fine_prune(model, train, context["validation"], max_accuracy_drop=context["budget"],
-                        epochs=10, seed=context["seed"])
-    return result.model, f"{result.channels_pruned} channels of {result.layer}, SGD 0.01 x 10"
+                        ranking_data=context["validation"], epochs=10, seed=context["seed"])
+    return result.model, (f"{result.channels_pruned} channels of {', '.join(result.layers)}, "
+                          "SGD 0.01 x 10")
 
 
 class _Skip(Exception):
     """A method does not apply to this model."""
 
 
-_RUNNERS = {"reinit-head": _reinit_head, "prune-search": _prune_search, "clp": _clp,
-            "ft-sam": _ft_sam, "anp": _anp, "fine-tuning": _fine_tuning,
-            "fine-pruning": _fine_pruning}
+_RUNNERS = {"unlearn": _unlearn, "ibau": _ibau, "reinit-head": _reinit_head,
+            "prune-search": _prune_search, "clp": _clp, "ft-sam": _ft_sam, "anp": _anp,
+            "ft-cosine": _ft_cosine, "fine-pruning": _fine_pruning}
 
 
 def _check_methods(methods):
@@ -259,62 +426,102 @@ def _check_methods(methods):
     return methods
 
 
-def _choose(table, poisoned, tolerance=0.02):
+def _signal(table):
+    """The backdoor signal of each row: triggered ASR when known, else the reversed-trigger residual."""
+    return table["validation_asr"].where(table["validation_asr"].notna(),
+                                         table["residual_trigger_rate"])
+
+
+def _choose(table, tolerance=0.02):
     within = table[table["within_budget"]]
     if within.empty:
         return None
-    if poisoned:
-        cleared = within[within["validation_asr"] <= tolerance + 1e-12]
+    signal = _signal(within)
+    if signal.notna().any():
+        cleared = within[signal.fillna(np.inf) <= tolerance + 1e-12]
         if not cleared.empty:  # every one of these removes the backdoor: trust the order
             return cleared["method"].iloc[0]
-        ranked = within.assign(order=np.arange(len(within))).sort_values(
-            ["validation_asr", "validation_accuracy", "order"], ascending=[True, False, True],
-            kind="stable")
+        ranked = within.assign(order=np.arange(len(within)), signal=signal.fillna(np.inf)).sort_values(
+            ["signal", "validation_accuracy", "order"], ascending=[True, False, True], kind="stable")
         return ranked["method"].iloc[0]
     return within["method"].iloc[0]
 
 
-def defend(model, clean_data, *, validation_data=None, validation_split=0.2, max_accuracy_drop=0.01,
-           poisoned_validation=None, target=None, methods=METHODS, time_budget=None, epochs=20,
-           learning_rate=0.05, batch_size=64, asr_tolerance=0.02, seed=0, verbose=0):
-    """Repair a suspect network automatically, within an accuracy budget.
+def _check_confidence(value):
+    if value is None:
+        return None
+    value = check_number(value, "budget_confidence", 0.5, maximum=1.0)
+    if not 0.5 <= value < 1.0:
+        raise ValueError(f"The 'budget_confidence' parameter must be in [0.5, 1) or None. "
+                         f"Got {value!r} instead.")
+    return float(value)
 
-    ``model`` is never modified.
+
+def _check_flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"The '{name}' parameter must be True or False. Got {value!r} instead.")
+    return bool(value)
+
+
+def defend(model, train_data, *, validation_data=None, validation_split=0.25, max_accuracy_drop=0.01,
+           poisoned_validation_data=None, target=None, methods=None, scan=True,
+           repair_if_clean=False, verify=True, budget_confidence=0.8, time_budget=None, epochs=20,
+           learning_rate=0.05, batch_size=64, asr_tolerance=0.02, scan_options=None, seed=0,
+           verbose=0):
+    """Scan a suspect network, repair it if needed, and verify the repair, within an accuracy budget.
+
+    ``model`` is never modified. See the module documentation for the flow,
+    the methods and the choice rule.
 
     Parameters
     ----------
     model : tf_keras.Model
         The suspect network (Functional or Sequential).
-    clean_data : (x, y) arrays or tf.data.Dataset
-        The defender's clean data, for ranking and fine-tuning.
+    train_data : (x, y) arrays or tf.data.Dataset
+        The defender's clean data: the scan reverses triggers on it and the
+        repairs train on it.
     validation_data : (x, y) arrays or tf.data.Dataset, default=None
-        Clean data for measuring the methods; default: a ``validation_split``
-        share of ``clean_data`` (held out from training).
-    validation_split : float, default=0.2
+        Clean data for judging the candidates; default: a ``validation_split``
+        share of ``train_data``, held apart from the scan and every repair.
+    validation_split : float, default=0.25
     max_accuracy_drop : float, default=0.01
         Allowed drop of validation accuracy against the model as received.
-    poisoned_validation : (x, y), default=None
+    poisoned_validation_data : (x, y), default=None
         Triggered validation inputs, when the defender has some (labels as in
-        :mod:`tf_backdoor_defense.metrics`, read with ``target``). They pick the
-        method with the lowest ASR and raise the "backdoor still active" warning.
+        :mod:`tf_backdoor_defense.metrics`, read with ``target``). Their ASR is
+        then the backdoor signal.
     target : default=None
-        How to read ``poisoned_validation``'s labels.
-    methods : sequence of str, default=METHODS
-        Which methods to try, in order of preference (see the module docs).
+        How to read ``poisoned_validation_data``'s labels.
+    methods : sequence of str, default=None
+        Which methods to try, in order of preference; None: ``DEFAULT_METHODS``.
+    scan : bool, default=True
+        Scan the received model first. With False, every method runs whatever
+        the model, and candidates are judged by accuracy (and triggered data) only.
+    repair_if_clean : bool, default=False
+        Repair even when the scan finds no backdoor.
+    verify : bool, default=True
+        Scan the chosen model again; a backdoor found there sets
+        ``backdoor_still_active`` and warns.
+    budget_confidence : float in [0.5, 1) or None, default=0.8
+        One-sided confidence of the bound on the accuracy drop (None: the
+        point estimate).
     time_budget : float, default=None
         Seconds: once spent, the remaining methods are skipped (a method that
         has started finishes).
     epochs, learning_rate, batch_size : default=20, 0.05, 64
-        Fine-tuning settings shared by the methods (cosine-decayed SGD).
-        ``learning_rate`` may list several rates, e.g. ``[0.1, 0.05, 0.01]``:
-        each method then fine-tunes once per rate and keeps the one with the
-        best validation accuracy (``prune-search`` uses the first rate for
-        every level it tries). The rate chosen is in the table's ``note``.
+        Settings of the clean training that ``reinit-head``, ``clp``,
+        ``ft-sam``, ``anp``, ``ft-cosine`` and ``prune-search`` share (cosine-decayed
+        SGD). ``learning_rate`` may list several rates: each such method then
+        trains once per rate and keeps the best validation accuracy.
+        ``batch_size`` is also the batch of ``unlearn`` and ``ibau``.
     asr_tolerance : float, default=0.02
-        Validation ASR above which the backdoor counts as still active.
+        Backdoor signal above which the backdoor counts as still active.
+    scan_options : dict, default=None
+        Keyword arguments for :func:`~tf_backdoor_defense.scan.scan_model`.
     seed : int, default=0
     verbose : int, default=0
-        1 prints one line per method.
+        The level of the lines logged on this module's logger: ``logging.INFO``
+        with 1, ``logging.DEBUG`` with 0. Nothing is printed.
 
     Returns
     -------
@@ -329,19 +536,23 @@ def defend(model, clean_data, *, validation_data=None, validation_split=0.2, max
     ...     keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2, activation="softmax")])
     >>> x = np.random.default_rng(0).random((40, 6, 6, 1), dtype=np.float32)
     >>> y = (x[:, 0, 0, 0] > 0.5).astype(int)
-    >>> result = defend(model, (x, y), methods=["reinit-head", "fine-tuning"], epochs=1,
-    ...                 max_accuracy_drop=1.0)
+    >>> result = defend(model, (x, y), methods=["reinit-head", "ft-cosine"], epochs=1,
+    ...                 scan=False, max_accuracy_drop=1.0)
     >>> result.method, list(result.table["method"])
-    ('reinit-head', ['reinit-head', 'fine-tuning'])
+    ('reinit-head', ['reinit-head', 'ft-cosine'])
     """
     check_model(model)
-    methods = _check_methods(methods)
+    methods = _check_methods(DEFAULT_METHODS if methods is None else methods)
     budget = check_fraction(max_accuracy_drop, "max_accuracy_drop")
     tolerance = check_fraction(asr_tolerance, "asr_tolerance")
     split = check_fraction(validation_split, "validation_split", allow_one=False)
     if split == 0 and validation_data is None:
         raise ValueError("The 'validation_split' parameter must be > 0 when `validation_data` "
                          "is not given.")
+    do_scan = _check_flag(scan, "scan")
+    repair_if_clean = _check_flag(repair_if_clean, "repair_if_clean")
+    verify = _check_flag(verify, "verify")
+    confidence = _check_confidence(budget_confidence)
     epochs = int(check_number(epochs, "epochs", integer=True, positive=True))
     if isinstance(learning_rate, (list, tuple, np.ndarray)):
         rates = list(np.asarray(learning_rate, dtype=object).reshape(-1))
@@ -355,35 +566,73 @@ def defend(model, clean_data, *, validation_data=None, validation_split=0.2, max
     batch_size = int(check_number(batch_size, "batch_size", integer=True, positive=True))
     if time_budget is not None:
         time_budget = float(check_number(time_budget, "time_budget", positive=True))
-    check_data(clean_data, "clean_data", model=model)
+    if scan_options is not None and not isinstance(scan_options, dict):
+        raise TypeError(f"The 'scan_options' parameter must be a dict. Got {scan_options!r}.")
+    check_data(train_data, "train_data", model=model)
     if validation_data is None:
-        train, validation = _split(clean_data, split, seed, model)
+        train, validation = _split(train_data, split, seed, model)
     else:
-        train = as_arrays(clean_data, "clean_data", model)
+        train = as_arrays(train_data, "train_data", model)
         validation = as_arrays(validation_data, "validation_data", model)
     poisoned = None
-    if poisoned_validation is not None:
+    if poisoned_validation_data is not None:
         target = check_target(target, num_classes_of(model))
-        poisoned = check_data(poisoned_validation, "poisoned_validation", model=model)
+        poisoned = check_data(poisoned_validation_data, "poisoned_validation_data", model=model)
     elif target is not None:
-        raise ValueError("The 'target' parameter needs `poisoned_validation`.")
+        raise ValueError("The 'target' parameter needs `poisoned_validation_data`.")
+    level = logging.INFO if verbose else logging.DEBUG
+    scan_kwargs = dict({"seed": seed}, **(scan_options or {}))
+    started = time.perf_counter()
+
+    context = {"validation": validation, "validation_labels": _labels(validation[1]),
+               "budget": budget, "predictions_of": {}, "seed": seed, "sam_rho": 0.05,
+               "anp_iterations": 500, "clp_u": (1.0, 1.5, 2.0, 3.0), "learning_rates": rates,
+               "fine_tune": {"epochs": epochs, "batch_size": batch_size, "seed": seed}}
+    found = None
+    if do_scan:
+        from tf_backdoor_defense.scan._scan import scan_model
+
+        found = scan_model(model, train, **scan_kwargs)
+        context["scan"] = found
+        logger.log(level, "scan: %s (%.1f s)", found.verdict, found.seconds)
+    base_correct = _predictions(model, context) == context["validation_labels"]
+    base_accuracy = float(base_correct.mean())
+    context["baseline_accuracy"] = base_accuracy
 
     def measure(candidate):
-        accuracy = _validation_accuracy(candidate, context)
+        correct = _predictions(candidate, context) == context["validation_labels"]
+        drop, bound = paired_drop(base_correct, correct, confidence)
         asr = (attack_success_rate(candidate, poisoned, target=target) if poisoned is not None
                else np.nan)
-        return accuracy, asr
+        return float(correct.mean()), drop, bound, asr, _residual(candidate, context)
 
-    context = {"validation": validation, "budget": budget, "accuracy_of": {},
-               "seed": seed, "sam_rho": 0.05, "anp_iterations": 500,
-               "clp_u": (1.0, 1.5, 2.0, 3.0),
-               "learning_rates": rates,
-               "fine_tune": {"epochs": epochs,
-                             "batch_size": batch_size, "seed": seed}}
-    base_accuracy, base_asr = measure(model)
-    context["baseline_accuracy"] = base_accuracy
-    rows, candidates, notes = [], {}, []
-    started = time.perf_counter()
+    base_asr = attack_success_rate(model, poisoned, target=target) if poisoned is not None else np.nan
+    base_residual = _residual(model, context)
+    baseline = {"validation_accuracy": base_accuracy,
+                "validation_asr": None if poisoned is None else float(base_asr),
+                "residual_trigger_rate": None if np.isnan(base_residual) else float(base_residual)}
+    settings = {"max_accuracy_drop": budget, "methods": methods, "epochs": epochs,
+                "learning_rate": rates[0] if len(rates) == 1 else rates,
+                "batch_size": batch_size, "seed": seed, "scan": do_scan, "verify": verify,
+                "repair_if_clean": repair_if_clean, "budget_confidence": confidence,
+                "train_size": int(train[0].shape[0]), "validation_size": int(validation[0].shape[0]),
+                "asr_tolerance": tolerance}
+
+    notes = []
+    if found is not None and not found.backdoor_found and not repair_if_clean:
+        if poisoned is not None and base_asr > tolerance:
+            notes.append(f"the scan found no backdoor, but the triggered validation data show "
+                         f"ASR {base_asr:.1%}; repairing anyway")
+        else:
+            verdict = "no backdoor found; model returned unchanged"
+            return DefenseResult(copy_model(model), None, pd.DataFrame([], columns=COLUMNS),
+                                 baseline, {}, notes, settings,
+                                 backdoor_still_active=bool(poisoned is not None
+                                                            and base_asr > tolerance),
+                                 validation_asr=None if poisoned is None else float(base_asr),
+                                 scan=found, verdict=verdict)
+
+    rows, candidates = [], {}
     for method in methods:
         if time_budget is not None and time.perf_counter() - started > time_budget:
             notes.append(f"skipped {method}: time budget of {time_budget:g} s spent")
@@ -394,23 +643,23 @@ def defend(model, clean_data, *, validation_data=None, validation_split=0.2, max
         except _Skip as reason:
             notes.append(f"skipped {method}: {reason}")
             continue
-        accuracy, asr = measure(repaired)
+        accuracy, drop, bound, asr, residual = measure(repaired)
         candidates[method] = repaired
-        rows.append({"method": method, "validation_accuracy": accuracy,
-                     "accuracy_drop": base_accuracy - accuracy, "validation_asr": asr,
-                     "within_budget": bool(base_accuracy - accuracy <= budget + 1e-12),
+        rows.append({"method": method, "validation_accuracy": accuracy, "accuracy_drop": drop,
+                     "drop_bound": bound, "validation_asr": asr,
+                     "residual_trigger_rate": residual,
+                     "within_budget": bool(bound <= budget + 1e-12),
                      "channels_pruned": _channels_pruned(repaired),
                      "seconds": time.perf_counter() - began, "chosen": False, "note": note})
-        if verbose:
-            row = rows[-1]
-            print(f"{method:13s} accuracy {accuracy:.4f} (drop {row['accuracy_drop']:+.4f})"
-                  f"{'' if poisoned is None else f'  ASR {asr:.4f}'}  {row['seconds']:.1f} s",
-                  flush=True)
+        logger.log(level, "%-13s accuracy %.4f (drop %+.4f, bound %+.4f)%s%s  %.1f s", method,
+                   accuracy, drop, bound, "" if poisoned is None else f"  ASR {asr:.4f}",
+                   "" if np.isnan(residual) else f"  residual {residual:.4f}",
+                   rows[-1]["seconds"])
     table = pd.DataFrame(rows, columns=COLUMNS)
-    chosen = _choose(table, poisoned is not None, tolerance) if len(table) else None
+    chosen = _choose(table, tolerance) if len(table) else None
     if chosen is None:
         if len(table):
-            chosen = table.sort_values("accuracy_drop", kind="stable")["method"].iloc[0]
+            chosen = table.sort_values("drop_bound", kind="stable")["method"].iloc[0]
             notes.append(f"no method stayed within the accuracy budget of {budget:g}; "
                          f"returning {chosen}, the smallest drop")
         else:
@@ -418,18 +667,38 @@ def defend(model, clean_data, *, validation_data=None, validation_split=0.2, max
     if chosen is not None:
         table.loc[table["method"] == chosen, "chosen"] = True
         final = candidates[chosen]
-        final_asr = float(table.loc[table["method"] == chosen, "validation_asr"].iloc[0])
+        row = table[table["method"] == chosen].iloc[0]
+        final_asr, final_signal = float(row["validation_asr"]), float(_signal(table[table["chosen"]]).iloc[0])
     else:
-        final, final_asr = model, base_asr
-    if poisoned is not None and final_asr > tolerance:
-        notes.insert(0, f"backdoor still active on validation: ASR {final_asr:.1%} after "
+        final, final_asr = copy_model(model), float(base_asr)
+        final_signal = float(base_asr) if poisoned is not None else float(base_residual)
+    active = bool(not np.isnan(final_signal) and final_signal > tolerance)
+    if active:
+        what = "ASR" if poisoned is not None else "reversed-trigger residual"
+        notes.insert(0, f"backdoor still active on validation: {what} {final_signal:.1%} after "
                         f"{chosen or 'no repair'} (tolerance {tolerance:.1%})")
+    verification = None
+    if verify and found is not None and found.backdoor_found and chosen is not None:
+        from tf_backdoor_defense.scan._scan import scan_model
+
+        verification = scan_model(final, train, **scan_kwargs)
+        logger.log(level, "verification scan: %s (%.1f s)", verification.verdict,
+                   verification.seconds)
+        if verification.backdoor_found:
+            active = True
+            notes.insert(0, f"backdoor may still be active: the scan of the repaired model "
+                            f"still finds one ({verification.verdict})")
+    if active:
         warnings.warn(notes[0], BackdoorStillActiveWarning, stacklevel=2)
-    settings = {"max_accuracy_drop": budget, "methods": methods, "epochs": epochs,
-                "learning_rate": rates[0] if len(rates) == 1 else rates,
-                "batch_size": batch_size, "seed": seed,
-                "train_size": int(train[0].shape[0]), "validation_size": int(validation[0].shape[0]),
-                "asr_tolerance": tolerance}
-    baseline = {"validation_accuracy": base_accuracy,
-                "validation_asr": None if poisoned is None else base_asr}
-    return DefenseResult(final, chosen, table, baseline, candidates, notes, settings)
+    if found is None:
+        verdict = "not scanned"
+    elif found.backdoor_found:
+        verdict = found.verdict
+    else:
+        verdict = "no backdoor found; repaired on request"
+    if chosen is not None:
+        verdict += f"; repaired with {chosen}" + ("; backdoor may still be active" if active else "")
+    return DefenseResult(final, chosen, table, baseline, candidates, notes, settings,
+                         backdoor_still_active=active,
+                         validation_asr=None if poisoned is None else float(final_asr),
+                         scan=found, verification=verification, verdict=verdict)

@@ -18,14 +18,19 @@ being evaluated.
 """
 
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
+from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import keras, tf
-from tf_backdoor_defense.scoring._activations import mean_channel_activations, resolve_layer
-from tf_backdoor_defense.masks._wrapper import PruneByActivation, channel_axis, wrap_layers
+from tf_backdoor_defense.masks._registry import is_conv
+from tf_backdoor_defense.masks._results import MasksResult
+from tf_backdoor_defense.masks._wrapper import channel_axis, layer_names, unwrap, wrap_layers
 from tf_backdoor_defense.metrics import count_attack_successes, predict_labels
 from tf_backdoor_defense.pruning._ranking import rank_channels
+from tf_backdoor_defense.scoring._activations import mean_channel_activations, resolve_layer
 from tf_backdoor_defense._validation import (check_data, check_fraction, check_model, check_number,
                                              check_target, num_classes_of)
 
@@ -34,11 +39,10 @@ __all__ = ["attack_guided_prune", "GuidedPruningResult", "DECISIONS"]
 #: Values of the ``decision`` column of the history.
 DECISIONS = ("pruned", "kept", "kept (inactive)")
 _EPS = 1e-12
-_CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
-_TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
 
 
-class GuidedPruningResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class GuidedPruningResult(MasksResult):
     """What :func:`attack_guided_prune` returns.
 
     Attributes
@@ -59,52 +63,27 @@ class GuidedPruningResult:
         Of the returned model, on the validation data.
     """
 
-    def __init__(self, model, masks, history, baseline_accuracy, baseline_attack_success_rate,
-                 clean_accuracy, attack_success_rate):
-        self.model = model
-        self.masks = masks
-        self.history = history
-        self.baseline_accuracy = baseline_accuracy
-        self.baseline_attack_success_rate = baseline_attack_success_rate
-        self.clean_accuracy = clean_accuracy
-        self.attack_success_rate = attack_success_rate
-
-    @property
-    def pruned_channels(self):
-        """``{layer_name: sorted array of pruned channels}``."""
-        return {name: np.flatnonzero(mask == 0) for name, mask in self.masks.items()}
+    model: object
+    masks: dict
+    history: object
+    baseline_accuracy: float
+    baseline_attack_success_rate: float
+    clean_accuracy: float
+    attack_success_rate: float
 
     def __repr__(self):
-        pruned = {name: int(np.sum(mask == 0)) for name, mask in self.masks.items()}
-        return (f"GuidedPruningResult(pruned={pruned}, clean_accuracy={self.clean_accuracy:.4f} "
-                f"(was {self.baseline_accuracy:.4f}), attack_success_rate="
-                f"{self.attack_success_rate:.4f} (was {self.baseline_attack_success_rate:.4f}))")
+        return (f"GuidedPruningResult(pruned={self.pruned_counts}, clean_accuracy="
+                f"{self.clean_accuracy:.4f} (was {self.baseline_accuracy:.4f}), "
+                f"attack_success_rate={self.attack_success_rate:.4f} "
+                f"(was {self.baseline_attack_success_rate:.4f}))")
 
 
 def _default_layers(model, count=3):
-    convs = []
-    for layer in model.layers:
-        inner = layer.layer if isinstance(layer, PruneByActivation) else layer
-        if isinstance(inner, _CONV_TYPES) and not isinstance(inner, _TRANSPOSED):
-            convs.append(layer.name)
+    convs = [layer.name for layer in model.layers if is_conv(unwrap(layer))]
     if not convs:
-        raise ValueError("The model has no convolutional layer; pass `layers=` to name the Conv or "
+        raise InputError("The model has no convolutional layer; pass `layers=` to name the Conv or "
                          "Dense layers to prune.")
     return list(reversed(convs[-count:]))
-
-
-def _check_layers(model, layers):
-    if layers is None:
-        return _default_layers(model)
-    if isinstance(layers, str):
-        layers = [layers]
-    if not isinstance(layers, (list, tuple)) or not layers:
-        raise TypeError(f"The 'layers' parameter must be a layer name or a non-empty list of names. "
-                        f"Got {layers!r}.")
-    names = [resolve_layer(model, name).name for name in layers]
-    if len(set(names)) != len(names):
-        raise ValueError(f"The 'layers' parameter names a layer twice: {list(layers)}.")
-    return names
 
 
 def _max_abs_fn(model, layer):
@@ -122,17 +101,18 @@ def _max_abs_fn(model, layer):
     return fn
 
 
-def attack_guided_prune(model, clean_val, poisoned_val, *, layers=None, max_accuracy_drop=0.04,
-                        target=None, batch_size=256):
+def attack_guided_prune(model, validation_data, poisoned_validation_data, *, layers=None,
+                        max_accuracy_drop=0.04, target=None, batch_size=256):
     """Greedy pruning that keeps a channel pruned only if it lowers the attack success rate.
 
     Parameters
     ----------
     model : tf_keras.Model
         The suspect network; it is not modified.
-    clean_val : (x, y) arrays or tf.data.Dataset
-        Clean validation data (read into memory once).
-    poisoned_val : (x, y) arrays or tf.data.Dataset
+    validation_data : (x, y) arrays or tf.data.Dataset
+        Clean validation data: the channel ranking and the accuracy budget
+        (read into memory once).
+    poisoned_validation_data : (x, y) arrays or tf.data.Dataset
         Triggered validation inputs, labelled as in :mod:`tf_backdoor_defense.metrics`
         (by default the labels are the attacker's targets).
     layers : str or list of str, default=None
@@ -165,13 +145,14 @@ def attack_guided_prune(model, clean_val, poisoned_val, *, layers=None, max_accu
     [[1, 'pruned']]
     """
     check_model(model)
-    names = _check_layers(model, layers)
+    names = layer_names(model, layers, _default_layers, check=resolve_layer)
     max_accuracy_drop = check_fraction(max_accuracy_drop, "max_accuracy_drop")
     batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
     classes = num_classes_of(model)
     target = check_target(target, classes)
-    clean = check_data(clean_val, "clean_val", model=model).arrays()
-    poisoned = check_data(poisoned_val, "poisoned_val", model=model, num_classes=classes).arrays()
+    clean = check_data(validation_data, "validation_data", model=model).arrays()
+    poisoned = check_data(poisoned_validation_data, "poisoned_validation_data", model=model,
+                          num_classes=classes).arrays()
 
     working = wrap_layers(model, names)
     x_all = np.concatenate([clean[0], poisoned[0]])
@@ -185,7 +166,7 @@ def attack_guided_prune(model, clean_val, poisoned_val, *, layers=None, max_accu
 
     correct, success, attacked = evaluate()
     if attacked == 0:
-        raise ValueError("No poisoned input is attacked: every true label equals its target.")
+        raise InputError("No poisoned input is attacked: every true label equals its target.")
     base_accuracy = correct / n_clean
     base_asr = success / attacked
     floor = base_accuracy - max_accuracy_drop - _EPS
@@ -195,7 +176,7 @@ def attack_guided_prune(model, clean_val, poisoned_val, *, layers=None, max_accu
             break
         layer = working.get_layer(name)
         mask = layer.get_mask()
-        order = rank_channels(mean_channel_activations(working, clean, layer=name, batch_size=batch_size))
+        order = rank_channels(mean_channel_activations(working, clean, name, batch_size=batch_size))
         max_fn = _max_abs_fn(working, layer)
         peak = np.max([max_fn(x_all[s:s + batch_size]).numpy()
                        for s in range(0, x_all.shape[0], batch_size)], axis=0)

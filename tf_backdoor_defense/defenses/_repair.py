@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.export._export import strip_masks
-from tf_backdoor_defense.graph._channels import topological_nodes
+from tf_backdoor_defense.graph._replay import check_graph_model, replay_nodes, topological_nodes
 from tf_backdoor_defense.masks._wrapper import masked_layers
 from tf_backdoor_defense.metrics import count_attack_successes, defender_utility, predict_labels
 from tf_backdoor_defense._validation import check_data, check_model, check_target, num_classes_of
@@ -24,25 +25,26 @@ __all__ = ["repaired_model", "suspect_class", "evaluate_repaired", "RepairedScor
 
 def _inline(model, inputs, prefix):
     """Rebuild ``model``'s graph on ``inputs`` with copied layers named ``prefix + name``."""
-    tensors = {id(model.inputs[0]): inputs}
-    for node in topological_nodes(model):
+    copies = {}
+
+    def copy_call(node, args, kwargs):
         layer = node.layer
-        config = layer.get_config()
-        config["name"] = prefix + layer.name
-        new = layer.__class__.from_config(config)
-        args = tf.nest.map_structure(lambda x: tensors.get(id(x), x), node.call_args)
-        kwargs = tf.nest.map_structure(lambda x: tensors.get(id(x), x), node.call_kwargs)
-        out = new(*args, **kwargs)
-        new.set_weights(layer.get_weights())
-        for old, fresh in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
-            tensors[id(old)] = fresh
-    return tensors[id(model.outputs[0])]
+        new = copies.get(id(layer))
+        if new is None:  # a layer called several times is copied once
+            config = dict(layer.get_config(), name=prefix + layer.name)
+            new = copies[id(layer)] = layer.__class__.from_config(config)
+            out = new(*args, **kwargs)
+            new.set_weights(layer.get_weights())
+            return out
+        return new(*args, **kwargs)
+
+    return replay_nodes(topological_nodes(model), model.inputs, [inputs], model.outputs[0],
+                        call=copy_call)
 
 
 def _plain(model, name):
     check_model(model, name)
-    if not getattr(model, "_is_graph_network", False):
-        raise ValueError(f"The `{name}` argument must be a Sequential or Functional model.")
+    check_graph_model(model, name)
     return strip_masks(model) if masked_layers(model) else model
 
 
@@ -85,17 +87,17 @@ def repaired_model(original, pruned, *, name="repaired"):
     shape_a = tuple(original.inputs[0].shape[1:])
     shape_b = tuple(pruned.inputs[0].shape[1:])
     if shape_a != shape_b:
-        raise ValueError(f"The `original` and `pruned` models must take the same input. "
+        raise InputError(f"The `original` and `pruned` models must take the same input. "
                          f"Got input shapes {shape_a} and {shape_b}.")
     classes = int(original.outputs[0].shape[-1] or 0)
     if classes < 2 or original.outputs[0].shape.rank != 2:
-        raise ValueError("The `original` model must output one probability per class "
+        raise InputError("The `original` model must output one probability per class "
                          f"(shape (batch, N) with N >= 2). Got {original.outputs[0].shape}.")
     if tuple(pruned.outputs[0].shape) != tuple(original.outputs[0].shape):
-        raise ValueError(f"The `pruned` model must have the original's {classes} outputs. "
+        raise InputError(f"The `pruned` model must have the original's {classes} outputs. "
                          f"Got output shape {tuple(pruned.outputs[0].shape)}.")
     if not isinstance(name, str) or not name:
-        raise TypeError(f"The 'name' parameter must be a non-empty string. Got {name!r}.")
+        raise InputTypeError(f"The 'name' parameter must be a non-empty string. Got {name!r}.")
 
     inputs = keras.Input(shape_a, dtype=original.inputs[0].dtype, name="input")
     probs = _inline(original, inputs, "original_")
@@ -137,15 +139,16 @@ class RepairedScores:
         return {**asdict(self), "defender_utility": self.defender_utility}
 
 
-def evaluate_repaired(repaired, clean_data, poisoned_data, *, target=None, batch_size=256):
+def evaluate_repaired(repaired, eval_data, poisoned_eval_data, *, target=None, batch_size=256):
     """Clean accuracy, attack success rate and flag rates of a repaired network.
 
     Parameters
     ----------
     repaired : tf_keras.Model
         A model from :func:`repaired_model` (``N + 1`` outputs).
-    clean_data, poisoned_data : (x, y) arrays or tf.data.Dataset
-        Labels in ``0 .. N-1``. Poisoned labels follow
+    eval_data, poisoned_eval_data : (x, y) arrays or tf.data.Dataset
+        Clean and triggered data to report on, labels in ``0 .. N-1``.
+        Poisoned labels follow
         :func:`tf_backdoor_defense.metrics.attack_success_rate` (the attacker's
         targets by default, true labels with ``target=``).
     target : None, int, "untargeted", array, dict or callable, default=None
@@ -169,8 +172,9 @@ def evaluate_repaired(repaired, clean_data, poisoned_data, *, target=None, batch
     """
     check_model(repaired, "repaired")
     abstain = suspect_class(repaired)
-    clean = check_data(clean_data, "clean_data", model=repaired, num_classes=abstain)
-    poisoned = check_data(poisoned_data, "poisoned_data", model=repaired, num_classes=abstain)
+    clean = check_data(eval_data, "eval_data", model=repaired, num_classes=abstain)
+    poisoned = check_data(poisoned_eval_data, "poisoned_eval_data", model=repaired,
+                          num_classes=abstain)
     target = check_target(target, abstain)
     correct = total = clean_flags = 0
     for x, y in clean.batches(batch_size):
@@ -186,8 +190,8 @@ def evaluate_repaired(repaired, clean_data, poisoned_data, *, target=None, batch
         poison_flags += int(np.sum(labels == abstain))
         poison_total += y.size
     if total == 0 or poison_total == 0:
-        raise ValueError("`clean_data` and `poisoned_data` must not be empty.")
+        raise InputError("`eval_data` and `poisoned_eval_data` must not be empty.")
     if attacked == 0:
-        raise ValueError("No poisoned input is attacked: every true label equals its target.")
+        raise InputError("No poisoned input is attacked: every true label equals its target.")
     return RepairedScores(correct / total, success / attacked, clean_flags / total,
                           poison_flags / poison_total)

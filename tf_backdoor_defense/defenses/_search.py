@@ -15,16 +15,19 @@ level prunes the same fraction of every layer.
 """
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from tf_backdoor_defense.pruning._group_sweep import fraction_masks, layer_rankings
-from tf_backdoor_defense.masks._wrapper import find_layer, last_conv_layer, wrap_layers
+from tf_backdoor_defense._errors import InputError
+from tf_backdoor_defense.pruning._ranking import fraction_masks, layer_rankings
+from tf_backdoor_defense.masks._results import MasksResult
+from tf_backdoor_defense.masks._wrapper import layer_names, wrap_layers
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
 from tf_backdoor_defense.finetune._training import train_clean
-from tf_backdoor_defense._validation import check_data, check_fraction, check_model, check_target, \
-    num_classes_of
+from tf_backdoor_defense._validation import (check_data, check_fraction, check_model, check_target,
+                                             num_classes_of, renamed_argument)
 
 __all__ = ["search_pruning_level", "PruningSearchResult", "SEARCH_STRATEGIES"]
 
@@ -32,7 +35,8 @@ SEARCH_STRATEGIES = ("bisection", "descending")
 _EPS = 1e-12
 
 
-class PruningSearchResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class PruningSearchResult(MasksResult):
     """What :func:`search_pruning_level` returns.
 
     Attributes
@@ -53,40 +57,26 @@ class PruningSearchResult:
         The unpruned model's validation accuracy, before any fine-tuning.
     within_budget : bool
         False when even the unpruned, fine-tuned model misses the budget.
+    layers : list of str
+        The layers pruned.
     """
 
-    def __init__(self, model, fraction, masks, table, baseline_accuracy, within_budget, layers):
-        self.model = model
-        self.fraction = fraction
-        self.masks = masks
-        self.table = table
-        self.baseline_accuracy = baseline_accuracy
-        self.within_budget = within_budget
-        self.layers = layers
+    model: object
+    fraction: float
+    masks: dict
+    table: object
+    baseline_accuracy: float
+    within_budget: bool
+    layers: list
 
     @property
     def channels_pruned(self):
         """``{layer: number of channels pruned}`` at the chosen level."""
-        return {name: int(np.sum(mask == 0)) for name, mask in self.masks.items()}
+        return self.pruned_counts
 
     def __repr__(self):
         return (f"PruningSearchResult(fraction={self.fraction:.3f}, "
                 f"channels_pruned={self.channels_pruned}, levels_tried={len(self.table)})")
-
-
-def _layer_names(model, layers):
-    if layers is None:
-        return [last_conv_layer(model)]
-    if isinstance(layers, str):
-        layers = [layers]
-    names = list(layers)
-    if not names:
-        raise ValueError("The 'layers' parameter must name at least one layer.")
-    if len(set(names)) != len(names):
-        raise ValueError(f"The 'layers' parameter names a layer twice: {names}.")
-    for name in names:
-        find_layer(model, name)
-    return names
 
 
 def _fractions(fractions, largest):
@@ -95,13 +85,14 @@ def _fractions(fractions, largest):
         return np.arange(steps + 1) / steps
     values = np.asarray(fractions, dtype=np.float64).reshape(-1)
     if values.size == 0 or not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
-        raise ValueError(f"The 'fractions' parameter must hold numbers in [0, 1]. Got {fractions!r}.")
+        raise InputError(f"The 'fractions' parameter must hold numbers in [0, 1]. Got {fractions!r}.")
     return np.unique(np.concatenate([[0.0], values]))
 
 
 def search_pruning_level(model, train_data, validation_data, *, layers=None, max_accuracy_drop=0.01,
                          strategy="bisection", fractions=None, fine_tune=None, ranking_data=None,
-                         poisoned_validation=None, target=None, batch_size=256, seed=0):
+                         poisoned_validation_data=None, target=None, batch_size=256, seed=0,
+                         poisoned_validation=None):
     """Prune ``layers`` as far as fine-tuning can repair, within an accuracy budget.
 
     ``model`` is never modified.
@@ -110,7 +101,8 @@ def search_pruning_level(model, train_data, validation_data, *, layers=None, max
     ----------
     model : tf_keras.Model
     train_data : (x, y) arrays or tf.data.Dataset
-        The defender's clean data: channel ranking and fine-tuning.
+        The defender's clean data: fine-tuning, and the channel ranking unless
+        ``ranking_data`` is given.
     validation_data : (x, y) arrays or tf.data.Dataset
         Clean data the budget is measured on (not used for training).
     layers : str or list of str, default=None
@@ -129,12 +121,15 @@ def search_pruning_level(model, train_data, validation_data, *, layers=None, max
         Keyword arguments for :func:`~tf_backdoor_defense.finetune._training.train_clean`.
     ranking_data : default=None
         Data for the activation ranking; default: ``train_data``.
-    poisoned_validation, target : default=None
+    poisoned_validation_data, target : default=None
         When given, the ASR of every level tried is recorded in the table
         (it never influences the choice).
     batch_size : int, default=256
         Batch size of the statistics and evaluations.
     seed : int, default=0
+    poisoned_validation : deprecated
+        The old name of ``poisoned_validation_data``; it still works in this
+        release, with a ``DeprecationWarning``.
 
     Returns
     -------
@@ -155,19 +150,22 @@ def search_pruning_level(model, train_data, validation_data, *, layers=None, max
     (['fraction', 'channels_pruned', 'validation_accuracy'], False)
     """
     check_model(model)
-    names = _layer_names(model, layers)
+    poisoned_validation_data = renamed_argument("search_pruning_level", "poisoned_validation",
+                                                poisoned_validation, "poisoned_validation_data",
+                                                poisoned_validation_data)
+    names = layer_names(model, layers)
     budget = check_fraction(max_accuracy_drop, "max_accuracy_drop")
     if strategy not in SEARCH_STRATEGIES:
-        raise ValueError(f"The 'strategy' parameter must be one of {list(SEARCH_STRATEGIES)}. "
+        raise InputError(f"The 'strategy' parameter must be one of {list(SEARCH_STRATEGIES)}. "
                          f"Got {strategy!r}.")
     train = check_data(train_data, "train_data", model=model)
     validation = check_data(validation_data, "validation_data", model=model)
     poisoned = None
-    if poisoned_validation is not None:
+    if poisoned_validation_data is not None:
         target = check_target(target, num_classes_of(model))
-        poisoned = check_data(poisoned_validation, "poisoned_validation", model=model)
+        poisoned = check_data(poisoned_validation_data, "poisoned_validation_data", model=model)
     elif target is not None:
-        raise ValueError("The 'target' parameter needs `poisoned_validation`.")
+        raise InputError("The 'target' parameter needs `poisoned_validation_data`.")
     settings = dict(fine_tune or {})
     settings.setdefault("seed", seed)
 

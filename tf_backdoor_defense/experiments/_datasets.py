@@ -11,6 +11,8 @@ import pathlib
 
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError
+
 __all__ = ["load_mnist_digits", "split"]
 
 
@@ -75,10 +77,10 @@ def split(x, y, sizes, seed=0):
     x = np.asarray(x)
     y = np.asarray(y)
     if len(x) != len(y):
-        raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
+        raise InputError(f"x has {len(x)} examples but y has {len(y)}.")
     sizes = [int(s) for s in sizes]
     if any(s < 0 for s in sizes) or sum(sizes) > len(x):
-        raise ValueError(f"The 'sizes' {sizes} must be non-negative and sum to at most {len(x)}.")
+        raise InputError(f"The 'sizes' {sizes} must be non-negative and sum to at most {len(x)}.")
     order = np.random.default_rng(seed).permutation(len(x))
     parts, start = [], 0
     for size in sizes:

@@ -48,13 +48,15 @@ def run_demo(*, epochs=15, seed=0, target=0, poison_rate=0.1, thresholds=(0.02, 
     val_poison = poisoned_evaluation_set(x_val, y_val, trigger, target=target)[:2]
     eval_poison = poisoned_evaluation_set(x_eval, y_eval, trigger, target=target)[:2]
     result = prune_to_threshold(badnet, (x_val, y_val), ranking_data=(x_rank, y_rank),
-                                poisoned_data=val_poison, max_accuracy_drop=list(thresholds))
+                                poisoned_validation_data=val_poison,
+                                max_accuracy_drop=list(thresholds))
     rows = [{"model": "BadNet", "channels_pruned": 0,
              "clean_accuracy": clean_accuracy(badnet, (x_eval, y_eval)),
              "attack_success_rate": attack_success_rate(badnet, eval_poison)}]
     for threshold, model in result.models.items():
         rows.append({"model": f"pruned, max drop {threshold:.0%}",
-                     "channels_pruned": result.levels[threshold],
+                     "channels_pruned": int(result.history["channels_pruned"]
+                                            .iloc[result.levels[threshold]]),
                      "clean_accuracy": clean_accuracy(model, (x_eval, y_eval)),
                      "attack_success_rate": attack_success_rate(model, eval_poison)})
     defense = None
@@ -73,7 +75,7 @@ def run_demo(*, epochs=15, seed=0, target=0, poison_rate=0.1, thresholds=(0.02, 
     if verbose:
         print(f"BadNet: mnist_cnn trained {epochs} epochs on 2,000 real MNIST digits, "
               f"{poison_rate:.0%} poisoned with a 6-pixel trigger -> class {target}")
-        print(f"\nPruning sweep of layer '{result.layer}' "
+        print(f"\nPruning sweep of layer '{', '.join(result.layers)}' "
               "(clean accuracy and ASR on the defender's validation data):")
         shown = result.history[["channels_pruned", "fraction_pruned", "clean_accuracy",
                                  "attack_success_rate"]]

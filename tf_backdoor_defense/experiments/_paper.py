@@ -8,12 +8,12 @@ defender's utility, clean accuracy minus ASR (Table 2).
 The data is kept in three roles, so that no number is reported on data a
 defense has seen:
 
-``defender_clean``
+``train_data``
     Clean data the defender owns: channel ranking and fine-tuning.
-``defender_validation`` (and ``poisoned_validation``)
+``validation_data`` (and ``poisoned_validation_data``)
     Clean (and, for attack-guided pruning only, triggered) data for choosing
     the pruning threshold.
-``evaluation_clean`` / ``evaluation_poisoned``
+``eval_data`` / ``poisoned_eval_data``
     Used only to measure the returned models; never passed to a defense.
     Array inputs of the evaluation sets that also appear in a defender set
     raise a ``ValueError``.
@@ -24,31 +24,34 @@ The defenses (``DEFENSES``):
     The attacked model as it is.
 ``"fine-tuning"``
     :func:`~tf_backdoor_defense.finetune._fine_prune.fine_prune` with ``prune=False``:
-    ``fine_tune_epochs`` epochs on ``defender_clean``.
+    ``fine_tune_epochs`` epochs on ``train_data`` (the paper's fine-tuning).
 ``"pruning"``
     :func:`~tf_backdoor_defense.pruning._sweep.prune_to_threshold`: channels ranked on
-    ``defender_clean``, the largest level within ``max_accuracy_drop`` of the
-    unpruned accuracy on ``defender_validation``.
+    ``train_data``, the largest level within ``max_accuracy_drop`` of the
+    unpruned accuracy on ``validation_data``.
 ``"fine-pruning"``
-    The same pruning, then ``fine_tune_epochs`` epochs on ``defender_clean``.
+    The same pruning, then ``fine_tune_epochs`` epochs on ``train_data``.
 ``"attack-guided"``
     :func:`~tf_backdoor_defense.defenses._guided.attack_guided_prune` on
-    ``defender_validation`` and ``poisoned_validation``; it needs the latter
+    ``validation_data`` and ``poisoned_validation_data``; it needs the latter
     and is skipped with a note when it is absent.
 """
 
+import dataclasses
 import hashlib
 import time
 
 import numpy as np
 import pandas as pd
 
+from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense.finetune._fine_prune import fine_prune
 from tf_backdoor_defense.defenses._guided import attack_guided_prune
-from tf_backdoor_defense.masks._wrapper import PruneByActivation, last_conv_layer
+from tf_backdoor_defense.masks._wrapper import PruneByActivation, layer_names
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
 from tf_backdoor_defense.pruning._sweep import prune_to_threshold
-from tf_backdoor_defense._validation import check_data, check_fraction, check_model, check_number
+from tf_backdoor_defense._validation import (check_data, check_fraction, check_model, check_number,
+                                             renamed_argument)
 
 __all__ = ["evaluate_defenses", "EvaluationResult", "paper_table_mnist", "DEFENSES"]
 
@@ -58,6 +61,7 @@ COLUMNS = ["attack", "defense", "clean_accuracy", "attack_success_rate", "utilit
            "channels_pruned", "seconds"]
 
 
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class EvaluationResult:
     """What :func:`evaluate_defenses` returns.
 
@@ -76,11 +80,10 @@ class EvaluationResult:
         The settings the evaluation ran with.
     """
 
-    def __init__(self, table, models, notes, settings):
-        self.table = table
-        self.models = models
-        self.notes = notes
-        self.settings = settings
+    table: object
+    models: dict
+    notes: list
+    settings: dict
 
     def _wide(self, values, table=None):
         table = self.table if table is None else table
@@ -116,11 +119,11 @@ class EvaluationResult:
 # -- checks ----------------------------------------------------------------------
 def _check_models(attacked_models):
     if not isinstance(attacked_models, dict) or not attacked_models:
-        raise TypeError("The 'attacked_models' parameter must be a non-empty dict "
+        raise InputTypeError("The 'attacked_models' parameter must be a non-empty dict "
                         f"{{attack name: tf_keras.Model}}. Got {type(attacked_models).__name__}.")
     for name, model in attacked_models.items():
         if not isinstance(name, str) or not name:
-            raise TypeError(f"The keys of 'attacked_models' must be non-empty strings (attack "
+            raise InputTypeError(f"The keys of 'attacked_models' must be non-empty strings (attack "
                             f"names). Got {name!r}.")
         check_model(model, f"attacked_models[{name!r}]")
     return attacked_models
@@ -132,16 +135,16 @@ def _check_defenses(defenses):
     try:
         defenses = tuple(defenses)
     except TypeError:
-        raise TypeError(f"The 'defenses' parameter must be a list of names from {list(DEFENSES)}. "
+        raise InputTypeError(f"The 'defenses' parameter must be a list of names from {list(DEFENSES)}. "
                         f"Got {defenses!r}.") from None
     if not defenses:
-        raise ValueError(f"The 'defenses' parameter must name at least one of {list(DEFENSES)}.")
+        raise InputError(f"The 'defenses' parameter must name at least one of {list(DEFENSES)}.")
     unknown = [d for d in defenses if d not in DEFENSES]
     if unknown:
-        raise ValueError(f"Unknown defense(s) {unknown} in the 'defenses' parameter; expected "
+        raise InputError(f"Unknown defense(s) {unknown} in the 'defenses' parameter; expected "
                          f"names from {list(DEFENSES)}.")
     if len(set(defenses)) != len(defenses):
-        raise ValueError(f"The 'defenses' parameter lists a defense twice: {list(defenses)}.")
+        raise InputError(f"The 'defenses' parameter lists a defense twice: {list(defenses)}.")
     return defenses
 
 
@@ -162,7 +165,7 @@ def _check_disjoint(evaluation, evaluation_name, defender_sets):
             continue
         other = _fingerprints(data)
         if other is not None and seen & other:
-            raise ValueError(
+            raise InputError(
                 f"{len(seen & other)} input(s) of `{evaluation_name}` also appear in `{name}`: "
                 "the evaluation data must be held out from everything the defenses see.")
 
@@ -173,34 +176,34 @@ def _pruned_count(model):
                    if isinstance(layer, PruneByActivation)))
 
 
-def _defend(defense, model, layer, s):
+def _defend(defense, model, layers, s):
     """Run one defense on the defender's data only; returns the defended model."""
     if defense == "none":
         return model
     if defense == "pruning":
-        return prune_to_threshold(model, s["defender_validation"], layer=layer,
+        return prune_to_threshold(model, s["validation_data"], layers=layers,
                                   max_accuracy_drop=s["max_accuracy_drop"],
-                                  ranking_data=s["defender_clean"],
+                                  ranking_data=s["train_data"],
                                   batch_size=s["batch_size"]).model
     if defense in ("fine-tuning", "fine-pruning"):
-        return fine_prune(model, s["defender_clean"], s["defender_validation"], layer=layer,
+        return fine_prune(model, s["train_data"], s["validation_data"], layers=layers,
                           max_accuracy_drop=s["max_accuracy_drop"], epochs=s["fine_tune_epochs"],
                           optimizer=s["optimizer_factory"]() if s["optimizer_factory"] else None,
                           batch_size=s["fine_tune_batch_size"],
-                          prune=defense == "fine-pruning", ranking_data=s["defender_clean"],
+                          prune=defense == "fine-pruning", ranking_data=s["train_data"],
                           seed=s["seed"]).model
     if defense == "attack-guided":
-        return attack_guided_prune(model, s["defender_validation"], s["poisoned_validation"],
-                                   layers=[layer], max_accuracy_drop=s["max_accuracy_drop"],
+        return attack_guided_prune(model, s["validation_data"], s["poisoned_validation_data"],
+                                   layers=layers, max_accuracy_drop=s["max_accuracy_drop"],
                                    target=s["target"], batch_size=s["batch_size"]).model
-    raise ValueError(f"Unknown defense {defense!r}.")  # pragma: no cover - checked earlier
+    raise InputError(f"Unknown defense {defense!r}.")  # pragma: no cover - checked earlier
 
 
-def evaluate_defenses(attacked_models, defender_clean, defender_validation, evaluation_clean,
-                      evaluation_poisoned, *, defenses=DEFENSES, max_accuracy_drop=0.04,
-                      fine_tune_epochs=5, fine_tune_batch_size=64, optimizer=None,
-                      poisoned_validation=None, target=None, layer=None, batch_size=256,
-                      seed=0):
+def evaluate_defenses(attacked_models, train_data, validation_data, eval_data, poisoned_eval_data, *,
+                      defenses=DEFENSES, max_accuracy_drop=0.04, fine_tune_epochs=5,
+                      fine_tune_batch_size=64, optimizer=None, poisoned_validation_data=None,
+                      target=None, layers=None, batch_size=256, seed=0, poisoned_validation=None,
+                      layer=None):
     """Apply every defense to every attacked model and report on held-out data.
 
     Parameters
@@ -208,13 +211,13 @@ def evaluate_defenses(attacked_models, defender_clean, defender_validation, eval
     attacked_models : dict
         ``{attack name: tf_keras.Model}``, e.g. ``{"baseline": badnet,
         "pruning-aware": result.model}``. The models are not modified.
-    defender_clean : (x, y) arrays or tf.data.Dataset
+    train_data : (x, y) arrays or tf.data.Dataset
         The defender's clean data: channel ranking and fine-tuning.
-    defender_validation : (x, y) arrays or tf.data.Dataset
+    validation_data : (x, y) arrays or tf.data.Dataset
         The defender's clean validation data: the pruning threshold.
-    evaluation_clean : (x, y) arrays or tf.data.Dataset
+    eval_data : (x, y) arrays or tf.data.Dataset
         Clean test data, used only for the reported clean accuracy.
-    evaluation_poisoned : (x, y) arrays or tf.data.Dataset
+    poisoned_eval_data : (x, y) arrays or tf.data.Dataset
         Triggered test data, used only for the reported ASR (labels as
         described in :mod:`tf_backdoor_defense.metrics`).
     defenses : sequence of str, default=DEFENSES
@@ -227,16 +230,19 @@ def evaluate_defenses(attacked_models, defender_clean, defender_validation, eval
     optimizer : callable, default=None
         A function returning a fresh tf_keras optimizer for each fine-tuning
         run; default ``SGD(learning_rate=0.01, momentum=0.9)``.
-    poisoned_validation : (x, y) arrays or tf.data.Dataset, default=None
+    poisoned_validation_data : (x, y) arrays or tf.data.Dataset, default=None
         Triggered validation data, needed only by ``"attack-guided"``.
     target : None, int, "untargeted", array, dict or callable, default=None
         How to read the labels of the poisoned sets (see :mod:`tf_backdoor_defense.metrics`).
-    layer : str, default=None
-        The layer every pruning defense prunes; default: the last conv layer.
+    layers : str or list of str, default=None
+        The layer(s) every pruning defense prunes; default: the last conv layer.
     batch_size : int, default=256
         Batch size of the evaluations and activation statistics.
     seed : int, default=0
         Seeds the fine-tuning runs; the same seed gives the same table.
+    poisoned_validation, layer : deprecated
+        The old names of ``poisoned_validation_data`` and ``layers``; they
+        still work in this release, with a ``DeprecationWarning``.
 
     Returns
     -------
@@ -255,6 +261,10 @@ def evaluate_defenses(attacked_models, defender_clean, defender_validation, eval
     >>> result.table1().shape, list(result.table.columns[:4])
     ((1, 2), ['attack', 'defense', 'clean_accuracy', 'attack_success_rate'])
     """
+    poisoned_validation_data = renamed_argument("evaluate_defenses", "poisoned_validation",
+                                                poisoned_validation, "poisoned_validation_data",
+                                                poisoned_validation_data)
+    layers = renamed_argument("evaluate_defenses", "layer", layer, "layers", layers)
     attacked_models = _check_models(attacked_models)
     defenses = _check_defenses(defenses)
     max_accuracy_drop = check_fraction(max_accuracy_drop, "max_accuracy_drop")
@@ -263,43 +273,43 @@ def evaluate_defenses(attacked_models, defender_clean, defender_validation, eval
     batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
     check_number(seed, "seed", 0, integer=True)
     if optimizer is not None and not callable(optimizer):
-        raise TypeError("The 'optimizer' parameter must be a function returning a fresh "
+        raise InputTypeError("The 'optimizer' parameter must be a function returning a fresh "
                         f"optimizer (e.g. `lambda: keras.optimizers.SGD(0.01)`). Got {optimizer!r}.")
     first = next(iter(attacked_models.values()))
-    for name, data in [("defender_clean", defender_clean),
-                       ("defender_validation", defender_validation),
-                       ("evaluation_clean", evaluation_clean)]:
+    for name, data in [("train_data", train_data), ("validation_data", validation_data),
+                       ("eval_data", eval_data), ("poisoned_eval_data", poisoned_eval_data)]:
         check_data(data, name, model=first)
-    check_data(evaluation_poisoned, "evaluation_poisoned", model=first)
-    if poisoned_validation is not None:
-        check_data(poisoned_validation, "poisoned_validation", model=first)
-    defender_sets = {"defender_clean": defender_clean, "defender_validation": defender_validation,
-                     "poisoned_validation": poisoned_validation}
-    _check_disjoint(evaluation_clean, "evaluation_clean", defender_sets)
-    _check_disjoint(evaluation_poisoned, "evaluation_poisoned", defender_sets)
+    if poisoned_validation_data is not None:
+        check_data(poisoned_validation_data, "poisoned_validation_data", model=first)
+    defender_sets = {"train_data": train_data, "validation_data": validation_data,
+                     "poisoned_validation_data": poisoned_validation_data}
+    _check_disjoint(eval_data, "eval_data", defender_sets)
+    _check_disjoint(poisoned_eval_data, "poisoned_eval_data", defender_sets)
 
     notes = []
-    if "attack-guided" in defenses and poisoned_validation is None:
+    if "attack-guided" in defenses and poisoned_validation_data is None:
         defenses = tuple(d for d in defenses if d != "attack-guided")
-        notes.append("attack-guided pruning skipped: it needs `poisoned_validation` (triggered "
-                     "validation inputs), which was not given.")
+        notes.append("attack-guided pruning skipped: it needs `poisoned_validation_data` "
+                     "(triggered validation inputs), which was not given.")
         if not defenses:
-            raise ValueError("No defense left to run: 'attack-guided' needs `poisoned_validation`.")
-    settings = {"defender_clean": defender_clean, "defender_validation": defender_validation,
-                "poisoned_validation": poisoned_validation, "max_accuracy_drop": max_accuracy_drop,
+            raise InputError("No defense left to run: 'attack-guided' needs "
+                             "`poisoned_validation_data`.")
+    settings = {"train_data": train_data, "validation_data": validation_data,
+                "poisoned_validation_data": poisoned_validation_data,
+                "max_accuracy_drop": max_accuracy_drop,
                 "fine_tune_epochs": fine_tune_epochs, "fine_tune_batch_size": fine_tune_batch_size,
                 "optimizer_factory": optimizer, "target": target, "batch_size": batch_size,
                 "seed": int(seed)}
 
     rows, models = [], {}
     for attack, model in attacked_models.items():
-        pruned_layer = last_conv_layer(model) if layer is None else layer
+        pruned_layers = layer_names(model, layers)
         for defense in defenses:
             started = time.perf_counter()
-            defended = _defend(defense, model, pruned_layer, settings)
+            defended = _defend(defense, model, pruned_layers, settings)
             seconds = time.perf_counter() - started
-            accuracy = clean_accuracy(defended, evaluation_clean, batch_size=batch_size)
-            asr = attack_success_rate(defended, evaluation_poisoned, target=target,
+            accuracy = clean_accuracy(defended, eval_data, batch_size=batch_size)
+            asr = attack_success_rate(defended, poisoned_eval_data, target=target,
                                       batch_size=batch_size)
             rows.append((attack, defense, accuracy, asr, accuracy - asr,
                          _pruned_count(defended), seconds))
@@ -307,9 +317,9 @@ def evaluate_defenses(attacked_models, defender_clean, defender_validation, eval
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["channels_pruned"] = table["channels_pruned"].astype(np.int64)
     public = {k: v for k, v in settings.items()
-              if k not in ("defender_clean", "defender_validation", "poisoned_validation",
+              if k not in ("train_data", "validation_data", "poisoned_validation_data",
                            "optimizer_factory")}
-    public.update(defenses=list(defenses), layer=layer)
+    public.update(defenses=list(defenses), layers=layers)
     return EvaluationResult(table, models, notes, public)
 
 
@@ -360,7 +370,7 @@ def paper_table_mnist(seed=0, *, epochs=10, attack_epochs=5, fine_tune_epochs=10
 
     sizes = tuple(int(s) for s in sizes)
     if len(sizes) != 4:
-        raise ValueError(f"The 'sizes' parameter must give 4 sizes (attacker-train, defender-clean, "
+        raise InputError(f"The 'sizes' parameter must give 4 sizes (attacker-train, defender-clean, "
                          f"defender-validation, evaluation). Got {sizes!r}.")
     x, y = load_mnist_digits()
     attacker, defender_clean, validation, evaluation = split(x, y, sizes, seed=seed)
@@ -380,17 +390,17 @@ def paper_table_mnist(seed=0, *, epochs=10, attack_epochs=5, fine_tune_epochs=10
                                  epochs=attack_epochs, seed=seed).model
     poisoned_validation = poisoned_evaluation_set(validation[0], validation[1], trigger,
                                                   target=target)[:2]
-    evaluation_poisoned = poisoned_evaluation_set(evaluation[0], evaluation[1], trigger,
+    poisoned_evaluation = poisoned_evaluation_set(evaluation[0], evaluation[1], trigger,
                                                   target=target)[:2]
     say("evaluating the defenses...")
     result = evaluate_defenses({"baseline": badnet, "pruning-aware": aware}, defender_clean,
-                               validation, evaluation, evaluation_poisoned, defenses=defenses,
+                               validation, evaluation, poisoned_evaluation, defenses=defenses,
                                max_accuracy_drop=max_accuracy_drop,
                                fine_tune_epochs=fine_tune_epochs,
-                               poisoned_validation=poisoned_validation, seed=seed)
-    result.settings.update(data_sizes=dict(zip(["attacker_train", "defender_clean",
-                                                "defender_validation", "evaluation"], sizes)),
-                           epochs=epochs, attack_epochs=attack_epochs,
-                           prune_fraction=prune_fraction, poison_rate=poison_rate,
-                           trigger="pixel_pattern", attack_target=target)
-    return result
+                               poisoned_validation_data=poisoned_validation, seed=seed)
+    settings = dict(result.settings,
+                    data_sizes=dict(zip(["attacker_train", "defender_clean",
+                                         "defender_validation", "evaluation"], sizes)),
+                    epochs=epochs, attack_epochs=attack_epochs, prune_fraction=prune_fraction,
+                    poison_rate=poison_rate, trigger="pixel_pattern", attack_target=target)
+    return dataclasses.replace(result, settings=settings)

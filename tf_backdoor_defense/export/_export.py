@@ -50,9 +50,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tf_backdoor_defense._keras import check_keras2_model, keras, tf
-from tf_backdoor_defense.graph._channels import channel_consumers, layer_kind, topological_nodes
+from tf_backdoor_defense._errors import InputError, InputTypeError
+from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.graph._channels import channel_consumers, layer_kind
+from tf_backdoor_defense.graph._replay import check_graph_model, replay_nodes, topological_nodes
 from tf_backdoor_defense.io._data import atomic_path
+from tf_backdoor_defense.masks._registry import CONV_TYPES, ELEMENTWISE_ACTIVATIONS
 from tf_backdoor_defense.masks._wrapper import PruneByActivation, masked_layers
 
 __all__ = [
@@ -65,14 +68,6 @@ __all__ = [
     "convert_to_tflite",
     "count_params",
 ]
-
-#: Activations applied one value at a time (so one channel never affects another).
-_ELEMENTWISE_ACTIVATIONS = {
-    "linear", "relu", "sigmoid", "tanh", "elu", "selu", "softplus", "softsign", "swish",
-    "silu", "gelu", "exponential", "hard_sigmoid", "relu6", "mish", "hard_silu",
-    "hard_swish", "leaky_relu",
-}
-
 
 class ShrinkFallbackWarning(UserWarning):
     """``shrink=True`` could not remove a layer's channels and folded them instead."""
@@ -128,7 +123,7 @@ def count_params(model):
     """Number of weights of ``model`` (masks of ``PruneByActivation`` layers excluded)."""
     total = 0
     for weight in model.weights:
-        if "channel_mask" in weight.name:
+        if "channel_mask" in weight.name or "fine_pruning_" in weight.name:  # wrapper state
             continue
         total += int(np.prod(weight.shape))
     return total
@@ -159,7 +154,7 @@ def _activation_info(layer):
     name = keras.activations.serialize(activation)
     if isinstance(name, dict):
         name = name.get("config", name.get("class_name"))
-    elementwise = isinstance(name, str) and name in _ELEMENTWISE_ACTIVATIONS
+    elementwise = isinstance(name, str) and name in ELEMENTWISE_ACTIVATIONS
     f0 = float(np.asarray(activation(tf.zeros([1, 1]))).reshape(-1)[0]) if elementwise else np.nan
     return elementwise, f0
 
@@ -198,9 +193,9 @@ def _mask_layer(name, mask, rank, dtype, data_format="channels_last"):
         layer = keras.layers.Dense(channels, use_bias=False, name=name, dtype=dtype)
         kernel = np.diag(mask)
     else:
-        conv = {3: keras.layers.Conv1D, 4: keras.layers.Conv2D, 5: keras.layers.Conv3D}.get(rank)
+        conv = dict(zip((3, 4, 5), CONV_TYPES)).get(rank)
         if conv is None:
-            raise ValueError(f"Cannot build a mask layer for a rank-{rank} output.")
+            raise InputError(f"Cannot build a mask layer for a rank-{rank} output.")
         layer = conv(channels, 1, use_bias=False, name=name, dtype=dtype, data_format=data_format)
         kernel = np.diag(mask).reshape((1,) * (rank - 2) + (channels, channels))
     return layer, [kernel.astype(np.float32)]
@@ -214,7 +209,7 @@ class _Builder:
         self.modes = modes
         self.sequential = isinstance(model, keras.Sequential)
         self.names = {layer.name for layer in model.layers}
-        self.tensors = {}
+        self.arguments = None  # the call arguments of the node being rebuilt, on the new graph
         self.dead = {}
         self.created = {}
         self.fold_notes = {}
@@ -227,28 +222,27 @@ class _Builder:
         for node in nodes:
             node_count[id(node.layer)] = node_count.get(id(node.layer), 0) + 1
         self.node_count = node_count
-        inputs = []
-        for tensor in model.inputs:
-            new = keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype,
-                              name=tensor._keras_history.layer.name)
-            self.tensors[id(tensor)] = new
-            inputs.append(new)
+        inputs = [keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype,
+                              name=tensor._keras_history.layer.name) for tensor in model.inputs]
         if self.sequential:
             self.seq = keras.Sequential(name=model.name)
             self.seq.add(keras.layers.InputLayer(batch_input_shape=tuple(model.inputs[0].shape),
                                                  dtype=model.inputs[0].dtype,
                                                  name=model.inputs[0]._keras_history.layer.name))
-        for node in nodes:
-            self._visit(node)
+        outputs = replay_nodes(nodes, model.inputs, inputs, list(model.outputs), call=self._rebuild)
         for tensor in model.outputs:
             dead = self.dead.get(id(tensor))
             if dead is not None:
                 raise _Conflict(dead.origins, "the pruned channels reach the model output")
         if self.sequential:
             return self.seq
-        outputs = [self.tensors[id(t)] for t in model.outputs]
         return keras.Model(inputs if len(inputs) > 1 else inputs[0],
                            outputs if len(outputs) > 1 else outputs[0], name=model.name)
+
+    def _rebuild(self, node, args, kwargs):
+        """The graph replay's step: rebuild ``node`` on the new graph (``args``, ``kwargs``)."""
+        self.arguments = (args, kwargs)
+        return self._visit(node)
 
     # -- helpers -------------------------------------------------------------
     def _call(self, layer, node, weights):
@@ -256,8 +250,7 @@ class _Builder:
             self.seq.add(layer)
             out = self.seq.outputs[0]
         else:
-            args = tf.nest.map_structure(lambda x: self.tensors.get(id(x), x), node.call_args)
-            kwargs = tf.nest.map_structure(lambda x: self.tensors.get(id(x), x), node.call_kwargs)
+            args, kwargs = self.arguments
             out = layer(*args, **kwargs)
         if weights is not None:
             layer.set_weights([np.asarray(w, dtype=v.dtype.as_numpy_dtype)
@@ -277,9 +270,8 @@ class _Builder:
                 raise _Conflict(origins, f"layer '{original.name}' is shared by several calls")
             self.created[id(original)] = (layer, modified)
         out = self._call(layer, node, weights)
-        for old, new in zip(_flat(node.outputs), _flat(out)):
-            self.tensors[id(old)] = new
-            if dead_out is not None:
+        if dead_out is not None:
+            for old in _flat(node.outputs):
                 self.dead[id(old)] = dead_out
         return out
 
@@ -307,7 +299,7 @@ class _Builder:
         if isinstance(layer, keras.Model):
             inner = [sub.name for sub in layer.layers if isinstance(sub, PruneByActivation)]
             if inner:
-                raise ValueError(
+                raise InputError(
                     f"The nested model '{layer.name}' holds PruneByActivation layers {inner}; "
                     "export needs them in the top-level model.")
         if all(d is None for d in in_dead):
@@ -405,8 +397,7 @@ class _Builder:
             else:
                 mask_out = mask_layer(out)
             mask_layer.set_weights(mask_weights)
-            for old in _flat(node.outputs):
-                self.tensors[id(old)] = mask_out
+            return mask_out
         return out
 
     def _visit_linear(self, node, dead):
@@ -484,14 +475,6 @@ class _Builder:
         return self._emit(node, new, [], out, modified=True)
 
 
-def _check_model(model):
-    check_keras2_model(model)
-    if not model.built or not getattr(model, "_is_graph_network", False):
-        raise ValueError(
-            "Expected a built Sequential or Functional model (one that starts with "
-            f"keras.Input). Received the model '{model.name}' of type {type(model).__name__}.")
-
-
 def strip_masks(model, *, shrink=False, return_report=False):
     """A plain tf-keras copy of ``model`` with its channel masks applied to the weights.
 
@@ -534,14 +517,14 @@ def strip_masks(model, *, shrink=False, return_report=False):
     >>> report.layers[0].action
     'removed'
     """
-    _check_model(model)
+    check_graph_model(model)
     if not isinstance(shrink, bool):
-        raise TypeError(f"The 'shrink' parameter must be True or False. Got {shrink!r} instead.")
+        raise InputTypeError(f"The 'shrink' parameter must be True or False. Got {shrink!r} instead.")
     wrapped = masked_layers(model)
     modes = {}
     for layer in wrapped:
         if not layer.built or layer.mask is None:
-            raise ValueError(f"PruneByActivation layer '{layer.name}' is not built.")
+            raise InputError(f"PruneByActivation layer '{layer.name}' is not built.")
         if layer.pruned_channels.size:
             modes[layer.name] = "remove" if shrink else "fold"
     reasons = {}
@@ -605,10 +588,10 @@ def _serving_module(model):
 
 def _prepare_target(path, overwrite, name="path"):
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"The '{name}' parameter must be a path. Got {path!r} instead.")
+        raise InputTypeError(f"The '{name}' parameter must be a path. Got {path!r} instead.")
     target = pathlib.Path(path)
     if target.exists() and not overwrite:
-        raise ValueError(f"'{target}' already exists. Pass overwrite=True to replace it.")
+        raise InputError(f"'{target}' already exists. Pass overwrite=True to replace it.")
     return target
 
 
@@ -650,13 +633,13 @@ def export_saved_model(model, path, *, shrink=False, version=None, overwrite=Fal
     >>> list(serve(tf.zeros((1, 3)))) == ["fc"]
     True
     """
-    _check_model(model)
+    check_graph_model(model)
     if version is not None:
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise ValueError(f"The 'version' parameter must be a positive int (TF Serving "
+            raise InputError(f"The 'version' parameter must be a positive int (TF Serving "
                              f"versions are numbers). Got {version!r} instead.")
         if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"The 'path' parameter must be a path. Got {path!r} instead.")
+            raise InputTypeError(f"The 'path' parameter must be a path. Got {path!r} instead.")
         path = pathlib.Path(path) / str(version)
     target = _prepare_target(path, overwrite)
     stripped = strip_masks(model, shrink=shrink) if masked_layers(model) else model
@@ -694,11 +677,11 @@ def export_keras(model, path, *, shrink=False, overwrite=False):
     >>> keras.models.load_model(path).output_shape
     (None, 2)
     """
-    _check_model(model)
+    check_graph_model(model)
     target = _prepare_target(path, overwrite)
     suffix = target.suffix.lower()
     if suffix not in (".h5", ".keras"):
-        raise ValueError(f"The 'path' parameter must end with '.h5' or '.keras'. "
+        raise InputError(f"The 'path' parameter must end with '.h5' or '.keras'. "
                          f"Got '{target.name}' instead.")
     stripped = strip_masks(model, shrink=shrink)
     with atomic_path(target) as temp:
@@ -725,11 +708,11 @@ def convert_to_tflite(model_or_path, *, shrink=False):
     if isinstance(model_or_path, (str, os.PathLike)):
         folder = pathlib.Path(model_or_path)
         if not (folder / "saved_model.pb").is_file():
-            raise ValueError(f"'{folder}' is not a SavedModel folder (no saved_model.pb). "
+            raise InputError(f"'{folder}' is not a SavedModel folder (no saved_model.pb). "
                              "Pass the versioned folder returned by export_saved_model.")
         converter = tf.lite.TFLiteConverter.from_saved_model(str(folder))
         return converter.convert()
-    _check_model(model_or_path)
+    check_graph_model(model_or_path)
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_saved_model(model_or_path, pathlib.Path(tmp) / "model", shrink=shrink)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(folder))

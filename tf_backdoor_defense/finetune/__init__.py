@@ -1,39 +1,38 @@
-"""Fine-tuning and fine-pruning: Keras callbacks, `fine_prune` and training loops."""
+"""Fine-pruning and fine-tuning (`FinePruning`, `fine_prune`, `fine_tune`), clean retraining.
 
-from tf_backdoor_defense.finetune._callbacks import (  # noqa: F401
-    FinePruning,
-    GradualFinePruning,
-    GradualChannelSchedule,
-    find_prunable_wrapper,
-    LOG_PREFIX,
-)
-from tf_backdoor_defense.finetune._fine_prune import (  # noqa: F401
-    fine_prune,
-    fine_tune,
-    FinePruneResult,
-)
-from tf_backdoor_defense.finetune._training import (  # noqa: F401
-    train_clean,
-    loss_for,
-    copy_model,
-    head_layers,
-    reinitialize,
-    as_arrays,
-)
+The names are imported on first use: modules of other subpackages import
+``finetune._training`` and must not pull in the sweep through this file.
+"""
 
-__all__ = [
-    "FinePruning",
-    "GradualFinePruning",
-    "GradualChannelSchedule",
-    "find_prunable_wrapper",
-    "LOG_PREFIX",
-    "fine_prune",
-    "fine_tune",
-    "FinePruneResult",
-    "train_clean",
-    "loss_for",
-    "copy_model",
-    "head_layers",
-    "reinitialize",
-    "as_arrays",
-]
+import importlib
+
+_EXPORTS = {
+    "FinePruning": "_callbacks",
+    "GradualChannelSchedule": "_callbacks",
+    "find_prunable_wrappers": "_callbacks",
+    "reset_fine_pruning_state": "_callbacks",
+    "LOG_PREFIX": "_callbacks",
+    "fine_prune": "_fine_prune",
+    "fine_tune": "_fine_prune",
+    "FinePruneResult": "_fine_prune",
+    "train_clean": "_training",
+    "loss_for": "_training",
+    "copy_model": "_training",
+    "head_layers": "_training",
+    "reinitialize": "_training",
+    "as_arrays": "_training",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

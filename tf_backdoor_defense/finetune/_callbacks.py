@@ -1,45 +1,62 @@
-"""Fine-pruning as a Keras callback: wrap the layer, add the callback, call ``fit``.
+"""Fine-pruning as a Keras callback: wrap the layers, add the callback, call ``fit``.
 
 ``FinePruning`` prunes once, at the start of training, to the largest level
-within an accuracy budget (the sweep of :func:`~tf_backdoor_defense.pruning._sweep.prune_to_threshold`),
-then lets ``fit`` fine-tune the rest of the network. ``GradualFinePruning``
-(or ``FinePruning(..., schedule=GradualChannelSchedule(...))``) prunes a few
-channels every N steps instead, in the manner of tfmot's pruning schedules,
-up to a target fraction or until the accuracy budget is spent.
+within an accuracy budget (the sweep of
+:func:`~tf_backdoor_defense.pruning._sweep.prune_to_threshold`), then lets
+``fit`` fine-tune the rest of the network. With
+``schedule=GradualChannelSchedule(...)`` it prunes a few channels every N
+steps instead, in the manner of tfmot's pruning schedules, up to a target
+fraction or until the accuracy budget is spent.
 
-The mask lives in the ``PruneByActivation`` layer, so masked channels output
-exactly zero and receive exactly zero gradient. Their kernel slices and
-biases are set to zero when pruned, at every epoch end and at train end, so
-no optimizer momentum or slot carried over from earlier training can leave
-non-zero weights behind.
+State lives in the model, as tfmot keeps ``pruning_step``: each
+``PruneByActivation`` layer holds its mask and three non-trainable variables,
+``fine_pruning_step`` (training steps seen by a gradual schedule),
+``fine_pruning_baseline`` (the validation accuracy the budget is measured
+from) and ``fine_pruning_status`` (not started, pruning, done, stopped by the
+budget). The callback only reads and writes them, so a callback reused for
+another ``fit()``, or a fresh callback on a model restored from a checkpoint,
+continues where the first run stopped, within the first run's budget: a
+finished one-shot run prunes nothing more, and a gradual schedule goes on at
+the saved step. :func:`reset_fine_pruning_state` starts over.
+
+Masked channels output exactly zero and receive exactly zero gradient. Their
+kernel slices and biases are set to zero when pruned, at every epoch end and
+at train end, so no optimizer momentum or slot carried over from earlier
+training can leave non-zero weights behind.
 
 Figures are written into the epoch ``logs`` under ``fine_pruning/...``, so
 they show in ``History``, ``CSVLogger`` and ``TensorBoard``. Put
 ``FinePruning`` before ``CSVLogger``/``TensorBoard`` in the callbacks list.
 
-The callbacks work under ``tf.distribute`` (Mirrored and MultiWorkerMirrored):
+The callback works under ``tf.distribute`` (Mirrored and MultiWorkerMirrored):
 the activation statistics are reduced across replicas and workers (see
-:mod:`tf_backdoor_defense.scoring._distributed`) and every worker derives the same mask.
-The layer may also sit inside tfmot's ``prune_low_magnitude`` wrapper; the
-sweep then runs on a plain copy of the model (same weights, no tfmot wrappers).
+:mod:`tf_backdoor_defense.scoring._distributed`) and every worker derives the
+same masks. The layers may also sit inside tfmot's ``prune_low_magnitude``
+wrapper; the sweep then runs on a plain copy of the model (same weights, no
+tfmot wrappers).
 """
-
 
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras
-from tf_backdoor_defense.scoring._activations import mean_channel_activations
-from tf_backdoor_defense.scoring._distributed import distributed_channel_means, is_distributed
+from tf_backdoor_defense._validation import check_data, check_number, renamed_argument
 from tf_backdoor_defense.masks._wrapper import PruneByActivation
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
-from tf_backdoor_defense.pruning._ranking import rank_channels
-from tf_backdoor_defense.pruning._sweep import STOPPING_RULES, prune_to_threshold
-from tf_backdoor_defense._validation import check_data, check_number
+from tf_backdoor_defense.pruning._levels import STOPPING_RULES
+from tf_backdoor_defense.pruning._ranking import layer_rankings, rank_channels
+from tf_backdoor_defense.pruning._sweep import prune_to_threshold
+from tf_backdoor_defense.scoring._distributed import distributed_channel_means, is_distributed
 
-__all__ = ["FinePruning", "GradualFinePruning", "GradualChannelSchedule", "find_prunable_wrapper",
-           "LOG_PREFIX"]
+__all__ = ["FinePruning", "GradualChannelSchedule", "find_prunable_wrappers",
+           "reset_fine_pruning_state", "LOG_PREFIX"]
 
 LOG_PREFIX = "fine_pruning/"
+
+# Values of PruneByActivation.fine_pruning_status, and its fine_pruning_baseline when unset.
+NOT_STARTED, PRUNING, DONE, STOPPED_BY_BUDGET = 0, 1, 2, 3
+NO_BASELINE = -1.0
+
 try:  # tfmot does not export the wrapper class publicly
     from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import (
         PruneLowMagnitude as _PLM,
@@ -48,37 +65,75 @@ except ImportError:  # pragma: no cover - other tfmot layouts
     _PLM = ()
 
 
-def find_prunable_wrapper(model, layer=None):
-    """The ``PruneByActivation`` layer of ``model`` and the top-level layer holding it.
+def find_prunable_wrappers(model, layers=None):
+    """The ``PruneByActivation`` layers of ``model`` named by ``layers``, with their holders.
 
     Looks at the model's layers and inside tfmot ``PruneLowMagnitude``
-    wrappers. ``layer`` names either of them; default: the first one.
+    wrappers; a name may be the ``PruneByActivation`` layer's or its tfmot
+    wrapper's.
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+    layers : str or list of str, default=None
+        One name or several; default: the model's first ``PruneByActivation`` layer.
 
     Returns
     -------
-    (outer, wrapper) : the model's layer and the ``PruneByActivation`` layer
-        (the same object unless tfmot wraps it).
+    list of (outer, wrapper)
+        The model's layer and the ``PruneByActivation`` layer (the same object
+        unless tfmot wraps it), in the order of ``layers``.
+
+    Examples
+    --------
+    >>> import tf_keras as keras
+    >>> from tf_backdoor_defense import wrap_layers
+    >>> model = wrap_layers(keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="a"),
+    ...                                       keras.layers.Dense(2, name="b")]), ["a", "b"])
+    >>> [wrapper.name for _, wrapper in find_prunable_wrappers(model, ["b", "a"])]
+    ['b', 'a']
     """
+    found = _all_wrappers(model)
+    if not found:
+        raise InputError(
+            f"The model '{model.name}' has no PruneByActivation layer. Wrap the layers to prune "
+            "first: `model = tf_backdoor_defense.wrap_layers(model, 'conv_name')`.")
+    if layers is None:
+        return found[:1]
+    names = _names(layers)
+    pairs = []
+    for name in names:
+        match = [pair for pair in found if name in (pair[0].name, pair[1].name)]
+        if not match:
+            known = [wrapper.name for _, wrapper in found]
+            raise InputError(f"The 'layers' parameter must name PruneByActivation layers of the "
+                             f"model: some of {known}. Got {name!r} instead.")
+        pairs.append(match[0])
+    return pairs
+
+
+def _all_wrappers(model):
+    """Every ``(outer, PruneByActivation)`` pair of ``model``, in model order."""
     found = []
     for outer in model.layers:
         if isinstance(outer, PruneByActivation):
             found.append((outer, outer))
         elif isinstance(outer, _PLM) and isinstance(outer.layer, PruneByActivation):
             found.append((outer, outer.layer))
-    if not found:
-        raise ValueError(
-            f"The model '{model.name}' has no PruneByActivation layer. Wrap the layer to prune "
-            "first: `model = tf_backdoor_defense.wrap_layers(model, 'conv_name')`.")
-    if layer is None:
-        return found[0]
-    if not isinstance(layer, str):
-        raise TypeError(f"The 'layer' parameter must be a layer name (str). Got {layer!r} instead.")
-    for outer, wrapper in found:
-        if layer in (outer.name, wrapper.name):
-            return outer, wrapper
-    names = [wrapper.name for _, wrapper in found]
-    raise ValueError(f"The 'layer' parameter must name a PruneByActivation layer of the model: "
-                     f"one of {names}. Got {layer!r} instead.")
+    return found
+
+
+def _names(layers):
+    """``layers`` (one name or a list of distinct names) as a list."""
+    if isinstance(layers, str):
+        return [layers]
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(n, str) for n in layers):
+        raise InputTypeError(f"The 'layers' parameter must be a layer name or a list of names. "
+                             f"Got {layers!r} instead.")
+    if not layers or len(set(layers)) != len(layers):
+        raise InputError(f"The 'layers' parameter must list distinct layer names. "
+                         f"Got {list(layers)!r}.")
+    return list(layers)
 
 
 def _plain_copy(model):
@@ -96,11 +151,70 @@ def _plain_copy(model):
     return copy
 
 
+# -- the state held by the PruneByActivation layers -------------------------------------------
+def _read_state(wrappers):
+    """``(status, step, baseline)`` shared by ``wrappers``; a clear error when they differ."""
+    states = [(int(w.fine_pruning_status.numpy()), int(w.fine_pruning_step.numpy()),
+               float(w.fine_pruning_baseline.numpy())) for w in wrappers]
+    first = states[0]
+    for state in states[1:]:
+        if state != first:
+            names = [w.name for w in wrappers]
+            raise InputError(
+                f"The layers {names} hold different fine-pruning states (status, step, baseline "
+                f"accuracy): {states}. Fine-prune them together from the start, or call "
+                "`reset_fine_pruning_state(model)` to start over.")
+    return first
+
+
+def _write_state(wrappers, status=None, step=None, baseline=None):
+    for wrapper in wrappers:
+        if status is not None:
+            wrapper.fine_pruning_status.assign(status)
+        if step is not None:
+            wrapper.fine_pruning_step.assign(step)
+        if baseline is not None:
+            wrapper.fine_pruning_baseline.assign(baseline)
+
+
+def reset_fine_pruning_state(model, layers=None):
+    """Forget the fine-pruning state held in ``model``'s ``PruneByActivation`` layers, in place.
+
+    The next :class:`FinePruning` run then starts over: it measures a new
+    baseline accuracy and prunes within its own budget, from the channels
+    already pruned. The masks are kept.
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+        A model with ``PruneByActivation`` layers (also inside tfmot wrappers).
+    layers : str or list of str, default=None
+        The layers to reset; default: all of them.
+
+    Examples
+    --------
+    >>> import tf_keras as keras
+    >>> from tf_backdoor_defense import wrap_layers
+    >>> model = wrap_layers(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")]),
+    ...                     "d")
+    >>> model.get_layer("d").fine_pruning_status.assign(2) is not None
+    True
+    >>> reset_fine_pruning_state(model)
+    >>> int(model.get_layer("d").fine_pruning_status.numpy())
+    0
+    """
+    pairs = find_prunable_wrappers(model, layers)  # a clear error without wrappers
+    if layers is None:
+        pairs = _all_wrappers(model)
+    wrappers = [wrapper for _, wrapper in pairs]
+    _write_state(wrappers, status=NOT_STARTED, step=0, baseline=NO_BASELINE)
+
+
 class GradualChannelSchedule:
     """Prune ``channels_per_step`` more channels every ``every_n_steps`` training steps.
 
     Pruning starts after ``begin_step`` steps and stops at ``target_fraction``
-    of the layer's channels, or earlier when the callback's accuracy budget
+    of each layer's channels, or earlier when the callback's accuracy budget
     would be exceeded. Channels are taken in the order of the ranking made at
     train begin (lowest mean activation first).
 
@@ -114,7 +228,8 @@ class GradualChannelSchedule:
     def __init__(self, target_fraction=0.5, channels_per_step=1, every_n_steps=100, begin_step=0):
         self.target_fraction = float(check_number(target_fraction, "target_fraction", positive=True,
                                                   maximum=1))
-        self.channels_per_step = int(check_number(channels_per_step, "channels_per_step", 1, integer=True))
+        self.channels_per_step = int(check_number(channels_per_step, "channels_per_step", 1,
+                                                  integer=True))
         self.every_n_steps = int(check_number(every_n_steps, "every_n_steps", 1, integer=True))
         self.begin_step = int(check_number(begin_step, "begin_step", 0, integer=True))
 
@@ -134,49 +249,81 @@ class GradualChannelSchedule:
 
 
 class FinePruning(keras.callbacks.Callback):
-    """Prune a ``PruneByActivation`` layer at train begin, then fine-tune with ``fit``.
+    """Prune ``PruneByActivation`` layers during ``fit``: once at train begin, or gradually.
 
-    At ``on_train_begin`` the channels are ranked by mean activation on
-    ``ranking_data`` (default ``clean_data``) and the sweep engine picks the
-    pruning level within ``max_accuracy_drop`` on ``clean_data``; the mask is
-    set on the model's layer and the pruned kernel slices and biases are set
-    to zero. Fine-tuning is the ``fit`` call itself.
+    Without a ``schedule``, at the first ``on_train_begin`` the channels are
+    ranked by mean activation on ``ranking_data`` (default
+    ``validation_data``) and the sweep engine picks the pruning level within
+    ``max_accuracy_drop`` on ``validation_data``; the masks are set on the
+    model's layers and the pruned kernel slices and biases are set to zero.
+    Fine-tuning is the ``fit`` call itself.
+
+    With ``schedule=GradualChannelSchedule(...)``, nothing is pruned at train
+    begin. After every ``schedule.every_n_steps`` steps,
+    ``schedule.channels_per_step`` more channels are pruned in ranking order,
+    one at a time, until ``schedule.target_fraction`` of each layer is reached
+    or, when ``max_accuracy_drop`` is not None, until pruning one more channel
+    would drop validation accuracy (of the model being fine-tuned) by more than
+    the budget below the accuracy at the first train begin; that channel is
+    then kept and pruning stops. With several layers, each channel pruned comes
+    from the layer with the smallest fraction pruned so far (ties: the order
+    given), so the layers advance together.
+
+    The state (step, baseline accuracy, whether pruning has finished, masks)
+    lives in variables of the ``PruneByActivation`` layers, not in the
+    callback: the same callback used for a second ``fit()``, or a new callback
+    on a model restored from a checkpoint (``save_weights``/``load_weights``,
+    ``tf.train.Checkpoint``, a saved model), continues within the budget of the
+    first run. A finished run prunes no more; a gradual schedule resumes at
+    the saved step (a callback without a schedule refuses to cut into one
+    under way). See :func:`reset_fine_pruning_state`.
 
     Parameters
     ----------
-    clean_data : (x, y) arrays or tf.data.Dataset
-        The defender's clean labelled data.
-    layer : str or list of str, default=None
-        The ``PruneByActivation`` layer (its name, or its tfmot wrapper's);
-        default: the first one in the model. Several names prune those layers
-        together: one-shot with the several-layer sweep of
-        :func:`prune_to_threshold`, or gradually with a ``schedule``.
+    validation_data : (x, y) arrays or tf.data.Dataset
+        The defender's clean labelled data on which the level is chosen, the
+        budget is judged and the accuracy is logged.
+    layers : str or list of str, default=None
+        The ``PruneByActivation`` layers (their names, or their tfmot
+        wrappers'); default: the model's first one. Several names prune those
+        layers together.
     max_accuracy_drop : float, default=0.04
-        Allowed drop of clean accuracy, in absolute points. For the gradual
-        schedule it may be ``None`` (no budget, prune to the target fraction).
-    poisoned_data : (x, y) arrays or tf.data.Dataset, default=None
-        Triggered inputs; when given, the ASR is logged.
+        Allowed drop of validation accuracy, in absolute points. With a
+        ``schedule`` it may be ``None`` (no budget, prune to the target fraction).
+    poisoned_validation_data : (x, y) arrays or tf.data.Dataset, default=None
+        Triggered inputs beside ``validation_data``; when given, the ASR is logged.
     target : default=None
         How to read the poisoned labels (see :mod:`tf_backdoor_defense.metrics`).
     stopping_rule : {"largest_within", "first_reaching"}, default="largest_within"
-    ranking_data : default=None
-        Data for the activation statistics; default ``clean_data``.
+        One-shot pruning only (see :mod:`tf_backdoor_defense.pruning._levels`).
+    ranking_data : (x, y) arrays, x alone or tf.data.Dataset, default=None
+        Data for the activation statistics; default ``validation_data``.
     schedule : GradualChannelSchedule, default=None
-        Prune gradually instead of once (gives a :class:`GradualFinePruning`).
+        Prune gradually instead of once.
     evaluate_every : int or None, default=1
-        Log clean accuracy (and ASR) every this many epochs; ``None`` logs
-        only the channel counts, which costs nothing.
+        Log validation accuracy (and ASR) every this many epochs; ``None``
+        logs only the channel counts, which costs nothing.
     batch_size : int, default=256
         Batch size for statistics and evaluation.
+    clean_data, layer, poisoned_data : deprecated
+        The old names of ``validation_data``, ``layers`` and
+        ``poisoned_validation_data``; they still work in this release, with a
+        ``DeprecationWarning``.
 
     Attributes
     ----------
-    sweep_result_ : SweepResult, GroupSweepResult or None
-    ranking_ : numpy.ndarray (``{layer: array}`` for several layers)
-    mean_activations_ : numpy.ndarray (``{layer: array}`` for several layers)
+    sweep_result_ : SweepResult or None
+        The one-shot sweep this callback ran (None when it ran none).
+    rankings_ : dict or None
+        ``{layer: channels in pruning order}`` computed at the last train begin.
+    mean_activations_ : dict or None
+        ``{layer: mean activation per channel}`` on the ranking data.
     channels_pruned_ : int
         Channels pruned now, over all the pruned layers.
-    baseline_accuracy_ : float
+    baseline_accuracy_ : float or None
+        The accuracy the budget is measured from, read from the model.
+    stopped_by_budget_ : bool
+        Whether a gradual schedule stopped because of the budget (read from the model).
 
     Examples
     --------
@@ -195,44 +342,40 @@ class FinePruning(keras.callbacks.Callback):
     ['fine_pruning/channels_pruned', 'fine_pruning/clean_accuracy', 'fine_pruning/fraction_pruned']
     """
 
-    def __new__(cls, *args, schedule=None, **kwargs):
-        if cls is FinePruning and schedule is not None:
-            cls = GradualFinePruning
-        return super().__new__(cls)
-
-    def __init__(self, clean_data=None, *, layer=None, max_accuracy_drop=0.04, poisoned_data=None,
-                 target=None, stopping_rule="largest_within", ranking_data=None, schedule=None,
-                 evaluate_every=1, batch_size=256):
+    def __init__(self, validation_data=None, *, layers=None, max_accuracy_drop=0.04,
+                 poisoned_validation_data=None, target=None, stopping_rule="largest_within",
+                 ranking_data=None, schedule=None, evaluate_every=1, batch_size=256,
+                 clean_data=None, layer=None, poisoned_data=None):
         super().__init__()
-        if clean_data is None:
-            raise ValueError(f"{type(self).__name__} needs `clean_data`: the defender's clean "
-                             "labelled (x, y) data, on which channels are ranked and accuracy is "
-                             "measured.")
-        check_data(clean_data, "clean_data")
-        if poisoned_data is not None:
-            check_data(poisoned_data, "poisoned_data")
+        validation_data = renamed_argument("FinePruning", "clean_data", clean_data,
+                                           "validation_data", validation_data)
+        layers = renamed_argument("FinePruning", "layer", layer, "layers", layers)
+        poisoned_validation_data = renamed_argument(
+            "FinePruning", "poisoned_data", poisoned_data, "poisoned_validation_data",
+            poisoned_validation_data)
+        if validation_data is None:
+            raise InputError("FinePruning needs `validation_data`: the defender's clean labelled "
+                             "(x, y) data, on which the level is chosen and accuracy is measured.")
+        check_data(validation_data, "validation_data")
+        if poisoned_validation_data is not None:
+            check_data(poisoned_validation_data, "poisoned_validation_data")
         elif target is not None:
-            raise ValueError("The 'target' parameter needs `poisoned_data`.")
+            raise InputError("The 'target' parameter needs `poisoned_validation_data`.")
         if ranking_data is not None:
             check_data(ranking_data, "ranking_data")
         if stopping_rule not in STOPPING_RULES:
-            raise ValueError(f"The 'stopping_rule' parameter must be one of {list(STOPPING_RULES)}. "
-                             f"Got {stopping_rule!r} instead.")
+            raise InputError(f"The 'stopping_rule' parameter must be one of "
+                             f"{list(STOPPING_RULES)}. Got {stopping_rule!r} instead.")
         if schedule is not None and not isinstance(schedule, GradualChannelSchedule):
-            raise TypeError(f"The 'schedule' parameter must be a GradualChannelSchedule or None. "
-                            f"Got {type(schedule).__name__}.")
-        if isinstance(layer, (list, tuple)):
-            if not layer or len(set(layer)) != len(layer):
-                raise ValueError(f"The 'layer' parameter must list distinct layer names. "
-                                 f"Got {list(layer)!r}.")
-            layer = list(layer) if len(layer) > 1 else layer[0]
-        self.clean_data = clean_data
-        self.layer_name = layer
+            raise InputTypeError(f"The 'schedule' parameter must be a GradualChannelSchedule or "
+                                 f"None. Got {type(schedule).__name__}.")
+        self.validation_data = validation_data
+        self.layers = None if layers is None else _names(layers)
         self.max_accuracy_drop = check_number(max_accuracy_drop, "max_accuracy_drop", maximum=1,
                                               allow_none=schedule is not None)
         if self.max_accuracy_drop is not None:
             self.max_accuracy_drop = float(self.max_accuracy_drop)
-        self.poisoned_data = poisoned_data
+        self.poisoned_validation_data = poisoned_validation_data
         self.target = target
         self.stopping_rule = stopping_rule
         self.ranking_data = ranking_data
@@ -240,57 +383,63 @@ class FinePruning(keras.callbacks.Callback):
         self.evaluate_every = check_number(evaluate_every, "evaluate_every", 1, integer=True,
                                            allow_none=True)
         self.batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
+        if schedule is not None:
+            # Only a schedule needs the per-batch hook; without one, fit() skips batch hooks.
+            self.on_train_batch_end = self._count_step
         self.sweep_result_ = None
-        self.ranking_ = None
+        self.rankings_ = None
         self.mean_activations_ = None
-        self.baseline_accuracy_ = None
-        self._outer = self._wrapper = None
         self._pairs = []
+        self._step = 0
 
     # -- helpers ---------------------------------------------------------
     @property
-    def _several(self):
-        return isinstance(self.layer_name, list)
+    def _wrappers(self):
+        return [wrapper for _, wrapper in self._pairs]
 
     def _resolve(self):
-        names = self.layer_name if self._several else [self.layer_name]
-        self._pairs = [find_prunable_wrapper(self.model, name) for name in names]
-        self._outer, self._wrapper = self._pairs[0]
-        for _, wrapper in self._pairs:
+        self._pairs = find_prunable_wrappers(self.model, self.layers)
+        for wrapper in self._wrappers:
             if not wrapper.built or wrapper.mask is None:
-                raise ValueError(f"PruneByActivation layer '{wrapper.name}' is not built; build "
+                raise InputError(f"PruneByActivation layer '{wrapper.name}' is not built; build "
                                  "the model before training.")
         # The sweep and statistics need a model whose layers are top-level PruneByActivation.
         plain = all(outer is wrapper for outer, wrapper in self._pairs)
         self._stats_model = self.model if plain else _plain_copy(self.model)
 
-    @property
-    def _wrappers(self):
-        return [wrapper for _, wrapper in self._pairs]
+    def _distributed_rankings(self):
+        """``({layer: ranking}, {layer: means})`` reduced over replicas and workers, or Nones."""
+        strategy = self.model.distribute_strategy
+        if not is_distributed(strategy):
+            return None, None
+        data = self.validation_data if self.ranking_data is None else self.ranking_data
+        means = {w.name: np.asarray(distributed_channel_means(
+            self._stats_model, data, w.name, strategy=strategy, batch_size=self.batch_size))
+            for w in self._wrappers}
+        return {name: rank_channels(values) for name, values in means.items()}, means
+
+    def _sweep(self):
+        """The one-shot sweep on the model as it is now; returns the SweepResult."""
+        rankings, means = self._distributed_rankings()
+        result = prune_to_threshold(
+            self._stats_model, self.validation_data, layers=[w.name for w in self._wrappers],
+            max_accuracy_drop=self.max_accuracy_drop,
+            poisoned_validation_data=self.poisoned_validation_data, target=self.target,
+            stopping_rule=self.stopping_rule, ranking_data=self.ranking_data, ranking=rankings,
+            batch_size=self.batch_size)
+        self.rankings_ = dict(result.rankings)
+        self.mean_activations_ = dict(result.mean_activations if means is None else means)
+        return result
 
     def _rank(self):
-        """Rank every pruned layer's channels; returns ``{layer: ranking}``."""
-        data = self.clean_data if self.ranking_data is None else self.ranking_data
-        strategy = self.model.distribute_strategy
-        means = {}
-        for wrapper in self._wrappers:
-            if is_distributed(strategy):
-                means[wrapper.name] = np.asarray(distributed_channel_means(
-                    self._stats_model, data, wrapper.name, strategy=strategy,
-                    batch_size=self.batch_size))
-            else:
-                means[wrapper.name] = np.asarray(mean_channel_activations(
-                    self._stats_model, data, layer=wrapper.name, batch_size=self.batch_size))
-        rankings = {name: rank_channels(values) for name, values in means.items()}
-        self.mean_activations_ = means if self._several else means[self._wrapper.name]
-        self.ranking_ = rankings if self._several else rankings[self._wrapper.name]
-        return rankings
-
-    def _apply(self, mask):
-        masks = mask if isinstance(mask, dict) else {self._wrapper.name: mask}
-        for wrapper in self._wrappers:
-            wrapper.set_mask(masks[wrapper.name])
-            wrapper.zero_pruned_weights()
+        """Rank every pruned layer's channels on the ranking data (for a gradual schedule)."""
+        rankings, means = self._distributed_rankings()
+        if rankings is None:
+            data = self.validation_data if self.ranking_data is None else self.ranking_data
+            rankings, means, _ = layer_rankings(self._stats_model,
+                                                [w.name for w in self._wrappers], data,
+                                                self.batch_size)
+        self.rankings_, self.mean_activations_ = rankings, means
 
     def _zero_pruned_weights(self):
         for wrapper in self._wrappers:
@@ -301,27 +450,54 @@ class FinePruning(keras.callbacks.Callback):
         """Channels whose mask is 0 now, over all the pruned layers."""
         return int(sum(wrapper.pruned_channels.size for wrapper in self._wrappers))
 
+    @property
+    def baseline_accuracy_(self):
+        """The accuracy the budget is measured from, as the model holds it (None if unset)."""
+        if not self._pairs:
+            return None
+        status, _, baseline = _read_state(self._wrappers)
+        return None if status == NOT_STARTED or baseline == NO_BASELINE else baseline
+
+    @property
+    def stopped_by_budget_(self):
+        """Whether a gradual schedule stopped because of the budget (as the model holds it)."""
+        return bool(self._pairs) and _read_state(self._wrappers)[0] == STOPPED_BY_BUDGET
+
     def _clean_accuracy(self):
-        return clean_accuracy(self.model, self.clean_data, batch_size=self.batch_size)
+        return clean_accuracy(self.model, self.validation_data, batch_size=self.batch_size)
 
     # -- Keras hooks -----------------------------------------------------
     def on_train_begin(self, logs=None):
         self._resolve()
-        # several layers are ranked by the sweep itself, on this replica's copy of the data
-        ranking = (self._rank()[self._wrapper.name] if is_distributed(self.model.distribute_strategy)
-                   and not self._several else None)
-        result = prune_to_threshold(
-            self._stats_model, self.clean_data,
-            layer=[w.name for w in self._wrappers] if self._several else self._wrapper.name,
-            max_accuracy_drop=self.max_accuracy_drop, poisoned_data=self.poisoned_data,
-            target=self.target, stopping_rule=self.stopping_rule, ranking_data=self.ranking_data,
-            ranking=ranking, batch_size=self.batch_size)
-        self.sweep_result_ = result
-        if ranking is None:
-            self.ranking_ = result.rankings if self._several else result.ranking
-            self.mean_activations_ = result.mean_activations
-        self.baseline_accuracy_ = result.baseline_accuracy
-        self._apply(result.masks[self.max_accuracy_drop])
+        status, step, baseline = _read_state(self._wrappers)
+        if self.schedule is None:
+            if status == PRUNING:
+                names = [w.name for w in self._wrappers]
+                raise InputError(
+                    f"A gradual schedule is under way on {names}: continue it with "
+                    "FinePruning(..., schedule=...), or call `reset_fine_pruning_state(model)` "
+                    "to prune once from here.")
+            if status == NOT_STARTED:
+                result = self._sweep()
+                self.sweep_result_ = result
+                masks = result.masks[self.max_accuracy_drop]
+                for wrapper in self._wrappers:
+                    wrapper.set_mask(masks[wrapper.name])
+                _write_state(self._wrappers, status=DONE, baseline=result.baseline_accuracy)
+            self._zero_pruned_weights()
+            return
+        self._step = step
+        if status == NOT_STARTED or (status == PRUNING and self.max_accuracy_drop is not None
+                                     and baseline == NO_BASELINE):
+            baseline = (self._clean_accuracy() if self.max_accuracy_drop is not None
+                        else NO_BASELINE)
+            _write_state(self._wrappers, status=PRUNING, baseline=baseline)
+        if _read_state(self._wrappers)[0] == PRUNING:
+            self._rank()
+            self._targets = {w.name: self.schedule.target_channels(w.channels)
+                             for w in self._wrappers}
+            if self._next_layer() is None:
+                _write_state(self._wrappers, status=DONE)
 
     def on_epoch_end(self, epoch, logs=None):
         self._zero_pruned_weights()
@@ -332,45 +508,22 @@ class FinePruning(keras.callbacks.Callback):
             wrapper.channels for wrapper in self._wrappers)
         if self.evaluate_every and (epoch + 1) % self.evaluate_every == 0:
             logs[LOG_PREFIX + "clean_accuracy"] = self._clean_accuracy()
-            if self.poisoned_data is not None:
+            if self.poisoned_validation_data is not None:
                 logs[LOG_PREFIX + "attack_success_rate"] = attack_success_rate(
-                    self.model, self.poisoned_data, target=self.target, batch_size=self.batch_size)
+                    self.model, self.poisoned_validation_data, target=self.target,
+                    batch_size=self.batch_size)
 
     def on_train_end(self, logs=None):
         self._zero_pruned_weights()
 
-
-class GradualFinePruning(FinePruning):
-    """Fine-pruning that prunes a few channels every N steps, as tfmot's schedules do.
-
-    At train begin the channels are ranked (nothing is pruned). After every
-    ``schedule.every_n_steps`` steps, ``schedule.channels_per_step`` more
-    channels are pruned in ranking order, one at a time, until
-    ``schedule.target_fraction`` is reached or, when ``max_accuracy_drop`` is
-    not None, until pruning one more channel would drop clean accuracy (of the
-    model being fine-tuned, on ``clean_data``) by more than the budget below
-    the accuracy at train begin; that channel is then kept and pruning stops.
-
-    With several layers, each pruned channel comes from the layer with the
-    smallest fraction pruned so far (ties: the order given), so the layers
-    advance together towards ``target_fraction`` of each.
-
-    Parameters are those of :class:`FinePruning`; ``schedule`` defaults to
-    ``GradualChannelSchedule()``.
-    """
-
-    def __init__(self, clean_data=None, *, schedule=None, **kwargs):
-        super().__init__(clean_data, schedule=schedule or GradualChannelSchedule(), **kwargs)
-
-    def on_train_begin(self, logs=None):
-        self._resolve()
-        self._rankings = self._rank()
-        self._step = 0
-        self._done = False
-        self._targets = {w.name: self.schedule.target_channels(w.channels) for w in self._wrappers}
-        self.baseline_accuracy_ = (self._clean_accuracy() if self.max_accuracy_drop is not None
-                                   else None)
-        self.stopped_by_budget_ = False
+    # -- the gradual schedule --------------------------------------------
+    def _count_step(self, batch, logs=None):
+        """``on_train_batch_end`` with a schedule: count the step, prune when it is due."""
+        self._step += 1
+        _write_state(self._wrappers, step=self._step)
+        if self.schedule.prunes_at(self._step) and \
+                int(self._wrappers[0].fine_pruning_status.numpy()) == PRUNING:
+            self._prune_more()
 
     def _next_layer(self):
         """The wrapper to prune next: below its target, smallest fraction pruned; or None."""
@@ -381,28 +534,25 @@ class GradualFinePruning(FinePruning):
         return min(open_, key=lambda w: w.pruned_channels.size / w.channels)  # first on ties
 
     def _prune_more(self):
+        baseline = _read_state(self._wrappers)[2]
+        status = PRUNING
         for _ in range(self.schedule.channels_per_step):
             wrapper = self._next_layer()
             if wrapper is None:
-                self._done = True
                 break
             mask = wrapper.get_mask()
-            channel = next(c for c in self._rankings[wrapper.name] if mask[c] == 1)
+            channel = next(c for c in self.rankings_[wrapper.name] if mask[c] == 1)
             mask[channel] = 0.0
             wrapper.set_mask(mask)
             if self.max_accuracy_drop is not None:
-                drop = self.baseline_accuracy_ - self._clean_accuracy()
+                drop = baseline - self._clean_accuracy()
                 if drop > self.max_accuracy_drop + 1e-12:
                     mask[channel] = 1.0
                     wrapper.set_mask(mask)
-                    self._done = True
-                    self.stopped_by_budget_ = True
+                    status = STOPPED_BY_BUDGET
                     break
         self._zero_pruned_weights()
-        if self._next_layer() is None:
-            self._done = True
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._step += 1
-        if not self._done and self.schedule.prunes_at(self._step):
-            self._prune_more()
+        if status == PRUNING and self._next_layer() is None:
+            status = DONE
+        if status != PRUNING:
+            _write_state(self._wrappers, status=status)

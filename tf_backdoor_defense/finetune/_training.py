@@ -1,9 +1,10 @@
-"""Fine-tuning that moves the weights: schedules, weight decay, SAM and head re-initialisation.
+"""Clean retraining that moves the weights: schedules, weight decay, SAM and head re-initialisation.
 
 A backdoored network usually fits the defender's clean data almost perfectly
-(often it was trained on it), so the clean loss is near zero and plain
-fine-tuning at a small learning rate barely moves the weights: the backdoor
-survives. :func:`train_clean` is the fine-tuning step the repairs of
+(often it was trained on it), so the clean loss is near zero and the paper's
+fine-tuning (:func:`~tf_backdoor_defense.finetune._fine_prune.fine_tune`:
+plain SGD at a small learning rate) barely moves the weights: the backdoor
+survives. :func:`train_clean` is the stronger clean retraining the repairs of
 :mod:`tf_backdoor_defense.defenses._defend` build on:
 
 - a cosine-decayed SGD learning rate, large enough to leave the attacker's
@@ -25,7 +26,8 @@ outputs, so pruned channels stay at zero throughout.
 import numpy as np
 
 from tf_backdoor_defense._keras import keras, tf
-from tf_backdoor_defense.masks._wrapper import PruneByActivation
+from tf_backdoor_defense.masks._registry import CONV_TYPES
+from tf_backdoor_defense.masks._wrapper import unwrap
 from tf_backdoor_defense._validation import check_data, check_number
 
 __all__ = ["train_clean", "loss_for", "copy_model", "head_layers", "reinitialize", "as_arrays"]
@@ -43,7 +45,7 @@ def loss_for(model):
     True
     """
     units = model.outputs[0].shape[-1]
-    last = _inner(model.layers[-1])
+    last = unwrap(model.layers[-1])
     activation = getattr(getattr(last, "activation", None), "__name__", "")
     if units == 1:
         return keras.losses.BinaryCrossentropy(from_logits=activation != "sigmoid")
@@ -69,25 +71,22 @@ def as_arrays(data, name, model):
     return check_data(data, name, model=model).arrays()
 
 
-def _inner(layer):
-    return layer.layer if isinstance(layer, PruneByActivation) else layer
-
-
 def head_layers(model):
     """Names of the Dense layers after the model's last convolution (its classifier head).
 
     For a model without convolutions: all its Dense layers.
 
-    >>> from tf_backdoor_defense.experiments._models import mnist_cnn
-    >>> head_layers(mnist_cnn())
+    >>> import tf_keras as keras
+    >>> head_layers(keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3),
+    ...     keras.layers.Flatten(), keras.layers.Dense(4, name="fc"),
+    ...     keras.layers.Dense(2, name="output")]))
     ['fc', 'output']
     """
     layers = list(model.layers)
-    conv_types = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
-    last_conv = max((i for i, layer in enumerate(layers) if isinstance(_inner(layer), conv_types)),
+    last_conv = max((i for i, layer in enumerate(layers) if isinstance(unwrap(layer), CONV_TYPES)),
                     default=-1)
     return [layer.name for layer in layers[last_conv + 1:]
-            if isinstance(_inner(layer), keras.layers.Dense)]
+            if isinstance(unwrap(layer), keras.layers.Dense)]
 
 
 def reinitialize(model, layers, seed=0):
@@ -104,7 +103,7 @@ def reinitialize(model, layers, seed=0):
     [0.0, 0.0]
     """
     for offset, name in enumerate(layers):
-        layer = _inner(model.get_layer(name))
+        layer = unwrap(model.get_layer(name))
         for attribute, initializer in (("kernel", "kernel_initializer"), ("bias", "bias_initializer")):
             variable = getattr(layer, attribute, None)
             if variable is None:
@@ -121,7 +120,12 @@ def reinitialize(model, layers, seed=0):
 def train_clean(model, train_data, *, epochs=20, learning_rate=0.05, momentum=0.9,
                 schedule="cosine", weight_decay=0.0, sam_rho=0.0, reinitialize_layers=(),
                 batch_size=64, seed=0):
-    """Fine-tune a copy of ``model`` on clean data, hard enough to move the weights.
+    """Retrain a copy of ``model`` on clean data, hard enough to move the weights.
+
+    Not the paper's fine-tuning (that is
+    :func:`~tf_backdoor_defense.finetune._fine_prune.fine_tune`): a
+    cosine-decayed, larger learning rate, with optional weight decay, SAM and
+    re-initialised layers.
 
     Parameters
     ----------
@@ -149,7 +153,7 @@ def train_clean(model, train_data, *, epochs=20, learning_rate=0.05, momentum=0.
     Returns
     -------
     tf_keras.Model
-        The fine-tuned copy (masks, if any, kept).
+        The retrained copy (masks, if any, kept).
 
     Examples
     --------

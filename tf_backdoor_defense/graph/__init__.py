@@ -1,11 +1,15 @@
-"""The network as a graph: NHWC channel dependencies and node order."""
+"""The network as a graph: NHWC channel dependencies, node order and the one graph replay."""
 
+from tf_backdoor_defense.graph._analysis import convs_read_by_dense  # noqa: F401
 from tf_backdoor_defense.graph._channels import (  # noqa: F401
     ChannelUse,
     layer_kind,
-    topological_nodes,
     tensor_consumers,
     channel_consumers,
+)
+from tf_backdoor_defense.graph._replay import (  # noqa: F401
+    topological_nodes,
+    replay_nodes,
 )
 
 __all__ = [
@@ -14,4 +18,6 @@ __all__ = [
     "topological_nodes",
     "tensor_consumers",
     "channel_consumers",
+    "replay_nodes",
+    "convs_read_by_dense",
 ]

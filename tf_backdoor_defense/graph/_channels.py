@@ -15,42 +15,13 @@ which ops", which is what physical channel removal must rewrite.
 
 from dataclasses import dataclass
 
-from tf_backdoor_defense._keras import check_keras2_model, keras
-from tf_backdoor_defense.masks._wrapper import PruneByActivation, find_layer
+from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.graph._replay import check_graph_model, topological_nodes
+from tf_backdoor_defense.masks._registry import (CHANNELWISE_TYPES, MERGE_TYPES,
+                                                 PRUNABLE_LAYER_TYPES, is_prunable)
+from tf_backdoor_defense.masks._wrapper import find_layer, layer_names, unwrap
 
-__all__ = [
-    "ChannelUse",
-    "layer_kind",
-    "topological_nodes",
-    "tensor_consumers",
-    "channel_consumers",
-]
-
-L = keras.layers
-
-#: Layers whose output equals their input at inference time.
-IDENTITY_AT_INFERENCE = (
-    L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
-    L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization,
-)
-#: Layers that map channel ``c`` to channel ``c`` (per-channel, maybe spatial).
-CHANNELWISE_TYPES = IDENTITY_AT_INFERENCE + (
-    L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.ThresholdedReLU,
-    L.BatchNormalization,
-    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
-    L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
-    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
-    L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
-    L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
-    L.Cropping1D, L.Cropping2D, L.Cropping3D,
-    L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
-)
-#: Elementwise merges: every input must have the same channels.
-MERGE_TYPES = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
-_TRANSPOSED = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
-_SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D, L.DepthwiseConv1D, L.DepthwiseConv2D)
-#: Layers with one kernel row per input channel: ``kernel[..., c, :]``.
-LINEAR_TYPES = (L.Conv1D, L.Conv2D, L.Conv3D, L.Dense)
+__all__ = ["ChannelUse", "layer_kind", "tensor_consumers", "channel_consumers"]
 
 
 def _channels_last(layer):
@@ -72,51 +43,26 @@ def layer_kind(layer):
     >>> layer_kind(keras.layers.MaxPooling2D()), layer_kind(keras.layers.Dense(2))
     ('channelwise', 'linear')
     """
-    inner = layer.layer if isinstance(layer, PruneByActivation) else layer
+    inner = unwrap(layer)
     if isinstance(inner, keras.layers.InputLayer):
         return "input"
-    if isinstance(inner, LINEAR_TYPES) and not isinstance(inner, _TRANSPOSED + _SEPARABLE):
-        if getattr(inner, "groups", 1) == 1 and _channels_last(inner):
+    if isinstance(inner, PRUNABLE_LAYER_TYPES):
+        if is_prunable(inner) and getattr(inner, "groups", 1) == 1 and _channels_last(inner):
             return "linear"
         return "other"
-    if isinstance(inner, L.BatchNormalization):
+    if isinstance(inner, keras.layers.BatchNormalization):
         axis = list(inner.axis) if isinstance(inner.axis, (list, tuple)) else [inner.axis]
         ndim = getattr(inner.input_spec, "ndim", None)
         return "channelwise" if axis == [-1] or (ndim and axis == [ndim - 1]) else "other"
     if isinstance(inner, CHANNELWISE_TYPES):
         return "channelwise" if _channels_last(inner) else "other"
-    if isinstance(inner, L.Flatten):
+    if isinstance(inner, keras.layers.Flatten):
         return "flatten" if _channels_last(inner) else "other"
-    if isinstance(inner, L.Concatenate):
+    if isinstance(inner, keras.layers.Concatenate):
         return "concatenate"
     if isinstance(inner, MERGE_TYPES):
         return "merge"
     return "other"
-
-
-def _check_graph_model(model):
-    check_keras2_model(model)
-    if not model.built or not getattr(model, "_is_graph_network", False):
-        raise ValueError(
-            "Expected a built Sequential or Functional model (subclassed models have no "
-            f"layer graph). Received the model '{model.name}' of type {type(model).__name__}."
-        )
-    return model
-
-
-def topological_nodes(model):
-    """The model's layer calls (Keras ``Node`` objects) in execution order.
-
-    Input layers are left out. Each node has ``.layer``, ``.call_args``,
-    ``.call_kwargs``, ``.keras_inputs`` and ``.outputs``.
-    """
-    _check_graph_model(model)
-    nodes = []
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
-            if not node.is_input:
-                nodes.append(node)
-    return nodes
 
 
 def tensor_consumers(model):
@@ -152,8 +98,8 @@ class ChannelUse:
         return f"{path} ({self.kind})"
 
 
-def channel_consumers(model, layer):
-    """Where the output channels of ``layer`` are consumed, and through which ops.
+def channel_consumers(model, layers):
+    """Where the output channels of ``layers`` are consumed, and through which ops.
 
     Follows the channels forward through channel-wise layers and Flatten
     (which keeps track of channels, see the module doc) to the first layer
@@ -163,12 +109,13 @@ def channel_consumers(model, layer):
     ----------
     model : tf_keras.Model
         A Sequential or Functional model (wrapped layers allowed).
-    layer : str
-        Name of the layer whose channels are followed.
+    layers : str or list of str
+        Name of the layer whose channels are followed, or a list of names.
 
     Returns
     -------
-    list of ChannelUse
+    list of ChannelUse, or dict
+        For one name, its uses; for a list of names, ``{name: uses}``.
 
     Examples
     --------
@@ -180,14 +127,22 @@ def channel_consumers(model, layer):
     >>> model = keras.Model(inputs, keras.layers.Dense(2, name="fc")(x))
     >>> [str(use) for use in channel_consumers(model, "conv")]
     ['pool > flat > fc (linear)']
+    >>> {name: len(uses) for name, uses in channel_consumers(model, ["conv", "fc"]).items()}
+    {'conv': 1, 'fc': 1}
     """
-    _check_graph_model(model)
-    source = find_layer(model, layer)
+    check_graph_model(model)
+    if isinstance(layers, str):
+        return _consumers(model, layers)
+    return {name: _consumers(model, name) for name in layer_names(model, layers)}
+
+
+def _consumers(model, name):
+    source = find_layer(model, name)
     readers = tensor_consumers(model)
     outputs = {id(t) for t in model.outputs}
     uses = []
     start = [n for n in topological_nodes(model) if n.layer is source]
-    stack = [(tensor, ()) for node in start for tensor in _flat(node.outputs)]
+    stack = [(tensor, ()) for node in start for tensor in tf.nest.flatten(node.outputs)]
     seen = set()
     while stack:
         tensor, via = stack.pop()
@@ -200,19 +155,8 @@ def channel_consumers(model, layer):
             seen.add(key)
             kind = layer_kind(node.layer)
             if kind in ("channelwise", "flatten"):
-                for out in _flat(node.outputs):
+                for out in tf.nest.flatten(node.outputs):
                     stack.append((out, via + (node.layer.name,)))
             else:
                 uses.append(ChannelUse(node.layer.name, kind, via))
     return sorted(uses, key=lambda use: (use.via, use.consumer or ""))
-
-
-def _flat(structure):
-    if isinstance(structure, (list, tuple)):
-        out = []
-        for item in structure:
-            out.extend(_flat(item))
-        return out
-    if isinstance(structure, dict):
-        return _flat(list(structure.values()))
-    return [structure]

@@ -1,5 +1,6 @@
 """Bytes <-> objects: data files, atomic writes, and the safe model loader."""
 
+from tf_backdoor_defense._errors import OutputExistsError  # noqa: F401
 from tf_backdoor_defense.io._data import (  # noqa: F401
     DataFileError,
     load_data,
@@ -20,6 +21,7 @@ from tf_backdoor_defense.io._loading import (  # noqa: F401
 )
 
 __all__ = [
+    "OutputExistsError",
     "DataFileError",
     "load_data",
     "match_input_shape",

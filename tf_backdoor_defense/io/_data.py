@@ -26,6 +26,9 @@ import tempfile
 
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError, InputTypeError, OutputExistsError
+from tf_backdoor_defense._labels import class_indices
+
 __all__ = [
     "DataFileError",
     "load_data",
@@ -44,7 +47,7 @@ _X_KEYS = ("data", "x", "images", "X")
 _Y_KEYS = ("label", "labels", "y", "Y")
 
 
-class DataFileError(ValueError):
+class DataFileError(InputError):
     """A data file that cannot be used: unreadable, empty, mislabelled or the wrong shape."""
 
 
@@ -149,26 +152,10 @@ def _short(error):
 
 
 def _check_labels(y, path):
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    elif y.ndim == 2 and y.shape[1] > 1:
-        y = np.argmax(y, axis=1)
-    if y.ndim != 1:
-        raise DataFileError(f"The labels in '{path}' must be 1-D class indices or one-hot rows; "
-                            f"got shape {y.shape}.")
-    if not np.issubdtype(y.dtype, np.number):
-        raise DataFileError(f"The labels in '{path}' must be numbers; got dtype {y.dtype}.")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.isfinite(y)):
-            raise DataFileError(f"The labels in '{path}' contain NaN or Inf values.")
-        if not np.all(np.round(y) == y):
-            raise DataFileError(f"The labels in '{path}' must be whole class indices.")
-    y = y.astype(np.int64)
-    if y.size and y.min() < 0:
-        raise DataFileError(f"'{path}' has negative label {int(y.min())}; labels are class "
-                            "indices 0..N-1.")
-    return y
+    try:
+        return class_indices(y, f"The labels in '{path}'")
+    except (ValueError, TypeError) as error:
+        raise DataFileError(str(error)) from None
 
 
 def _to_channels_last(x):
@@ -246,7 +233,7 @@ def load_data(path, *, scale=None, input_shape=None):
     ((2, 4, 4, 3), 1.0, [0, 1])
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"The 'path' parameter must be a path. Got {path!r} instead.")
+        raise InputTypeError(f"The 'path' parameter must be a path. Got {path!r} instead.")
     path = pathlib.Path(path)
     is_glob = any(c in str(path) for c in "*?[")
     if not path.exists() and not is_glob:
@@ -285,7 +272,7 @@ def load_data(path, *, scale=None, input_shape=None):
     if scale is not None:
         scale = float(scale)
         if not np.isfinite(scale) or scale <= 0:
-            raise ValueError(f"The 'scale' parameter must be a positive number. Got {scale}.")
+            raise InputError(f"The 'scale' parameter must be a positive number. Got {scale}.")
         x = x / np.float32(scale)
     return np.ascontiguousarray(x, dtype=np.float32), y
 
@@ -340,8 +327,7 @@ def atomic_path(path, *, directory=False, overwrite=True):
     """
     target = pathlib.Path(path)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"'{target}' already exists; pass --force (overwrite=True) to "
-                              "replace it.")
+        raise OutputExistsError([target])
     temp = _temp_name(target, directory)
     if not directory:
         temp.unlink()
@@ -366,7 +352,8 @@ def atomic_write(path, mode="w", *, encoding="utf-8", overwrite=True):
     encoding : str, default="utf-8"
         For text mode.
     overwrite : bool, default=True
-        ``False`` raises ``FileExistsError`` when ``path`` exists.
+        ``False`` raises :class:`~tf_backdoor_defense.OutputExistsError` (a
+        ``FileExistsError``) when ``path`` exists.
 
     Examples
     --------
@@ -378,7 +365,7 @@ def atomic_write(path, mode="w", *, encoding="utf-8", overwrite=True):
     'a,b\\n'
     """
     if mode not in ("w", "wb"):
-        raise ValueError(f"The 'mode' parameter must be 'w' or 'wb'. Got {mode!r} instead.")
+        raise InputError(f"The 'mode' parameter must be 'w' or 'wb'. Got {mode!r} instead.")
     with atomic_path(path, overwrite=overwrite) as temp:
         kwargs = {} if mode == "wb" else {"encoding": encoding, "newline": ""}
         with open(temp, mode, **kwargs) as handle:
@@ -427,9 +414,30 @@ def write_json(path, value, *, overwrite=True):
     return write_text(path, to_json(value), overwrite=overwrite)
 
 
-def check_outputs_free(paths, force=False):
-    """Raise ``FileExistsError`` listing the ``paths`` that exist, unless ``force``."""
+def check_outputs_free(paths, overwrite=False, *, force=None):
+    """Raise :class:`~tf_backdoor_defense.OutputExistsError` listing the ``paths`` that exist.
+
+    Parameters
+    ----------
+    paths : iterable of str or os.PathLike
+    overwrite : bool, default=False
+        Existing outputs may be replaced: nothing is checked.
+    force : bool, default=None
+        The former name of ``overwrite``.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (folder / "a.csv").write_text("kept")
+    >>> try:
+    ...     check_outputs_free([folder / "a.csv", folder / "b.csv"])
+    ... except FileExistsError as error:
+    ...     print([pathlib.Path(p).name for p in error.paths])
+    ['a.csv']
+    """
+    if force is not None:
+        overwrite = force
     existing = [str(p) for p in paths if pathlib.Path(p).exists()]
-    if existing and not force:
-        shown = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
-        raise FileExistsError(f"Output already exists: {shown}. Pass --force to overwrite.")
+    if existing and not overwrite:
+        raise OutputExistsError(existing)

@@ -14,8 +14,8 @@ deserialize it when it finds:
 - a TensorFlow-op layer (``TFOpLambda``) calling a function outside the
   math/array namespaces (``tf.io.write_file``, ``tf.print``, ``tf.raw_ops``...).
 
-``trust_model_code=True`` (``--trust-model-code`` on the command line) skips
-these checks, for files whose author you trust. Unreadable, truncated or
+``trust_model_code=True`` skips these checks, for files whose author you
+trust. Unreadable, truncated or
 non-model files raise :class:`ModelFileError` with a one-line reason.
 """
 
@@ -25,6 +25,7 @@ import os
 import pathlib
 import zipfile
 
+from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras
 from tf_backdoor_defense.masks._wrapper import PruneByActivation
 
@@ -36,8 +37,7 @@ __all__ = [
     "scan_model_config",
 ]
 
-_TRUST_HINT = ("If you trust the author of this file, pass trust_model_code=True "
-               "(--trust-model-code on the command line).")
+_TRUST_HINT = "If you trust the author of this file, pass trust_model_code=True."
 
 #: Modules a serialized object may name (others would be imported by tf-keras).
 _SAFE_MODULE_PREFIXES = ("keras", "tf_keras", "tensorflow", "tf_backdoor_defense")
@@ -59,11 +59,25 @@ _UNSAFE_OPS = {"print", "py_function", "numpy_function", "load_op_library", "loa
 _SAFE_CLASS_METHOD_SYMBOLS = {"RaggedTensor", "SparseTensor", "Tensor"}
 
 
-class ModelFileError(ValueError):
-    """A model file that cannot be read: missing, truncated, malformed or not a model."""
+class ModelFileError(InputError):
+    """A model file that cannot be read: missing, truncated, malformed or not a model.
+
+    Attributes
+    ----------
+    path : str or None
+        The file or folder.
+    needs_weights : bool
+        The file is an architecture without weights, or weights without an
+        architecture: it loads together with the other half (``weights=``).
+    """
+
+    def __init__(self, message, *, path=None, needs_weights=False):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.needs_weights = bool(needs_weights)
 
 
-class UnsafeModelError(ValueError):
+class UnsafeModelError(InputError):
     """A model whose configuration would run code or import modules when loaded.
 
     Attributes
@@ -74,13 +88,17 @@ class UnsafeModelError(ValueError):
         Name of the offending layer.
     class_name : str
         The refused class (``"Lambda"``, an unknown class, ...).
+    reason : str
+        What was found and why it is refused, without the advice on how to
+        load the file anyway (the message is ``reason`` and that advice).
     """
 
-    def __init__(self, message, *, path=None, layer=None, class_name=None):
+    def __init__(self, message, *, path=None, layer=None, class_name=None, reason=None):
         super().__init__(message)
         self.path = path
         self.layer = layer
         self.class_name = class_name
+        self.reason = message if reason is None else reason
 
 
 # -- the built-in classes ----------------------------------------------------------
@@ -145,10 +163,10 @@ class _Scanner:
 
     def refuse(self, layer, class_name, why):
         where = f"layer '{layer}'" if layer else "the model"
-        raise UnsafeModelError(
-            f"Refusing to load '{self.path}': {where} (class {class_name}) {why}. Loading it "
-            f"could run code chosen by the file's author. {_TRUST_HINT}",
-            path=str(self.path), layer=layer, class_name=class_name)
+        reason = (f"Refusing to load '{self.path}': {where} (class {class_name}) {why}. Loading "
+                  "it could run code chosen by the file's author.")
+        raise UnsafeModelError(f"{reason} {_TRUST_HINT}", path=str(self.path), layer=layer,
+                               class_name=class_name, reason=reason)
 
     def walk(self, node, layer=None):
         if isinstance(node, list):
@@ -272,8 +290,8 @@ def _read_h5(path):
         if "layer_names" in attrs or "model_weights" in keys:
             raise ModelFileError(
                 f"'{path}' holds only weights, no architecture. Pass the architecture (a full "
-                "model file or a model.to_json() file) as the model and this file as weights "
-                "(--weights on the command line).")
+                "model file or a model.to_json() file) as the model and this file as weights.",
+                path=path, needs_weights=True)
         raise ModelFileError(f"'{path}' is an HDF5 file but not a Keras model (no "
                              "'model_config' attribute).")
     return {"format": "h5", "config": _json(attrs["model_config"], path, "model_config"),
@@ -417,7 +435,7 @@ def load_model(path, *, trust_model_code=False, weights=None, custom_objects=Non
     (None, 2)
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"The 'path' parameter must be a path. Got {path!r} instead.")
+        raise InputTypeError(f"The 'path' parameter must be a path. Got {path!r} instead.")
     path = pathlib.Path(path)
     info = read_model_config(path)
     _check_keras_version(info, path)
@@ -430,7 +448,8 @@ def load_model(path, *, trust_model_code=False, weights=None, custom_objects=Non
         if info["format"] == "json":
             if weights is None:
                 raise ModelFileError(f"'{path}' is an architecture without weights; pass the "
-                                     "weights file too (--weights on the command line).")
+                                     "weights file too: load_model(path, weights=...).", path=path,
+                                     needs_weights=True)
             model = keras.models.model_from_json(json.dumps(info["config"]),
                                                  custom_objects=objects)
         else:

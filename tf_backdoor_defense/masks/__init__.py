@@ -1,25 +1,39 @@
-"""`PruneByActivation`, the per-channel mask wrapper, and helpers to find and wrap layers."""
+"""`PruneByActivation`, the layer-kind registry, and helpers to find, wrap and unwrap layers."""
 
+from tf_backdoor_defense.masks._registry import (  # noqa: F401
+    PRUNABLE_LAYER_TYPES,
+    is_conv,
+    is_prunable,
+)
 from tf_backdoor_defense.masks._wrapper import (  # noqa: F401
     PruneByActivation,
-    PRUNABLE_LAYER_TYPES,
     wrap_layers,
+    apply_masks,
     find_layer,
+    layer_names,
     last_conv_layer,
+    unwrap,
     get_mask,
     set_mask,
     masked_layers,
     channel_axis,
+    channel_count,
 )
 
 __all__ = [
     "PruneByActivation",
     "PRUNABLE_LAYER_TYPES",
+    "is_conv",
+    "is_prunable",
     "wrap_layers",
+    "apply_masks",
     "find_layer",
+    "layer_names",
     "last_conv_layer",
+    "unwrap",
     "get_mask",
     "set_mask",
     "masked_layers",
     "channel_axis",
+    "channel_count",
 ]

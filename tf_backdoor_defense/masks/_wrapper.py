@@ -7,7 +7,10 @@ identical on every replica. Callbacks and the sweep only read and write it.
 
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import check_keras2_model, keras, tf, tfmot
+from tf_backdoor_defense.masks._registry import (CONV_TYPES, PRUNABLE_LAYER_TYPES, is_conv,
+                                                 is_prunable)
 
 __all__ = [
     "PruneByActivation",
@@ -19,15 +22,11 @@ __all__ = [
     "set_mask",
     "masked_layers",
     "channel_axis",
+    "channel_count",
+    "unwrap",
+    "layer_names",
+    "apply_masks",
 ]
-
-PRUNABLE_LAYER_TYPES = (
-    keras.layers.Conv1D,
-    keras.layers.Conv2D,
-    keras.layers.Conv3D,
-    keras.layers.Dense,
-)
-_CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 
 def channel_count(layer):
@@ -37,26 +36,24 @@ def channel_count(layer):
     >>> channel_count(keras.layers.Dense(3)), channel_count(keras.layers.Conv2D(5, 3))
     (3, 5)
     """
-    inner = layer.layer if isinstance(layer, PruneByActivation) else layer
+    inner = unwrap(layer)
     return int(inner.units if isinstance(inner, keras.layers.Dense) else inner.filters)
 
 
 def channel_axis(layer):
     """Axis of ``layer``'s output that holds its channels (units for Dense)."""
-    inner = layer.layer if isinstance(layer, PruneByActivation) else layer
-    if isinstance(inner, _CONV_TYPES) and getattr(inner, "data_format", None) == "channels_first":
+    inner = unwrap(layer)
+    if isinstance(inner, CONV_TYPES) and getattr(inner, "data_format", None) == "channels_first":
         return 1
     return -1
 
 
 def _check_prunable(layer):
     if isinstance(layer, PruneByActivation):
-        raise ValueError(f"Layer '{layer.name}' is already wrapped in PruneByActivation.")
-    if not isinstance(layer, PRUNABLE_LAYER_TYPES) or isinstance(
-        layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
-    ):
+        raise InputError(f"Layer '{layer.name}' is already wrapped in PruneByActivation.")
+    if not is_prunable(layer):
         names = ", ".join(t.__name__ for t in PRUNABLE_LAYER_TYPES)
-        raise ValueError(
+        raise InputError(
             f"Layer '{layer.name}' of type {type(layer).__name__} cannot be pruned by "
             f"channel. Expected one of: {names}."
         )
@@ -69,6 +66,9 @@ class PruneByActivation(keras.layers.Wrapper, tfmot.sparsity.keras.PrunableLayer
     The wrapped layer's output (after its activation function) is multiplied
     by the mask along the channel axis, so a channel whose mask is 0 outputs
     exactly zero. The mask is a non-trainable weight named ``channel_mask``.
+    Three non-trainable scalars, ``fine_pruning_step``,
+    ``fine_pruning_baseline`` and ``fine_pruning_status``, hold the state of a
+    ``FinePruning`` run, so that it survives another ``fit()`` and a restart.
 
     The wrapper implements tfmot's ``PrunableLayer``: ``prune_low_magnitude``
     can wrap it for unstructured pruning of the kernel, and ``strip_pruning``
@@ -97,6 +97,7 @@ class PruneByActivation(keras.layers.Wrapper, tfmot.sparsity.keras.PrunableLayer
         kwargs.setdefault("name", f"{layer.name}")
         super().__init__(layer, **kwargs)
         self.mask = None
+        self.fine_pruning_step = self.fine_pruning_baseline = self.fine_pruning_status = None
 
     @property
     def channels(self):
@@ -116,7 +117,21 @@ class PruneByActivation(keras.layers.Wrapper, tfmot.sparsity.keras.PrunableLayer
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             synchronization=tf.VariableSynchronization.ON_WRITE,
         )
+        # Fine-pruning state, kept as tfmot keeps `pruning_step`: saved with the weights, so a
+        # FinePruning callback continues after another fit() or a restart within its first
+        # budget (tf_backdoor_defense.finetune._callbacks reads and writes them).
+        self.fine_pruning_step = self._state_weight("fine_pruning_step", "int64", 0)
+        self.fine_pruning_baseline = self._state_weight("fine_pruning_baseline", "float64", -1.0)
+        self.fine_pruning_status = self._state_weight("fine_pruning_status", "int64", 0)
         super().build(input_shape)
+
+    def _state_weight(self, name, dtype, value):
+        return self.add_weight(
+            name=name, shape=(), dtype=dtype, trainable=False, autocast=False,
+            initializer=keras.initializers.Constant(value),
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            synchronization=tf.VariableSynchronization.ON_WRITE,
+        )
 
     def _broadcast_mask(self, rank):
         mask = tf.cast(self.mask, self.compute_dtype)
@@ -179,12 +194,12 @@ class PruneByActivation(keras.layers.Wrapper, tfmot.sparsity.keras.PrunableLayer
 def _validate_mask(mask, channels, name):
     array = np.asarray(mask, dtype=np.float32).reshape(-1)
     if array.shape != (channels,):
-        raise ValueError(
+        raise InputError(
             f"The mask for layer '{name}' must have {channels} entries, one per channel. "
             f"Received a mask with shape {np.shape(mask)}."
         )
     if not np.all((array == 0) | (array == 1)):
-        raise ValueError(f"The mask for layer '{name}' must contain only 0 and 1.")
+        raise InputError(f"The mask for layer '{name}' must contain only 0 and 1.")
     return array
 
 
@@ -195,25 +210,83 @@ def find_layer(model, name):
         if layer.name == name:
             return layer
     names = [layer.name for layer in model.layers]
-    raise ValueError(f"Unknown layer '{name}'. The model's layers are: {names}.")
+    raise InputError(f"Unknown layer '{name}'. The model's layers are: {names}.")
 
 
-def _unwrapped(layer):
+def unwrap(layer):
+    """The layer inside a ``PruneByActivation`` wrapper, or ``layer`` itself.
+
+    >>> import tf_keras as keras
+    >>> dense = keras.layers.Dense(2)
+    >>> unwrap(PruneByActivation(dense)) is dense, unwrap(dense) is dense
+    (True, True)
+    """
     return layer.layer if isinstance(layer, PruneByActivation) else layer
 
 
 def last_conv_layer(model):
     """Name of the last Conv1D/2D/3D layer of ``model`` (wrapped or not)."""
     for layer in reversed(model.layers):
-        inner = _unwrapped(layer)
-        if isinstance(inner, _CONV_TYPES) and not isinstance(
-            inner, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
-        ):
+        if is_conv(unwrap(layer)):
             return layer.name
-    raise ValueError(
-        "The model has no convolutional layer; pass `layer=` to name the Conv or Dense layer "
-        "to prune."
+    raise InputError(
+        "The model has no convolutional layer; pass `layers=` to name the Conv or Dense "
+        "layers to prune."
     )
+
+
+def layer_names(model, layers, default=None, *, check=None):
+    """The distinct layer names that ``layers`` names, each checked against ``model``.
+
+    The one reading of a ``layers=`` argument: ``None`` (the default layers),
+    one name, or a list of names.
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+    layers : None, str or list of str
+    default : callable, default=None
+        ``default(model)`` gives the names used for ``layers=None``; default:
+        the last convolutional layer.
+    check : callable, default=None
+        ``check(model, name)`` raises for a layer the caller cannot use;
+        default: :func:`find_layer` (the layer must exist).
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> import tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3, name="c"),
+    ...                           keras.layers.Flatten(), keras.layers.Dense(2, name="d")])
+    >>> layer_names(model, None), layer_names(model, "d"), layer_names(model, ["d", "c"])
+    (['c'], ['d'], ['d', 'c'])
+    """
+    if layers is None:
+        names = list(default(model)) if default is not None else [last_conv_layer(model)]
+        if not names:
+            raise InputError("The model has no layer to prune; pass `layers=` to name them.")
+    elif isinstance(layers, str):
+        names = [layers]
+    elif isinstance(layers, (list, tuple)):
+        names = list(layers)
+        if not names:
+            raise InputError("The 'layers' parameter must name at least one layer. "
+                             "Got an empty list.")
+    else:
+        raise InputTypeError("The 'layers' parameter must be a layer name or a list of names. "
+                        f"Got {layers!r} instead.")
+    for name in names:
+        if not isinstance(name, str):
+            raise InputTypeError(f"The 'layers' parameter must hold layer names (strings). "
+                            f"Got {name!r} instead.")
+    if len(set(names)) != len(names):
+        raise InputError(f"The 'layers' parameter names a layer twice (duplicates): {names}.")
+    for name in names:
+        (check or find_layer)(model, name)
+    return names
 
 
 def masked_layers(model):
@@ -221,20 +294,53 @@ def masked_layers(model):
     return [layer for layer in model.layers if isinstance(layer, PruneByActivation)]
 
 
-def get_mask(model, layer):
-    """Mask of the ``PruneByActivation`` layer named ``layer`` in ``model``."""
-    found = find_layer(model, layer)
+def _wrapped_layer(model, name):
+    found = find_layer(model, name)
     if not isinstance(found, PruneByActivation):
-        raise ValueError(f"Layer '{layer}' is not wrapped in PruneByActivation.")
-    return found.get_mask()
+        raise InputError(f"Layer '{name}' is not wrapped in PruneByActivation.")
+    return found
 
 
-def set_mask(model, layer, mask):
-    """Set the mask of the ``PruneByActivation`` layer named ``layer``."""
-    found = find_layer(model, layer)
-    if not isinstance(found, PruneByActivation):
-        raise ValueError(f"Layer '{layer}' is not wrapped in PruneByActivation.")
-    found.set_mask(mask)
+def get_mask(model, layers):
+    """Mask of the ``PruneByActivation`` layer(s) named ``layers`` in ``model``.
+
+    One name gives its mask (float32, 1 = kept, 0 = pruned); a list of names
+    gives ``{name: mask}``.
+
+    >>> import tf_keras as keras
+    >>> model = wrap_layers(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")]),
+    ...                     "d", masks={"d": [0, 1]})
+    >>> get_mask(model, "d").tolist(), list(get_mask(model, ["d"]))
+    ([0.0, 1.0], ['d'])
+    """
+    if isinstance(layers, str):
+        return _wrapped_layer(model, layers).get_mask()
+    return {name: _wrapped_layer(model, name).get_mask()
+            for name in layer_names(model, layers, check=_wrapped_layer)}
+
+
+def set_mask(model, layers, mask):
+    """Set the mask of the ``PruneByActivation`` layer(s) named ``layers``, in place.
+
+    One name takes one mask (0/1 values, one per channel); a list of names
+    takes ``{name: mask}`` with a mask for each of them.
+
+    >>> import tf_keras as keras
+    >>> model = wrap_layers(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")]),
+    ...                     "d")
+    >>> set_mask(model, ["d"], {"d": [1, 0]})
+    >>> get_mask(model, "d").tolist()
+    [1.0, 0.0]
+    """
+    if isinstance(layers, str):
+        _wrapped_layer(model, layers).set_mask(mask)
+        return
+    names = layer_names(model, layers, check=_wrapped_layer)
+    if not isinstance(mask, dict) or set(mask) != set(names):
+        raise InputError(f"For several layers, the 'mask' parameter must be a dict with one mask "
+                         f"for each of {names}. Got {mask!r} instead.")
+    for name in names:
+        _wrapped_layer(model, name).set_mask(mask[name])
 
 
 def _copy_layer_weights(source_model, target_model):
@@ -253,7 +359,7 @@ def check_not_nested(layer, targets):
     if isinstance(layer, keras.Model):
         inner_names = {sub.name for sub in layer.layers}
         if inner_names & set(targets):
-            raise ValueError(
+            raise InputError(
                 f"Layer(s) {sorted(inner_names & set(targets))} sit inside the nested model "
                 f"'{layer.name}'. Name the nested model's layers directly, or flatten the model."
             )
@@ -293,7 +399,7 @@ def wrap_layers(model, layers=None, masks=None):
     """
     check_keras2_model(model)
     if not model.built or not getattr(model, "_is_graph_network", False):
-        raise ValueError(
+        raise InputError(
             "wrap_layers needs a built Sequential or Functional model (subclassed models "
             "cannot be rewritten). Build it with an Input layer first."
         )
@@ -309,7 +415,7 @@ def wrap_layers(model, layers=None, masks=None):
     masks = dict(masks or {})
     for name in masks:
         if name not in layers and not isinstance(find_layer(model, name), PruneByActivation):
-            raise ValueError(f"A mask was given for layer '{name}', which is not being wrapped.")
+            raise InputError(f"A mask was given for layer '{name}', which is not being wrapped.")
     targets = set(layers)
 
     def clone(layer):
@@ -325,3 +431,39 @@ def wrap_layers(model, layers=None, masks=None):
     for name, mask in masks.items():
         set_mask(new_model, name, mask)
     return new_model
+
+
+def apply_masks(model, masks):
+    """A copy of ``model`` with the layers of ``masks`` wrapped and masked; ``model`` is unchanged.
+
+    A layer that is already wrapped keeps its pruned channels pruned: its new
+    mask is ``masks[name]`` times its current one.
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+    masks : dict
+        ``{layer_name: mask}`` (0/1, one entry per channel).
+
+    Returns
+    -------
+    (tf_keras.Model, dict)
+        The masked copy and the masks it holds (float32).
+
+    Examples
+    --------
+    >>> import tf_keras as keras
+    >>> model = wrap_layers(keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, name="d")]),
+    ...                     "d", masks={"d": [0, 1, 1]})
+    >>> copy, masks = apply_masks(model, {"d": [1, 1, 0]})
+    >>> masks["d"].tolist(), get_mask(model, "d").tolist()
+    ([0.0, 1.0, 0.0], [0.0, 1.0, 1.0])
+    """
+    combined = {}
+    for name, mask in masks.items():
+        found = find_layer(model, name)
+        mask = np.asarray(mask, dtype=np.float32).reshape(-1)
+        if isinstance(found, PruneByActivation):
+            mask = mask * found.get_mask()
+        combined[name] = mask.astype(np.float32)
+    return wrap_layers(model, list(combined), masks=combined), combined

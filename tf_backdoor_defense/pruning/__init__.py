@@ -1,43 +1,31 @@
-"""Scores -> ranking -> levels -> the incremental sweep -> `SweepResult`."""
+"""Scores -> ranking -> levels -> the one sweep engine -> `SweepResult`."""
 
-from tf_backdoor_defense.pruning._group_sweep import (  # noqa: F401
-    GroupSweepResult,
-    sweep_layers,
-    layer_rankings,
-    fraction_masks,
-)
 from tf_backdoor_defense.pruning._incremental import (  # noqa: F401
     LevelEvaluator,
 )
 from tf_backdoor_defense.pruning._levels import (  # noqa: F401
     STOPPING_RULES,
     select_level,
-    LevelResult,
 )
 from tf_backdoor_defense.pruning._ranking import (  # noqa: F401
-    rank_channels,
+    fraction_masks,
+    layer_rankings,
     level_mask,
+    rank_channels,
 )
 from tf_backdoor_defense.pruning._sweep import (  # noqa: F401
-    prune_to_threshold,
     SweepResult,
-    STOPPING_RULES,
-    select_level,
+    prune_to_threshold,
 )
 
 __all__ = [
-    "GroupSweepResult",
-    "sweep_layers",
-    "layer_rankings",
-    "fraction_masks",
     "LevelEvaluator",
     "STOPPING_RULES",
     "select_level",
-    "LevelResult",
-    "rank_channels",
+    "fraction_masks",
+    "layer_rankings",
     "level_mask",
-    "prune_to_threshold",
+    "rank_channels",
     "SweepResult",
-    "STOPPING_RULES",
-    "select_level",
+    "prune_to_threshold",
 ]

@@ -21,14 +21,14 @@ Every result equals what an explicitly masked model computes.
 
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import keras, tf
-from tf_backdoor_defense.graph._channels import IDENTITY_AT_INFERENCE, topological_nodes
+from tf_backdoor_defense.graph._replay import downstream_nodes, replay_nodes, topological_nodes
+from tf_backdoor_defense.masks._registry import (IDENTITY_AT_INFERENCE, PADDING_CROPPING_TYPES,
+                                                 POOLING_TYPES, ZERO_PRESERVING_ACTIVATIONS)
 from tf_backdoor_defense.masks._wrapper import channel_axis
 
 __all__ = ["LevelEvaluator"]
-
-_ZERO_PRESERVING_ACTIVATIONS = {"relu", "linear", "elu", "selu", "tanh", "swish", "silu", "gelu",
-                                "relu6", "leaky_relu", "softsign", "mish"}
 
 
 def _commutes_with_mask(layer):
@@ -36,51 +36,16 @@ def _commutes_with_mask(layer):
     data_format = getattr(layer, "data_format", "channels_last")
     if data_format not in (None, "channels_last"):
         return False
-    channelwise = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
-                   keras.layers.AveragePooling1D, keras.layers.AveragePooling2D,
-                   keras.layers.AveragePooling3D, keras.layers.GlobalMaxPooling1D,
-                   keras.layers.GlobalMaxPooling2D, keras.layers.GlobalMaxPooling3D,
-                   keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
-                   keras.layers.GlobalAveragePooling3D, keras.layers.ZeroPadding1D,
-                   keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D, keras.layers.Cropping1D,
-                   keras.layers.Cropping2D, keras.layers.Cropping3D, keras.layers.ReLU)
-    if isinstance(layer, IDENTITY_AT_INFERENCE + channelwise):
-        if isinstance(layer, keras.layers.ReLU):
-            return float(layer.threshold) == 0.0
+    if isinstance(layer, keras.layers.ReLU):
+        return float(layer.threshold) == 0.0
+    if isinstance(layer, IDENTITY_AT_INFERENCE + POOLING_TYPES + PADDING_CROPPING_TYPES):
         return True
     if isinstance(layer, keras.layers.Activation):
         name = getattr(layer.activation, "__name__", "")
-        return name in _ZERO_PRESERVING_ACTIVATIONS
+        return name in ZERO_PRESERVING_ACTIVATIONS
     if isinstance(layer, keras.layers.LeakyReLU):
         return True
     return False
-
-
-def _is_keras_tensor(value):
-    return hasattr(value, "_keras_history")
-
-
-def replay_nodes(nodes, tensors, values, output):
-    """Run the graph ``nodes`` (in order, inference mode) from known tensor values.
-
-    ``tensors`` are symbolic Keras tensors of the model and ``values`` their
-    values; returns the value of the symbolic ``output``. Traces inside
-    ``tf.function``.
-    """
-    known = {id(tensor): value for tensor, value in zip(tensors, values)}
-
-    def resolve(obj):
-        return known[id(obj)] if _is_keras_tensor(obj) else obj
-
-    for node in nodes:
-        args = tf.nest.map_structure(resolve, node.call_args)
-        kwargs = dict(tf.nest.map_structure(resolve, node.call_kwargs))
-        if "training" in node.layer._call_spec.arg_names:
-            kwargs["training"] = False
-        outputs = node.layer(*args, **kwargs)
-        for ref, out in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(outputs)):
-            known[id(ref)] = out
-    return known[id(output)]
 
 
 def split_after_inputs_of(model, layers):
@@ -91,18 +56,7 @@ def split_after_inputs_of(model, layers):
     nodes read from the rest of the graph (the prefix, which does not depend on
     ``layers``).
     """
-    targets = {id(layer) for layer in layers}
-    produced, suffix = set(), []
-    for node in topological_nodes(model):
-        if id(node.layer) in targets or any(id(t) in produced for t in node.keras_inputs):
-            suffix.append(node)
-            produced.update(id(t) for t in tf.nest.flatten(node.outputs))
-    sides = []
-    for node in suffix:
-        for tensor in node.keras_inputs:
-            if id(tensor) not in produced and all(t is not tensor for t in sides):
-                sides.append(tensor)
-    return sides, suffix
+    return downstream_nodes(topological_nodes(model), layers=layers)
 
 
 class LevelEvaluator:
@@ -121,7 +75,7 @@ class LevelEvaluator:
 
     def __init__(self, model, layer, max_rows=8192):
         if not getattr(model, "_is_graph_network", False):
-            raise ValueError("The incremental sweep needs a Functional or Sequential model.")
+            raise InputError("The incremental sweep needs a Functional or Sequential model.")
         self.model = model
         self.layer = layer
         self.max_rows = int(max_rows)
@@ -166,23 +120,12 @@ class LevelEvaluator:
         # Nodes downstream of the frontier form the suffix; anything else they
         # read from earlier in the graph is a side input computed by the prefix.
         head_ids = {id(n) for n in head}
-        downstream_tensors = {id(frontier)}
-        suffix = []
-        for node in nodes:
-            if id(node) in head_ids:
-                continue
-            if any(id(t) in downstream_tensors for t in node.keras_inputs):
-                suffix.append(node)
-                for out in tf.nest.flatten(node.outputs):
-                    downstream_tensors.add(id(out))
+        sides, suffix = downstream_nodes([n for n in nodes if id(n) not in head_ids],
+                                         tensors=[frontier])
+        downstream_tensors = {id(t) for n in suffix for t in tf.nest.flatten(n.outputs)}
         if not any(id(t) in downstream_tensors for t in model.outputs) and \
                 model.outputs[0] is not frontier:
-            raise ValueError(f"The model's output does not depend on layer '{self.layer.name}'.")
-        sides = []
-        for node in suffix:
-            for tensor in node.keras_inputs:
-                if id(tensor) not in downstream_tensors and all(t is not tensor for t in sides):
-                    sides.append(tensor)
+            raise InputError(f"The model's output does not depend on layer '{self.layer.name}'.")
         self._sides = sides
         self._suffix = suffix
         self._prefix = keras.Model(model.inputs, [frontier] + sides)

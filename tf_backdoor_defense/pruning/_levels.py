@@ -1,4 +1,4 @@
-"""Choosing a pruning level per accuracy budget, and what sweep results share.
+"""Choosing a pruning level per accuracy budget.
 
 Stopping rules (``drop = accuracy(level 0) - accuracy(level k)``, in absolute
 points, measured on the clean data):
@@ -13,7 +13,9 @@ points, measured on the clean data):
 
 import numpy as np
 
-__all__ = ["STOPPING_RULES", "select_level", "LevelResult"]
+from tf_backdoor_defense._errors import InputError
+
+__all__ = ["STOPPING_RULES", "select_level"]
 
 STOPPING_RULES = ("largest_within", "first_reaching")
 _EPS = 1e-12
@@ -29,7 +31,7 @@ def select_level(clean_accuracy, max_accuracy_drop, stopping_rule="largest_withi
     (3, 2)
     """
     if stopping_rule not in STOPPING_RULES:
-        raise ValueError(f"The 'stopping_rule' parameter must be one of {list(STOPPING_RULES)}. "
+        raise InputError(f"The 'stopping_rule' parameter must be one of {list(STOPPING_RULES)}. "
                          f"Got {stopping_rule!r} instead.")
     acc = np.asarray(clean_accuracy, dtype=np.float64)
     drop = acc[0] - acc
@@ -39,41 +41,3 @@ def select_level(clean_accuracy, max_accuracy_drop, stopping_rule="largest_withi
     reached = reached[reached > 0] if max_accuracy_drop > 0 else reached
     return int(reached.min()) if reached.size else int(acc.size - 1)
 
-
-class LevelResult:
-    """What every sweep result holds: one chosen level per accuracy budget.
-
-    Subclasses set what ``_masks_at(level)`` and ``pruned_model(level)`` need,
-    then call this ``__init__``, which builds ``masks`` and ``models`` per
-    threshold.
-    """
-
-    def __init__(self, *, model, history, thresholds, levels, stopping_rule, timings):
-        self._model = model
-        self.history = history
-        self.thresholds = thresholds
-        self.levels = levels
-        self.stopping_rule = stopping_rule
-        self.timings = timings
-        self.masks = {t: self._masks_at(k) for t, k in levels.items()}
-        self.models = {t: self.pruned_model(k) for t, k in levels.items()}
-
-    def _masks_at(self, level):
-        raise NotImplementedError
-
-    def pruned_model(self, level):
-        raise NotImplementedError
-
-    @property
-    def model(self):
-        """The pruned model, when exactly one threshold was asked for."""
-        if len(self.models) != 1:
-            raise AttributeError(
-                f"Several thresholds were asked for ({list(self.models)}); use `models[threshold]`."
-            )
-        return next(iter(self.models.values()))
-
-    @property
-    def baseline_accuracy(self):
-        """Clean accuracy before pruning (level 0)."""
-        return float(self.history["clean_accuracy"].iloc[0])

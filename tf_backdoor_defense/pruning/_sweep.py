@@ -1,27 +1,33 @@
 """The pruning defense: rank channels, sweep every pruning level, pick thresholds.
 
-``prune_to_threshold`` evaluates the model at every level from 0 to all
-channels pruned, on clean data and optionally on poisoned data, with the
-incremental engine of :mod:`tf_backdoor_defense.pruning._incremental`. It returns a
-:class:`SweepResult` holding the whole curve and the pruned models.
+One engine for one layer or several (one layer is a list of one).
+``prune_to_threshold`` ranks each layer's channels by mean activation on
+clean data, then evaluates the model at every level from 0 (nothing more
+pruned) to ``steps`` (every channel pruned) on the validation data and,
+when given, the poisoned validation data. Level ``k`` prunes
+``round(k / steps * C)`` of the ``C`` channels of each layer, so one layer
+loses one channel per level. It returns a :class:`SweepResult` holding the
+whole curve and the pruned models.
+
+Every level is evaluated exactly. The part of the network before the pruned
+layers runs once per batch. With one layer, the engine also skips the
+(level, example) pairs where the channel pruned at that level is zero, and
+stacks the levels along the batch axis (see
+:mod:`tf_backdoor_defense.pruning._incremental`); with several, the rest of the
+network runs once per level on one masked copy of the model.
 
 The stopping rules that turn an accuracy budget into a level are in
-:mod:`tf_backdoor_defense.pruning._levels`. A list of layers is swept together by
-:mod:`tf_backdoor_defense.pruning._group_sweep`.
+:mod:`tf_backdoor_defense.pruning._levels`.
 """
 
+import dataclasses
 import time
 
 import numpy as np
 import pandas as pd
 
-from tf_backdoor_defense.scoring._activations import mean_channel_activations, resolve_layer
-from tf_backdoor_defense.pruning._group_sweep import sweep_layers
-from tf_backdoor_defense.pruning._levels import STOPPING_RULES, LevelResult, select_level
-from tf_backdoor_defense.pruning._incremental import LevelEvaluator
-from tf_backdoor_defense.masks._wrapper import PruneByActivation, channel_count, wrap_layers
-from tf_backdoor_defense.metrics import count_attack_successes
-from tf_backdoor_defense.pruning._ranking import level_mask, rank_channels
+from tf_backdoor_defense._errors import InputError
+from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._validation import (
     check_data,
     check_model,
@@ -29,120 +35,176 @@ from tf_backdoor_defense._validation import (
     check_target,
     check_thresholds,
     num_classes_of,
+    renamed_argument,
 )
+from tf_backdoor_defense.masks._wrapper import layer_names, wrap_layers
+from tf_backdoor_defense.metrics import count_attack_successes, labels_from_outputs
+from tf_backdoor_defense.pruning._incremental import (
+    LevelEvaluator,
+    replay_nodes,
+    split_after_inputs_of,
+)
+from tf_backdoor_defense.pruning._levels import STOPPING_RULES, select_level
+from tf_backdoor_defense.pruning._ranking import (
+    base_mask,
+    fraction_masks,
+    layer_rankings,
+    pruned_first,
+)
+from tf_backdoor_defense.scoring._activations import resolve_layer
 
 __all__ = ["prune_to_threshold", "SweepResult", "STOPPING_RULES", "select_level"]
 
-class SweepResult(LevelResult):
-    """What :func:`prune_to_threshold` found.
+
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
+class SweepResult:
+    """What :func:`prune_to_threshold` found, for one layer or several.
 
     Attributes
     ----------
+    layers : tuple of str
+        The pruned layers, in the order given.
+    channels : dict
+        ``{layer: number of channels}``.
+    rankings : dict
+        ``{layer: channels in pruning order}``; channels the model arrived
+        with already pruned come first.
+    mean_activations : dict
+        ``{layer: mean activation per channel}`` on the ranking data (NaN
+        when a precomputed ``ranking`` was given).
     history : pandas.DataFrame
-        One row per level 0..C: ``channels_pruned``, ``fraction_pruned``,
-        ``pruned_channel`` (the channel removed at that level, -1 at level 0),
-        ``clean_accuracy``, ``accuracy_drop``, ``attack_success_rate`` (NaN
-        without poisoned data) and ``utility`` (clean accuracy minus ASR).
-    ranking : numpy.ndarray
-        Channels in pruning order.
-    mean_activations : numpy.ndarray
-        Mean activation per channel on the ranking data.
-    layer : str
-        The pruned layer.
+        One row per level ``0..steps`` (the index is the level):
+        ``channels_pruned`` (every channel whose mask is 0 at that level, in
+        all layers, including channels pruned before the sweep),
+        ``fraction_pruned`` (``channels_pruned`` over all the layers'
+        channels), one ``pruned_<layer>`` count per layer,
+        ``clean_accuracy``, ``accuracy_drop`` (from level 0),
+        ``attack_success_rate`` (NaN without poisoned data) and ``utility``
+        (clean accuracy minus ASR).
     thresholds : tuple of float
     levels : dict
-        ``{threshold: channels pruned}``.
-    masks : dict
-        ``{threshold: mask}`` (1 = kept).
-    models : dict
-        ``{threshold: pruned model}``: copies with the layer wrapped in
-        ``PruneByActivation``.
+        ``{threshold: level}`` (a row of ``history``).
+    steps : int
+        The last level; every channel is pruned there.
+    stopping_rule : str
     timings : dict
         Seconds spent on statistics and on the sweep.
+    masks : dict
+        ``{threshold: {layer: mask}}`` (1 = kept).
+    models : dict
+        ``{threshold: pruned model}``: copies with the layers wrapped in
+        ``PruneByActivation``.
     """
 
-    def __init__(self, *, model, layer, history, ranking, mean_activations, thresholds, levels,
-                 base_mask, stopping_rule, timings):
-        self.layer = layer
-        self.ranking = ranking
-        self.mean_activations = mean_activations
-        self._base_mask = base_mask
-        super().__init__(model=model, history=history, thresholds=thresholds, levels=levels,
-                         stopping_rule=stopping_rule, timings=timings)
+    layers: tuple
+    channels: dict
+    rankings: dict
+    mean_activations: dict
+    history: pd.DataFrame
+    thresholds: tuple
+    levels: dict
+    steps: int
+    stopping_rule: str
+    timings: dict
+    masks: dict
+    models: dict
+    _model: object
+    _base_masks: dict
 
-    def _masks_at(self, level):
-        return self.mask_at(level)
-
-    def mask_at(self, level):
-        """Mask with the first ``level`` ranked channels pruned (and any pruned before)."""
-        return level_mask(self.ranking, level) * self._base_mask
+    def masks_at(self, level):
+        """``{layer: mask}`` at ``level`` (0..steps), with any channels pruned before."""
+        if isinstance(level, (bool, np.bool_)) or not isinstance(level, (int, np.integer)) or \
+                not 0 <= level <= self.steps:
+            raise InputError(f"The 'level' parameter must be an integer in [0, {self.steps}]. "
+                             f"Got {level!r} instead.")
+        return fraction_masks(self.rankings, self._base_masks, int(level) / self.steps)
 
     def pruned_model(self, level):
-        """A new model with the first ``level`` ranked channels pruned."""
-        return wrap_layers(self._model, [self.layer], masks={self.layer: self.mask_at(level)})
+        """A new model with every layer pruned as at ``level``."""
+        return wrap_layers(self._model, list(self.layers), masks=self.masks_at(level))
+
+    @property
+    def model(self):
+        """The pruned model, when exactly one threshold was asked for."""
+        if len(self.models) != 1:
+            raise AttributeError(
+                f"Several thresholds were asked for ({list(self.models)}); use `models[threshold]`."
+            )
+        return next(iter(self.models.values()))
+
+    @property
+    def baseline_accuracy(self):
+        """Clean accuracy before pruning (level 0)."""
+        return float(self.history["clean_accuracy"].iloc[0])
 
     def summary(self):
         """The chosen level per threshold as a DataFrame."""
-        rows = []
-        for threshold, level in self.levels.items():
-            row = self.history.iloc[level]
-            rows.append({"max_accuracy_drop": threshold, "channels_pruned": level,
-                         "fraction_pruned": row["fraction_pruned"],
-                         "clean_accuracy": row["clean_accuracy"],
-                         "attack_success_rate": row["attack_success_rate"]})
-        return pd.DataFrame(rows)
+        counts = ["channels_pruned"] + [f"pruned_{name}" for name in self.layers]
+        columns = ["channels_pruned", "fraction_pruned"] + counts[1:] + \
+            ["clean_accuracy", "attack_success_rate"]
+        rows = [{"max_accuracy_drop": t, **self.history.iloc[k][columns].to_dict()}
+                for t, k in self.levels.items()]
+        table = pd.DataFrame(rows, columns=["max_accuracy_drop"] + columns)
+        table[counts] = table[counts].astype(np.int64)
+        return table
 
     def __repr__(self):
-        return (f"SweepResult(layer={self.layer!r}, channels={self.ranking.size}, "
-                f"levels={self.levels})")
+        return (f"SweepResult(layers={self.layers!r}, channels={self.channels}, "
+                f"steps={self.steps}, levels={self.levels})")
 
 
-def prune_to_threshold(model, clean_data, *, layer=None, max_accuracy_drop=0.04,
-                       poisoned_data=None, target=None, stopping_rule="largest_within",
-                       ranking_data=None, ranking=None, batch_size=256, steps=None):
-    """Prune the channels of ``layer`` by mean activation until clean accuracy drops.
+def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop=0.04,
+                       ranking_data=None, poisoned_validation_data=None, target=None,
+                       stopping_rule="largest_within", ranking=None, steps=None, batch_size=256,
+                       layer=None, poisoned_data=None):
+    """Prune the channels of ``layers`` by mean activation until clean accuracy drops.
 
-    The channels are ranked by increasing mean activation on clean data (ties
-    by index) and pruned one at a time. Every level, from 0 to all channels, is
-    evaluated exactly on ``clean_data`` and, when given, ``poisoned_data``.
+    The channels of each layer are ranked by increasing mean activation on
+    ``ranking_data`` (ties by index) and pruned in that order; level ``k`` of
+    ``steps`` prunes ``round(k / steps * C)`` of the ``C`` channels of each
+    layer. Every level, from 0 to all channels, is evaluated exactly on
+    ``validation_data`` and, when given, ``poisoned_validation_data``.
     ``model`` is never modified: the pruned models are copies.
-
-    With a list of layers, they are pruned together: each keeps its own
-    ranking and every level prunes the same fraction of each (see
-    :mod:`tf_backdoor_defense.pruning._group_sweep`); the result is then a
-    :class:`~tf_backdoor_defense.pruning._group_sweep.GroupSweepResult`.
 
     Parameters
     ----------
     model : tf_keras.Model
         The suspect network (Functional or Sequential, one input and output).
-    clean_data : (x, y) arrays or tf.data.Dataset
-        Clean labelled data on which accuracy and the threshold are measured.
-    layer : str or list of str, default=None
-        Conv or Dense layer to prune; default: the last convolutional layer.
-        Several names prune those layers together.
+    validation_data : (x, y) arrays or tf.data.Dataset
+        Clean labelled data on which accuracy is measured and the level is
+        chosen.
+    layers : str or list of str, default=None
+        Conv or Dense layer(s) to prune; default: the last convolutional
+        layer. Several names prune those layers together.
     max_accuracy_drop : float or list of float, default=0.04
         Allowed drop in clean accuracy, in absolute points (0.04 = 4 points).
         A list such as ``[0.02, 0.04, 0.10]`` gives one model per value.
-    poisoned_data : (x, y) arrays or tf.data.Dataset, default=None
-        Triggered inputs, labelled as described in :mod:`tf_backdoor_defense.metrics`.
+    ranking_data : (x, y) arrays, x alone or tf.data.Dataset, default=None
+        Clean data for the activation statistics; default:
+        ``validation_data``. Pass a separate set to keep ranking and level
+        selection apart.
+    poisoned_validation_data : (x, y) arrays or tf.data.Dataset, default=None
+        Triggered inputs beside ``validation_data``, labelled as described in
+        :mod:`tf_backdoor_defense.metrics`; gives the ASR of every level.
     target : None, int, "untargeted", array, dict or callable, default=None
         How to read the poisoned labels (see :mod:`tf_backdoor_defense.metrics`).
     stopping_rule : {"largest_within", "first_reaching"}, default="largest_within"
         See :mod:`tf_backdoor_defense.pruning._levels`.
-    ranking_data : (x, y) arrays or tf.data.Dataset, default=None
-        Data for the activation statistics; default: ``clean_data``. Pass a
-        separate set to keep ranking and threshold selection apart.
-    ranking : sequence of int, default=None
-        A precomputed pruning order (skips the statistics; one layer only).
-    batch_size : int, default=256
+    ranking : sequence of int, or dict, default=None
+        A precomputed pruning order (skips the statistics): a permutation of
+        the channel indices for one layer, or ``{layer: permutation}``.
     steps : int, default=None
         Several layers only: the number of levels after level 0 (default: the
-        widest layer's channel count, so that layer loses one channel per level).
+        widest layer's channel count, so that layer loses one channel per
+        level). One layer is swept channel by channel.
+    batch_size : int, default=256
+    layer, poisoned_data : deprecated
+        The old names of ``layers`` and ``poisoned_validation_data``; they
+        still work in this release, with a ``DeprecationWarning``.
 
     Returns
     -------
-    SweepResult, or GroupSweepResult for several layers
+    SweepResult
 
     Examples
     --------
@@ -155,126 +217,192 @@ def prune_to_threshold(model, clean_data, *, layer=None, max_accuracy_drop=0.04,
     >>> x = np.random.default_rng(0).random((32, 6, 6, 1), dtype=np.float32)
     >>> y = np.argmax(model.predict(x, verbose=0), axis=1)
     >>> result = prune_to_threshold(model, (x, y), max_accuracy_drop=0.10)
-    >>> list(result.history.columns[:4])
-    ['channels_pruned', 'fraction_pruned', 'pruned_channel', 'clean_accuracy']
+    >>> result.layers, list(result.history.columns[:4])
+    (('conv',), ['channels_pruned', 'fraction_pruned', 'pruned_conv', 'clean_accuracy'])
     >>> result.history["channels_pruned"].tolist()
     [0, 1, 2, 3, 4]
     >>> float(result.history["clean_accuracy"].iloc[0])
     1.0
-    >>> both = prune_to_threshold(model, (x, y), layer=["conv", "fc"], steps=2)
-    >>> both.history[["level", "pruned_conv", "pruned_fc", "channels_pruned"]].values.tolist()
-    [[0, 0, 0, 0], [1, 2, 2, 4], [2, 4, 4, 8]]
+    >>> both = prune_to_threshold(model, (x, y), layers=["conv", "fc"], steps=2)
+    >>> both.history[["pruned_conv", "pruned_fc", "channels_pruned"]].values.tolist()
+    [[0, 0, 0], [2, 2, 4], [4, 4, 8]]
     """
+    layers = renamed_argument("prune_to_threshold", "layer", layer, "layers", layers)
+    poisoned_validation_data = renamed_argument("prune_to_threshold", "poisoned_data", poisoned_data,
+                                                "poisoned_validation_data", poisoned_validation_data)
     check_model(model)
     thresholds = check_thresholds(max_accuracy_drop)
     if stopping_rule not in STOPPING_RULES:
-        raise ValueError(f"The 'stopping_rule' parameter must be one of {list(STOPPING_RULES)}. "
+        raise InputError(f"The 'stopping_rule' parameter must be one of {list(STOPPING_RULES)}. "
                          f"Got {stopping_rule!r} instead.")
     batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
-    layers = _layer_list(layer)
-    if len(layers) == 1:
-        layer = layers[0]
-    found = resolve_layer(model, layer) if len(layers) <= 1 else None
-    if found is None:
-        if ranking is not None:
-            raise ValueError("The 'ranking' parameter applies to one layer; several layers are "
-                             "each ranked by their own mean activations.")
-        if steps is not None:
-            steps = int(check_number(steps, "steps", 1, integer=True))
-        for name in layers:
-            resolve_layer(model, name)
-    elif steps is not None:
-        raise ValueError("The 'steps' parameter applies to several layers; one layer is swept "
-                         "channel by channel.")
+    found = {name: resolve_layer(model, name) for name in layer_names(model, layers)}
+    names = list(found)
+    if steps is not None:
+        if len(names) == 1:
+            raise InputError("The 'steps' parameter applies to several layers; one layer is swept "
+                             "channel by channel.")
+        steps = int(check_number(steps, "steps", 1, integer=True))
     classes = num_classes_of(model)
-    clean = check_data(clean_data, "clean_data", model=model)
+    validation = check_data(validation_data, "validation_data", model=model)
     poisoned = None
-    if poisoned_data is not None:
+    if poisoned_validation_data is not None:
         target = check_target(target, classes)
-        poisoned = check_data(poisoned_data, "poisoned_data", model=model)
+        poisoned = check_data(poisoned_validation_data, "poisoned_validation_data", model=model)
     elif target is not None:
-        raise ValueError("The 'target' parameter needs `poisoned_data`.")
-
-    if found is None:
-        stats_data = clean if ranking_data is None else check_data(ranking_data, "ranking_data",
-                                                                   model=model)
-        return sweep_layers(model, clean, poisoned, target, layers, thresholds=thresholds,
-                            stopping_rule=stopping_rule, ranking_data=stats_data,
-                            batch_size=batch_size, steps=steps)
+        raise InputError("The 'target' parameter needs `poisoned_validation_data`.")
 
     started = time.perf_counter()
-    means = None
     if ranking is None:
-        stats_data = clean if ranking_data is None else check_data(ranking_data, "ranking_data",
-                                                                   model=model)
-        means = mean_channel_activations(model, stats_data, layer=found.name, batch_size=batch_size)
-        ranking = rank_channels(means)
-    channels = channel_count(found)
-    ranking = _check_ranking(ranking, channels)
+        stats_data = validation if ranking_data is None else check_data(
+            ranking_data, "ranking_data", model=model)
+        rankings, means, base = layer_rankings(model, names, stats_data, batch_size)
+    else:
+        orders = _check_rankings(ranking, found)
+        base = {name: base_mask(found[name]) for name in names}
+        rankings = {name: pruned_first(orders[name], base[name]) for name in names}
+        means = {name: np.full(orders[name].size, np.nan) for name in names}
+    channels = {name: int(order.size) for name, order in rankings.items()}
+    steps = max(channels.values()) if steps is None else steps
     stats_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    evaluator = LevelEvaluator(model, found, max_rows=max(8192, batch_size))
-    correct = np.zeros(channels + 1, dtype=np.int64)
-    total = 0
-    for x, y in clean.batches(batch_size):
-        predictions = evaluator.predictions(x, ranking)
-        correct += np.sum(predictions == y[None, :], axis=1)
-        total += y.size
+    level_masks = [fraction_masks(rankings, base, level / steps) for level in range(steps + 1)]
+    if len(names) == 1:
+        predict = _OneLayerLevels(model, found[names[0]], rankings[names[0]], level_masks,
+                                  batch_size)
+    else:
+        predict = _MaskedLevels(model, names, base, level_masks)
+    correct, total = _tally(predict, validation, batch_size,
+                            lambda p, y: (int(np.sum(p == y)), y.size))
     accuracy = correct / total
-    asr = np.full(channels + 1, np.nan)
+    asr = np.full(steps + 1, np.nan)
     if poisoned is not None:
-        success = np.zeros(channels + 1, dtype=np.int64)
-        attacked = 0
-        for x, y in poisoned.batches(batch_size):
-            predictions = evaluator.predictions(x, ranking)
-            counts = [count_attack_successes(p, y, target) for p in predictions]
-            success += np.array([c[0] for c in counts])
-            attacked += counts[0][1]
+        success, attacked = _tally(predict, poisoned, batch_size,
+                                   lambda p, y: count_attack_successes(p, y, target))
         if attacked == 0:
-            raise ValueError("No input of `poisoned_data` is attacked: every true label equals "
-                             "its target.")
+            raise InputError("No input of `poisoned_validation_data` is attacked: every true "
+                             "label equals its target.")
         asr = success / attacked
     sweep_seconds = time.perf_counter() - started
 
-    levels = np.arange(channels + 1)
+    pruned = {f"pruned_{name}": np.array([int(np.sum(masks[name] == 0)) for masks in level_masks],
+                                         dtype=np.int64) for name in names}
+    channels_pruned = np.sum(list(pruned.values()), axis=0).astype(np.int64)
     history = pd.DataFrame({
-        "channels_pruned": levels,
-        "fraction_pruned": levels / channels,
-        "pruned_channel": np.concatenate([[-1], ranking]),
+        "channels_pruned": channels_pruned,
+        "fraction_pruned": channels_pruned / sum(channels.values()),
+        **pruned,
         "clean_accuracy": accuracy,
-        "accuracy_drop": accuracy[0] - accuracy,
+        "accuracy_drop": (correct[0] - correct) / total,
         "attack_success_rate": asr,
         "utility": accuracy - asr,
     })
     chosen = {t: select_level(accuracy, t, stopping_rule) for t in thresholds}
-    base_mask = found.get_mask() if isinstance(found, PruneByActivation) else np.ones(channels, np.float32)
-    if means is None:
-        means = np.full(channels, np.nan)
-    return SweepResult(model=model, layer=found.name, history=history, ranking=ranking,
-                       mean_activations=np.asarray(means), thresholds=thresholds, levels=chosen,
-                       base_mask=base_mask, stopping_rule=stopping_rule,
-                       timings={"statistics_seconds": stats_seconds, "sweep_seconds": sweep_seconds})
+    return SweepResult(
+        layers=tuple(names), channels=channels, rankings=rankings, mean_activations=means,
+        history=history, thresholds=thresholds, levels=chosen, steps=steps,
+        stopping_rule=stopping_rule,
+        timings={"statistics_seconds": stats_seconds, "sweep_seconds": sweep_seconds},
+        masks={t: level_masks[k] for t, k in chosen.items()},
+        models={t: wrap_layers(model, names, masks=level_masks[k]) for t, k in chosen.items()},
+        _model=model, _base_masks=base)
 
 
-def _layer_list(layer):
-    """``layer`` as a list of names: [] for the default, one or several."""
-    if layer is None or isinstance(layer, str):
-        return [] if layer is None else [layer]
-    if not isinstance(layer, (list, tuple)) or not all(isinstance(n, str) for n in layer):
-        raise TypeError(f"The 'layer' parameter must be a layer name or a list of names. "
-                        f"Got {layer!r} instead.")
-    if not layer:
-        raise ValueError("The 'layer' parameter must name at least one layer.")
-    if len(set(layer)) != len(layer):
-        raise ValueError(f"The 'layer' parameter names a layer twice: {list(layer)}.")
-    return list(layer)
 
 
-def _check_ranking(ranking, channels):
-    ranking = np.asarray(ranking)
-    if ranking.shape != (channels,) or not np.issubdtype(ranking.dtype, np.integer) or \
-            sorted(ranking.tolist()) != list(range(channels)):
-        raise ValueError(f"The 'ranking' parameter must be a permutation of the {channels} "
-                         f"channel indices. Got {ranking!r} instead.")
-    return ranking.astype(np.int64)
+def _check_rankings(ranking, found):
+    """``ranking`` (one permutation, or ``{layer: permutation}``) as ``{layer: int64 array}``."""
+    if not isinstance(ranking, dict):
+        if len(found) != 1:
+            raise InputError("A 'ranking' sequence applies to one layer; for several layers pass "
+                             "a {layer: permutation} dict.")
+        ranking = {next(iter(found)): ranking}
+    if set(ranking) != set(found):
+        raise InputError(f"The 'ranking' parameter must give one permutation for each of the "
+                         f"layers {list(found)}. Got {sorted(ranking)} instead.")
+    orders = {}
+    for name, layer in found.items():
+        channels = int(base_mask(layer).size)
+        order = np.asarray(ranking[name])
+        if order.shape != (channels,) or not np.issubdtype(order.dtype, np.integer) or \
+                sorted(order.tolist()) != list(range(channels)):
+            raise InputError(f"The 'ranking' parameter must be a permutation of the {channels} "
+                             f"channel indices of layer '{name}'. Got {ranking[name]!r} instead.")
+        orders[name] = order.astype(np.int64)
+    return orders
+
+
+def _tally(predict, data, batch_size, count):
+    """Sum ``count(labels, y) -> (hits, size)`` over ``data`` at every level."""
+    hits, size = None, 0
+    for x, y in data.batches(batch_size):
+        counted = [count(labels, y) for labels in predict(x)]
+        found = np.array([c[0] for c in counted], dtype=np.int64)
+        hits = found if hits is None else hits + found
+        size += counted[0][1]
+    return hits, size
+
+
+class _OneLayerLevels:
+    """Predicted labels at every level for one layer: the incremental fast path.
+
+    :class:`~tf_backdoor_defense.pruning._incremental.LevelEvaluator` gives the
+    predictions with the first ``n`` channels of the ranking pruned, for every
+    ``n``; level ``k`` reads row ``n_k``, the number of ranked channels its
+    mask prunes. Channels the layer's wrapper already masks output zero and
+    cost nothing.
+    """
+
+    def __init__(self, model, layer, order, level_masks, batch_size):
+        self._evaluator = LevelEvaluator(model, layer, max_rows=max(8192, batch_size))
+        self._order = order
+        name = layer.name
+        self._rows = np.array([_ranked_prefix(order, masks[name]) for masks in level_masks])
+
+    def __call__(self, x):
+        return self._evaluator.predictions(x, self._order)[self._rows]
+
+
+def _ranked_prefix(order, mask):
+    """How many channels at the start of ``order`` ``mask`` prunes (they come first)."""
+    kept = np.flatnonzero(np.asarray(mask)[order] != 0)
+    return int(kept[0]) if kept.size else int(order.size)
+
+
+class _MaskedLevels:
+    """Predicted labels at every level for several layers, on one masked copy.
+
+    The prefix is everything the pruned layers do not influence; the suffix
+    (the pruned layers and all downstream of them) is replayed for each set
+    of masks. When the pruned layers read the model input directly, the whole
+    model runs per level.
+    """
+
+    def __init__(self, model, names, base, level_masks):
+        masked = wrap_layers(model, names, masks=base)
+        self._level_masks = level_masks
+        self._layers = [masked.get_layer(name) for name in names]
+        sides, suffix = split_after_inputs_of(masked, self._layers)
+        spec = tf.TensorSpec([None] + list(masked.inputs[0].shape[1:]), tf.float32)
+        inputs = {id(t) for t in masked.inputs}
+        if any(id(t) in inputs for t in sides):
+            self._prefix = None
+            self._suffix = tf.function(lambda x: masked(x, training=False), input_signature=[spec])
+            return
+        prefix = keras.Model(masked.inputs, sides)
+        self._prefix = tf.function(lambda x: prefix(x, training=False), input_signature=[spec])
+        side_specs = [tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype) for t in sides]
+        self._suffix = tf.function(
+            lambda *values: replay_nodes(suffix, sides, values, masked.outputs[0]),
+            input_signature=side_specs)
+
+    def __call__(self, x):
+        values = [x] if self._prefix is None else self._prefix(x)
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        labels = []
+        for masks in self._level_masks:
+            for layer in self._layers:
+                layer.set_mask(masks[layer.name])
+            labels.append(labels_from_outputs(self._suffix(*values).numpy()))
+        return np.stack(labels)

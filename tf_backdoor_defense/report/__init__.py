@@ -8,9 +8,9 @@ from tf_backdoor_defense.report._analysis import (  # noqa: F401
 from tf_backdoor_defense.report._report import (  # noqa: F401
     REPORT_FILES,
     package_versions,
-    sweep_summary,
     plot_sweep,
-    plot_activations,
+    sweep_csv,
+    sweep_summary,
     write_sweep_report,
 )
 
@@ -20,8 +20,8 @@ __all__ = [
     "plot_channel_activations",
     "REPORT_FILES",
     "package_versions",
-    "sweep_summary",
     "plot_sweep",
-    "plot_activations",
+    "sweep_csv",
+    "sweep_summary",
     "write_sweep_report",
 ]

@@ -1,8 +1,9 @@
 """A pruning sweep as files: ``sweep.csv``, ``summary.json``, ``sweep.png``, ``activations.png``.
 
 Every file is written atomically (see :mod:`tf_backdoor_defense.io._data`).
-Plots use matplotlib's Agg canvas, imported only when a plot is drawn, and
-never touch pyplot's global state.
+Plots use matplotlib's Agg canvas and never touch pyplot's global state.
+One layer and several are reported the same way: per-layer detail is keyed
+by layer name.
 """
 
 import importlib.metadata
@@ -10,23 +11,34 @@ import pathlib
 import platform
 
 import numpy as np
+import pandas as pd
 
-from tf_backdoor_defense.io._data import atomic_path, atomic_write, check_outputs_free, write_json
+from tf_backdoor_defense._errors import InputError, InputTypeError
+from tf_backdoor_defense.io._data import atomic_write, check_outputs_free, write_json
+from tf_backdoor_defense.report._analysis import (
+    activation_frame,
+    new_figure,
+    plot_channel_activations,
+    save_figure,
+)
 
-__all__ = ["REPORT_FILES", "package_versions", "sweep_summary", "plot_sweep",
-           "plot_activations", "write_sweep_report"]
+__all__ = ["REPORT_FILES", "package_versions", "sweep_summary", "sweep_csv", "plot_sweep",
+           "write_sweep_report"]
 
 #: Files :func:`write_sweep_report` writes (plots only with ``plots=True``).
 REPORT_FILES = ("sweep.csv", "summary.json", "sweep.png", "activations.png")
+#: Decimals kept in ``sweep.csv``: rates of up to a million examples stay exact.
+CSV_DECIMALS = 6
 _PACKAGES = ("tf_backdoor_defense", "tensorflow", "tf_keras", "tensorflow_model_optimization",
-             "numpy", "pandas", "h5py")
+             "numpy", "pandas", "h5py", "matplotlib")
+_COLORS = ("tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 
 
 def package_versions():
     """Versions of Python and the packages that produced a result.
 
     >>> sorted(package_versions())[:2]
-    ['h5py', 'numpy']
+    ['h5py', 'matplotlib']
     """
     versions = {}
     for name in _PACKAGES:
@@ -60,40 +72,39 @@ def sweep_summary(result, *, evaluation=None, extra=None):
     Returns
     -------
     dict
+        ``layers``, ``channels`` and ``rankings`` (keyed by layer),
         ``before`` (level 0) and ``after`` (per threshold) clean accuracy and
-        ASR, ``thresholds`` (channels pruned and which), ``timings`` and
-        ``versions``.
+        ASR (``None`` when not measured), ``thresholds`` (the level, channels
+        pruned and which, per layer), ``timings`` and ``versions``.
     """
     history = result.history
     first = history.iloc[0]
-    group = _is_group(result)
     thresholds, after = [], {}
     for threshold, level in result.levels.items():
         row = history.iloc[level]
-        masks = result.masks[threshold]
         entry = {
             "max_accuracy_drop": float(threshold),
+            "level": int(level),
             "channels_pruned": int(row["channels_pruned"]),
             "fraction_pruned": float(row["fraction_pruned"]),
             "clean_accuracy": _float(row["clean_accuracy"]),
             "attack_success_rate": _float(row["attack_success_rate"]),
-            "pruned_channels": ({name: _zeros(mask) for name, mask in masks.items()} if group
-                                else _zeros(masks)),
+            "pruned_channels": {name: _zeros(mask)
+                                for name, mask in result.masks[threshold].items()},
         }
         thresholds.append(entry)
         after[f"{threshold:g}"] = {k: entry[k] for k in ("channels_pruned", "clean_accuracy",
                                                          "attack_success_rate")}
     summary = {
-        "layer": result.layers if group else result.layer,
-        "channels": ({name: int(order.size) for name, order in result.rankings.items()} if group
-                     else int(result.ranking.size)),
+        "layers": list(result.layers),
+        "channels": {name: int(count) for name, count in result.channels.items()},
+        "steps": int(result.steps),
         "stopping_rule": result.stopping_rule,
         "before": {"clean_accuracy": _float(first["clean_accuracy"]),
                    "attack_success_rate": _float(first["attack_success_rate"])},
         "after": after,
         "thresholds": thresholds,
-        "ranking": ({name: [int(c) for c in order] for name, order in result.rankings.items()}
-                    if group else [int(c) for c in result.ranking]),
+        "rankings": {name: [int(c) for c in order] for name, order in result.rankings.items()},
         "timings": {k: float(v) for k, v in result.timings.items()},
         "versions": package_versions(),
     }
@@ -104,42 +115,39 @@ def sweep_summary(result, *, evaluation=None, extra=None):
     return summary
 
 
-def _is_group(result):
-    """True for a several-layer sweep (GroupSweepResult)."""
-    from tf_backdoor_defense.pruning._group_sweep import GroupSweepResult
-
-    return isinstance(result, GroupSweepResult)
-
-
 def _zeros(mask):
     return sorted(int(c) for c in np.flatnonzero(np.asarray(mask) == 0))
 
 
-def _figure(width, height):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("The plots need matplotlib: `pip install matplotlib` (or "
-                          "`pip install 'tf_backdoor_defense[plot]'`), or pass --no-plots / "
-                          "plots=False.") from None
+def sweep_csv(result):
+    """``result.history`` as CSV text, rates rounded to :data:`CSV_DECIMALS` decimals.
 
-    figure = Figure(figsize=(width, height))
-    FigureCanvasAgg(figure)
-    return figure
+    Missing values (ASR without poisoned data) are empty fields.
+
+    >>> import pandas as pd
+    >>> class Result:
+    ...     history = pd.DataFrame({"channels_pruned": [0, 1], "accuracy_drop": [0.0, 0.958 - 0.933]})
+    >>> print(sweep_csv(Result()), end="")
+    channels_pruned,accuracy_drop
+    0,0.0
+    1,0.025
+    """
+    return result.history.round(CSV_DECIMALS).to_csv(index=False, lineterminator="\n")
 
 
-def _save(figure, path, overwrite=True):
-    with atomic_path(path, overwrite=overwrite) as temp:
-        figure.savefig(temp, format=pathlib.Path(path).suffix.lstrip(".").lower() or "png",
-                       dpi=120)
+def _percent(threshold):
+    return f"{threshold * 100:g}%"
 
 
 def plot_sweep(result, path=None):
     """Clean accuracy and ASR against the fraction of channels pruned (Fig. 6 of Fine-Pruning).
 
-    For each threshold, a dotted vertical line marks the chosen level and a
-    dashed horizontal line the lowest clean accuracy it allows.
+    For each threshold, a dashed horizontal line marks the lowest clean
+    accuracy its budget allows and a dotted vertical line the level it
+    chose; thresholds that choose the same level share that line in
+    alternating dashes of their colours. The attack success rate is dashed
+    over the solid accuracy line, so both stay visible where they coincide.
+    The top axis counts channels pruned.
 
     Parameters
     ----------
@@ -150,99 +158,82 @@ def plot_sweep(result, path=None):
     Returns
     -------
     matplotlib.figure.Figure
-    """
-    history = result.history
-    figure = _figure(6.4, 4.0)
-    ax = figure.add_subplot(1, 1, 1)
-    fraction = history["fraction_pruned"].to_numpy()
-    ax.plot(fraction, history["clean_accuracy"], color="tab:blue", label="clean accuracy")
-    asr = history["attack_success_rate"].to_numpy(dtype=float)
-    if np.any(np.isfinite(asr)):
-        ax.plot(fraction, asr, color="tab:red", label="attack success rate")
-    colors = ["tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:gray"]
-    baseline = float(history["clean_accuracy"].iloc[0])
-    for i, (threshold, level) in enumerate(sorted(result.levels.items())):
-        color = colors[i % len(colors)]
-        pruned = int(history["channels_pruned"].iloc[level])
-        ax.axvline(fraction[level], color=color, linestyle=":",
-                   label=f"max drop {threshold:.0%}: {pruned} pruned")
-        ax.axhline(baseline - threshold, color=color, linestyle="--", linewidth=0.8, alpha=0.6)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel(f"fraction of channels of layers {', '.join(map(repr, result.layers))} pruned"
-                  if _is_group(result) else f"fraction of channels of layer '{result.layer}' pruned")
-    ax.set_ylabel("rate")
-    ax.set_title("Pruning defense: clean accuracy and attack success rate", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    figure.tight_layout()
-    if path is not None:
-        _save(figure, path)
-    return figure
-
-
-def plot_activations(mean_clean, mean_poisoned=None, *, ranking=None, layer=None, path=None):
-    """Per-channel mean activation, clean against poisoned, in pruning order.
-
-    Parameters
-    ----------
-    mean_clean : array of shape (channels,), or dict of them
-        A ``{layer: array}`` dict draws one panel per layer (``mean_poisoned``
-        and ``ranking`` are then dicts too).
-    mean_poisoned : array of shape (channels,), default=None
-    ranking : array, default=None
-        Pruning order; default: increasing ``mean_clean``.
-    layer : str, default=None
-        Shown in the title.
-    path : str or os.PathLike, default=None
-
-    Returns
-    -------
-    matplotlib.figure.Figure
 
     Examples
     --------
-    >>> figure = plot_activations([0.0, 2.0, 1.0], [3.0, 2.0, 0.5])
-    >>> [t.get_text() for t in figure.axes[0].get_xticklabels()]
-    ['0', '2', '1']
-    >>> len(plot_activations({"conv": [1.0, 0.0], "fc": [0.5, 0.2, 0.1]}).axes)
-    2
+    >>> import numpy as np, tf_keras as keras
+    >>> from tf_backdoor_defense import prune_to_threshold
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="relu"),
+    ...                           keras.layers.Dense(2, activation="softmax")])
+    >>> x = np.random.default_rng(0).random((20, 4), dtype=np.float32)
+    >>> result = prune_to_threshold(model, (x, np.zeros(20, int)), layers=model.layers[0].name)
+    >>> plot_sweep(result).axes[0].get_ylabel()
+    'clean accuracy / attack success rate'
     """
-    if isinstance(mean_clean, dict):
-        panels = [(name, values, (mean_poisoned or {}).get(name), (ranking or {}).get(name))
-                  for name, values in mean_clean.items()]
+    history = result.history
+    figure = new_figure(7.6, 5.0)
+    ax = figure.add_subplot(1, 1, 1)
+    fraction = history["fraction_pruned"].to_numpy(dtype=float)
+    marker = "o" if len(history) <= 41 else None
+    ax.plot(fraction, history["clean_accuracy"], color="tab:blue", linewidth=2.4, marker=marker,
+            markersize=3, label="clean accuracy (validation data)", zorder=3)
+    asr = history["attack_success_rate"].to_numpy(dtype=float)
+    if np.any(np.isfinite(asr)):
+        ax.plot(fraction, asr, color="tab:red", linewidth=1.6, linestyle=(0, (4, 2.5)),
+                marker="x" if marker else None, markersize=4,
+                label="attack success rate (poisoned validation data)", zorder=4)
     else:
-        panels = [(layer, mean_clean, mean_poisoned, ranking)]
-    widest = max(np.asarray(values).size for _, values, _, _ in panels)
-    figure = _figure(max(6.0, 0.12 * widest + 2.0), 3.5 * len(panels))
-    for index, (name, clean, poisoned, order) in enumerate(panels):
-        _activation_panel(figure.add_subplot(len(panels), 1, index + 1), name, clean, poisoned,
-                          order)
+        ax.plot([], [], " ", label="attack success rate: n/a (no poisoned data)")
+    baseline = float(history["clean_accuracy"].iloc[0])
+    thresholds = sorted(result.levels.items())
+    colors = {t: _COLORS[i % len(_COLORS)] for i, (t, _) in enumerate(thresholds)}
+    for threshold, _ in thresholds:
+        floor = baseline - threshold
+        ax.axhline(floor, color=colors[threshold], linestyle="--", linewidth=0.9, alpha=0.8,
+                   label=f"max drop {_percent(threshold)}: accuracy floor {floor:.3f}")
+    for level in sorted(set(result.levels.values())):
+        sharing = [t for t, k in thresholds if k == level]
+        pruned = int(history["channels_pruned"].iloc[level])
+        for j, threshold in enumerate(sharing):
+            dash = 3.0 if len(sharing) > 1 else 1.5
+            style = (j * dash, (dash, dash * (len(sharing) - 1) or dash))
+            ax.axvline(fraction[level], color=colors[threshold], linestyle=style, linewidth=1.6,
+                       label=f"max drop {_percent(threshold)}: level {level} ({pruned} channels pruned)")
+    total = int(sum(result.channels.values()))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.03, 1.05)
+    names = ", ".join(f"'{name}'" for name in result.layers)
+    plural = "s" if len(result.layers) > 1 else ""
+    ax.set_xlabel(f"fraction of the channels of layer{plural} {names} pruned")
+    ax.set_ylabel("clean accuracy / attack success rate")
+    top = ax.secondary_xaxis("top", functions=(lambda f: f * total, lambda c: c / total))
+    top.set_xlabel(f"channels pruned (of {total})", fontsize=9)
+    ax.set_title("Pruning sweep: clean accuracy and attack success rate at every level",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2,
+              frameon=False)
     figure.tight_layout()
     if path is not None:
-        _save(figure, path)
+        save_figure(figure, path)
     return figure
 
 
-def _activation_panel(ax, layer, mean_clean, mean_poisoned, ranking):
-    clean = np.asarray(mean_clean, dtype=np.float64)
-    order = np.argsort(clean, kind="stable") if ranking is None else np.asarray(ranking)
-    positions = np.arange(clean.size)
-    width = 0.42 if mean_poisoned is not None else 0.8
-    offset = width / 2 if mean_poisoned is not None else 0.0
-    ax.bar(positions - offset, clean[order], width, color="tab:blue", label="clean inputs")
-    if mean_poisoned is not None:
-        poisoned = np.asarray(mean_poisoned, dtype=np.float64)
-        ax.bar(positions + offset, poisoned[order], width, color="tab:red",
-               label="poisoned inputs")
-    if clean.size <= 64:
-        ax.set_xticks(positions)
-        ax.set_xticklabels([str(int(c)) for c in order], fontsize=6, rotation=90)
-    ax.set_xlabel("channels in pruning order (increasing mean activation on clean inputs)")
-    ax.set_ylabel("mean activation")
-    ax.set_title(f"Mean activation per channel of layer '{layer}'" if layer else
-                 "Mean activation per channel", fontsize=10)
-    ax.legend(fontsize=8)
+def _activation_table(result, poisoned_means):
+    """One activation table for the layers of ``result``, in its pruning order."""
+    if poisoned_means is not None:
+        if not isinstance(poisoned_means, dict):
+            raise InputTypeError(f"The 'poisoned_means' parameter must be a {{layer: array}} dict. "
+                            f"Got {type(poisoned_means).__name__} instead.")
+        if set(poisoned_means) != set(result.layers):
+            raise InputError(f"The 'poisoned_means' parameter must give the layers "
+                             f"{list(result.layers)}. Got {sorted(poisoned_means)} instead.")
+    parts = [activation_frame(result.mean_activations[name],
+                              None if poisoned_means is None else poisoned_means[name],
+                              ranking=result.rankings[name]).assign(layer=name)
+             for name in result.layers]
+    table = pd.concat(parts, ignore_index=True)
+    return table[["layer"] + [c for c in table.columns if c != "layer"]]
 
 
 def write_sweep_report(result, outdir, *, poisoned_means=None, evaluation=None, extra=None,
@@ -251,38 +242,45 @@ def write_sweep_report(result, outdir, *, poisoned_means=None, evaluation=None, 
 
     Parameters
     ----------
-    result : SweepResult or GroupSweepResult
+    result : SweepResult
     outdir : str or os.PathLike
         Created when missing.
-    poisoned_means : array, default=None
-        Mean activation per channel on poisoned inputs, for ``activations.png``
-        (a ``{layer: array}`` dict for a several-layer sweep).
+    poisoned_means : dict, default=None
+        ``{layer: mean activation per channel on poisoned inputs}``, for
+        ``activations.png``.
     evaluation, extra : see :func:`sweep_summary`.
     plots : bool, default=True
-        Also draw ``sweep.png`` and ``activations.png`` (needs matplotlib).
+        Also draw ``sweep.png`` and ``activations.png``.
     overwrite : bool, default=False
-        Replace existing files; otherwise an existing one raises ``FileExistsError``
+        Replace existing files; otherwise an existing one raises an error
         before anything is written.
 
     Returns
     -------
     dict
         ``{file name: path}`` of what was written.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, tf_keras as keras
+    >>> from tf_backdoor_defense import prune_to_threshold
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="relu"),
+    ...                           keras.layers.Dense(2, activation="softmax")])
+    >>> x = np.random.default_rng(0).random((20, 4), dtype=np.float32)
+    >>> result = prune_to_threshold(model, (x, np.zeros(20, int)), layers=model.layers[0].name)
+    >>> sorted(write_sweep_report(result, tempfile.mkdtemp(), plots=False))
+    ['summary.json', 'sweep.csv']
     """
     outdir = pathlib.Path(outdir)
     names = REPORT_FILES if plots else REPORT_FILES[:2]
     paths = {name: outdir / name for name in names}
+    table = _activation_table(result, poisoned_means) if plots else None
     check_outputs_free(paths.values(), force=overwrite)
     outdir.mkdir(parents=True, exist_ok=True)
     with atomic_write(paths["sweep.csv"]) as handle:
-        result.history.to_csv(handle, index=False, lineterminator="\n")
+        handle.write(sweep_csv(result))
     write_json(paths["summary.json"], sweep_summary(result, evaluation=evaluation, extra=extra))
     if plots:
         plot_sweep(result, paths["sweep.png"])
-        if _is_group(result):
-            plot_activations(result.mean_activations, poisoned_means, ranking=result.rankings,
-                             path=paths["activations.png"])
-        else:
-            plot_activations(result.mean_activations, poisoned_means, ranking=result.ranking,
-                             layer=result.layer, path=paths["activations.png"])
+        plot_channel_activations(table, paths["activations.png"])
     return paths

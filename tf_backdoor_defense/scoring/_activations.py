@@ -5,16 +5,17 @@ import weakref
 import numpy as np
 
 from tf_backdoor_defense._keras import keras, tf
-from tf_backdoor_defense.graph._channels import IDENTITY_AT_INFERENCE
-from tf_backdoor_defense.masks._wrapper import PRUNABLE_LAYER_TYPES, PruneByActivation, channel_axis, find_layer, last_conv_layer
+from tf_backdoor_defense.masks._registry import (ACTIVATION_LAYER_TYPES, IDENTITY_AT_INFERENCE,
+                                                 PRUNABLE_LAYER_TYPES)
+from tf_backdoor_defense.masks._wrapper import PruneByActivation, channel_axis, find_layer, last_conv_layer
 from tf_backdoor_defense._validation import check_data, check_model
 
 __all__ = ["mean_channel_activations", "resolve_layer", "activation_tensor", "channel_sum_fn",
            "average_channel_sums"]
 
-# Layers that apply an activation function to a linear Conv/Dense output.
-_ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
-                      keras.layers.ELU, keras.layers.PReLU, keras.layers.ThresholdedReLU)
+# {model: {layer key: compiled statistics}}. A value holds the feature extractor built
+# from the model's layers, never the model itself, so the entry dies with the model
+# (tests/test_metrics.py checks it).
 _STAT_FNS = weakref.WeakKeyDictionary()
 
 
@@ -68,7 +69,7 @@ def activation_tensor(model, layer, *, through_batch_norm=True):
         if len(consumers) != 1 or len(consumers[0]._inbound_nodes) != 1:
             return output
         current = consumers[0]
-        if isinstance(current, _ACTIVATION_LAYERS):
+        if isinstance(current, ACTIVATION_LAYER_TYPES):
             return current.output
         if not isinstance(current, passes) or (
                 isinstance(current, keras.layers.BatchNormalization)

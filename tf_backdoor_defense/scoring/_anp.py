@@ -48,19 +48,26 @@ the random batches and noise come from stateless generators keyed by
 """
 
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras, tf
-from tf_backdoor_defense.scoring._lipschitz import _inner, _is_conv, resolve_layers
-from tf_backdoor_defense.masks._wrapper import (PruneByActivation, channel_axis, channel_count,
-                                       check_not_nested, find_layer, wrap_layers)
+from tf_backdoor_defense.masks._registry import is_prunable
+from tf_backdoor_defense.masks._results import MasksResult
+from tf_backdoor_defense.masks._wrapper import (PruneByActivation, apply_masks, channel_axis,
+                                                channel_count, check_not_nested, find_layer,
+                                                layer_names, unwrap)
+from tf_backdoor_defense.scoring._lipschitz import scorable_layer
 from tf_backdoor_defense.finetune._training import loss_for
 from tf_backdoor_defense._validation import check_data, check_fraction, check_model, check_number
 
 __all__ = ["anp_mask_scores", "anp_masks", "anp_prune", "AnpResult", "anp_layers"]
 
 
-class AnpResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class AnpResult(MasksResult):
     """What :func:`anp_prune` returns.
 
     Attributes
@@ -76,28 +83,21 @@ class AnpResult:
         The pruning rule used (the unused ones are None).
     """
 
-    def __init__(self, model, masks, scores, threshold, fraction, count):
-        self.model = model
-        self.masks = masks
-        self.scores = scores
-        self.threshold = threshold
-        self.fraction = fraction
-        self.count = count
-
-    @property
-    def pruned_channels(self):
-        """``{layer_name: sorted array of pruned channels}``."""
-        return {name: np.flatnonzero(mask == 0) for name, mask in self.masks.items()}
+    model: object
+    masks: dict
+    scores: dict
+    threshold: float
+    fraction: float
+    count: int
 
     def __repr__(self):
-        pruned = {name: int(np.sum(mask == 0)) for name, mask in self.masks.items()}
         if self.fraction is not None:
             rule = f"fraction={self.fraction}"
         elif self.count is not None:
             rule = f"count={self.count}"
         else:
             rule = f"threshold={self.threshold}"
-        return f"AnpResult({rule}, pruned={pruned})"
+        return f"AnpResult({rule}, pruned={self.pruned_counts})"
 
 
 def anp_layers(model):
@@ -109,11 +109,10 @@ def anp_layers(model):
     >>> anp_layers(model)
     ['c', 'fc']
     """
-    dense = [layer.name for layer in model.layers if isinstance(_inner(layer), keras.layers.Dense)]
+    dense = [layer.name for layer in model.layers if isinstance(unwrap(layer), keras.layers.Dense)]
     last_dense = dense[-1] if dense else None
     return [layer.name for layer in model.layers
-            if (_is_conv(_inner(layer)) or isinstance(_inner(layer), keras.layers.Dense))
-            and layer.name != last_dense]
+            if is_prunable(unwrap(layer)) and layer.name != last_dense]
 
 
 # -- parameter checks ----------------------------------------------------------
@@ -183,15 +182,14 @@ def _noisy_copy(model, names, switch):
         check_not_nested(layer, targets)
         if layer.name not in targets:
             return layer.__class__.from_config(layer.get_config())
-        inner = _inner(layer)
+        inner = unwrap(layer)
         config = dict(inner.get_config(), use_bias=False, activation="linear",
                       name=f"{layer.name}_linear")
         linear = inner.__class__.from_config(config)
         linear.trainable = False
         bias = inner.bias.numpy() if getattr(inner, "use_bias", False) else None
         prior = layer.get_mask() if isinstance(layer, PruneByActivation) else None
-        channels = int(inner.units if isinstance(inner, keras.layers.Dense) else inner.filters)
-        state = _ChannelState(channels, bias is not None)
+        state = _ChannelState(channel_count(inner), bias is not None)
         states[layer.name] = state
         return _NoisyChannels(linear, bias, inner.activation, channel_axis(layer), state, switch, prior,
                               name=layer.name)
@@ -201,7 +199,7 @@ def _noisy_copy(model, names, switch):
     for layer in copy.layers:
         source = sources[layer.name]
         if isinstance(layer, _NoisyChannels):
-            layer.linear.kernel.assign(_inner(source).kernel)
+            layer.linear.kernel.assign(unwrap(source).kernel)
         else:
             layer.set_weights(source.get_weights())
     return copy, [states[name] for name in names]
@@ -214,7 +212,7 @@ def _loss_fn(model):
     return loss
 
 
-def anp_mask_scores(model, clean_data, *, layers=None, eps=0.4, steps=1, alpha=0.2, iterations=2000,
+def anp_mask_scores(model, train_data, *, layers=None, eps=0.4, steps=1, alpha=0.2, iterations=2000,
                     batch_size=128, learning_rate=0.2, momentum=0.9, seed=0):
     """Learn ANP's per-channel masks on clean data (low value = backdoor suspect).
 
@@ -222,9 +220,9 @@ def anp_mask_scores(model, clean_data, *, layers=None, eps=0.4, steps=1, alpha=0
     ----------
     model : tf_keras.Model
         The suspect network (a built Sequential or Functional model). Not modified.
-    clean_data : (x, y) arrays, LabeledData or tf.data.Dataset
-        A little clean labelled data (the paper uses 500 images). A dataset is
-        read into memory once.
+    train_data : (x, y) arrays, LabeledData or tf.data.Dataset
+        A little clean labelled data the masks are learned on (the paper uses
+        500 images). A dataset is read into memory once.
     layers : str or list of str, default=None
         Conv/Dense layers whose channels get a mask. Default: :func:`anp_layers`
         (all Conv layers and all Dense layers except the last).
@@ -265,9 +263,9 @@ def anp_mask_scores(model, clean_data, *, layers=None, eps=0.4, steps=1, alpha=0
     """
     check_model(model)
     if not getattr(model, "_is_graph_network", False):
-        raise ValueError("ANP needs a Sequential or Functional model (a subclassed model cannot be "
+        raise InputError("ANP needs a Sequential or Functional model (a subclassed model cannot be "
                          "copied with perturbable layers). Build it with keras.Input first.")
-    names = resolve_layers(model, layers, anp_layers)
+    names = layer_names(model, layers, anp_layers, check=scorable_layer)
     eps = float(check_number(eps, "eps"))
     steps = int(check_number(steps, "steps", 1, integer=True))
     alpha = check_fraction(alpha, "alpha")
@@ -276,10 +274,10 @@ def anp_mask_scores(model, clean_data, *, layers=None, eps=0.4, steps=1, alpha=0
     learning_rate = float(check_number(learning_rate, "learning_rate", positive=True))
     momentum = float(check_number(momentum, "momentum", below=1.0))
     seed = int(check_number(seed, "seed", 0, integer=True))
-    data = check_data(clean_data, "clean_data", model=model)
+    data = check_data(train_data, "train_data", model=model)
     x, y = data.arrays()
     if x.shape[0] == 0:
-        raise ValueError("`clean_data` is empty: it has no examples.")
+        raise InputError("`train_data` is empty: it has no examples.")
 
     switch = _Switch()
     noisy, states = _noisy_copy(model, names, switch)
@@ -365,15 +363,15 @@ def anp_masks(scores, threshold=0.2, *, fraction=None, count=None):
     {'a': [1.0, 0.0, 1.0], 'b': [0.0, 0.0]}
     """
     if not isinstance(scores, dict) or not scores:
-        raise TypeError(f"The 'scores' parameter must be a non-empty dict {{layer: values}}. Got {scores!r}.")
+        raise InputTypeError(f"The 'scores' parameter must be a non-empty dict {{layer: values}}. Got {scores!r}.")
     arrays = {}
     for name, values in scores.items():
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         if values.size == 0 or not np.all(np.isfinite(values)):
-            raise ValueError(f"The scores of '{name}' must be a non-empty array of finite numbers.")
+            raise InputError(f"The scores of '{name}' must be a non-empty array of finite numbers.")
         arrays[name] = values
     if fraction is not None and count is not None:
-        raise ValueError("Give at most one of 'fraction' and 'count'.")
+        raise InputError("Give at most one of 'fraction' and 'count'.")
     if fraction is None and count is None:
         threshold = check_fraction(threshold, "threshold")
         return {name: np.where(values <= threshold, 0.0, 1.0).astype(np.float32)
@@ -384,7 +382,7 @@ def anp_masks(scores, threshold=0.2, *, fraction=None, count=None):
     else:
         count = int(check_number(count, "count", 0, integer=True))
         if count > flat.size:
-            raise ValueError(f"The 'count' parameter must be at most the {flat.size} scored channels. "
+            raise InputError(f"The 'count' parameter must be at most the {flat.size} scored channels. "
                              f"Got {count} instead.")
     keep = np.ones(flat.size, np.float32)
     keep[np.argsort(flat, kind="stable")[:count]] = 0.0
@@ -395,7 +393,7 @@ def anp_masks(scores, threshold=0.2, *, fraction=None, count=None):
     return masks
 
 
-def anp_prune(model, clean_data=None, *, layers=None, threshold=0.2, fraction=None, count=None,
+def anp_prune(model, train_data=None, *, layers=None, threshold=0.2, fraction=None, count=None,
               scores=None, **options):
     """Adversarial Neuron Pruning of ``model``: learn masks, then prune the low ones.
 
@@ -406,7 +404,7 @@ def anp_prune(model, clean_data=None, *, layers=None, threshold=0.2, fraction=No
     ----------
     model : tf_keras.Model
         The suspect network.
-    clean_data : (x, y) arrays, LabeledData or tf.data.Dataset
+    train_data : (x, y) arrays, LabeledData or tf.data.Dataset
         Clean data to learn the masks on (not needed when ``scores`` is given).
     layers : str or list of str, default=None
         Default: :func:`anp_layers`. With ``scores``, default: the scored layers.
@@ -435,29 +433,26 @@ def anp_prune(model, clean_data=None, *, layers=None, threshold=0.2, fraction=No
     """
     check_model(model)
     if scores is None:
-        if clean_data is None:
-            raise ValueError("anp_prune needs `clean_data` to learn the masks (or precomputed `scores`).")
-        scores = anp_mask_scores(model, clean_data, layers=layers, **options)
+        if train_data is None:
+            raise InputError("anp_prune needs `train_data` to learn the masks (or precomputed "
+                             "`scores`).")
+        scores = anp_mask_scores(model, train_data, layers=layers, **options)
     else:
         if options:
-            raise TypeError(f"Optimisation options {sorted(options)} have no effect with precomputed `scores`.")
+            raise InputTypeError(f"Optimisation options {sorted(options)} have no effect with precomputed `scores`.")
         if not isinstance(scores, dict) or not scores:
-            raise TypeError("The 'scores' parameter must be a non-empty dict {layer: values}.")
-        names = resolve_layers(model, list(scores) if layers is None else layers, anp_layers)
+            raise InputTypeError("The 'scores' parameter must be a non-empty dict {layer: values}.")
+        names = layer_names(model, list(scores) if layers is None else layers, anp_layers,
+                            check=scorable_layer)
         if set(names) != set(scores):
-            raise ValueError(f"The 'scores' cover layers {sorted(scores)} but 'layers' names {sorted(names)}.")
+            raise InputError(f"The 'scores' cover layers {sorted(scores)} but 'layers' names {sorted(names)}.")
         scores = {name: np.asarray(scores[name], dtype=np.float32).reshape(-1) for name in names}
         for name, values in scores.items():
             channels = channel_count(find_layer(model, name))
             if values.size != channels:
-                raise ValueError(f"The scores of '{name}' have {values.size} entries; the layer has "
+                raise InputError(f"The scores of '{name}' have {values.size} entries; the layer has "
                                  f"{channels} channels.")
-    masks = anp_masks(scores, threshold, fraction=fraction, count=count)
-    for name in masks:
-        found = find_layer(model, name)
-        if isinstance(found, PruneByActivation):
-            masks[name] = (masks[name] * found.get_mask()).astype(np.float32)
-    pruned = wrap_layers(model, list(masks), masks=masks)
+    pruned, masks = apply_masks(model, anp_masks(scores, threshold, fraction=fraction, count=count))
     used_threshold = None if (fraction is not None or count is not None) else float(threshold)
     return AnpResult(pruned, masks, scores, used_threshold, fraction, count)
 

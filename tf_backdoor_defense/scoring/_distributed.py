@@ -22,6 +22,8 @@ from tf_backdoor_defense._validation import check_data, check_model
 
 __all__ = ["distributed_channel_means", "is_distributed"]
 
+# {model: {(layer, strategy) ids: compiled step}}. A value holds the feature extractor and
+# the strategy, never the model itself, so the entry dies with the model.
 _FNS = weakref.WeakKeyDictionary()
 
 

@@ -29,20 +29,23 @@ when a BN follows, a pruned channel outputs BN's constant
 """
 
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras
-from tf_backdoor_defense.masks._wrapper import PruneByActivation, channel_axis, find_layer, wrap_layers
+from tf_backdoor_defense.masks._registry import is_conv, is_prunable
+from tf_backdoor_defense.masks._results import MasksResult
+from tf_backdoor_defense.masks._wrapper import (apply_masks, channel_axis, find_layer, layer_names,
+                                                unwrap)
 from tf_backdoor_defense._validation import check_model
 
 __all__ = ["channel_lipschitz", "clp_masks", "clp_prune", "ClpResult", "conv_layers"]
 
-_CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
-_TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
 
-
-class ClpResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class ClpResult(MasksResult):
     """What :func:`clp_prune` returns.
 
     Attributes
@@ -58,28 +61,13 @@ class ClpResult:
         The threshold parameter used.
     """
 
-    def __init__(self, model, masks, scores, u):
-        self.model = model
-        self.masks = masks
-        self.scores = scores
-        self.u = u
-
-    @property
-    def pruned_channels(self):
-        """``{layer_name: sorted array of pruned channels}``."""
-        return {name: np.flatnonzero(mask == 0) for name, mask in self.masks.items()}
+    model: object
+    masks: dict
+    scores: dict
+    u: float
 
     def __repr__(self):
-        pruned = {name: int(np.sum(mask == 0)) for name, mask in self.masks.items()}
-        return f"ClpResult(u={self.u}, pruned={pruned})"
-
-
-def _inner(layer):
-    return layer.layer if isinstance(layer, PruneByActivation) else layer
-
-
-def _is_conv(layer):
-    return isinstance(layer, _CONV_TYPES) and not isinstance(layer, _TRANSPOSED)
+        return f"ClpResult(u={self.u}, pruned={self.pruned_counts})"
 
 
 def conv_layers(model):
@@ -91,40 +79,21 @@ def conv_layers(model):
     >>> conv_layers(model)
     ['c']
     """
-    return [layer.name for layer in model.layers if _is_conv(_inner(layer))]
+    return [layer.name for layer in model.layers if is_conv(unwrap(layer))]
 
 
-def _resolve(model, name):
+def scorable_layer(model, name):
     """The model-level layer called ``name``; a ValueError unless it is Conv or Dense."""
     if not isinstance(name, str):
-        raise TypeError(f"Layer names must be strings. Got {name!r} instead.")
+        raise InputTypeError(f"Layer names must be strings. Got {name!r} instead.")
     found = find_layer(model, name)
-    inner = _inner(found)
-    if not (_is_conv(inner) or isinstance(inner, keras.layers.Dense)):
-        raise ValueError(
-            f"Layer '{name}' of type {type(inner).__name__} cannot be scored by channel "
-            "Lipschitzness: expected a Conv1D, Conv2D, Conv3D or Dense layer."
+    inner = unwrap(found)
+    if not is_prunable(inner):
+        raise InputError(
+            f"Layer '{name}' of type {type(inner).__name__} cannot be scored by channel: "
+            "expected a Conv1D, Conv2D, Conv3D or Dense layer."
         )
     return found
-
-
-def resolve_layers(model, layers, default):
-    """Normalise ``layers`` (None, a name or a list of names) to a list of names."""
-    if layers is None:
-        names = default(model)
-        if not names:
-            raise ValueError("The model has no layer to prune; pass `layers=` to name them.")
-    elif isinstance(layers, str):
-        names = [layers]
-    else:
-        names = list(layers)
-        if not names:
-            raise ValueError("The 'layers' parameter must name at least one layer. Got an empty list.")
-    if len(set(names)) != len(names):
-        raise ValueError(f"The 'layers' parameter has duplicates: {names}.")
-    for name in names:
-        _resolve(model, name)
-    return names
 
 
 def _following_batch_norm(model, layer):
@@ -149,27 +118,28 @@ def _bn_factor(bn):
     return np.abs(gamma) / np.sqrt(variance + float(bn.epsilon))
 
 
-def channel_lipschitz(model, layer, *, batch_norm=True):
-    """Upper bound of the channel Lipschitz constant (UCLC) of each channel of ``layer``.
+def channel_lipschitz(model, layers, *, batch_norm=True):
+    """Upper bound of the channel Lipschitz constant (UCLC) of each channel of ``layers``.
 
     Parameters
     ----------
     model : tf_keras.Model
         A built Sequential or Functional model. It is not modified.
-    layer : str
+    layers : str or list of str
         Name of a Conv1D, Conv2D, Conv3D or Dense layer (possibly already
-        wrapped in ``PruneByActivation``).
+        wrapped in ``PruneByActivation``), or a list of such names.
     batch_norm : bool, default=True
         Include the scaling of a ``BatchNormalization`` that directly follows
         the layer (its only consumer, normalising its channel axis).
 
     Returns
     -------
-    numpy.ndarray
-        float64 array with one value per output channel (filter or unit):
-        the largest singular value of the channel's kernel slice reshaped to
-        ``(C_in, kernel_size)`` (a Dense unit: the L2 norm of its weight
-        column), times ``|gamma| / sqrt(var + eps)`` of the following BN.
+    numpy.ndarray or dict
+        For one name, a float64 array with one value per output channel
+        (filter or unit): the largest singular value of the channel's kernel
+        slice reshaped to ``(C_in, kernel_size)`` (a Dense unit: the L2 norm
+        of its weight column), times ``|gamma| / sqrt(var + eps)`` of the
+        following BN. For a list of names, ``{name: array}``.
 
     Examples
     --------
@@ -178,10 +148,18 @@ def channel_lipschitz(model, layer, *, batch_norm=True):
     ...     keras.layers.Dense(2, kernel_initializer="ones", name="d")])
     >>> channel_lipschitz(model, "d").round(3).tolist()   # ||(1, 1, 1, 1)|| = 2
     [2.0, 2.0]
+    >>> list(channel_lipschitz(model, ["d"]))
+    ['d']
     """
     check_model(model)
-    found = _resolve(model, layer)
-    inner = _inner(found)
+    if isinstance(layers, str):
+        return _layer_lipschitz(model, scorable_layer(model, layers), batch_norm)
+    names = layer_names(model, layers, conv_layers, check=scorable_layer)
+    return {name: _layer_lipschitz(model, find_layer(model, name), batch_norm) for name in names}
+
+
+def _layer_lipschitz(model, found, batch_norm):
+    inner = unwrap(found)
     kernel = np.asarray(inner.kernel.numpy(), dtype=np.float64)
     if isinstance(inner, keras.layers.Dense):
         scores = np.linalg.norm(kernel, axis=0)
@@ -200,17 +178,17 @@ def channel_lipschitz(model, layer, *, batch_norm=True):
 
 def _check_u(u):
     if isinstance(u, bool) or not isinstance(u, numbers.Real):
-        raise TypeError(f"The 'u' parameter must be a number >= 0. Got {u!r} instead.")
+        raise InputTypeError(f"The 'u' parameter must be a number >= 0. Got {u!r} instead.")
     u = float(u)
     if not np.isfinite(u) or u < 0:
-        raise ValueError(f"The 'u' parameter must be a finite number >= 0. Got {u!r} instead.")
+        raise InputError(f"The 'u' parameter must be a finite number >= 0. Got {u!r} instead.")
     return u
 
 
 def _mask_from_scores(scores, u, name):
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.size == 0 or not np.all(np.isfinite(scores)):
-        raise ValueError(f"The scores of '{name}' must be a non-empty array of finite numbers.")
+        raise InputError(f"The scores of '{name}' must be a non-empty array of finite numbers.")
     if scores.size < 2:  # no spread to judge an outlier by
         return np.ones(scores.shape, np.float32)
     limit = scores.mean() + u * scores.std(ddof=1)
@@ -290,12 +268,7 @@ def clp_prune(model, *, layers=None, u=3.0, batch_norm=True):
     """
     check_model(model)
     u = _check_u(u)
-    names = resolve_layers(model, layers, conv_layers)
-    scores = {name: channel_lipschitz(model, name, batch_norm=batch_norm) for name in names}
-    masks = clp_masks(scores, u)
-    for name in names:
-        found = find_layer(model, name)
-        if isinstance(found, PruneByActivation):
-            masks[name] = (masks[name] * found.get_mask()).astype(np.float32)
-    pruned = wrap_layers(model, names, masks=masks)
+    names = layer_names(model, layers, conv_layers, check=scorable_layer)
+    scores = channel_lipschitz(model, names, batch_norm=batch_norm)
+    pruned, masks = apply_masks(model, clp_masks(scores, u))
     return ClpResult(pruned, masks, scores, u)

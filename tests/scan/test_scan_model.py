@@ -1,0 +1,188 @@
+"""scan_model on tiny nets with planted backdoors, ScanResult, and input validation."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from planted import planted_data, stamp_trigger  # tests/scan/planted.py
+from tf_backdoor_defense.metrics import predict_labels
+from tf_backdoor_defense.scan import ScanResult, scan_model
+
+FAST = dict(steps=150, init_cost=1e-2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def scans(planted):
+    return {kind: scan_model(planted[kind], planted["data"], **FAST)
+            for kind in ("clean", "all-to-one", "all-to-all")}
+
+
+def test_all_to_one_target_is_named(scans):
+    result = scans["all-to-one"]
+    assert result.backdoor_found and result.suspected_targets == (2,)
+    assert result.tests["targeted"] and not result.all_to_all_suspected
+    assert result.verdict.startswith("backdoor found") and "target class 2" in result.verdict
+    row = result.table.set_index("class").loc[2]
+    assert row["suspected"] and row["anomaly_index"] > 2
+    assert row["mask_l1"] == result.table["mask_l1"].min()
+    assert row["attack_success_rate"] > 0.95
+
+
+def test_all_to_all_is_flagged_by_the_untargeted_test(scans):
+    result = scans["all-to-all"]
+    assert result.backdoor_found and result.all_to_all_suspected
+    assert result.tests["untargeted"] and result.untargeted["tested"]
+    assert result.untargeted["statistic"] < result.untargeted["threshold"]
+    assert result.untargeted["dominant_share"] < 0.5  # moved inputs spread over the classes
+    assert "all-to-all" in result.verdict
+
+
+def test_clean_net_is_clean(scans):
+    result = scans["clean"]
+    assert not result.backdoor_found and result.verdict == "no backdoor found"
+    assert result.suspected_targets == () and not result.all_to_all_suspected
+    assert result.untargeted["statistic"] > result.untargeted["threshold"]
+    assert result.suspected_triggers() == []
+
+
+def test_table_and_arrays_are_consistent(scans, planted):
+    result = scans["all-to-one"]
+    table = result.table
+    assert isinstance(table, pd.DataFrame) and len(table) == 6
+    assert table["class"].tolist() == list(range(6))
+    assert set(table["stage"]) == {"refined"} and table["screen_objective"].isna().all()
+    assert result.classes == tuple(range(6))
+    assert result.masks.shape == (6, 8, 8, 1) and result.patterns.shape == (6, 8, 8, 1)
+    assert result.masks.min() >= 0 and result.masks.max() <= 1
+    assert result.patterns.min() >= 0 and result.patterns.max() <= 1
+    np.testing.assert_allclose(result.masks.sum(axis=(1, 2, 3)), table["mask_l1"], rtol=1e-4)
+    np.testing.assert_allclose(result.success_rates, table["attack_success_rate"])
+    assert result.value_range == (0.0, 1.0) and result.success_data == "held-apart"
+    assert result.seconds > 0 and result.timings["slots"] == 7
+
+
+def test_apply_stamps_the_reversed_trigger(scans, planted):
+    result = scans["all-to-one"]
+    x, y = planted_data(60, seed=7)
+    stamped = result.apply(x, 2)
+    mask, pattern = result.trigger(2)
+    np.testing.assert_allclose(stamped, x * (1 - mask) + mask * pattern, rtol=1e-6)
+    assert np.mean(predict_labels(planted["all-to-one"], stamped)[y != 2] == 2) > 0.95
+    moved = result.apply(x, "untargeted")
+    assert moved.shape == x.shape and moved.dtype == np.float32
+
+
+def test_suspected_triggers_feed_unlearning(scans):
+    pairs = scans["all-to-one"].suspected_triggers()
+    assert len(pairs) == 1 and pairs[0][0].shape == (8, 8, 1)
+    pairs = scans["all-to-all"].suspected_triggers()
+    assert len(pairs) == 1 + len(scans["all-to-all"].suspected_targets)
+    np.testing.assert_array_equal(pairs[-1][0], scans["all-to-all"].untargeted_mask)
+
+
+def test_result_is_frozen_and_json_ready(scans):
+    result = scans["all-to-one"]
+    with pytest.raises(Exception):
+        result.verdict = "changed"
+    payload = json.loads(json.dumps(result.as_dict(), default=float))
+    assert payload["suspected_targets"] == [2] and len(payload["classes"]) == 6
+    assert payload["settings"]["steps"] == 150
+    assert "target class 2" in repr(result)
+
+
+def test_top_sorts_by_mask_size(scans):
+    top = scans["all-to-one"].top(3)
+    assert top["class"].iloc[0] == 2 and len(top) == 3
+    assert top["mask_l1"].is_monotonic_increasing
+
+
+def test_deterministic_for_a_seed(planted):
+    first = scan_model(planted["all-to-one"], planted["data"], steps=20, seed=5)
+    second = scan_model(planted["all-to-one"], planted["data"], steps=20, seed=5)
+    np.testing.assert_array_equal(first.masks, second.masks)
+    pd.testing.assert_frame_equal(first.table, second.table)
+
+
+def test_model_is_not_changed(planted):
+    model = planted["all-to-one"]
+    before = [w.copy() for w in model.get_weights()]
+    scan_model(model, planted["data"], steps=10)
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_screen_refines_the_promising_classes(planted):
+    result = scan_model(planted["all-to-one"], planted["data"], screen_above=2, refine=1,
+                        reference=2, screen_steps=20, **FAST)
+    table = result.table
+    assert (table["stage"] == "refined").sum() == 3 and 2 in result.classes
+    assert table["screen_objective"].notna().all()
+    refined = table[table["stage"] == "refined"]
+    screened = table[table["stage"] == "screened"]
+    assert screened["mask_l1"].isna().all() and refined["mask_l1"].notna().all()
+    assert "screen" in result.timings
+    with pytest.raises(ValueError, match="screened out"):
+        result.trigger(int(screened["class"].iloc[0]))
+
+
+def test_candidates_limit_the_classes(planted):
+    result = scan_model(planted["all-to-one"], planted["data"], candidates=[1, 2, 4], **FAST)
+    assert result.classes == (1, 2, 4)
+    assert (result.table["stage"] == "not tested").sum() == 3
+
+
+def test_few_examples_are_not_held_apart(planted):
+    x, y = planted["data"]
+    result = scan_model(planted["all-to-one"], (x[:30], y[:30]), steps=10)
+    assert result.success_data == "optimisation"
+    assert not result.untargeted["tested"] and not result.all_to_all_suspected
+
+
+def test_value_range_is_respected(planted):
+    x, y = planted["data"]
+    result = scan_model(planted["clean"], (x * 255.0, y), steps=5)
+    assert result.value_range == (0.0, 255.0) and result.patterns.max() > 1.0
+    result = scan_model(planted["clean"], (x, y), steps=5, value_range=(0.0, 0.5))
+    assert result.patterns.max() <= 0.5
+
+
+def test_trigger_of_the_real_backdoor_matches(scans, planted):
+    """The reversed all-to-one trigger marks the planted pixel (7, 7)."""
+    mask, pattern = scans["all-to-one"].trigger(2)
+    assert mask[7, 7, 0] > 0.5 and pattern[7, 7, 0] > 0.5
+    x, _ = planted["data"]
+    assert np.all(predict_labels(planted["all-to-one"], stamp_trigger(x)) == 2)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(steps=0), ValueError, "'steps'"),
+    (dict(steps=2.5), TypeError, "'steps'"),
+    (dict(holdout=1.0), ValueError, "'holdout'"),
+    (dict(value_range=(1.0, 0.0)), ValueError, "'value_range'"),
+    (dict(value_range="0-1"), ValueError, "'value_range'"),
+    (dict(candidates=[0, 9]), ValueError, "'candidates'"),
+    (dict(candidates=["a"]), TypeError, "'candidates'"),
+    (dict(success_threshold=1.5), ValueError, "'success_threshold'"),
+    (dict(all_to_all_threshold=0), ValueError, "'all_to_all_threshold'"),
+])
+def test_bad_arguments_are_refused(planted, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        scan_model(planted["clean"], planted["data"], **kwargs)
+
+
+def test_bad_model_and_data_are_refused(planted):
+    x, y = planted["data"]
+    with pytest.raises(TypeError, match="model"):
+        scan_model("model.h5", (x, y))
+    with pytest.raises(ValueError, match="shape"):
+        scan_model(planted["clean"], (x[:, :4], y))
+    with pytest.raises(ValueError, match="label"):
+        scan_model(planted["clean"], (x, y + 10))
+
+
+def test_result_type_is_exported():
+    import tf_backdoor_defense.scan as scan
+
+    assert scan.ScanResult is ScanResult and "scan_model" in scan.__all__

@@ -1,0 +1,341 @@
+"""Unlearning of reversed triggers: fine-tune on clean inputs stamped with them, true labels kept.
+
+Neural Cleanse (Wang et al., S&P 2019) reverse-engineers, for a suspected
+target class, the smallest mask and pattern that send clean inputs there.
+Its repair fine-tunes the network on the defender's clean data of which a
+fraction is stamped with that trigger while keeping the **true** labels: the
+network learns that the trigger means nothing, so the shortcut to the target
+class is unlearnt. :func:`unlearn_triggers` does this for any number of
+triggers, given as ``(mask, pattern)`` pairs; a stamped input is
+``x * (1 - mask) + mask * pattern``.
+
+By default (``distill=True``) the target of every input, stamped or not, is
+the received model's own prediction on the *unstamped* input (knowledge
+distillation from the model as received) rather than its label: a stamped
+input must get the answer its clean original gets. This keeps the network's
+clean behaviour much better than hard labels when the defender has only a
+few hundred or thousand clean inputs, which a network trained on more data
+would otherwise overfit; ``distill=False`` uses the true labels, as Neural
+Cleanse does.
+
+Training runs the network in inference mode (``training=False``):
+BatchNormalization keeps and uses its moving statistics, which a few hundred
+clean inputs would otherwise overwrite, and Dropout is off. Gradients still
+reach every trainable weight (BatchNormalization's scale and offset
+included). ``PruneByActivation`` masks are non-trainable and multiply their
+channels' outputs, so pruned channels stay at zero.
+"""
+
+import logging
+import time
+
+import numpy as np
+
+from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense._validation import check_fraction, check_model, check_number
+from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
+
+__all__ = ["unlearn_triggers", "check_triggers", "stamp_triggers", "training_targets",
+           "target_loss"]
+
+logger = logging.getLogger(__name__)
+
+#: Optimiser steps the defaults aim for, whatever the size of the clean data.
+DEFAULT_STEPS = 300
+
+
+def _as_array(value, what):
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"The 'triggers' parameter must hold numeric arrays; its {what} is "
+                        f"{type(value).__name__}.") from error
+    return array
+
+
+def _fit_shape(array, image_shape, what, index):
+    """``array`` as ``image_shape[:-1] + (1 or C,)`` (a missing channel axis is added)."""
+    spatial, channels = tuple(image_shape[:-1]), image_shape[-1]
+    if array.shape == spatial:
+        array = array[..., None]
+    if array.shape[:-1] != spatial or array.shape[-1] not in (1, channels):
+        raise ValueError(
+            f"The 'triggers' parameter's {what} {index} must have shape {spatial + (1,)} or "
+            f"{spatial + (channels,)} to fit inputs of shape {tuple(image_shape)}. "
+            f"Got shape {array.shape}.")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"The 'triggers' parameter's {what} {index} contains NaN or Inf values.")
+    return array
+
+
+def check_triggers(triggers, image_shape):
+    """Validate triggers and stack them as ``(masks, patterns)`` float32 arrays.
+
+    Parameters
+    ----------
+    triggers : sequence of (mask, pattern) pairs, or a (masks, patterns) pair of stacked arrays
+        ``mask`` has shape ``(H, W, 1)`` (or ``(H, W)`` or ``(H, W, C)``) with
+        values in [0, 1]; ``pattern`` has shape ``(H, W, C)`` (or ``(H, W, 1)``
+        or ``(H, W)``) in the data's scale. Stacked arrays carry a leading
+        trigger axis: ``masks`` ``(K, H, W, 1)``, ``patterns`` ``(K, H, W, C)``.
+        One pair of unstacked arrays is one trigger.
+    image_shape : tuple of int
+        The shape of one input, ``(H, W, C)``.
+
+    Returns
+    -------
+    masks : float32 array of shape (K, H, W, 1 or C)
+    patterns : float32 array of shape (K, H, W, 1 or C)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mask, pattern = np.zeros((4, 4, 1)), np.ones((4, 4, 1))
+    >>> masks, patterns = check_triggers([(mask, pattern), (mask, pattern)], (4, 4, 1))
+    >>> masks.shape, patterns.shape
+    ((2, 4, 4, 1), (2, 4, 4, 1))
+    """
+    image_shape = tuple(int(s) for s in image_shape)
+    rank = len(image_shape)
+    if isinstance(triggers, (str, bytes, dict)) or not hasattr(triggers, "__len__"):
+        raise TypeError("The 'triggers' parameter must be a sequence of (mask, pattern) pairs. "
+                        f"Got {type(triggers).__name__}.")
+    pairs = list(triggers)
+    if len(pairs) == 2 and all(isinstance(p, np.ndarray) or hasattr(p, "numpy") for p in pairs):
+        masks, patterns = (_as_array(p, "array") for p in pairs)
+        if masks.ndim == rank + 1 and patterns.ndim == rank + 1:  # stacked (masks, patterns)
+            if masks.shape[0] != patterns.shape[0]:
+                raise ValueError(f"The 'triggers' parameter holds {masks.shape[0]} masks but "
+                                 f"{patterns.shape[0]} patterns; they must pair up.")
+            pairs = list(zip(masks, patterns))
+        elif masks.ndim in (rank - 1, rank) and patterns.ndim in (rank - 1, rank):
+            pairs = [(masks, patterns)]  # one unstacked pair
+    if not pairs:
+        raise ValueError("The 'triggers' parameter must hold at least one (mask, pattern) pair.")
+    masks, patterns = [], []
+    for index, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+            raise TypeError(f"The 'triggers' parameter must be a sequence of (mask, pattern) "
+                            f"pairs. Item {index} is {type(pair).__name__}, not a pair.")
+        mask = _fit_shape(_as_array(pair[0], f"mask {index}"), image_shape, "mask", index)
+        pattern = _fit_shape(_as_array(pair[1], f"pattern {index}"), image_shape, "pattern",
+                             index)
+        if mask.min() < -1e-6 or mask.max() > 1 + 1e-6:
+            raise ValueError(f"The 'triggers' parameter's mask {index} must have values in "
+                             f"[0, 1]. Got values in [{mask.min():g}, {mask.max():g}].")
+        masks.append(np.clip(mask, 0.0, 1.0))
+        patterns.append(pattern)
+    width = max(m.shape[-1] for m in masks)
+    masks = [np.broadcast_to(m, m.shape[:-1] + (width,)) for m in masks]
+    width = max(p.shape[-1] for p in patterns)
+    patterns = [np.broadcast_to(p, p.shape[:-1] + (width,)) for p in patterns]
+    return np.stack(masks).astype(np.float32), np.stack(patterns).astype(np.float32)
+
+
+def stamp_triggers(x, masks, patterns, which):
+    """Stamp ``x[i]`` with trigger ``which[i]`` (``-1``: left clean); returns a new array.
+
+    >>> import numpy as np
+    >>> x = np.zeros((2, 2, 2, 1), np.float32)
+    >>> masks = np.array([[[[1.0], [0.0]], [[0.0], [0.0]]]], np.float32)
+    >>> out = stamp_triggers(x, masks, np.full_like(masks, 5.0), np.array([0, -1]))
+    >>> out[:, 0, 0, 0].tolist(), float(x.sum())
+    ([5.0, 0.0], 0.0)
+    """
+    out = np.array(x, dtype=np.float32, copy=True)
+    chosen = np.flatnonzero(which >= 0)
+    if chosen.size:
+        mask, pattern = masks[which[chosen]], patterns[which[chosen]]
+        out[chosen] = out[chosen] * (1.0 - mask) + mask * pattern
+    return out
+
+
+def default_epochs(size, batch_size, steps=DEFAULT_STEPS, minimum=2):
+    """Epochs giving about ``steps`` optimiser steps on ``size`` examples (at least ``minimum``).
+
+    >>> default_epochs(1000, 64), default_epochs(200, 64)
+    (19, 75)
+    """
+    per_epoch = max(1, int(np.ceil(size / batch_size)))
+    return max(int(minimum), int(np.ceil(steps / per_epoch)))
+
+
+def batch_order(size, batch_size, rng):
+    """One epoch's shuffled batches of indices."""
+    order = rng.permutation(size)
+    return [order[start:start + batch_size] for start in range(0, size, batch_size)]
+
+
+def batch_spec(array):
+    """A ``tf.TensorSpec`` for batches of ``array``'s rows (any batch size)."""
+    dtype = tf.float32 if np.issubdtype(array.dtype, np.floating) else tf.as_dtype(array.dtype)
+    return tf.TensorSpec((None,) + tuple(array.shape[1:]), dtype)
+
+
+def inference_mode_step(model, loss_fn, optimizer, x, targets):
+    """A compiled training step that runs ``model`` with ``training=False``.
+
+    BatchNormalization uses (and keeps) its moving statistics and Dropout is
+    off; gradients reach every trainable variable. ``x`` and ``targets`` fix
+    the input signature (batches of their rows). Returns the batch loss.
+    """
+    variables = model.trainable_variables
+
+    @tf.function(input_signature=[batch_spec(x), batch_spec(targets)])
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=False)) + tf.add_n(model.losses or [0.0])
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+        return loss
+
+    return step
+
+
+def _from_logits(model):
+    return bool(loss_for(model).get_config().get("from_logits", False))
+
+
+def training_targets(model, x, y, distill, batch_size=256):
+    """What the repairs fit: ``y`` itself, or the model's probabilities on ``x`` (``distill``).
+
+    Probabilities are float32 rows (one column for a single sigmoid unit),
+    computed in inference mode before any training.
+
+    >>> import numpy as np, tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(
+    ...     2, activation="softmax", kernel_initializer="zeros")])
+    >>> training_targets(model, np.ones((1, 2)), np.array([1]), distill=True).tolist()
+    [[0.5, 0.5]]
+    """
+    if not distill:
+        return y
+    logits = _from_logits(model)
+    parts = []
+    for start in range(0, x.shape[0], batch_size):
+        out = model(x[start:start + batch_size], training=False)
+        if logits:
+            out = tf.sigmoid(out) if out.shape[-1] == 1 else tf.nn.softmax(out, axis=-1)
+        parts.append(np.asarray(out, dtype=np.float32))
+    return np.concatenate(parts)
+
+
+def target_loss(model, distill):
+    """The loss between ``model``'s outputs and :func:`training_targets`.
+
+    Sparse cross-entropy on labels; cross-entropy against probability rows
+    with ``distill`` (binary cross-entropy for a single unit). From logits
+    unless the model ends in a softmax (sigmoid), as :func:`loss_for`.
+    """
+    hard = loss_for(model)
+    if not distill or isinstance(hard, keras.losses.BinaryCrossentropy):
+        return hard
+    return keras.losses.CategoricalCrossentropy(from_logits=_from_logits(model))
+
+
+def check_seed(seed):
+    """``seed`` as an int >= 0, or a clear error."""
+    return int(check_number(seed, "seed", 0, integer=True))
+
+
+def check_flag(value, name):
+    """``value`` as a bool when it is one, or a clear ``TypeError``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"The '{name}' parameter must be True or False. Got {value!r}.")
+    return bool(value)
+
+
+def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=0.003,
+                     stamp_fraction=0.2, distill=True, momentum=0.9, batch_size=64, seed=0):
+    """Fine-tune a copy of ``model`` to ignore reversed triggers (Neural Cleanse's unlearning).
+
+    Every epoch a fresh random ``stamp_fraction`` of the clean inputs is
+    stamped, each with one of ``triggers`` drawn at random, and keeps the
+    target of its clean original (the received model's prediction with
+    ``distill``, else its label); the rest stay clean. Training is
+    cosine-decayed SGD with momentum, with the network in inference mode (see
+    the module docs).
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+        The suspect network (softmax or logit outputs; layers may be wrapped
+        in ``PruneByActivation``, whose masks are kept). Not modified.
+    train_data : (x, y) arrays or tf.data.Dataset
+        The defender's clean labelled data.
+    triggers : sequence of (mask, pattern) pairs, or a (masks, patterns) pair of stacked arrays
+        The reversed triggers (see :func:`check_triggers`): ``mask`` of shape
+        ``(H, W, 1)`` in [0, 1], ``pattern`` of shape ``(H, W, C)`` in the
+        data's scale. A scan's ``(result.masks, result.patterns)`` can be
+        passed as they are.
+    epochs : int, default=None
+        Passes over ``train_data``; ``None`` gives about 300 optimiser steps
+        (at least 2 epochs), so small clean sets get more passes.
+    learning_rate : float, default=0.003
+        Initial SGD learning rate, decayed to zero along a cosine.
+    stamp_fraction : float in [0, 1], default=0.2
+        Share of each epoch's inputs stamped with a trigger.
+    distill : bool, default=True
+        Fit the received model's predictions on the unstamped inputs instead
+        of the labels (see the module docs).
+    momentum : float in [0, 1), default=0.9
+    batch_size : int, default=64
+    seed : int, default=0
+        Seeds the stamping, the batch order and Keras; the same seed gives the
+        same weights.
+
+    Returns
+    -------
+    tf_keras.Model
+        The repaired copy.
+
+    Examples
+    --------
+    >>> import numpy as np, tf_keras as keras
+    >>> keras.utils.set_random_seed(0)
+    >>> model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
+    ...                           keras.layers.Dense(2, activation="softmax")])
+    >>> x = np.random.default_rng(0).random((32, 6, 6, 1), dtype=np.float32)
+    >>> y = (x[:, 0, 0, 0] > 0.5).astype(int)
+    >>> mask = np.zeros((6, 6, 1)); mask[-2:, -2:] = 1.0
+    >>> repaired = unlearn_triggers(model, (x, y), [(mask, np.ones((6, 6, 1)))], epochs=1)
+    >>> repaired is model
+    False
+    """
+    check_model(model)
+    x, y = as_arrays(train_data, "train_data", model)
+    masks, patterns = check_triggers(triggers, x.shape[1:])
+    batch_size = int(check_number(batch_size, "batch_size", integer=True, positive=True))
+    epochs = (default_epochs(x.shape[0], batch_size) if epochs is None
+              else int(check_number(epochs, "epochs", 0, integer=True)))
+    learning_rate = float(check_number(learning_rate, "learning_rate", positive=True))
+    momentum = float(check_number(momentum, "momentum", below=1.0))
+    fraction = check_fraction(stamp_fraction, "stamp_fraction")
+    distill = check_flag(distill, "distill")
+    seed = check_seed(seed)
+
+    started = time.perf_counter()
+    keras.utils.set_random_seed(seed)
+    tuned = copy_model(model)
+    if epochs == 0:
+        return tuned
+    targets = training_targets(model, x, y, distill)
+    rng = np.random.default_rng(seed)
+    steps = epochs * int(np.ceil(x.shape[0] / batch_size))
+    optimizer = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(learning_rate, steps),
+                                     momentum=momentum)
+    step = inference_mode_step(tuned, target_loss(tuned, distill), optimizer, x, targets)
+    stamped_count = int(round(fraction * x.shape[0]))
+    loss = float("nan")
+    for epoch in range(epochs):
+        which = np.full(x.shape[0], -1, np.int64)
+        chosen = rng.choice(x.shape[0], size=stamped_count, replace=False)
+        which[chosen] = rng.integers(0, masks.shape[0], size=stamped_count)
+        x_epoch = stamp_triggers(x, masks, patterns, which)
+        for index in batch_order(x.shape[0], batch_size, rng):
+            loss = float(step(tf.constant(x_epoch[index]), tf.constant(targets[index])))
+        logger.debug("unlearn_triggers epoch %d/%d: last batch loss %.4f", epoch + 1, epochs,
+                     loss)
+    logger.info("unlearn_triggers: %d trigger(s), %d epochs (%d steps) in %.1f s",
+                masks.shape[0], epochs, steps, time.perf_counter() - started)
+    return tuned

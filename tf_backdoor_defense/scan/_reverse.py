@@ -1,0 +1,418 @@
+"""Reverse-engineer triggers: the smallest mask and pattern that send clean inputs to a class.
+
+The optimisation of Neural Cleanse (Wang et al., IEEE S&P 2019), run for many
+*slots* at once. A slot is one trigger to reverse: a target class (the
+stamped inputs must be classified as it) or an untargeted slot (the stamped
+inputs must leave their true class), and the clean inputs it is optimised on.
+A stamped input is ``x * (1 - m) + m * p`` with the mask ``m`` (H, W, 1) in
+[0, 1] and the pattern ``p`` (H, W, C) within the data's value range, both
+written through ``tanh`` so that every value of the free variables is valid.
+
+Slots are optimised in chunks: one variable tensor of shape (S, H, W, ·) per
+chunk of S slots, a single forward pass over the S x B stamped inputs per
+step, and Adam. Each slot's loss is its cross-entropy plus its own weight
+times the mask's L1 norm; the weight adapts as in Neural Cleanse: raised
+when the slot's attack succeeds for ``patience`` rounds in a row, lowered
+when it fails, so that the mask shrinks as far as the attack allows. The
+smallest mask that reached the success threshold is kept.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.masks._wrapper import PruneByActivation
+
+__all__ = ["ReverseSettings", "Slots", "TriggerOptimizer", "infer_value_range", "stamp"]
+
+UNTARGETED = -1
+#: Bound of the tanh-parametrised variables (masks in [0.0003, 0.9997]).
+LIMIT = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseSettings:
+    """The optimisation's knobs (see :func:`tf_backdoor_defense.scan.scan_model`)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    init_cost: float = 1e-3
+    success_threshold: float = 0.99
+    round_steps: int = 10
+    patience: int = 2
+    cost_up: float = 1.5
+    cost_down: float = 1.5 ** 1.5
+    early_stop_rounds: int = 6
+    max_images_per_step: int = 512
+    mask_init: float = 0.5
+    shift: int = 0
+    noise: float = 0.0
+
+
+@dataclasses.dataclass
+class Slots:
+    """Triggers to reverse: ``targets[i]`` (or ``UNTARGETED``) over the inputs ``pools[i]``.
+
+    ``thresholds[i]`` is the success rate slot ``i`` must reach (default: the
+    settings' ``success_threshold`` for every slot).
+    """
+
+    targets: np.ndarray
+    pools: list
+    thresholds: np.ndarray = None
+
+    def __len__(self):
+        return len(self.targets)
+
+
+def infer_value_range(x):
+    """The value range of the data: [0, 1], [-1, 1] or [0, 255] when the data fit, else [min, max].
+
+    >>> import numpy as np
+    >>> infer_value_range(np.array([0.0, 0.7])), infer_value_range(np.array([3.0, 251.0]))
+    ((0.0, 1.0), (0.0, 255.0))
+    """
+    low, high = float(np.min(x)), float(np.max(x))
+    for candidate in ((0.0, 1.0), (-1.0, 1.0), (0.0, 255.0)):
+        if candidate[0] <= low and high <= candidate[1]:
+            return candidate
+    return low, high
+
+
+def stamp(x, mask, pattern):
+    """``x * (1 - mask) + mask * pattern`` for a batch ``x`` (N, H, W, C), as float32."""
+    x = np.asarray(x, dtype=np.float32)
+    mask = np.asarray(mask, dtype=np.float32)
+    pattern = np.asarray(pattern, dtype=np.float32)
+    return x * (1.0 - mask) + mask * pattern
+
+
+def _log_probabilities(model):
+    """A function from inputs to log class probabilities, from logits where the model has them.
+
+    A final Dense layer with a softmax (the usual classifier) is evaluated
+    without its softmax from its own weights (read, never changed), and a
+    final softmax layer is skipped: probabilities that underflow to zero
+    would give no gradient. Other models ending in a softmax use the log of
+    their probabilities, and models without one are taken to output logits.
+    """
+    last = model.layers[-1]
+    inner = last.layer if isinstance(last, PruneByActivation) else last
+    activation = getattr(getattr(inner, "activation", None), "__name__", "")
+    units = model.outputs[0].shape[-1]
+    if units == 1:
+        def binary(x):
+            p = model(x, training=False)
+            p = tf.clip_by_value(p if activation == "sigmoid" else tf.sigmoid(p), 1e-7, 1.0 - 1e-7)
+            return tf.math.log(tf.concat([1.0 - p, p], axis=-1))
+        return binary
+    softmax = activation in ("softmax", "softmax_v2")
+    single = not isinstance(last, PruneByActivation) and len(last.inbound_nodes) == 1
+    if single and isinstance(inner, keras.layers.Dense) and softmax:
+        features = keras.Model(model.inputs, last.input)
+
+        def from_logits(x):
+            logits = tf.matmul(features(x, training=False), inner.kernel)
+            if inner.use_bias:
+                logits = logits + inner.bias
+            return tf.nn.log_softmax(logits)
+        return from_logits
+    if single and (isinstance(inner, keras.layers.Softmax)
+                   or (isinstance(inner, keras.layers.Activation) and softmax)):
+        before = keras.Model(model.inputs, last.input)
+        return lambda x: tf.nn.log_softmax(before(x, training=False))
+    if isinstance(inner, keras.layers.Softmax) or softmax:
+        return lambda x: tf.math.log(tf.clip_by_value(model(x, training=False), 1e-12, 1.0))
+    return lambda x: tf.nn.log_softmax(model(x, training=False))
+
+
+class TriggerOptimizer:
+    """Reverse triggers for many slots, ``chunk`` slots per optimisation step.
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+    x, y : arrays
+        The clean inputs (float32, channels-last) and their class indices.
+    value_range : (float, float)
+    settings : ReverseSettings
+    seed : int
+    """
+
+    def __init__(self, model, x, y, value_range, settings, seed):
+        self.model = model
+        self.x = np.asarray(x, dtype=np.float32)
+        self.y = np.asarray(y, dtype=np.int64)
+        self.low, self.high = (float(v) for v in value_range)
+        self.settings = settings
+        self.seed = int(seed)
+        self._log_probs = _log_probabilities(model)
+        self._compiled = {}
+
+    # -- parametrisation ------------------------------------------------------------------
+    def _initial(self, rng, count, shape):
+        """Free variables of ``count`` slots: masks near ``mask_init``, random patterns."""
+        h, w, c = shape
+        center = np.arctanh(2.0 * self.settings.mask_init - 1.0)
+        mask = (center + rng.uniform(-0.1, 0.1, size=(count, h, w, 1))).astype(np.float32)
+        pattern = rng.uniform(-1.0, 1.0, size=(count, h, w, c)).astype(np.float32)
+        return mask, pattern
+
+    def to_images(self, mask_w, pattern_w):
+        """Masks in [0, 1] and patterns in the value range, from free variables (numpy)."""
+        mask = (np.tanh(mask_w) + 1.0) / 2.0
+        pattern = self.low + (self.high - self.low) * (np.tanh(pattern_w) + 1.0) / 2.0
+        return mask.astype(np.float32), pattern.astype(np.float32)
+
+    # -- the compiled step ----------------------------------------------------------------
+    def _step_fn(self, slots, batch):
+        key = (slots, batch)
+        if key in self._compiled:
+            return self._compiled[key]
+        h, w, c = self.x.shape[1:]
+        low, span = self.low, self.high - self.low
+        s = self.settings
+        variables = {
+            "mask": tf.Variable(tf.zeros((slots, h, w, 1)), trainable=False),
+            "pattern": tf.Variable(tf.zeros((slots, h, w, c)), trainable=False),
+        }
+        moments = {name: (tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v)))
+                   for name, v in variables.items()}
+        counter = tf.Variable(0.0, trainable=False)
+        log_probs = self._log_probs
+        classes = self.model.outputs[0].shape[-1]
+        classes = 2 if classes == 1 else int(classes)
+
+        @tf.function(input_signature=[
+            tf.TensorSpec((slots, batch, h, w, c), tf.float32),
+            tf.TensorSpec((slots, batch), tf.int64),
+            tf.TensorSpec((slots,), tf.int64),
+            tf.TensorSpec((slots,), tf.float32)])
+        def step(x, labels, targets, costs):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch([variables["mask"], variables["pattern"]])
+                mask = (tf.tanh(variables["mask"]) + 1.0) / 2.0
+                pattern = low + span * (tf.tanh(variables["pattern"]) + 1.0) / 2.0
+                stamped = x * (1.0 - mask[:, None]) + (mask * pattern)[:, None]
+                scores = log_probs(tf.reshape(stamped, (slots * batch, h, w, c)))
+                scores = tf.reshape(scores, (slots, batch, classes))
+                untargeted = targets < 0
+                wanted = tf.where(untargeted[:, None], labels, targets[:, None])
+                chosen = tf.gather(scores, wanted, batch_dims=2)
+                # Untargeted: log P(any class but the true one) = logsumexp over the others.
+                others = tf.where(tf.one_hot(labels, classes) > 0, -np.inf, scores)
+                away = tf.reduce_logsumexp(others, axis=-1)
+                cross_entropy = tf.where(untargeted[:, None], -away, -chosen)
+                cross_entropy = tf.reduce_mean(cross_entropy, axis=1)
+                l1 = tf.reduce_sum(mask, axis=[1, 2, 3])
+                loss = tf.reduce_sum(cross_entropy + costs * l1)
+            grads = tape.gradient(loss, [variables["mask"], variables["pattern"]])
+            counter.assign_add(1.0)
+            beta1, beta2 = 0.9, 0.999
+            rate = s.learning_rate * tf.sqrt(1.0 - beta2 ** counter) / (1.0 - beta1 ** counter)
+            for (name, var), grad in zip(variables.items(), grads):
+                m, v = moments[name]
+                m.assign(beta1 * m + (1.0 - beta1) * grad)
+                v.assign(beta2 * v + (1.0 - beta2) * tf.square(grad))
+                # Bounded free variables: tanh never saturates so far that a mask or a
+                # pattern value cannot come back.
+                var.assign(tf.clip_by_value(var - rate * m / (tf.sqrt(v) + 1e-8), -LIMIT, LIMIT))
+            predicted = tf.argmax(scores, axis=-1)
+            success = tf.where(untargeted[:, None], predicted != labels, predicted == wanted)
+            return cross_entropy, l1, tf.reduce_mean(tf.cast(success, tf.float32), axis=1)
+
+        @tf.function(input_signature=[
+            tf.TensorSpec((slots, batch, h, w, c), tf.float32),
+            tf.TensorSpec((slots, batch), tf.int64),
+            tf.TensorSpec((slots,), tf.int64)])
+        def check(x, labels, targets):
+            mask = (tf.tanh(variables["mask"]) + 1.0) / 2.0
+            pattern = low + span * (tf.tanh(variables["pattern"]) + 1.0) / 2.0
+            stamped = x * (1.0 - mask[:, None]) + (mask * pattern)[:, None]
+            scores = log_probs(tf.reshape(stamped, (slots * batch, h, w, c)))
+            predicted = tf.reshape(tf.argmax(scores, axis=-1), (slots, batch))
+            untargeted = targets < 0
+            wanted = tf.where(untargeted[:, None], labels, targets[:, None])
+            success = tf.where(untargeted[:, None], predicted != labels, predicted == wanted)
+            return tf.reduce_mean(tf.cast(success, tf.float32), axis=1)
+
+        def load(mask_w, pattern_w):
+            variables["mask"].assign(mask_w)
+            variables["pattern"].assign(pattern_w)
+            for m, v in moments.values():
+                m.assign(tf.zeros_like(m))
+                v.assign(tf.zeros_like(v))
+            counter.assign(0.0)
+
+        def read():
+            return variables["mask"].numpy(), variables["pattern"].numpy()
+
+        self._compiled[key] = (step, check, load, read)
+        return self._compiled[key]
+
+    @staticmethod
+    def _picks(slots, index, batch, rng):
+        """Indices (slots, batch) of the clean inputs each slot sees in one step."""
+        return np.stack([rng.choice(slots.pools[i], size=batch, replace=len(slots.pools[i]) < batch)
+                         for i in index])
+
+    def _augment(self, x, rng):
+        """Randomly shifted (edge pixels repeated) and noisy copies of the clean inputs.
+
+        The trigger is stamped afterwards, at a fixed place: a trigger must work on
+        every variant, which a perturbation fitted to a few particular images does not.
+        """
+        s = self.settings
+        if s.shift <= 0 and s.noise <= 0:
+            return x
+        out = x.copy()
+        if s.shift > 0:
+            flat = out.reshape((-1,) + out.shape[-3:])
+            h, w = flat.shape[1:3]
+            padded = np.pad(flat, ((0, 0), (s.shift, s.shift), (s.shift, s.shift), (0, 0)),
+                            mode="edge")
+            rows = rng.integers(0, 2 * s.shift + 1, size=len(flat))
+            cols = rng.integers(0, 2 * s.shift + 1, size=len(flat))
+            for i in range(len(flat)):
+                flat[i] = padded[i, rows[i]:rows[i] + h, cols[i]:cols[i] + w]
+        if s.noise > 0:
+            out += rng.normal(0.0, s.noise * (self.high - self.low), size=out.shape).astype(np.float32)
+            np.clip(out, self.low, self.high, out=out)
+        return out
+
+    def batch_size(self, slots):
+        """Inputs per slot and step: ``settings.batch_size``, at most the smallest pool."""
+        smallest = min(len(pool) for pool in slots.pools)
+        return max(1, min(self.settings.batch_size, smallest))
+
+    def chunk_size(self, count, batch):
+        """Slots per step: as many as ``max_images_per_step`` allows, at least one."""
+        return max(1, min(count, self.settings.max_images_per_step // batch))
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, slots, state=None, *, steps, adaptive=True, rng=None, progress=None):
+        """Optimise every slot for up to ``steps`` steps.
+
+        Parameters
+        ----------
+        slots : Slots
+        state : dict, default=None
+            ``mask_w`` and ``pattern_w`` to start from (one row per slot);
+            new random ones when None.
+        steps : int
+        adaptive : bool, default=True
+            Neural Cleanse's adaptive L1 weight and early stop; ``False`` keeps
+            the initial weight for every step (the screen).
+        rng : numpy.random.Generator
+        progress : callable, default=None
+            Called with the number of slots finished after each chunk.
+
+        Returns
+        -------
+        dict of per-slot arrays: ``mask_w``, ``pattern_w`` (the best free
+        variables), ``l1`` (their mask's L1 norm), ``success`` (their success
+        rate during optimisation), ``reached`` (bool), ``objective`` (mean
+        cross-entropy plus weighted L1 over the last round), ``steps``.
+        """
+        rng = np.random.default_rng(self.seed) if rng is None else rng
+        count = len(slots)
+        batch = self.batch_size(slots)
+        chunk = self.chunk_size(count, batch)
+        if state is None:
+            mask_w, pattern_w = self._initial(rng, count, self.x.shape[1:])
+        else:
+            mask_w, pattern_w = state["mask_w"].copy(), state["pattern_w"].copy()
+        out = {"mask_w": mask_w.copy(), "pattern_w": pattern_w.copy(),
+               "l1": np.full(count, np.inf), "success": np.zeros(count),
+               "reached": np.zeros(count, bool), "objective": np.full(count, np.inf),
+               "steps": np.zeros(count, np.int64)}
+        for start in range(0, count, chunk):
+            index = np.arange(start, min(start + chunk, count))
+            padded = np.concatenate([index, np.repeat(index[-1:], chunk - len(index))])
+            self._run_chunk(slots, padded, len(index), batch, mask_w, pattern_w, out, steps,
+                            adaptive, rng)
+            if progress is not None:
+                progress(int(index[-1]) + 1)
+        return out
+
+    def _run_chunk(self, slots, index, real, batch, mask_w, pattern_w, out, steps, adaptive, rng):
+        s = self.settings
+        step, check, load, read = self._step_fn(len(index), batch)
+        load(mask_w[index], pattern_w[index])
+        targets = slots.targets[index].astype(np.int64)
+        thresholds = (np.full(len(index), s.success_threshold) if slots.thresholds is None
+                      else np.asarray(slots.thresholds, np.float64)[index])
+        n = len(index)
+        costs = np.full(n, s.init_cost, np.float32)
+        up = np.zeros(n, np.int64)
+        down = np.zeros(n, np.int64)
+        went_up = np.zeros(n, bool)
+        went_down = np.zeros(n, bool)
+        stale = np.zeros(n, np.int64)
+        best_l1 = np.full(n, np.inf)
+        best_success = np.zeros(n)
+        best_mask, best_pattern = read()
+        reached = np.zeros(n, bool)
+        last_objective = np.full(n, np.inf)
+        done_steps = 0
+        round_success, round_objective = np.zeros(n), np.zeros(n)
+        round_l1, mean_success = np.full(n, np.inf), np.zeros(n)
+        for t in range(steps):
+            picks = self._picks(slots, index, batch, rng)
+            ce, l1, success = step(self._augment(self.x[picks], rng), self.y[picks], targets, costs)
+            ce, l1, success = ce.numpy(), l1.numpy(), success.numpy()
+            round_success += success
+            round_objective += ce + costs * l1
+            done_steps = t + 1
+            if done_steps % s.round_steps and done_steps != steps:
+                continue
+            rounds = s.round_steps if done_steps % s.round_steps == 0 else done_steps % s.round_steps
+            mean_success = round_success / rounds
+            last_objective = round_objective / rounds
+            round_success, round_objective = np.zeros(n), np.zeros(n)
+            ok = mean_success >= thresholds
+            masks, patterns = read()
+            round_l1 = np.sum((np.tanh(masks) + 1.0) / 2.0, axis=(1, 2, 3))
+            # The masks shrank during the round: check the ones kept on a fresh batch.
+            picks = self._picks(slots, index, batch, rng)
+            holds = check(self._augment(self.x[picks], rng), self.y[picks], targets).numpy()
+            improved = ok & (holds >= thresholds) & (round_l1 < best_l1) if adaptive \
+                else np.ones(n, bool)
+            best_mask[improved], best_pattern[improved] = masks[improved], patterns[improved]
+            significant = improved & (round_l1 < 0.99 * best_l1)
+            stale = np.where(significant, 0, stale + 1)
+            best_l1 = np.where(improved, round_l1, best_l1)
+            best_success = np.where(improved, holds, best_success)
+            reached |= improved
+            if not adaptive:
+                continue
+            up = np.where(ok, up + 1, 0)
+            down = np.where(ok, 0, down + 1)
+            raise_cost = up >= s.patience
+            lower_cost = down >= s.patience
+            costs = np.where(raise_cost, costs * s.cost_up, costs)
+            costs = np.where(lower_cost, costs / s.cost_down, costs).astype(np.float32)
+            went_up |= raise_cost
+            went_down |= lower_cost
+            up = np.where(raise_cost, 0, up)
+            down = np.where(lower_cost, 0, down)
+            finished = reached & went_up & went_down & (stale >= s.early_stop_rounds)
+            if np.all(finished[:real]):
+                break
+        if adaptive:
+            # A slot that never reached the threshold keeps its last state.
+            masks, patterns = read()
+            never = ~reached
+            best_mask[never], best_pattern[never] = masks[never], patterns[never]
+            best_l1 = np.where(never, round_l1, best_l1)
+            best_success = np.where(never, mean_success, best_success)
+        rows = index[:real]
+        out["mask_w"][rows] = best_mask[:real]
+        out["pattern_w"][rows] = best_pattern[:real]
+        out["l1"][rows] = best_l1[:real]
+        out["success"][rows] = best_success[:real]
+        out["reached"][rows] = reached[:real]
+        out["objective"][rows] = last_objective[:real]
+        out["steps"][rows] = done_steps
