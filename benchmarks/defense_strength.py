@@ -2,6 +2,7 @@
 
     python benchmarks/defense_strength.py [--seeds 0 1 2] [--names NAME ...] [--small]
                                           [--with-trigger] [--methods METHOD ...] [--json PATH]
+    python benchmarks/defense_strength.py --tables-from run1.json run2.json
 
 The networks come from the zoo (``benchmarks/zoo.py``; built and cached on
 first use): BadNets and clean networks that an attacker trained, with
@@ -27,6 +28,7 @@ it tried is printed after each run, whatever its columns, and kept in the
 """
 
 import argparse
+import json
 import pathlib
 import sys
 import time
@@ -111,19 +113,22 @@ def _percent(value):
 
 
 def markdown(rows):
-    """The rows as a markdown table."""
-    lines = ["| network | seed | attack | target(s) | defender data | trigger data | "
-             "accuracy before | accuracy after | drop (pt) | ASR before | ASR after | method | "
-             "seconds | warned | target met |",
-             "|" + "---|" * 15]
+    """The rows as a markdown table; plain attributes of the results (a verdict, say)
+    become extra columns."""
+    extra = list(dict.fromkeys(k for r in rows for k in r.get("result", {})))
+    head = ["network", "seed", "attack", "target(s)", "defender data", "trigger data",
+            "accuracy before", "accuracy after", "drop (pt)", "ASR before", "ASR after",
+            "method", "seconds", "warned", "target met"] + extra
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append(
-            f"| {r['network']} | {r['seed']} | {r['attack']} | {r['target']} | "
-            f"{r['defender_data']} | {r['trigger_data']} | {_percent(r['accuracy_before'])} | "
-            f"{_percent(r['accuracy_after'])} | {100 * r['drop']:+.1f} | "
-            f"{_percent(r['asr_before'])} | {_percent(r['asr_after'])} | {r['method']} | "
-            f"{r['seconds']:.0f} | {'yes' if r['warnings'] else 'no'} | "
-            f"{'yes' if r['target_met'] else 'no'} |")
+        cells = [r["network"], r["seed"], r["attack"], r["target"], r["defender_data"],
+                 r["trigger_data"], _percent(r["accuracy_before"]),
+                 _percent(r["accuracy_after"]), f"{100 * r['drop']:+.1f}",
+                 _percent(r["asr_before"]), _percent(r["asr_after"]),
+                 r["method"] or "none", f"{r['seconds']:.0f}",
+                 "yes" if r["warnings"] else "no", "yes" if r["target_met"] else "no"]
+        cells += [r.get("result", {}).get(k, "") for k in extra]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -154,7 +159,15 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+",
                         help="methods passed to defend() (default: its own default list)")
     parser.add_argument("--json", type=pathlib.Path, help="write every row to this JSON file")
+    parser.add_argument("--tables-from", type=pathlib.Path, nargs="+", metavar="JSON",
+                        help="print the tables of earlier --json files instead of running")
     args = parser.parse_args(argv)
+    if args.tables_from:
+        rows = [row for path in args.tables_from for row in json.loads(path.read_text())]
+        print(markdown(rows))
+        print()
+        print(summary(rows))
+        return 0
     rows = []
     for seed in args.seeds:
         for name in args.names:
@@ -174,8 +187,9 @@ def main(argv=None):
                     print(f"    warning: {text}", flush=True)
                 for text in row["notes"]:
                     print(f"    note: {text}", flush=True)
-                print("    " + pd.DataFrame(row["table"]).to_string(index=False)
-                      .replace("\n", "\n    "), flush=True)
+                table = pd.DataFrame(row["table"])
+                print("    " + (table.to_string(index=False).replace("\n", "\n    ")
+                               if len(table) else "(no repair method ran)"), flush=True)
             keras.backend.clear_session()
     print()
     print(markdown(rows))

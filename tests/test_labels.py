@@ -53,3 +53,16 @@ def test_every_reader_of_labels_agrees(tmp_path):
         load_data(tmp_path / "bad.npz")
     with pytest.raises(ValueError, match="negative label"):
         poison_dataset(x, bad, single_pixel())
+
+
+def test_huge_and_complex_labels_are_refused_clearly():
+    import numpy as np
+    import pytest
+
+    from tf_backdoor_defense._errors import InputError, InputTypeError
+    from tf_backdoor_defense._labels import class_indices
+
+    with pytest.raises(InputError, match="out of range"):
+        class_indices(np.array([0.0, 1e20]), "y")
+    with pytest.raises(InputTypeError, match="real numbers"):
+        class_indices(np.array([0, 1j]), "y")

@@ -32,11 +32,16 @@ def class_indices(y, what):
                          f"Got shape {y.shape}.")
     if y.dtype != bool and not np.issubdtype(y.dtype, np.number):
         raise InputTypeError(f"{what} must be numbers. Got dtype {y.dtype}.")
+    if np.iscomplexobj(y):
+        raise InputTypeError(f"{what} must be real numbers. Got dtype {y.dtype}.")
     if y.size and not np.issubdtype(y.dtype, np.integer) and y.dtype != bool:
         if not np.all(np.isfinite(y)):
             raise InputError(f"{what} contain NaN or Inf values.")
         if not np.all(np.equal(np.round(y), y)):
             raise InputError(f"{what} must be whole class indices.")
+        if y.max() >= 2 ** 31 or y.min() < -(2 ** 31):
+            raise InputError(f"{what} include a label out of range ({float(y.max()):g}); labels "
+                             "are class indices 0..N-1.")
     y = y.astype(np.int64)
     if y.size and y.min() < 0:
         raise InputError(f"{what} include a negative label ({int(y.min())}); labels are class "

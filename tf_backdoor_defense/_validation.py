@@ -31,8 +31,10 @@ __all__ = [
 
 
 def check_model(model, name="model"):
-    """A built tf-keras model, or a clear ``TypeError``/``ValueError``."""
-    check_keras2_model(model, name)
+    """A built tf-keras or Keras 3 model, or a clear ``TypeError``/``ValueError``."""
+    from tf_backdoor_defense.keras3._backend import is_keras3_model
+    if not is_keras3_model(model):  # Keras 3 models are converted by the public entry points
+        check_keras2_model(model, name)
     if not model.built or not model.inputs:
         raise InputError(
             f"The `{name}` argument must be a built model with known inputs "
@@ -265,6 +267,10 @@ def check_data(data, name="data", *, model=None, num_classes=None):
                                num_classes=num_classes)
         data = (data.x, data.y)
     if isinstance(data, tf.data.Dataset):
+        if int(data.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+            raise InputError(f"`{name}` is a tf.data.Dataset that repeats forever (infinite "
+                             "cardinality); pass a finite dataset (drop .repeat() or add "
+                             ".take(n)).")
         return LabeledData(name, dataset=data, input_shape=input_shape, num_classes=num_classes)
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise InputTypeError(

@@ -92,6 +92,7 @@ def _defend(model, methods, **kwargs):
     kwargs.setdefault("max_accuracy_drop", 0.1)
     kwargs.setdefault("scan", False)  # these tests pin the choice rule, not the scan
     kwargs.setdefault("budget_confidence", None)  # point estimates: exact fractions of 20 inputs
+    kwargs.setdefault("try_all", True)  # the table of every method
     return defend(model, TRAIN, methods=methods, **kwargs)
 
 
@@ -270,7 +271,7 @@ def test_a_method_that_does_not_apply_is_recorded_in_warnings_not_in_the_table(m
     model = _no_dense_head_model()
     stand_in = copy_model(model)
     monkeypatch.setitem(defend_module._RUNNERS, "ft-cosine", lambda m, t, c: (stand_in, ""))
-    result = defend(model, _image_data(), scan=False, methods=["reinit-head", "ft-cosine"],
+    result = defend(model, _image_data(), scan=False, try_all=True, methods=["reinit-head", "ft-cosine"],
                     max_accuracy_drop=1.0)
     assert list(result.table["method"]) == ["ft-cosine"]
     assert "reinit-head" not in result.candidates
@@ -280,7 +281,7 @@ def test_a_method_that_does_not_apply_is_recorded_in_warnings_not_in_the_table(m
 
 def test_when_no_method_runs_the_model_as_received_is_returned():
     model = _no_dense_head_model()
-    result = defend(model, _image_data(), scan=False, methods=["reinit-head"])
+    result = defend(model, _image_data(), scan=False, try_all=True, methods=["reinit-head"])
     assert result.method is None
     assert result.model is not model  # a copy, never the user's object
     for got, want in zip(result.model.get_weights(), model.get_weights()):
@@ -342,7 +343,7 @@ def test_validation_data_is_used_for_measuring_and_never_for_training(monkeypatc
 def test_validation_split_holds_out_part_of_clean_data(monkeypatch, split, expected_validation):
     recorder = Recorder(monkeypatch)
     clean = (X[:40], np.concatenate([Y_TRAIN, Y_VAL]))
-    result = defend(_backdoored(), clean, validation_split=split, scan=False, methods=["ft-cosine"])
+    result = defend(_backdoored(), clean, validation_split=split, scan=False, try_all=True, methods=["ft-cosine"])
     train_ids = _ids(recorder.trained[0][0])
     validation_ids = _ids(recorder.measured[0])
     assert len(validation_ids) == expected_validation
@@ -358,7 +359,7 @@ def test_validation_split_depends_on_the_seed_only(monkeypatch):
     recorder = Recorder(monkeypatch)
     clean = (X[:40], np.concatenate([Y_TRAIN, Y_VAL]))
     for seed in (0, 0, 1):
-        defend(_backdoored(), clean, scan=False, methods=["ft-cosine"], seed=seed)
+        defend(_backdoored(), clean, scan=False, try_all=True, methods=["ft-cosine"], seed=seed)
     first, again, other = (_ids(x) for x in recorder.measured[::2])
     assert first == again
     assert first != other
@@ -381,7 +382,7 @@ def test_prune_search_gets_separate_train_and_validation_data(monkeypatch):
     rng = np.random.default_rng(0)
     x, y = rng.random((30, 8, 8, 1), dtype=np.float32), rng.integers(0, 3, 30)
     validation = (x[20:], y[20:])
-    result = defend(model, (x[:20], y[:20]), validation_data=validation, scan=False, methods=["prune-search"],
+    result = defend(model, (x[:20], y[:20]), validation_data=validation, scan=False, try_all=True, methods=["prune-search"],
                     max_accuracy_drop=0.05, epochs=2, seed=3)
     np.testing.assert_array_equal(seen["train"][0], x[:20])
     np.testing.assert_array_equal(seen["validation"][0], x[20:])
@@ -395,7 +396,7 @@ def test_datasets_are_accepted_for_clean_and_validation_data(monkeypatch):
     recorder = Recorder(monkeypatch)
     train_ds = tf.data.Dataset.from_tensor_slices(TRAIN).batch(6)
     val_ds = tf.data.Dataset.from_tensor_slices(VAL).batch(7)
-    result = defend(_backdoored(), train_ds, validation_data=val_ds, scan=False, methods=["ft-cosine"])
+    result = defend(_backdoored(), train_ds, validation_data=val_ds, scan=False, try_all=True, methods=["ft-cosine"])
     assert _ids(recorder.trained[0][0]) == _ids(TRAIN[0])
     assert _ids(recorder.measured[0]) == _ids(VAL[0])
     assert result.baseline["validation_accuracy"] == 1.0
@@ -476,7 +477,7 @@ def test_every_real_method_runs_without_touching_the_users_model():
         warnings.simplefilter("ignore", BackdoorStillActiveWarning)
         result = defend(model, (x[10:], y[10:]), validation_data=(x[:10], y[:10]),
                         poisoned_validation_data=poisoned, methods=METHODS, epochs=1,
-                        max_accuracy_drop=1.0)
+                        max_accuracy_drop=1.0, try_all=True, repair_if_clean=True)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     assert not masked_layers(model)
     assert list(result.table["method"]) == list(METHODS)
@@ -497,7 +498,7 @@ def test_real_defend_is_deterministic_for_a_seed():
     model = tiny_conv_model()
     rng = np.random.default_rng(1)
     data = rng.random((30, 8, 8, 1), dtype=np.float32), rng.integers(0, 3, 30)
-    runs = [defend(model, data, scan=False, methods=["reinit-head", "ft-sam"], epochs=1, seed=2,
+    runs = [defend(model, data, scan=False, try_all=True, methods=["reinit-head", "ft-sam"], epochs=1, seed=2,
                    max_accuracy_drop=1.0) for _ in range(2)]
     for method in ("reinit-head", "ft-sam"):
         a, b = (r.candidates[method].get_weights() for r in runs)
@@ -520,7 +521,7 @@ def test_reinit_head_removes_a_real_badnet_backdoor_on_mnist_digits():
     asr_before = attack_success_rate(model, (x_poison, y_attacker))
     accuracy_before = clean_accuracy(model, test)
     assert asr_before > 0.9  # the backdoor is there to begin with
-    result = defend(model, train, validation_data=validation, scan=False, methods=["reinit-head"], epochs=8)
+    result = defend(model, train, validation_data=validation, scan=False, try_all=True, methods=["reinit-head"], epochs=8)
     assert result.method == "reinit-head"
     assert attack_success_rate(result.model, (x_poison, y_attacker)) < 0.1
     assert clean_accuracy(result.model, test) >= accuracy_before - 0.03
@@ -541,7 +542,7 @@ def test_several_learning_rates_keep_the_best_validation_accuracy(monkeypatch):
         return tuned
 
     monkeypatch.setattr(defend_module, "train_clean", recording)
-    result = defend(_backdoored(), TRAIN, validation_data=VAL, scan=False, methods=["ft-cosine"],
+    result = defend(_backdoored(), TRAIN, validation_data=VAL, scan=False, try_all=True, methods=["ft-cosine"],
                     learning_rate=[0.1, 0.02, 0.005], epochs=1, max_accuracy_drop=1.0)
     assert seen == [0.1, 0.02, 0.005]
     assert result.table["note"].iloc[0] == "lr 0.02"
@@ -557,7 +558,7 @@ def test_each_model_is_measured_on_validation_data_once(monkeypatch):
         return real(model, x, **kwargs)
 
     monkeypatch.setattr(defend_module, "predict_labels", counting)
-    defend(_backdoored(), TRAIN, validation_data=VAL, scan=False, methods=["ft-cosine", "ft-sam"],
+    defend(_backdoored(), TRAIN, validation_data=VAL, scan=False, try_all=True, methods=["ft-cosine", "ft-sam"],
            learning_rate=[0.1, 0.02], epochs=1, max_accuracy_drop=1.0)
     # the received model, then two tuned models per method; the chosen one is not re-measured
     assert len(measured) == 5 and len(set(measured)) == 5
@@ -567,5 +568,75 @@ def test_each_model_is_measured_on_validation_data_once(monkeypatch):
                                           ([0.1, True], TypeError)])
 def test_bad_learning_rate_lists_are_refused(rates, error):
     with pytest.raises(error, match="learning_rate"):
-        defend(_backdoored(), TRAIN, validation_data=VAL, scan=False, methods=["ft-cosine"],
+        defend(_backdoored(), TRAIN, validation_data=VAL, scan=False, try_all=True, methods=["ft-cosine"],
                learning_rate=rates, epochs=1)
+
+
+def test_methods_stop_at_the_first_that_the_choice_rule_would_take(monkeypatch):
+    fakes = FakeMethods(monkeypatch, {"reinit-head": (0.95, 0.5), "ft-sam": (1.0, 0.0),
+                                      "ft-cosine": (1.0, 0.0)})
+    result = _defend(_backdoored(), ["reinit-head", "ft-sam", "ft-cosine"],
+                     poisoned_validation_data=POISONED, try_all=False)
+    assert [call[0] for call in fakes.calls] == ["reinit-head", "ft-sam"]
+    assert result.method == "ft-sam"
+    assert any(w.startswith("not run: ft-cosine") for w in result.warnings)
+
+
+def test_paired_drop_bound_rejects_a_drop_that_noise_could_hide():
+    reference = np.ones(200, bool)
+    candidate = reference.copy()
+    candidate[:2] = False  # 1 point lost on 200 inputs
+    drop, bound = defend_module.paired_drop(reference, candidate, confidence=0.8)
+    assert drop == pytest.approx(0.01) and bound > 0.01
+    assert defend_module.paired_drop(reference, candidate, confidence=None) == (0.01, 0.01)
+    gained = reference.copy()
+    gained[:3] = False
+    both = gained.copy()
+    both[:2] = True
+    drop, bound = defend_module.paired_drop(gained, both, confidence=0.8)
+    assert drop < 0 and bound < 0.01  # a repair that only fixes inputs
+
+
+def _scan_stub(found, targets=(), all_to_all=False):
+    """A stand-in ScanResult: stamps nothing and reports ``found``."""
+    class Stub:
+        backdoor_found = found
+        verdict = "backdoor found" if found else "no backdoor found"
+        suspected_targets = tuple(targets)
+        all_to_all_suspected = all_to_all
+        seconds = 0.0
+
+        def apply(self, x, target):
+            return np.asarray(x)
+
+        def suspected_triggers(self):
+            return []
+    return Stub()
+
+
+def test_a_model_the_scan_finds_clean_is_returned_unchanged(monkeypatch):
+    import tf_backdoor_defense.scan._scan as scan_module
+
+    monkeypatch.setattr(scan_module, "scan_model", lambda model, data, **kw: _scan_stub(False))
+    fakes = FakeMethods(monkeypatch, {"ft-cosine": (0.9, 0.0)})
+    model = _backdoored()
+    result = _defend(model, ["ft-cosine"], scan=True)
+    assert fakes.calls == [] and result.method is None
+    assert result.verdict.startswith("no backdoor found") and not result.backdoor_still_active
+    assert result.model is not model
+    for got, want in zip(result.model.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    repaired = _defend(model, ["ft-cosine"], scan=True, repair_if_clean=True)
+    assert repaired.method == "ft-cosine"
+
+
+def test_verification_scan_that_still_finds_a_backdoor_warns(monkeypatch):
+    import tf_backdoor_defense.scan._scan as scan_module
+
+    monkeypatch.setattr(scan_module, "scan_model",
+                        lambda model, data, **kw: _scan_stub(True, targets=(0,)))
+    FakeMethods(monkeypatch, {"ft-cosine": (1.0, 0.0)})
+    with pytest.warns(BackdoorStillActiveWarning, match="still finds one"):
+        result = _defend(_backdoored(), ["ft-cosine"], scan=True)
+    assert result.backdoor_still_active and result.verification is not None
+    assert result.summary()["verification"]["backdoor_found"] is True

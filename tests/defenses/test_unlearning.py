@@ -157,6 +157,23 @@ def test_unlearning_an_unrelated_trigger_leaves_the_backdoor(badnet, defender):
     assert toy_scores(repaired)[1] >= 0.5
 
 
+def test_jitter_lets_a_misplaced_trigger_reach_the_real_one(badnet, defender):
+    misplaced = np.roll(MASK, -2, axis=0)  # two rows above the real patch
+    still = unlearn_triggers(badnet, defender, [(misplaced, PATTERN)], epochs=20)
+    jittered = unlearn_triggers(badnet, defender, [(misplaced, PATTERN)], epochs=20, jitter=2)
+    assert toy_scores(still)[1] >= 0.5
+    accuracy, asr = toy_scores(jittered)
+    assert asr <= 0.15 and accuracy >= 0.95
+
+
+def test_stamp_shifts_move_mask_and_pattern_with_zeros_shifted_in():
+    x = np.zeros((2, 8, 8, 1), np.float32)
+    masks, patterns = check_triggers([(MASK, PATTERN)], (8, 8, 1))
+    out = stamp_triggers(x, masks, patterns, np.array([0, 0]), np.array([[-2, -1], [3, 3]]))
+    assert out[0, 4:6, 5:7, 0].tolist() == [[1.0, 1.0], [1.0, 1.0]] and out[0].sum() == 4.0
+    assert out[1].sum() == 0.0  # moved off the image
+
+
 def test_zero_epochs_give_an_exact_copy(badnet, defender):
     copy = unlearn_triggers(badnet, defender, [(MASK, PATTERN)], epochs=0)
     assert copy is not badnet and _same(_weights(badnet), copy.get_weights())
@@ -234,6 +251,7 @@ def test_a_logit_output_model_is_repaired_too(defender):
     ("learning_rate", 0.0, ValueError, "'learning_rate'"),
     ("stamp_fraction", 1.5, ValueError, "'stamp_fraction'"),
     ("distill", "yes", TypeError, "'distill' parameter must be True or False"),
+    ("jitter", -1, ValueError, "'jitter'"),
     ("momentum", 1.0, ValueError, "'momentum'"),
     ("batch_size", 0, ValueError, "'batch_size'"),
     ("seed", -1, ValueError, "'seed'"),
@@ -253,3 +271,34 @@ def test_bad_model_and_data_raise_clear_errors(badnet, defender):
         unlearn_triggers(badnet, (np.zeros((0, 8, 8, 1)), np.zeros(0)), [(MASK, PATTERN)])
     with pytest.raises(ValueError, match="mask 0 must have shape"):
         unlearn_triggers(badnet, defender, [(np.zeros((28, 28, 1)), PATTERN)])
+    flat = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2, activation="softmax")])
+    with pytest.raises(ValueError, match="'jitter' parameter .* shape \\(H, W, C\\)"):
+        unlearn_triggers(flat, (np.ones((4, 6)), np.zeros(4)), [(np.ones(6), np.ones(6))],
+                         jitter=1)
+
+
+# -- real digits -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_digits_unlearning_the_true_trigger_and_ibau_repair_a_badnet():
+    from tf_backdoor_defense.attacks import pixel_pattern, poisoned_evaluation_set
+    from tf_backdoor_defense.defenses._ibau import ibau
+    from tf_backdoor_defense.experiments import load_mnist_digits, mnist_cnn, split, train_badnet
+
+    x, y = load_mnist_digits()
+    attacker, defender, evaluation = split(x, y, [2500, 1000, 1000], seed=7)
+    trigger = pixel_pattern(1.0)
+    badnet = train_badnet(*attacker, trigger, target=0, epochs=8,
+                          model=mnist_cnn(padding="same", seed=0), seed=0)
+    x_bad, _, y_true = poisoned_evaluation_set(*evaluation, trigger, target=0)
+
+    def scores(model):
+        return (clean_accuracy(model, evaluation),
+                attack_success_rate(model, (x_bad, y_true), target=0))
+
+    accuracy, asr = scores(badnet)
+    assert asr >= 0.9
+    mask = trigger(np.zeros((1, 28, 28, 1), np.float32))[0]  # the 6 pixels, value 1
+    unlearned = scores(unlearn_triggers(badnet, defender, [(mask, np.ones_like(mask))]))
+    assert unlearned[1] <= 0.02 and unlearned[0] >= accuracy - 0.015
+    adversarial = scores(ibau(badnet, defender))
+    assert adversarial[1] <= 0.2 and adversarial[0] >= accuracy - 0.03

@@ -52,13 +52,15 @@ def test_set_mask_validates_length_and_values(tiny_model):
     assert wrapped.get_layer("conv_b").pruned_channels.tolist() == [2]
 
 
-def test_keras3_model_gets_a_clear_error():
+def test_keras3_model_in_keras3_model_out():
+    # Issue #15: a Keras 3 model is converted in and back out (full tests: tests/keras3/).
     keras3 = pytest.importorskip("keras")
     if not keras3.__version__.startswith("3"):
         pytest.skip("Keras 3 not installed")
-    model = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(2)])
-    with pytest.raises(TypeError, match="Keras 3 model.*tf_keras"):
-        wrap_layers(model)
+    model = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(2, name="fc")])
+    wrapped = wrap_layers(model, "fc", masks={"fc": [0, 1]})
+    assert isinstance(wrapped, keras3.Model) and not isinstance(wrapped, keras.Model)
+    assert wrapped.get_layer("fc").pruned_channels.tolist() == [0]
 
 
 @pytest.mark.parametrize("filename", ["m.h5", "m.keras", "saved_model"])
@@ -180,3 +182,16 @@ def test_get_and_set_mask_take_a_list_of_layers(tiny_model):
         set_mask(wrapped, ["conv_b", "fc"], [1, 0, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="not wrapped"):
         get_mask(wrapped, ["conv_b", "out"])
+
+
+def test_wrapping_the_output_layer_warns():
+    import warnings
+
+    from tf_backdoor_defense.masks._wrapper import OutputLayerPruningWarning
+
+    model = tiny_conv_model()
+    with pytest.warns(OutputLayerPruningWarning, match="'out' is an output layer"):
+        wrap_layers(model, "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OutputLayerPruningWarning)
+        wrap_layers(model, "fc")  # a hidden layer: no warning

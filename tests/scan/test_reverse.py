@@ -32,7 +32,7 @@ def test_images_stay_in_range():
     np.testing.assert_allclose(pattern, [0.0, 127.5, 255.0], atol=1e-3)
 
 
-def _run(planted, kind, seed=0, steps=120):
+def _run(planted, kind, seed=1, steps=150):
     x, y = planted["data"]
     targets = np.array([0, 2, UNTARGETED])
     pools = [np.flatnonzero(y != 0), np.flatnonzero(y != 2), np.arange(len(y))]

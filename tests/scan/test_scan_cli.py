@@ -67,7 +67,7 @@ def test_existing_outputs_need_force(files, capsys):
     out = files / "taken"
     out.mkdir()
     (out / "scan.json").write_text("{}")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match="already exists"):
         _run(["scan", str(files / "net.h5"), "--clean", str(files / "clean.npz"),
               "--output", str(out), "--steps", "1"], capsys)
     assert (out / "scan.json").read_text() == "{}"

@@ -25,6 +25,7 @@ back when it returns.
 """
 
 import argparse
+import os
 import pathlib
 import sys
 import textwrap
@@ -257,7 +258,7 @@ def _save_model(model, path, force):
 def cmd_prune(args, console):
     from tf_backdoor_defense.scoring._activations import mean_channel_activations
     from tf_backdoor_defense.export._export import export_saved_model
-    from tf_backdoor_defense.io._data import check_outputs_free
+    from tf_backdoor_defense.io._data import check_output_dir, output_directory
     from tf_backdoor_defense.report._report import REPORT_FILES, write_sweep_report
     from tf_backdoor_defense.pruning._sweep import prune_to_threshold
     from tf_backdoor_defense._validation import num_classes_of
@@ -268,7 +269,7 @@ def cmd_prune(args, console):
     export_paths = {t: out / "saved_models" / _threshold_name(t) for t in thresholds}
     planned = [out / name for name in (REPORT_FILES if not args.no_plots else REPORT_FILES[:2])]
     planned += list(model_paths.values()) + (list(export_paths.values()) if args.export else [])
-    check_outputs_free(planned, force=args.force)
+    check_output_dir(out, overwrite=args.force)  # before any work: the report replaces it whole
 
     model = _load_model(args)
     classes = num_classes_of(model)
@@ -301,16 +302,21 @@ def cmd_prune(args, console):
              "models": {f"{t:g}": str(p) for t, p in model_paths.items()}}
     if args.export:
         extra["saved_models"] = {f"{t:g}": str(p) for t, p in export_paths.items()}
-    written = write_sweep_report(result, out, poisoned_means=poisoned_means, extra=extra,
-                                 plots=not args.no_plots, overwrite=args.force)
-    for t, path in model_paths.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _save_model(result.models[t], path, args.force)
-    if args.export:
-        for t, path in export_paths.items():
-            with console.step(f"exporting {path}"):
-                export_saved_model(result.models[t], path, shrink=args.shrink,
-                                   overwrite=args.force)
+    with output_directory(out, overwrite=args.force) as staging:  # written whole or not at all
+        def staged(path):
+            return staging / pathlib.Path(path).relative_to(out)
+
+        written = write_sweep_report(result, staging, poisoned_means=poisoned_means,
+                                     extra=extra, plots=not args.no_plots, overwrite=True)
+        for t, path in model_paths.items():
+            staged(path).parent.mkdir(parents=True, exist_ok=True)
+            _save_model(result.models[t], staged(path), True)
+        if args.export:
+            for t, path in export_paths.items():
+                with console.step(f"exporting {path}"):
+                    export_saved_model(result.models[t], staged(path), shrink=args.shrink,
+                                       overwrite=True)
+    written = {key: out / pathlib.Path(p).relative_to(staging) for key, p in written.items()}
     summary = result.summary()
     rows = summary.astype(object).where(summary.notna(), None).to_dict(orient="records")
     first = result.history.iloc[0]
@@ -910,6 +916,16 @@ def _error_line(error, command):
     return f"{PROG} {command}: error: {message}"
 
 
+def _silence_stdout():
+    """Point stdout at the null device, so flushing it at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+        pass
+
+
 def _run(args, console):
     """Load TensorFlow (inside the session: its start-up lines are hidden), then the command."""
     import tf_backdoor_defense._keras  # noqa: F401
@@ -943,6 +959,9 @@ def main(argv=None):
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
             return 130
+        except BrokenPipeError:  # stdout closed early (`... | head -1`): not an error
+            _silence_stdout()
+            return 0
         except INPUT_ERRORS as error:
             if args.debug:
                 traceback.print_exc()

@@ -86,6 +86,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from tf_backdoor_defense.keras3._convert import with_caller_keras
 from tf_backdoor_defense.masks._wrapper import last_conv_layer, masked_layers
 from tf_backdoor_defense.metrics import attack_success_rate, predict_labels
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, head_layers, train_clean
@@ -432,6 +433,16 @@ def _signal(table):
                                          table["residual_trigger_rate"])
 
 
+def _qualifies(row, tolerance):
+    """Whether the choice rule would take this row over every later method."""
+    if not row["within_budget"]:
+        return False
+    signal = row["validation_asr"]
+    if np.isnan(signal):
+        signal = row["residual_trigger_rate"]
+    return bool(np.isnan(signal) or signal <= tolerance + 1e-12)
+
+
 def _choose(table, tolerance=0.02):
     within = table[table["within_budget"]]
     if within.empty:
@@ -463,9 +474,11 @@ def _check_flag(value, name):
     return bool(value)
 
 
+@with_caller_keras
 def defend(model, train_data, *, validation_data=None, validation_split=0.25, max_accuracy_drop=0.01,
            poisoned_validation_data=None, target=None, methods=None, scan=True,
-           repair_if_clean=False, verify=True, budget_confidence=0.8, time_budget=None, epochs=20,
+           repair_if_clean=False, verify=True, budget_confidence=0.8, try_all=False,
+           time_budget=None, epochs=20,
            learning_rate=0.05, batch_size=64, asr_tolerance=0.02, scan_options=None, seed=0,
            verbose=0):
     """Scan a suspect network, repair it if needed, and verify the repair, within an accuracy budget.
@@ -505,6 +518,10 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     budget_confidence : float in [0.5, 1) or None, default=0.8
         One-sided confidence of the bound on the accuracy drop (None: the
         point estimate).
+    try_all : bool, default=False
+        Run every method even after one qualifies. By default the methods stop
+        at the first that is within budget and clears the backdoor signal: the
+        choice rule could not pick a later one.
     time_budget : float, default=None
         Seconds: once spent, the remaining methods are skipped (a method that
         has started finishes).
@@ -552,6 +569,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     do_scan = _check_flag(scan, "scan")
     repair_if_clean = _check_flag(repair_if_clean, "repair_if_clean")
     verify = _check_flag(verify, "verify")
+    try_all = _check_flag(try_all, "try_all")
     confidence = _check_confidence(budget_confidence)
     epochs = int(check_number(epochs, "epochs", integer=True, positive=True))
     if isinstance(learning_rate, (list, tuple, np.ndarray)):
@@ -615,6 +633,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
                 "learning_rate": rates[0] if len(rates) == 1 else rates,
                 "batch_size": batch_size, "seed": seed, "scan": do_scan, "verify": verify,
                 "repair_if_clean": repair_if_clean, "budget_confidence": confidence,
+                "try_all": try_all,
                 "train_size": int(train[0].shape[0]), "validation_size": int(validation[0].shape[0]),
                 "asr_tolerance": tolerance}
 
@@ -633,7 +652,11 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
                                  scan=found, verdict=verdict)
 
     rows, candidates = [], {}
-    for method in methods:
+    for index, method in enumerate(methods):
+        if not try_all and rows and _qualifies(rows[-1], tolerance):
+            notes.append(f"not run: {', '.join(methods[index:])} ({rows[-1]['method']} qualified "
+                         "first; try_all=True runs them)")
+            break
         if time_budget is not None and time.perf_counter() - started > time_budget:
             notes.append(f"skipped {method}: time budget of {time_budget:g} s spent")
             continue

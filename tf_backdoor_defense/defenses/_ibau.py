@@ -18,8 +18,9 @@ classifying clean inputs.
   ball whose radius is given relative to the data's value range; perturbed
   inputs are clipped to that range;
 - **outer** (one optimiser step per batch): the network is updated on the
-  batch of which a ``perturbed_fraction`` carries ``delta`` (true labels
-  kept) and the rest stays clean.
+  batch of which a ``perturbed_fraction`` carries ``delta`` and the rest
+  stays clean; every input keeps the target of its clean original (by
+  default the received model's prediction, see ``distill``).
 
 The paper's outer gradient also differentiates through the inner solution
 ``delta*(theta)``: the implicit hypergradient. With ``hypergradient=True``
@@ -32,7 +33,8 @@ cross-entropy plus ``mu / 2 * ||delta||^2``, where ``mu`` is the ball
 constraint's KKT multiplier at the found ``delta`` (the paper's objective
 has a fixed small penalty; without the multiplier a perturbation on the
 ball's surface is not a fixed point and the series diverges), and ``eta`` is
-one over the largest curvature (a few power iterations). It costs several
+one over the largest curvature (a few power iterations); the multiplier is
+computed as for an L2 ball with either norm. It costs several
 times a first-order step; see :func:`ibau` for what it changed in our
 measurements.
 
@@ -65,6 +67,7 @@ NORMS = ("l2", "linf")
 #: power-iteration steps that estimate its curvature.
 _PENALTY = 1e-3
 _POWER_STEPS = 3
+_RESET_EACH_ROUND = True
 
 
 def _check_norm(norm):
@@ -229,7 +232,8 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
     perturbed_fraction : float in [0, 1], default=0.5
         Share of each batch that carries the perturbation in the outer step.
     learning_rate : float, default=1e-3
-        Adam learning rate of the outer (model) updates.
+        Initial Adam learning rate of the outer (model) updates, decayed to
+        zero along a cosine.
     distill : bool, default=True
         Targets of both steps are the received model's predictions on the
         unperturbed inputs (knowledge distillation) instead of the labels; see
@@ -290,13 +294,15 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
     solver = _Minimax(tuned, loss_fn=target_loss(tuned, distill), radius=scaled, norm=norm,
                       inner_steps=inner_steps, step_size=2.5 * scaled / inner_steps, low=low,
                       high=high,
-                      optimizer=keras.optimizers.Adam(learning_rate),
+                      optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+                          learning_rate, rounds * int(np.ceil(x.shape[0] / batch_size)))),
                       hypergradient=hypergradient, neumann_steps=neumann_steps,
                       x_spec=batch_spec(x), target_spec=batch_spec(targets))
     rng = np.random.default_rng(seed)
     inner = outer = float("nan")
     for round_ in range(rounds):
-        solver.delta.assign(tf.zeros_like(solver.delta))
+        if _RESET_EACH_ROUND or round_ == 0:
+            solver.delta.assign(tf.zeros_like(solver.delta))
         for index in batch_order(x.shape[0], batch_size, rng):
             xb, yb = tf.constant(x[index]), tf.constant(targets[index])
             chosen = (rng.random(index.size) < fraction).astype(np.float32)

@@ -15,6 +15,7 @@ import numpy as np
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.export._export import strip_masks
+from tf_backdoor_defense.keras3._convert import with_caller_keras
 from tf_backdoor_defense.graph._replay import check_graph_model, replay_nodes, topological_nodes
 from tf_backdoor_defense.masks._wrapper import masked_layers
 from tf_backdoor_defense.metrics import count_attack_successes, defender_utility, predict_labels
@@ -48,6 +49,7 @@ def _plain(model, name):
     return strip_masks(model) if masked_layers(model) else model
 
 
+@with_caller_keras(arguments=("original", "pruned"))
 def repaired_model(original, pruned, *, name="repaired"):
     """The repaired network: ``N + 1`` outputs, class ``N`` when the two models disagree.
 

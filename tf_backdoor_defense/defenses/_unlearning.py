@@ -132,8 +132,22 @@ def check_triggers(triggers, image_shape):
     return np.stack(masks).astype(np.float32), np.stack(patterns).astype(np.float32)
 
 
-def stamp_triggers(x, masks, patterns, which):
+def _translate(arrays, rows, cols):
+    """``arrays`` (n, H, W, C) moved down ``rows`` and right ``cols`` pixels, zeros shifted in."""
+    out = np.zeros_like(arrays)
+    height, width = arrays.shape[1:3]
+    if abs(rows) >= height or abs(cols) >= width:
+        return out
+    out[:, max(rows, 0):height + min(rows, 0), max(cols, 0):width + min(cols, 0)] = \
+        arrays[:, max(-rows, 0):height + min(-rows, 0), max(-cols, 0):width + min(-cols, 0)]
+    return out
+
+
+def stamp_triggers(x, masks, patterns, which, shifts=None):
     """Stamp ``x[i]`` with trigger ``which[i]`` (``-1``: left clean); returns a new array.
+
+    ``shifts`` (optional, ``(N, 2)`` ints) moves example ``i``'s mask and
+    pattern by ``shifts[i] = (rows, cols)`` pixels first (images only).
 
     >>> import numpy as np
     >>> x = np.zeros((2, 2, 2, 1), np.float32)
@@ -141,11 +155,22 @@ def stamp_triggers(x, masks, patterns, which):
     >>> out = stamp_triggers(x, masks, np.full_like(masks, 5.0), np.array([0, -1]))
     >>> out[:, 0, 0, 0].tolist(), float(x.sum())
     ([5.0, 0.0], 0.0)
+    >>> moved = stamp_triggers(x, masks, np.full_like(masks, 5.0), np.array([0, 0]),
+    ...                        shifts=np.array([[0, 0], [1, 1]]))
+    >>> moved[1, :, :, 0].tolist()
+    [[0.0, 0.0], [0.0, 5.0]]
     """
     out = np.array(x, dtype=np.float32, copy=True)
     chosen = np.flatnonzero(which >= 0)
     if chosen.size:
         mask, pattern = masks[which[chosen]], patterns[which[chosen]]
+        if shifts is not None:
+            offsets = np.asarray(shifts)[chosen]
+            for rows, cols in {tuple(int(v) for v in o) for o in offsets}:
+                if rows or cols:
+                    same = np.flatnonzero((offsets[:, 0] == rows) & (offsets[:, 1] == cols))
+                    mask[same] = _translate(mask[same], rows, cols)
+                    pattern[same] = _translate(pattern[same], rows, cols)
         out[chosen] = out[chosen] * (1.0 - mask) + mask * pattern
     return out
 
@@ -246,7 +271,8 @@ def check_flag(value, name):
 
 
 def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=0.003,
-                     stamp_fraction=0.2, distill=True, momentum=0.9, batch_size=64, seed=0):
+                     stamp_fraction=0.2, jitter=0, distill=True, momentum=0.9, batch_size=64,
+                     seed=0):
     """Fine-tune a copy of ``model`` to ignore reversed triggers (Neural Cleanse's unlearning).
 
     Every epoch a fresh random ``stamp_fraction`` of the clean inputs is
@@ -275,6 +301,10 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
         Initial SGD learning rate, decayed to zero along a cosine.
     stamp_fraction : float in [0, 1], default=0.2
         Share of each epoch's inputs stamped with a trigger.
+    jitter : int, default=0
+        Move each stamp by a random offset of up to ``jitter`` pixels along
+        each image axis, so that a reversed trigger found a pixel or two away
+        from the real one still covers it (images ``(H, W, C)`` only).
     distill : bool, default=True
         Fit the received model's predictions on the unstamped inputs instead
         of the labels (see the module docs).
@@ -311,6 +341,11 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
     learning_rate = float(check_number(learning_rate, "learning_rate", positive=True))
     momentum = float(check_number(momentum, "momentum", below=1.0))
     fraction = check_fraction(stamp_fraction, "stamp_fraction")
+    jitter = int(check_number(jitter, "jitter", 0, integer=True))
+    if jitter and x.ndim != 4:
+        raise ValueError(f"The 'jitter' parameter moves stamps across image rows and columns; "
+                         f"it needs inputs of shape (H, W, C). Got inputs of shape "
+                         f"{x.shape[1:]}: pass jitter=0.")
     distill = check_flag(distill, "distill")
     seed = check_seed(seed)
 
@@ -331,7 +366,8 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
         which = np.full(x.shape[0], -1, np.int64)
         chosen = rng.choice(x.shape[0], size=stamped_count, replace=False)
         which[chosen] = rng.integers(0, masks.shape[0], size=stamped_count)
-        x_epoch = stamp_triggers(x, masks, patterns, which)
+        shifts = rng.integers(-jitter, jitter + 1, size=(x.shape[0], 2)) if jitter else None
+        x_epoch = stamp_triggers(x, masks, patterns, which, shifts)
         for index in batch_order(x.shape[0], batch_size, rng):
             loss = float(step(tf.constant(x_epoch[index]), tf.constant(targets[index])))
         logger.debug("unlearn_triggers epoch %d/%d: last batch loss %.4f", epoch + 1, epochs,

@@ -30,11 +30,13 @@ __all__ = ["run_demo"]
 
 
 def run_demo(*, epochs=15, seed=0, target=0, poison_rate=0.1, thresholds=(0.02, 0.04, 0.10),
-             defend_methods=("reinit-head", "fine-pruning"), verbose=True):
+             defend_methods=None, verbose=True):
     """Train an MNIST BadNet, defend it by pruning, then repair it; returns a dict of results.
 
     The returned dict holds the sweep (``result``: a SweepResult), the
-    ``defense`` (a DefenseResult, None when ``defend_methods`` is empty), the
+    ``defense`` (a DefenseResult of :func:`defend` with ``defend_methods``, None: its
+    defaults; None when ``defend_methods`` is empty: no triggered data, the scan
+    decides), the
     ``evaluation`` DataFrame (clean accuracy and ASR on held-out data for the
     BadNet, each threshold and each repair) and ``seconds``.
     """
@@ -60,9 +62,10 @@ def run_demo(*, epochs=15, seed=0, target=0, poison_rate=0.1, thresholds=(0.02, 
                      "clean_accuracy": clean_accuracy(model, (x_eval, y_eval)),
                      "attack_success_rate": attack_success_rate(model, eval_poison)})
     defense = None
-    if defend_methods:
+    if defend_methods is None or len(defend_methods):
         defense = defend(badnet, (x_rank, y_rank), validation_data=(x_val, y_val),
-                         max_accuracy_drop=0.01, methods=list(defend_methods), seed=seed)
+                         max_accuracy_drop=0.01, seed=seed,
+                         methods=None if defend_methods is None else list(defend_methods))
         for method, model in defense.candidates.items():
             chosen = " (chosen)" if method == defense.method else ""
             rows.append({"model": f"defend(): {method}{chosen}",
@@ -81,11 +84,13 @@ def run_demo(*, epochs=15, seed=0, target=0, poison_rate=0.1, thresholds=(0.02, 
                                  "attack_success_rate"]]
         print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         if defense is not None:
-            print("\ndefend(): repairs tried on the defender's data, budget 1 point of "
+            print("\ndefend(), without the trigger: scan, repair, verify; budget 1 point of "
                   "validation accuracy:")
-            print(defense.table[["method", "validation_accuracy", "accuracy_drop", "within_budget",
-                                 "seconds", "chosen"]].to_string(
-                index=False, float_format=lambda v: f"{v:.4f}"))
+            print(f"verdict: {defense.verdict}")
+            print(defense.table[["method", "validation_accuracy", "accuracy_drop", "drop_bound",
+                                 "residual_trigger_rate", "within_budget", "seconds",
+                                 "chosen"]].to_string(index=False,
+                                                      float_format=lambda v: f"{v:.4f}"))
         print("\nHeld-out evaluation (1,000 clean digits, their triggered copies):")
         print(evaluation.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         print(f"\n{seconds:.1f} s in all")

@@ -55,6 +55,7 @@ from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.graph._channels import channel_consumers, layer_kind
 from tf_backdoor_defense.graph._replay import check_graph_model, replay_nodes, topological_nodes
 from tf_backdoor_defense.io._data import atomic_path
+from tf_backdoor_defense.keras3._convert import with_caller_keras
 from tf_backdoor_defense.masks._registry import CONV_TYPES, ELEMENTWISE_ACTIVATIONS
 from tf_backdoor_defense.masks._wrapper import PruneByActivation, masked_layers
 
@@ -475,6 +476,7 @@ class _Builder:
         return self._emit(node, new, [], out, modified=True)
 
 
+@with_caller_keras
 def strip_masks(model, *, shrink=False, return_report=False):
     """A plain tf-keras copy of ``model`` with its channel masks applied to the weights.
 

@@ -39,6 +39,9 @@ __all__ = [
     "write_json",
     "to_json",
     "check_outputs_free",
+    "OUTPUT_MARKER",
+    "check_output_dir",
+    "output_directory",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -71,7 +74,7 @@ def _read_hdf5(path):
             return np.asarray(handle[x_key]), np.asarray(handle[y_key])
     except DataFileError:
         raise
-    except (OSError, KeyError, TypeError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - h5py raises many kinds on malformed bytes
         raise DataFileError(f"'{path}' is not a readable HDF5 data file ({_short(error)}).") \
             from None
 
@@ -85,7 +88,7 @@ def _read_npz(path):
             return np.asarray(archive[x_key]), np.asarray(archive[y_key])
     except DataFileError:
         raise
-    except (OSError, ValueError, EOFError, KeyError) as error:
+    except Exception as error:  # noqa: BLE001 - zipfile/zlib/numpy raise many kinds on bad bytes
         raise DataFileError(f"'{path}' is not a readable .npz data file ({_short(error)}).") \
             from None
 
@@ -134,7 +137,10 @@ def _read_images(files, folder, channels=None):
                 elif channels == 3 or image.mode not in ("L", "RGB"):
                     image = image.convert("RGB")
                 array = np.asarray(image, dtype=np.float32)
-        except (UnidentifiedImageError, OSError) as error:
+        except Image.DecompressionBombError as error:
+            raise DataFileError(f"Image '{file}' is too large to decode safely (a decompression "
+                                f"bomb? {_short(error)}).") from None
+        except (UnidentifiedImageError, Exception) as error:  # noqa: BLE001 - any decoder error
             raise DataFileError(f"Image '{file}' cannot be read ({_short(error)}).") from None
         if array.ndim == 2:
             array = array[..., None]
@@ -147,11 +153,19 @@ def _read_images(files, folder, channels=None):
 
 
 def _short(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    from tf_backdoor_defense.io._formats import one_line
+
+    return one_line(error)
 
 
 def _check_labels(y, path):
+    if np.iscomplexobj(y):
+        raise DataFileError(f"The labels in '{path}' must be real integers; got complex "
+                            f"values (dtype {y.dtype}).")
+    if np.issubdtype(y.dtype, np.floating) and y.size and \
+            not np.all(np.abs(y[np.isfinite(y)]) < 2.0 ** 62):
+        raise DataFileError(f"The labels in '{path}' are out of range: the largest is "
+                            f"{np.nanmax(np.abs(y)):g}; labels are class indices.")
     try:
         return class_indices(y, f"The labels in '{path}'")
     except (ValueError, TypeError) as error:
@@ -246,6 +260,8 @@ def load_data(path, *, scale=None, input_shape=None):
     else:
         with open(path, "rb") as handle:
             head = handle.read(8)
+        if not head:
+            raise DataFileError(f"Data file '{path}' is empty.")
         if head.startswith(b"\x89HDF\r\n\x1a\n"):
             x, y = _read_hdf5(path)
         elif head.startswith(b"PK") or path.suffix.lower() == ".npz":
@@ -253,6 +269,9 @@ def load_data(path, *, scale=None, input_shape=None):
         else:
             raise DataFileError(f"'{path}' is not a data file: expected HDF5 (data/label), "
                                 ".npz (x/y) or a folder of images.")
+    if np.iscomplexobj(x):
+        raise DataFileError(f"The inputs in '{path}' must be real numbers; got complex values "
+                            f"(dtype {x.dtype}).")
     if not np.issubdtype(x.dtype, np.number):
         raise DataFileError(f"The inputs in '{path}' must be numbers; got dtype {x.dtype}.")
     if x.ndim < 2:
@@ -441,3 +460,89 @@ def check_outputs_free(paths, overwrite=False, *, force=None):
     existing = [str(p) for p in paths if pathlib.Path(p).exists()]
     if existing and not overwrite:
         raise OutputExistsError(existing)
+
+
+#: The file that marks a folder as an output of this package (``overwrite`` may replace it).
+OUTPUT_MARKER = ".tf-backdoor-defense-output"
+
+
+def check_output_dir(path, *, overwrite=False):
+    """Raise unless ``path`` can become (or be replaced by) an output folder of this package.
+
+    Call it before any work starts. Refused: an existing file; the current
+    folder or a folder that holds it; a non-empty folder without
+    ``overwrite``; with ``overwrite``, a non-empty folder this package did
+    not write (no :data:`OUTPUT_MARKER` file in it).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (folder / "notes.txt").write_text("mine")
+    >>> try:
+    ...     check_output_dir(folder, overwrite=True)
+    ... except ValueError as error:
+    ...     print("refused")
+    refused
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError(f"The output path must be a path. Got {type(path).__name__}.")
+    target = pathlib.Path(path)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"The output '{target}' is a file, but a folder is expected there. "
+                         "Choose another name or remove the file.")
+    resolved, cwd = target.resolve(), pathlib.Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise InputError(f"The output folder '{target}' is the current folder or holds it; "
+                         "it cannot be replaced. Choose a new folder.")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise OutputExistsError([target])
+        if not (target / OUTPUT_MARKER).is_file():
+            raise InputError(f"The output folder '{target}' holds files this package did not "
+                             f"write (no {OUTPUT_MARKER} file), so it is not replaced. Choose "
+                             "a new folder or empty it.")
+    return target
+
+
+@contextlib.contextmanager
+def output_directory(path, *, overwrite=False):
+    """Build an output folder aside and swap it in whole when the block ends.
+
+    Yields an empty staging folder next to ``path`` (holding only
+    :data:`OUTPUT_MARKER`). On success the staging folder replaces
+    ``path`` with renames (an earlier output there is removed entirely);
+    on an exception it is deleted and ``path`` is untouched. See
+    :func:`check_output_dir` for what ``overwrite`` may replace.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "report"
+    >>> with output_directory(target) as staging:
+    ...     _ = (staging / "summary.json").write_text("{}")
+    >>> sorted(p.name for p in target.iterdir())
+    ['.tf-backdoor-defense-output', 'summary.json']
+    """
+    target = check_output_dir(path, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        (staging / OUTPUT_MARKER).write_text("written by tf_backdoor_defense\n", encoding="utf-8")
+        yield staging
+        check_output_dir(target, overwrite=overwrite)  # nothing foreign appeared meanwhile
+        if target.exists():
+            trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-",
+                                                  dir=target.parent))
+            os.replace(target, trash / "old")
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(trash / "old", target)
+                raise
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -49,7 +49,7 @@ def escape(text, limit=_MAX_SHOWN):
     Examples
     --------
     >>> escape("conv\\x1b[2K\\rOK")
-    'conv\\\\x1b[2K\\\\rOK'
+    'conv\\\\x1b[2K\\\\x0dOK'
     >>> escape("a" * 100, limit=5)
     'aaaaa...'
     """

@@ -7,6 +7,7 @@ from tf_backdoor_defense.masks._registry import (  # noqa: F401
 )
 from tf_backdoor_defense.masks._wrapper import (  # noqa: F401
     PruneByActivation,
+    OutputLayerPruningWarning,
     wrap_layers,
     apply_masks,
     find_layer,
@@ -22,6 +23,7 @@ from tf_backdoor_defense.masks._wrapper import (  # noqa: F401
 
 __all__ = [
     "PruneByActivation",
+    "OutputLayerPruningWarning",
     "PRUNABLE_LAYER_TYPES",
     "is_conv",
     "is_prunable",

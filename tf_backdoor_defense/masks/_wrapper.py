@@ -5,15 +5,18 @@ so it is saved with the weights, copied by ``get_weights``/``set_weights`` and
 identical on every replica. Callbacks and the sweep only read and write it.
 """
 
+import warnings
 import numpy as np
 
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import check_keras2_model, keras, tf, tfmot
+from tf_backdoor_defense.keras3._convert import with_caller_keras
 from tf_backdoor_defense.masks._registry import (CONV_TYPES, PRUNABLE_LAYER_TYPES, is_conv,
                                                  is_prunable)
 
 __all__ = [
     "PruneByActivation",
+    "OutputLayerPruningWarning",
     "PRUNABLE_LAYER_TYPES",
     "wrap_layers",
     "find_layer",
@@ -365,6 +368,11 @@ def check_not_nested(layer, targets):
             )
 
 
+class OutputLayerPruningWarning(UserWarning):
+    """A layer being wrapped for pruning produces the model's output (its units are classes)."""
+
+
+@with_caller_keras
 def wrap_layers(model, layers=None, masks=None):
     """Return a copy of ``model`` with the named layers wrapped in ``PruneByActivation``.
 
@@ -408,10 +416,17 @@ def wrap_layers(model, layers=None, masks=None):
     elif isinstance(layers, str):
         layers = [layers]
     layers = list(layers)
+    outputs = {id(t) for t in model.outputs}
     for name in layers:
         found = find_layer(model, name)
         if not isinstance(found, PruneByActivation):
             _check_prunable(found)
+        if any(id(node.output_tensors) in outputs or any(
+                id(t) in outputs for t in tf.nest.flatten(node.output_tensors))
+               for node in found._inbound_nodes):
+            warnings.warn(f"Layer '{name}' is an output layer of the model: pruning its units "
+                          "removes classes (its outputs become constant), not hidden features.",
+                          OutputLayerPruningWarning, stacklevel=2)
     masks = dict(masks or {})
     for name in masks:
         if name not in layers and not isinstance(find_layer(model, name), PruneByActivation):

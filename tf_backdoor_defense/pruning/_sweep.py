@@ -37,6 +37,7 @@ from tf_backdoor_defense._validation import (
     num_classes_of,
     renamed_argument,
 )
+from tf_backdoor_defense.keras3._convert import with_caller_keras
 from tf_backdoor_defense.masks._wrapper import layer_names, wrap_layers
 from tf_backdoor_defense.metrics import count_attack_successes, labels_from_outputs
 from tf_backdoor_defense.pruning._incremental import (
@@ -153,6 +154,7 @@ class SweepResult:
                 f"steps={self.steps}, levels={self.levels})")
 
 
+@with_caller_keras
 def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop=0.04,
                        ranking_data=None, poisoned_validation_data=None, target=None,
                        stopping_rule="largest_within", ranking=None, steps=None, batch_size=256,

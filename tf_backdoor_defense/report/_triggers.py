@@ -27,11 +27,13 @@ def _rows(result, top, untargeted):
     if untargeted:
         info = result.untargeted
         label = ("untargeted" + (" (all-to-all suspected)" if result.all_to_all_suspected else "")
-                 + f"\nL1 {info['mask_l1']:.1f}, {info['statistic']:.2f} x median"
+                 + f"\nL1 {info['mask_l1']:.1f}, {info['statistic']:.2f} x median class"
                  + ("" if info["flip_rate"] != info["flip_rate"]
                     else f"\nmoves {100 * info['flip_rate']:.0f}% off their class"))
-        rows.append((label, result.untargeted_mask, result.untargeted_pattern,
-                     result.all_to_all_suspected))
+        row = (label, result.untargeted_mask, result.untargeted_pattern,
+               result.all_to_all_suspected)
+        # The suspected trigger comes first.
+        rows = [row] + rows if result.all_to_all_suspected else rows + [row]
     return rows
 
 
@@ -53,7 +55,7 @@ def plot_triggers(scan_result, path=None, top=6, untargeted=True):
     scan's value range. Each row is labelled with its class, the mask's L1
     norm, its anomaly index and its success rate on held-apart data; a red
     frame marks a suspected trigger. The untargeted trigger (the all-to-all
-    test) is the last row.
+    test) is the last row, or the first when it is the suspected one.
 
     Parameters
     ----------
@@ -77,8 +79,8 @@ def plot_triggers(scan_result, path=None, top=6, untargeted=True):
     ...                           keras.layers.Dense(3, activation="softmax")])
     >>> x = np.random.default_rng(0).random((30, 4, 4, 1)).astype("float32")
     >>> figure = plot_triggers(scan_model(model, (x, np.arange(30) % 3), steps=10), top=2)
-    >>> len(figure.axes)
-    9
+    >>> len(figure.axes)  # two classes and the untargeted trigger, four panels each
+    12
     """
     from tf_backdoor_defense.scan._scan import ScanResult
 
