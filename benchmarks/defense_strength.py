@@ -28,6 +28,7 @@ it tried is printed after each run, whatever its columns, and kept in the
 """
 
 import argparse
+import inspect
 import json
 import pathlib
 import sys
@@ -60,6 +61,11 @@ def _simple_attributes(result):
     return found
 
 
+# defend() names its triggered-validation argument one of these ways (it is being reworked).
+_POISONED_KEYWORD = next((k for k in ("poisoned_validation_data", "poisoned_validation")
+                          if k in inspect.signature(defend).parameters), "poisoned_validation")
+
+
 def _from_library(caught):
     """A warning the library issued (its own class, or a UserWarning raised in it or at
     this script's call)."""
@@ -78,7 +84,7 @@ def run_one(net, *, small, with_trigger, methods=None):
     if methods:
         options["methods"] = methods
     if with_trigger:
-        options["poisoned_validation"] = net.poisoned(validation)
+        options[_POISONED_KEYWORD] = net.poisoned(validation)
     before = [w.copy() for w in net.model.get_weights()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -201,7 +201,8 @@ def face_rows(counts, seed=0):
         rows.append({
             "classes": min(count, classes), "screened": "screen" in result.timings,
             "refined": len(result.classes), "class_0_refined": 0 in result.classes,
-            "class_0_rank": _rank(result, 0), "class_0_anomaly": float(table.loc[0, "anomaly_index"]),
+            "class_0_rank": _rank(result, 0),
+            "class_0_anomaly": float(table.loc[0, "anomaly_index"]),
             "class_0_l1": float(table.loc[0, "mask_l1"]),
             "median_l1": result.untargeted["median_targeted_l1"],
             "verdict": result.verdict, "screen_seconds": result.timings.get("screen", 0.0),

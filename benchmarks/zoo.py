@@ -75,7 +75,7 @@ from tf_backdoor_defense.io import atomic_path, load_model, write_json
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
 
 __all__ = ["NAMES", "SPECS", "Net", "Split", "ZooQualityError", "build", "config", "data_split",
-           "augment", "attacker_epoch", "main"]
+           "digits", "make_trigger", "augment", "attacker_epoch", "convnet", "bngap", "main"]
 
 CACHE = pathlib.Path(__file__).resolve().parent / ".cache" / "zoo"
 #: Bump to retrain every cached network after a change this file's config does not show.
@@ -392,7 +392,7 @@ class Net:
     attack : str
         e.g. ``"patch all-to-one"``, ``"pattern pruning-aware"`` or ``"clean"``.
     model : tf_keras.Model
-        A fresh load of the cached network (callers may not share it).
+        A fresh load of the cached network: every call returns its own copy.
     trigger : Trigger or None
         None for a clean network.
     target : int, numpy.ndarray or None

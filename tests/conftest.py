@@ -73,3 +73,17 @@ def tiny_data():
     x = rng.random((40, 8, 8, 1), dtype=np.float32)
     y = rng.integers(0, 3, size=40)
     return x, y
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """The scan tests' planted-backdoor classifiers (tests/scan/planted.py):
+    ``{"clean": model, "all-to-one": model (target 2), "all-to-all": model, "data": (x, y)}``.
+
+    (One conftest for the whole tree: a second ``conftest.py`` would shadow this module for
+    ``from conftest import ...``.)
+    """
+    from planted import planted_data, planted_model  # tests/scan/planted.py
+
+    return {"clean": planted_model("clean"), "all-to-one": planted_model("all-to-one"),
+            "all-to-all": planted_model("all-to-all"), "data": planted_data()}

@@ -88,6 +88,8 @@ _EXPORTS = {
     "DefenseResult": "defenses._defend",
     "BackdoorStillActiveWarning": "defenses._defend",
     "convs_read_by_dense": "graph._analysis",
+    "scan_model": "scan._scan",
+    "ScanResult": "scan._scan",
 }
 
 # Subpackages and modules reachable as attributes (``tf_backdoor_defense.attacks``), also

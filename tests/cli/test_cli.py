@@ -224,8 +224,15 @@ def test_existing_outputs_need_force_and_unknown_layer_is_exit_2(lab, tmp_path, 
     assert cli.main(args) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "sweep.csv").read_text() == "precious\n"
+    # --force replaces only an earlier output of this tool, never a folder it did not write
+    assert cli.main(args + ["--force"]) == 2
+    capsys.readouterr()
+    assert (out / "sweep.csv").read_text() == "precious\n"
+    ours = tmp_path / "ours"
+    args = args[:-2] + [str(ours), "--quiet"]
+    assert cli.main(args) == 0
     assert cli.main(args + ["--force"]) == 0
-    assert (out / "sweep.csv").read_text().startswith("channels_pruned,")
+    assert (ours / "sweep.csv").read_text().startswith("channels_pruned,")
     assert cli.main(args + ["--force", "--layer", "nope"]) == 2
     assert "Unknown layer 'nope'" in capsys.readouterr().err
 
@@ -477,7 +484,7 @@ def defense_files(tmp_path_factory):
     return root
 
 
-FAST = ["--methods", "ft-cosine", "reinit-head", "--epochs", "1", "--no-scan",
+FAST = ["--methods", "ft-cosine", "reinit-head", "--epochs", "1", "--no-scan", "--try-all",
         "--budget-confidence", "0.5"]
 
 

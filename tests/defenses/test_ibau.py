@@ -64,7 +64,7 @@ def test_the_hypergradient_changes_the_outer_step_and_stays_finite(badnet, defen
         model = copy_model(badnet)
         solver = _solver(model, hypergradient=hyper)
         solver.ascend(x, y)
-        solver.descend(x, y, chosen)
+        solver.descend(x, y, chosen, tf.range(32), tf.ones(32))
         results.append(model.get_weights())
     assert all(np.all(np.isfinite(w)) for w in results[1])
     assert not _same(results[0], results[1])
@@ -74,7 +74,8 @@ def test_the_hypergradient_changes_the_outer_step_and_stays_finite(badnet, defen
 def test_ibau_removes_the_toy_backdoor_without_the_trigger(badnet, defender):
     before = _weights(badnet)
     accuracy_before, asr_before = toy_scores(badnet)
-    repaired = ibau(badnet, defender, rounds=40, learning_rate=0.01)
+    # radius 1.8 holds the 2x2 trigger (L2 about 1.7 over the noise), not a class's 3x3 square
+    repaired = ibau(badnet, defender, rounds=40, radius=1.8, learning_rate=0.02)
     accuracy, asr = toy_scores(repaired)
     assert _same(before, badnet.get_weights())  # the user's model is untouched
     assert asr_before >= 0.9 and asr <= 0.1
@@ -148,6 +149,7 @@ def test_a_logit_output_model_runs_and_changes(defender):
     ("perturbed_fraction", -0.1, ValueError, "'perturbed_fraction'"),
     ("learning_rate", -1.0, ValueError, "'learning_rate'"),
     ("hypergradient", "yes", TypeError, "'hypergradient'"),
+    ("anchor_weight", float("nan"), ValueError, "'anchor_weight'"),
     ("neumann_steps", 1.5, TypeError, "'neumann_steps'"),
     ("batch_size", 0, ValueError, "'batch_size'"),
     ("seed", None, TypeError, "'seed'"),

@@ -445,6 +445,7 @@ def cmd_defend(args, console):
                         max_accuracy_drop=args.max_accuracy_drop,
                         poisoned_validation_data=poisoned, target=target, methods=methods,
                         scan=not args.no_scan, repair_if_clean=args.repair_if_clean,
+                        try_all=args.try_all,
                         budget_confidence=args.budget_confidence, time_budget=args.time_budget,
                         epochs=args.epochs, learning_rate=list(args.learning_rate),
                         batch_size=args.batch_size, asr_tolerance=args.asr_tolerance,
@@ -839,6 +840,9 @@ def build_parser():
     group.add_argument("--no-scan", action="store_true",
                        help="do not scan first: run every method whatever the model, and judge "
                             "by accuracy (and --poisoned) only")
+    group.add_argument("--try-all", action="store_true",
+                       help="run every method even after one qualifies (the table then shows "
+                            "them all)")
     group.add_argument("--repair-if-clean", action="store_true",
                        help="repair even when the scan finds no backdoor")
     group.add_argument("--budget-confidence", type=float, default=0.8, metavar="P",
@@ -886,6 +890,10 @@ def build_parser():
     sub.add_argument("--force", action="store_true", help="overwrite an existing output")
     _sweep_options(sub, multiple=False)
     _common(sub, data=True, attack=True)
+
+    from tf_backdoor_defense.cli._scan import add_scan_parser  # no TensorFlow at import
+
+    add_scan_parser(commands, _common, formatter_class=_Formatter)
 
     sub = add("demo", "End to end on real MNIST digits: train a BadNet, prune it, print the table.",
               f"{PROG} demo\n{PROG} demo --epochs 5 --output demo_report/ --json", cmd_demo)

@@ -9,6 +9,8 @@ import argparse
 import pathlib
 import textwrap
 
+from tf_backdoor_defense._errors import InputError
+
 __all__ = ["add_scan_parser", "cmd_scan", "SCAN_FILES"]
 
 PROG = "tf-backdoor-defense"
@@ -45,7 +47,8 @@ def add_scan_parser(commands, common, formatter_class=argparse.RawDescriptionHel
     ``common(parser, data=True, batch_size=..., batch_help=...)`` adds the
     shared output, model and data options.
     """
-    help_text = "Look for a backdoor without its trigger: reverse-engineer triggers from clean data."
+    help_text = ("Look for a backdoor without its trigger: reverse-engineer triggers from clean "
+                 "data.")
     examples = (f"{PROG} scan bd_net.h5 --clean valid.h5 --output scan/\n"
                 f"{PROG} scan net.h5 --clean 'faces/cl_*.png' --top 5 --json\n"
                 f"{PROG} scan net.h5 --clean valid.npz --scale 255 --fail-if-found")
@@ -139,9 +142,9 @@ def cmd_scan(args, console):
 
     out = pathlib.Path(args.output) if args.output else None
     if out is not None:
-        check_outputs_free([out / name for name in SCAN_FILES], force=args.force)
+        check_outputs_free([out / name for name in SCAN_FILES], overwrite=args.force)
     if args.top < 0:
-        raise ValueError(f"--top must be a non-negative number of classes. Got {args.top}.")
+        raise InputError(f"--top must be a non-negative number of classes. Got {args.top}.")
     model = _load_model(args)
     clean = _load_data(args, args.clean, model)
     console.note(f"scan: {len(clean[1])} clean examples, "

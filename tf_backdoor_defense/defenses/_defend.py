@@ -554,7 +554,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     >>> x = np.random.default_rng(0).random((40, 6, 6, 1), dtype=np.float32)
     >>> y = (x[:, 0, 0, 0] > 0.5).astype(int)
     >>> result = defend(model, (x, y), methods=["reinit-head", "ft-cosine"], epochs=1,
-    ...                 scan=False, max_accuracy_drop=1.0)
+    ...                 scan=False, max_accuracy_drop=1.0, try_all=True)
     >>> result.method, list(result.table["method"])
     ('reinit-head', ['reinit-head', 'ft-cosine'])
     """

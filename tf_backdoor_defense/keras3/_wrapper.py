@@ -13,14 +13,16 @@ import numpy as np
 from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense.keras3._backend import keras3
 
+from tf_backdoor_defense.masks._registry import PRUNABLE_LAYER_TYPES  # noqa: E402
+
 keras = keras3()
 ops = keras.ops
 
 __all__ = ["PruneByActivation", "PRUNABLE_KERAS3_TYPES"]
 
-#: Keras 3 layer classes whose output channels can be masked.
-PRUNABLE_KERAS3_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-                         keras.layers.Dense)
+#: Keras 3 layer classes whose output channels can be masked: the Keras 3 classes of
+#: the same names as the registry's tf-keras ones.
+PRUNABLE_KERAS3_TYPES = tuple(getattr(keras.layers, kind.__name__) for kind in PRUNABLE_LAYER_TYPES)
 
 _STATE = (("fine_pruning_step", "int64", 0), ("fine_pruning_baseline", "float64", -1.0),
           ("fine_pruning_status", "int64", 0))

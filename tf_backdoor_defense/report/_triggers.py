@@ -4,6 +4,7 @@ import numbers
 
 import numpy as np
 
+from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense.report._analysis import new_figure, save_figure
 
 __all__ = ["plot_triggers"]
@@ -85,13 +86,13 @@ def plot_triggers(scan_result, path=None, top=6, untargeted=True):
     from tf_backdoor_defense.scan._scan import ScanResult
 
     if not isinstance(scan_result, ScanResult):
-        raise TypeError(f"The 'scan_result' parameter must be a ScanResult from scan_model. "
+        raise InputTypeError(f"The 'scan_result' parameter must be a ScanResult from scan_model. "
                         f"Got {type(scan_result).__name__}.")
     if isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 0:
-        raise ValueError(f"The 'top' parameter must be a non-negative int. Got {top!r}.")
+        raise InputError(f"The 'top' parameter must be a non-negative int. Got {top!r}.")
     rows = _rows(scan_result, int(top), bool(untargeted))
     if not rows:
-        raise ValueError("Nothing to plot: top=0 and untargeted=False.")
+        raise InputError("Nothing to plot: top=0 and untargeted=False.")
     low, high = scan_result.value_range
     figure = new_figure(7.8, 0.6 + 2.0 * len(rows))
     columns = ("mask", "pattern", "mask x pattern")

@@ -13,8 +13,9 @@ chunk of S slots, a single forward pass over the S x B stamped inputs per
 step, and Adam. Each slot's loss is its cross-entropy plus its own weight
 times the mask's L1 norm; the weight adapts as in Neural Cleanse: raised
 when the slot's attack succeeds for ``patience`` rounds in a row, lowered
-when it fails, so that the mask shrinks as far as the attack allows. The
-smallest mask that reached the success threshold is kept.
+when it fails, so that the mask shrinks as far as the attack allows. At the
+end of each round the current masks are checked on a fresh batch, and the
+smallest one that reached the success threshold there is kept.
 """
 
 import dataclasses
@@ -35,7 +36,6 @@ LIMIT = 4.0
 class ReverseSettings:
     """The optimisation's knobs (see :func:`tf_backdoor_defense.scan.scan_model`)."""
 
-    steps: int = 300
     batch_size: int = 32
     learning_rate: float = 0.1
     init_cost: float = 1e-3
@@ -47,8 +47,6 @@ class ReverseSettings:
     early_stop_rounds: int = 6
     max_images_per_step: int = 512
     mask_init: float = 0.5
-    shift: int = 0
-    noise: float = 0.0
 
 
 @dataclasses.dataclass
@@ -152,7 +150,7 @@ class TriggerOptimizer:
         self._compiled = {}
 
     # -- parametrisation ------------------------------------------------------------------
-    def _initial(self, rng, count, shape):
+    def initial(self, rng, count, shape):
         """Free variables of ``count`` slots: masks near ``mask_init``, random patterns."""
         h, w, c = shape
         center = np.arctanh(2.0 * self.settings.mask_init - 1.0)
@@ -258,30 +256,6 @@ class TriggerOptimizer:
         return np.stack([rng.choice(slots.pools[i], size=batch, replace=len(slots.pools[i]) < batch)
                          for i in index])
 
-    def _augment(self, x, rng):
-        """Randomly shifted (edge pixels repeated) and noisy copies of the clean inputs.
-
-        The trigger is stamped afterwards, at a fixed place: a trigger must work on
-        every variant, which a perturbation fitted to a few particular images does not.
-        """
-        s = self.settings
-        if s.shift <= 0 and s.noise <= 0:
-            return x
-        out = x.copy()
-        if s.shift > 0:
-            flat = out.reshape((-1,) + out.shape[-3:])
-            h, w = flat.shape[1:3]
-            padded = np.pad(flat, ((0, 0), (s.shift, s.shift), (s.shift, s.shift), (0, 0)),
-                            mode="edge")
-            rows = rng.integers(0, 2 * s.shift + 1, size=len(flat))
-            cols = rng.integers(0, 2 * s.shift + 1, size=len(flat))
-            for i in range(len(flat)):
-                flat[i] = padded[i, rows[i]:rows[i] + h, cols[i]:cols[i] + w]
-        if s.noise > 0:
-            out += rng.normal(0.0, s.noise * (self.high - self.low), size=out.shape).astype(np.float32)
-            np.clip(out, self.low, self.high, out=out)
-        return out
-
     def batch_size(self, slots):
         """Inputs per slot and step: ``settings.batch_size``, at most the smallest pool."""
         smallest = min(len(pool) for pool in slots.pools)
@@ -321,7 +295,7 @@ class TriggerOptimizer:
         batch = self.batch_size(slots)
         chunk = self.chunk_size(count, batch)
         if state is None:
-            mask_w, pattern_w = self._initial(rng, count, self.x.shape[1:])
+            mask_w, pattern_w = self.initial(rng, count, self.x.shape[1:])
         else:
             mask_w, pattern_w = state["mask_w"].copy(), state["pattern_w"].copy()
         out = {"mask_w": mask_w.copy(), "pattern_w": pattern_w.copy(),
@@ -361,14 +335,14 @@ class TriggerOptimizer:
         round_l1, mean_success = np.full(n, np.inf), np.zeros(n)
         for t in range(steps):
             picks = self._picks(slots, index, batch, rng)
-            ce, l1, success = step(self._augment(self.x[picks], rng), self.y[picks], targets, costs)
+            ce, l1, success = step(self.x[picks], self.y[picks], targets, costs)
             ce, l1, success = ce.numpy(), l1.numpy(), success.numpy()
             round_success += success
             round_objective += ce + costs * l1
             done_steps = t + 1
             if done_steps % s.round_steps and done_steps != steps:
                 continue
-            rounds = s.round_steps if done_steps % s.round_steps == 0 else done_steps % s.round_steps
+            rounds = done_steps % s.round_steps or s.round_steps
             mean_success = round_success / rounds
             last_objective = round_objective / rounds
             round_success, round_objective = np.zeros(n), np.zeros(n)
@@ -377,7 +351,7 @@ class TriggerOptimizer:
             round_l1 = np.sum((np.tanh(masks) + 1.0) / 2.0, axis=(1, 2, 3))
             # The masks shrank during the round: check the ones kept on a fresh batch.
             picks = self._picks(slots, index, batch, rng)
-            holds = check(self._augment(self.x[picks], rng), self.y[picks], targets).numpy()
+            holds = check(self.x[picks], self.y[picks], targets).numpy()
             improved = ok & (holds >= thresholds) & (round_l1 < best_l1) if adaptive \
                 else np.ones(n, bool)
             best_mask[improved], best_pattern[improved] = masks[improved], patterns[improved]

@@ -45,6 +45,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._validation import check_data, check_model, check_number, num_classes_of
 from tf_backdoor_defense.metrics import predict_labels
 from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slots, TriggerOptimizer,
@@ -146,10 +147,10 @@ class ScanResult:
         if isinstance(target, str) and target == "untargeted":
             return self.untargeted_mask, self.untargeted_pattern
         if isinstance(target, bool) or not isinstance(target, numbers.Integral):
-            raise TypeError(f"The 'target' parameter must be a class index or 'untargeted'. "
+            raise InputTypeError(f"The 'target' parameter must be a class index or 'untargeted'. "
                             f"Got {target!r}.")
         if int(target) not in self.classes:
-            raise ValueError(
+            raise InputError(
                 f"The 'target' parameter must be one of the refined classes "
                 f"{_short_list(self.classes)} or 'untargeted'. Got {target!r}: "
                 + ("it was screened out before refinement."
@@ -172,7 +173,7 @@ class ScanResult:
         mask, pattern = self.trigger(target)
         x = np.asarray(x)
         if x.ndim != 4 or x.shape[1:] != pattern.shape:
-            raise ValueError(f"The 'x' parameter must be images of shape (N, "
+            raise InputError(f"The 'x' parameter must be images of shape (N, "
                              f"{', '.join(str(d) for d in pattern.shape)}). Got shape {x.shape}.")
         return stamp(x, mask, pattern)
 
@@ -219,7 +220,7 @@ def _check_range(value_range):
     if (not isinstance(value_range, (tuple, list)) or len(value_range) != 2
             or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value_range)
             or not np.all(np.isfinite(value_range)) or value_range[0] >= value_range[1]):
-        raise ValueError(f"The 'value_range' parameter must be a (low, high) pair of finite "
+        raise InputError(f"The 'value_range' parameter must be a (low, high) pair of finite "
                          f"numbers with low < high, or None. Got {value_range!r}.")
     return float(value_range[0]), float(value_range[1])
 
@@ -258,7 +259,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
                learning_rate=0.1, init_cost=1e-3, success_threshold=0.99, untargeted_success=0.8,
                anomaly_threshold=2.0, max_relative_size=0.2, all_to_all_threshold=0.35,
                candidates=None, screen_above=64,
-               screen_steps=20, refine=16, reference=16, max_images_per_step=512, seed=0):
+               screen_steps=10, refine=16, reference=16, max_images_per_step=512, seed=0):
     """Scan a model for a backdoor using clean labelled data only (no trigger).
 
     Reverses, for every class, the smallest trigger (mask and pattern) that
@@ -305,7 +306,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
         Classes to test as targets (default: all).
     screen_above : int, default=64
         Screen first when there are more candidate classes than this.
-    screen_steps : int, default=20
+    screen_steps : int, default=10
         Steps of the screen.
     refine : int, default=16
         Most promising classes kept after the screen.
@@ -336,11 +337,12 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     check_model(model)
     x, y = check_data(data, "data", model=model).arrays()
     if x.ndim != 4:
-        raise ValueError(f"scan_model needs image inputs of shape (N, H, W, C). The model takes "
+        raise InputError(f"scan_model needs image inputs of shape (N, H, W, C). The model takes "
                          f"inputs of shape {tuple(model.inputs[0].shape[1:])}.")
     check_number(holdout, "holdout", below=1.0)
     value_range = _check_range(value_range) or infer_value_range(x)
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("screen_steps", screen_steps),
+    for name, value in (("steps", steps), ("batch_size", batch_size),
+                        ("screen_steps", screen_steps),
                         ("max_images_per_step", max_images_per_step)):
         check_number(value, name, integer=True, positive=True)
     for name, value in (("screen_above", screen_above), ("refine", refine),
@@ -367,7 +369,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     rng = np.random.default_rng(seed)
     optimise, held, success_data = _split(y, holdout, rng)
     x_opt, y_opt = x[optimise], y[optimise]
-    reverse = ReverseSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+    reverse = ReverseSettings(batch_size=batch_size, learning_rate=learning_rate,
                               init_cost=init_cost, success_threshold=success_threshold,
                               max_images_per_step=max_images_per_step)
     optimizer = TriggerOptimizer(model, x_opt, y_opt, value_range, reverse, seed)
@@ -404,7 +406,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     pools = [pool(t) for t in refined] + [everything]
     thresholds = np.concatenate([np.full(len(refined), success_threshold), [untargeted_success]])
     if state is not None:
-        fresh_mask, fresh_pattern = optimizer._initial(rng, 1, x.shape[1:])
+        fresh_mask, fresh_pattern = optimizer.initial(rng, 1, x.shape[1:])
         state = {"mask_w": np.concatenate([state["mask_w"], fresh_mask]),
                  "pattern_w": np.concatenate([state["pattern_w"], fresh_pattern])}
     out = optimizer.run(Slots(targets, pools, thresholds), state, steps=steps, rng=rng)
@@ -472,10 +474,10 @@ def _check_candidates(candidates, num_classes):
         return np.arange(num_classes, dtype=np.int64)
     values = np.asarray(candidates)
     if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer):
-        raise TypeError(f"The 'candidates' parameter must be a non-empty sequence of class "
+        raise InputTypeError(f"The 'candidates' parameter must be a non-empty sequence of class "
                         f"indices or None. Got {candidates!r}.")
     if values.min() < 0 or values.max() >= num_classes or len(set(values.tolist())) != len(values):
-        raise ValueError(f"The 'candidates' parameter must hold distinct classes in "
+        raise InputError(f"The 'candidates' parameter must hold distinct classes in "
                          f"[0, {num_classes - 1}]. Got {_short_list(values.tolist())}.")
     return np.sort(values.astype(np.int64))
 
