@@ -31,6 +31,16 @@ Printed per net, defender size and repair: clean accuracy and ASR on the
 500 evaluation digits (and their triggered copies) before and after,
 the accuracy drop in points, seconds, and whether the issue's target (ASR <=
 2% at <= 1 point drop) is met.
+
+Measured (seed 0, 2 shared CPU cores; the table of the report): with the
+true trigger, unlearning met the target on 13 of 16 (8 nets x 2 defender
+sizes; it left 2.9-3.1% ASR on the blend all-to-one net, whose clean twin
+already scores 1.3% on that trigger, and lost 1.4 points on the pixel
+all-to-one net with 200 digits). A trigger 2 pixels off, or only half of its
+pixels, leaves most of the backdoor (``jitter=2`` recovers much of a shifted
+one). I-BAU met it on all 9 nets with 1,000 digits and on 3 of 9 with 200.
+Accuracy on 500 digits moves in steps of 0.2 points, and a 1-point drop is
+5 digits.
 """
 
 import argparse

@@ -7,7 +7,7 @@ corner patch that sends inputs to class 0).
 import numpy as np
 import pytest
 
-from test_unlearning import MASK, PATTERN, _same, _weights, toy_badnet, toy_digits, toy_scores
+from test_unlearning import _same, _weights, toy_badnet, toy_digits, toy_scores
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.defenses._ibau import _Minimax, ibau
 from tf_backdoor_defense.finetune._training import copy_model, loss_for

@@ -19,7 +19,7 @@ would otherwise overfit; ``distill=False`` uses the true labels, as Neural
 Cleanse does.
 
 Fitting the received model on the defender's inputs pins its behaviour down
-only at those inputs. With ``anchor_weight`` > 0 every step also distils the
+only at those inputs. With ``anchor_weight > 0`` every step also distils the
 received model on mixtures ``w * x_i + (1 - w) * x_j`` of random pairs of the
 batch's clean inputs (mixup, ``w`` uniform in [0, 1)), where it knows the
 answer too and no trigger appears: the repair then keeps the network's
@@ -28,8 +28,9 @@ behaviour between the defender's inputs as well.
 Measured on 8 real MNIST BadNets with the true trigger (about
 98% clean accuracy, trained on 3,000 digits the defender never sees;
 accuracy judged on 1,000 other digits): with 1,000 clean digits the largest
-accuracy drop was 1.3 points with labels and 0.6 with distillation, with 200
-digits 2.1 and 0.5; the attack success rate ended at or below 1.7% either way.
+accuracy drop was 1.3 points with labels and 0.6 with distillation (no
+anchors), with 200 digits 2.1 and 0.5; the attack success rate ended at or
+below 1.7% either way.
 
 Training runs the network in inference mode (``training=False``):
 BatchNormalization keeps and uses its moving statistics, which a few hundred
