@@ -160,7 +160,7 @@ def main():
     x = rng.uniform(0, 255, (args.images, 55, 47, 3)).astype(np.float32)
     faces = face_images(folder)
     ranked_on = "clean face images" if faces is not None else "random images"
-    means = mean_channel_activations(net, faces if faces is not None else x[:512], layer="conv_3")
+    means = mean_channel_activations(net, faces if faces is not None else x[:512], layers="conv_3")
     mask = level_mask(rank_channels(means), args.pruned)
     masked = wrap_layers(net, "conv_3", masks={"conv_3": mask})
     folded = strip_masks(masked)

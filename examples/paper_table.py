@@ -12,6 +12,7 @@ Needs `pip install mlxtend`. Takes a couple of minutes on two CPU cores.
 """
 
 import argparse
+import logging
 import time
 
 import pandas as pd
@@ -30,12 +31,13 @@ def main(argv=None):
     parser.add_argument("--max-accuracy-drop", type=float, default=0.04)
     args = parser.parse_args(argv)
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress
     started = time.perf_counter()
     result = paper_table_mnist(seed=args.seed, epochs=args.epochs,
                                attack_epochs=args.attack_epochs,
                                fine_tune_epochs=args.fine_tune_epochs,
                                max_accuracy_drop=args.max_accuracy_drop,
-                               poison_rate=args.poison_rate, verbose=1)
+                               poison_rate=args.poison_rate)
     with pd.option_context("display.width", 120, "display.max_columns", 20):
         print("\nTable 1: clean accuracy / attack success rate (%), evaluation digits")
         print(result.table1().to_string())

@@ -33,14 +33,12 @@ def lab3_dir():
 def demo_run():
     """The demo's BadNet, sweep, repairs and evaluation (10 epochs, seed 0), trained once per run.
 
-    Returns ``(results, printed)``: what ``run_demo`` returns and the text it printed.
+    Returns ``(results, report)``: what ``run_demo`` returns and its text report.
     """
-    from tf_backdoor_defense.experiments._demo import run_demo
+    from tf_backdoor_defense.experiments._demo import demo_report, run_demo
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        results = run_demo(epochs=10, seed=0, verbose=True)
-    return results, printed.getvalue()
+    results = run_demo(epochs=10, seed=0)
+    return results, demo_report(results)
 
 
 @pytest.fixture(autouse=True)

@@ -357,7 +357,7 @@ def test_demo_writes_its_report(tmp_path, capsys, monkeypatch, demo_run):
     monkeypatch.setattr(_demo, "run_demo", trained_once)
     out = tmp_path / "demo"
     assert cli.main(["demo", "--epochs", "1", "--output", str(out), "--json"]) == 0
-    assert calls == [{"epochs": 1, "seed": 0, "verbose": False}]
+    assert calls == [{"epochs": 1, "seed": 0}]
     payload = json.loads(capsys.readouterr().out)
     assert payload["evaluation"][0]["model"] == "BadNet"
     for name in ("sweep.csv", "summary.json", "sweep.png", "activations.png", "evaluation.csv"):

@@ -168,7 +168,7 @@ def test_pruned_channels_are_the_least_active_on_the_ranking_data(monkeypatch):
     result = search_pruning_level(model, data, data, max_accuracy_drop=5 / 64,
                                   layers=["conv", "fc"])
     for name in ("conv", "fc"):
-        order = rank_channels(mean_channel_activations(model, data, layer=name))
+        order = rank_channels(mean_channel_activations(model, data, layers=name))
         pruned = np.flatnonzero(result.masks[name] == 0)
         assert sorted(pruned.tolist()) == sorted(order[:pruned.size].tolist())
         np.testing.assert_array_equal(result.model.get_layer(name).get_mask(), result.masks[name])
@@ -247,7 +247,7 @@ def test_already_pruned_channel_of_a_wrapped_layer_is_pruned_first(monkeypatch):
 
 def test_already_pruned_channel_is_pruned_first_with_real_statistics(monkeypatch):
     model, data = _model(), _data()
-    means = mean_channel_activations(model, data, layer="conv")
+    means = mean_channel_activations(model, data, layers="conv")
     strongest = int(np.argmax(means))
     mask = np.ones(CONV)
     mask[strongest] = 0

@@ -112,7 +112,7 @@ def test_history_columns_and_monotone_fraction(tiny_model, tiny_data):
 
 
 def test_ranking_is_increasing_mean_activation_with_index_ties(tiny_model, tiny_data):
-    means = mean_channel_activations(tiny_model, tiny_data, layer="conv_b")
+    means = mean_channel_activations(tiny_model, tiny_data, layers="conv_b")
     result = prune_to_threshold(tiny_model, tiny_data, layers="conv_b")
     np.testing.assert_array_equal(result.mean_activations["conv_b"], means)
     ranking = result.rankings["conv_b"]
@@ -128,10 +128,10 @@ def test_mean_activations_equal_numpy_reference(tiny_model, tiny_data):
     x = tiny_data[0]
     features = keras.Model(tiny_model.input, tiny_model.get_layer("conv_b").output)(x).numpy()
     expected = features.reshape(-1, features.shape[-1]).astype(np.float64).mean(axis=0)
-    got = mean_channel_activations(tiny_model, tiny_data, layer="conv_b", batch_size=7)
+    got = mean_channel_activations(tiny_model, tiny_data, layers="conv_b", batch_size=7)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     dataset = tf.data.Dataset.from_tensor_slices(tiny_data).batch(9)
-    np.testing.assert_allclose(mean_channel_activations(tiny_model, dataset, layer="conv_b"),
+    np.testing.assert_allclose(mean_channel_activations(tiny_model, dataset, layers="conv_b"),
                                expected, rtol=1e-6)
 
 
@@ -140,7 +140,7 @@ def test_mean_activations_follow_batch_norm_to_the_activation():
     x = _data(50, shape, 3)
     after_relu = keras.Model(model.input, model.get_layer("relu").output)(x).numpy()
     expected = after_relu.reshape(-1, 6).astype(np.float64).mean(axis=0)
-    got = mean_channel_activations(model, (x, np.zeros(50, int)), layer=layer)
+    got = mean_channel_activations(model, (x, np.zeros(50, int)), layers=layer)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
     conv_out = keras.Model(model.input, model.get_layer(layer).output)(x).numpy()
     assert not np.allclose(got, conv_out.reshape(-1, 6).mean(axis=0), atol=1e-3)

