@@ -467,6 +467,7 @@ def test_validation_data_of_the_wrong_shape_raises():
 
 
 # -- real methods on a tiny model ----------------------------------------------------------
+@pytest.mark.slow
 def test_every_real_method_runs_without_touching_the_users_model():
     model = tiny_conv_model()
     rng = np.random.default_rng(0)

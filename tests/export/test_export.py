@@ -319,6 +319,7 @@ def test_count_params_leaves_out_masks():
 
 
 # -- files -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_saved_model_loads_without_the_package_in_tf_serving_layout(tmp_path):
     _, model, _ = masked(badnet_like)
     x = inputs_for(model, 8)

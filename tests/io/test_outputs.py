@@ -95,6 +95,7 @@ def test_prune_output_problems_are_refused_before_any_work(lab, tmp_path, capsys
     assert (foreign / "code.py").read_text() == "x = 1"
 
 
+@pytest.mark.slow
 def test_inspect_into_a_closed_pipe_exits_cleanly(lab):
     code = ("import sys; from tf_backdoor_defense.cli._main import main; "
             f"sys.exit(main(['inspect', {str(lab / 'model.h5')!r}]))")

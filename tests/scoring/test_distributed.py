@@ -152,6 +152,7 @@ def _check(result, setup, replicas):
     assert len(history["fine_pruning/attack_success_rate"]) == 2
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus_matches_single_device(setup):
     out = setup["tmp"] / "mirrored.json"
     log = setup["tmp"] / "mirrored.log"
@@ -164,6 +165,7 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_single_device(setup):
     _check(result, setup, replicas=2)
 
 
+@pytest.mark.slow
 def test_multi_worker_mirrored_strategy_two_workers_agree_with_single_device(setup):
     ports = _load_example().free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
@@ -215,6 +217,7 @@ SEVERAL = HEADER + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_prunes_several_layers_like_a_single_device(setup):
     script = setup["tmp"] / "several.py"
     script.write_text(SEVERAL.format(tests=str(REPO / "tests"), example=str(EXAMPLE), drop=DROP))
