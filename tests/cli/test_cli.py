@@ -91,7 +91,7 @@ def test_prune_subprocess_writes_the_whole_report(lab, tmp_path):
     out = tmp_path / "report"
     done = run_cli("prune", lab / "model.h5", "--clean", lab / "clean.h5", "--poisoned",
                    lab / "poisoned.npz", "--scale", 255, "--thresholds", 0.05, 0.5,
-                   "--output", out, "--json")
+                   "--output", out, "--json", "--keep-wrappers")
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout)
     history = pd.read_csv(out / "sweep.csv")
@@ -122,7 +122,7 @@ def test_prune_several_layers_together_writes_their_report(lab, tmp_path, capsys
     code = cli.main(["prune", str(lab / "model.h5"), "--clean", str(lab / "clean.h5"),
                      "--poisoned", str(lab / "poisoned.npz"), "--scale", "255",
                      "--layer", "conv_b", "fc", "--steps", "4", "--thresholds", "0.05", "1.0",
-                     "--output", str(out), "--json"])
+                     "--output", str(out), "--json", "--keep-wrappers"])
     assert code == 0, capsys.readouterr().err
     payload = json.loads(capsys.readouterr().out)
     assert payload["layers"] == ["conv_b", "fc"] and payload["channels"] == {"conv_b": 6, "fc": 8}
@@ -242,7 +242,7 @@ def test_export_repair_and_evaluate_repaired(lab, tmp_path, capsys):
 
     out = tmp_path / "report"
     assert cli.main(["prune", str(lab / "model.h5"), "--clean", str(lab / "clean.npz"),
-                     "--scale", "255", "--thresholds", "0.2", "--no-plots",
+                     "--scale", "255", "--thresholds", "0.2", "--no-plots", "--keep-wrappers",
                      "--output", str(out), "--quiet"]) == 0
     pruned = out / "models" / "pruned_drop_0.2.h5"
     capsys.readouterr()
@@ -290,7 +290,7 @@ def test_fine_prune_writes_model_history_and_summary(lab, tmp_path, capsys):
     assert cli.main(["fine-prune", str(lab / "model.h5"), "--train", str(lab / "clean.npz"),
                      "--clean", str(lab / "clean.npz"), "--poisoned", str(lab / "poisoned.npz"),
                      "--scale", "255", "--epochs", "1", "--threshold", "0.2", "--no-plots",
-                     "--output", str(out), "--json"]) == 0
+                     "--output", str(out), "--json", "--keep-wrappers"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert len(pd.read_csv(out / "history.csv")) == 1
     summary = json.loads((out / "summary.json").read_text())
@@ -520,7 +520,8 @@ def test_defend_subprocess_writes_the_chosen_model_and_defense_json(defense_file
     assert payload["backdoor_still_active"] is False and payload["warnings"] == []
     assert payload["versions"]["tensorflow"] and payload["settings"]["epochs"] == 1
     assert json.loads((out / "defense.json").read_text()) == payload
-    assert sorted(p.name for p in out.iterdir()) == ["defense.json", "repaired.h5"]
+    assert sorted(p.name for p in out.iterdir()) == [".tf-backdoor-defense-output",
+                                                     "defense.json", "repaired.h5"]
     # one progress line per method on stderr
     for method in ("ft-cosine", "reinit-head"):
         assert any(line.startswith(method) and "accuracy" in line
@@ -557,7 +558,7 @@ def test_defend_text_table_and_existing_outputs_need_force(defense_files, tmp_pa
 
     assert cli.main(args) == 2  # outputs exist, no --force
     err = capsys.readouterr().err
-    assert "--force" in err and "repaired.h5" in err
+    assert "--force" in err and str(out) in err
     assert {name: (out / name).read_bytes() for name in saved} == saved
 
     assert cli.main(args + ["--force", "--quiet", "--seed", "1"]) == 0

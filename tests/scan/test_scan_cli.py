@@ -10,6 +10,7 @@ import pytest
 from planted import planted_data, planted_model  # tests/scan/planted.py
 from tf_backdoor_defense.cli._main import Console, _common
 from tf_backdoor_defense.cli._scan import SCAN_FILES, add_scan_parser, cmd_scan
+from tf_backdoor_defense.io._data import OUTPUT_MARKER
 
 
 def _parser():
@@ -47,7 +48,7 @@ def test_scan_prints_the_verdict_and_writes_files(files, capsys):
     assert lines[0] == "backdoor found: all-to-one, target class 2"
     table = lines[lines.index(next(l for l in lines if l.strip().startswith("class"))) + 1:]
     assert table[0].split()[0] == "2" and table[0].rstrip().endswith("yes")
-    assert sorted(p.name for p in out.iterdir()) == sorted(SCAN_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(SCAN_FILES + (OUTPUT_MARKER,))
     payload = json.loads((out / "scan.json").read_text())
     assert payload["suspected_targets"] == [2] and payload["clean_examples"] == 240
     assert (out / "triggers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

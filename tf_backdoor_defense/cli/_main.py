@@ -11,7 +11,17 @@ model files, a refused untrusted model, existing outputs without
 ``--force``, a bad value); 3 ``defend --fail-if-active`` found the backdoor
 still active on the poisoned validation data (the outputs are written all
 the same); 1 anything else, which is a bug: one short line says so, and
-``--debug`` shows the traceback.
+``--debug`` shows the traceback; 130 interrupted, 143 terminated (SIGTERM).
+
+Outputs are written whole or not at all: a folder is built in a hidden
+sibling and swapped in at the end, a file is written to a hidden temporary
+name and renamed; an interrupted command leaves neither. Each output carries
+a mark (a ``.tf-backdoor-defense-output`` file in a folder, an attribute or
+member of a model file); ``--force`` replaces only a marked output, and a
+wrong kind of path (a file where a folder goes, the current folder) is
+refused before any work starts. Models are written plain (masks folded into
+the weights, loadable without this package) unless ``--keep-wrappers``; a
+Keras 3 MODEL gives Keras 3 ``.keras`` files.
 Results go to stdout (``--json`` for machine-readable output); progress bars,
 notes, warnings and the library's progress lines go to stderr; the bars
 switch themselves off when stderr is not a terminal, and ``--quiet`` leaves
@@ -25,10 +35,13 @@ back when it returns.
 """
 
 import argparse
+import contextlib
 import os
 import pathlib
+import signal
 import sys
 import textwrap
+import threading
 import traceback
 import warnings
 
@@ -52,7 +65,7 @@ _EPILOG = textwrap.dedent(f"""\
       {PROG} inspect bd_net.h5
       {PROG} evaluate bd_net.h5 --clean cl/valid.h5 --poisoned bd/bd_valid.h5
       {PROG} prune bd_net.h5 --clean cl/valid.h5 --poisoned bd/bd_valid.h5 \\
-          --layer conv_3 --thresholds 0.02 0.04 0.10 --output report/
+          --layer conv_3 --thresholds 0.02 0.04 0.10 --keep-wrappers --output report/
       {PROG} defend bd_net.h5 --clean cl/valid.h5 --poisoned bd/bd_valid.h5 \\
           --max-accuracy-drop 0.01 --output defended/ --fail-if-active
       {PROG} repair bd_net.h5 --pruned report/models/pruned_drop_0.04.h5 --output goodnet.h5
@@ -87,17 +100,37 @@ def _fmt(value):
     return "n/a" if value is None or value != value else f"{value:.4f}"
 
 
+def _escape(text):
+    """``text`` safe for the terminal (control characters escaped); see io._formats.escape."""
+    from tf_backdoor_defense.io._formats import escape  # the io package loads TensorFlow
+
+    return escape(text, limit=None)
+
+
 # -- loading inputs ----------------------------------------------------------------------
-def _load_model(args, path=None):
-    """MODEL (with --weights), or another model file such as --pruned, checked for use."""
+def _load_model(args, path=None, *, as_tf_keras=False):
+    """MODEL (with --weights), or another model file such as --pruned, checked for use.
+
+    With ``as_tf_keras`` (the commands that write models) a Keras 3 model is
+    converted to tf-keras, the command computes in tf-keras, and
+    :func:`_write_model` converts what it writes back to Keras 3
+    (``args.keras3_input`` remembers it).
+    """
     from tf_backdoor_defense.io._loading import load_model
+    from tf_backdoor_defense.keras3 import is_keras3_model
     from tf_backdoor_defense._validation import check_model
 
     if path is None:
         model = load_model(args.model, trust_model_code=args.trust_model_code, weights=args.weights)
     else:
         model = load_model(path, trust_model_code=args.trust_model_code)
-    return check_model(model)
+    model = check_model(model)
+    if as_tf_keras and is_keras3_model(model):
+        from tf_backdoor_defense.keras3 import to_tf_keras
+
+        args.keras3_input = True
+        model = to_tf_keras(model)
+    return model
 
 
 def _load_data(args, path, model, num_classes=None):
@@ -246,32 +279,59 @@ def _threshold_name(threshold):
     return f"drop_{threshold:g}"
 
 
-def _save_model(model, path, force):
-    from tf_backdoor_defense.io._data import atomic_path
+# -- writing outputs -------------------------------------------------------------------------
+# Folders are built aside and swapped in whole (io._data.output_directory), single files are
+# written to a temporary sibling and renamed (io._data.output_file); both carry the output
+# mark, and --force replaces only a marked output. The checks run before any work starts.
+def _model_name(args, stem):
+    """File name of a model the command names itself: .keras for a Keras 3 MODEL, else .h5."""
+    return stem + (".keras" if getattr(args, "keras3_input", False) else ".h5")
 
-    with atomic_path(path, overwrite=force) as temp, warnings.catch_warnings():
+
+def _write_model(model, path, args, *, keep_wrappers=False):
+    """Save ``model`` at ``path`` (a staging or temporary path) in the form the command promises.
+
+    Plain by default: the PruneByActivation masks are folded into the
+    weights (``strip_masks``), so the file loads with plain Keras without
+    this package. ``keep_wrappers`` keeps the wrapped model, for further
+    fine-pruning. For a Keras 3 MODEL the model is converted back to Keras 3.
+    """
+    from tf_backdoor_defense.export._export import strip_masks
+    from tf_backdoor_defense.masks._wrapper import masked_layers
+
+    if not keep_wrappers and masked_layers(model):
+        model = strip_masks(model)
+    if getattr(args, "keras3_input", False):
+        from tf_backdoor_defense.keras3 import to_keras3
+
+        model = to_keras3(model)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.save(str(temp))
+        model.save(str(path))
     return path
+
+
+def _staged(staging, out, path):
+    """Where ``path`` (under ``out``) is written inside the staging folder."""
+    return staging / pathlib.Path(path).relative_to(out)
 
 
 def cmd_prune(args, console):
     from tf_backdoor_defense.scoring._activations import mean_channel_activations
     from tf_backdoor_defense.export._export import export_saved_model
     from tf_backdoor_defense.io._data import check_output_dir, output_directory
-    from tf_backdoor_defense.report._report import REPORT_FILES, write_sweep_report
+    from tf_backdoor_defense.report._report import write_sweep_report
     from tf_backdoor_defense.pruning._sweep import prune_to_threshold
     from tf_backdoor_defense._validation import num_classes_of
 
     out = pathlib.Path(args.output)
     thresholds = list(dict.fromkeys(args.thresholds))
-    model_paths = {t: out / "models" / f"pruned_{_threshold_name(t)}.h5" for t in thresholds}
-    export_paths = {t: out / "saved_models" / _threshold_name(t) for t in thresholds}
-    planned = [out / name for name in (REPORT_FILES if not args.no_plots else REPORT_FILES[:2])]
-    planned += list(model_paths.values()) + (list(export_paths.values()) if args.export else [])
     check_output_dir(out, overwrite=args.force)  # before any work: the report replaces it whole
 
-    model = _load_model(args)
+    model = _load_model(args, as_tf_keras=True)
+    model_paths = {t: out / "models" / _model_name(args, f"pruned_{_threshold_name(t)}")
+                   for t in thresholds}
+    export_paths = {t: out / "saved_models" / _threshold_name(t) for t in thresholds}
     classes = num_classes_of(model)
     clean = _load_data(args, args.clean, model)
     poisoned = _load_data(args, args.poisoned, model) if args.poisoned else None
@@ -294,7 +354,7 @@ def cmd_prune(args, console):
     if poisoned is not None and not args.no_plots:
         poisoned_means = {name: mean_channel_activations(
             model, _progress_data(poisoned, args, console, ["statistics (poisoned)"]),
-            layer=name, batch_size=args.batch_size) for name in result.layers}
+            layers=name, batch_size=args.batch_size) for name in result.layers}
     extra = {"inputs": {"model": str(args.model), "clean_data": str(args.clean),
                         "poisoned_data": None if poisoned is None else str(args.poisoned),
                         "ranking_data": None if ranking is None else str(args.ranking_data),
@@ -303,19 +363,17 @@ def cmd_prune(args, console):
     if args.export:
         extra["saved_models"] = {f"{t:g}": str(p) for t, p in export_paths.items()}
     with output_directory(out, overwrite=args.force) as staging:  # written whole or not at all
-        def staged(path):
-            return staging / pathlib.Path(path).relative_to(out)
-
         written = write_sweep_report(result, staging, poisoned_means=poisoned_means,
                                      extra=extra, plots=not args.no_plots, overwrite=True)
         for t, path in model_paths.items():
-            staged(path).parent.mkdir(parents=True, exist_ok=True)
-            _save_model(result.models[t], staged(path), True)
+            _staged(staging, out, path).parent.mkdir(parents=True, exist_ok=True)
+            _write_model(result.models[t], _staged(staging, out, path), args,
+                         keep_wrappers=args.keep_wrappers)
         if args.export:
             for t, path in export_paths.items():
                 with console.step(f"exporting {path}"):
-                    export_saved_model(result.models[t], staged(path), shrink=args.shrink,
-                                       overwrite=True)
+                    export_saved_model(result.models[t], _staged(staging, out, path),
+                                       shrink=args.shrink, overwrite=True)
     written = {key: out / pathlib.Path(p).relative_to(staging) for key, p in written.items()}
     summary = result.summary()
     rows = summary.astype(object).where(summary.notna(), None).to_dict(orient="records")
@@ -339,17 +397,15 @@ def cmd_prune(args, console):
 def cmd_fine_prune(args, console):
     from tf_backdoor_defense.cli._fit_progress import EpochProgress as _EpochProgress
     from tf_backdoor_defense.finetune._fine_prune import fine_prune
-    from tf_backdoor_defense.io._data import atomic_write, check_outputs_free, write_json
+    from tf_backdoor_defense.io._data import check_output_dir, output_directory, write_json
     from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
     from tf_backdoor_defense.report._report import package_versions, plot_sweep, sweep_csv
     from tf_backdoor_defense._validation import num_classes_of
 
     out = pathlib.Path(args.output)
-    model_path = out / "fine_pruned.h5"
-    planned = [model_path, out / "history.csv", out / "summary.json", out / "sweep.csv"]
-    planned += [] if args.no_plots else [out / "sweep.png"]
-    check_outputs_free(planned, force=args.force)
-    model = _load_model(args)
+    check_output_dir(out, overwrite=args.force)  # before any work: the folder is replaced whole
+    model = _load_model(args, as_tf_keras=True)
+    model_path = out / _model_name(args, "fine_pruned")
     classes = num_classes_of(model)
     train = _load_data(args, args.train, model)
     clean = _load_data(args, args.clean, model)
@@ -367,22 +423,21 @@ def cmd_fine_prune(args, console):
     after = {"clean_accuracy": clean_accuracy(fine.model, clean),
              "attack_success_rate": (attack_success_rate(fine.model, poisoned, target=target)
                                      if poisoned is not None else None)}
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "history.csv") as handle:
-        fine.history.to_csv(handle, index=False, lineterminator="\n")
-    if fine.sweep_result is not None:
-        with atomic_write(out / "sweep.csv") as handle:
-            handle.write(sweep_csv(fine.sweep_result))
-        if not args.no_plots:
-            plot_sweep(fine.sweep_result, out / "sweep.png")
-    _save_model(fine.model, model_path, args.force)
     payload = {"output": str(out), "layer": fine.layer, "channels_pruned": fine.channels_pruned,
                "epochs": args.epochs, "before": before, "after": after,
                "model": str(model_path), "versions": package_versions(),
                "inputs": {"model": str(args.model), "train_data": str(args.train),
                           "clean_data": str(args.clean),
                           "poisoned_data": str(args.poisoned) if poisoned is not None else None}}
-    write_json(out / "summary.json", payload)
+    with output_directory(out, overwrite=args.force) as staging:  # written whole or not at all
+        fine.history.to_csv(staging / "history.csv", index=False, lineterminator="\n")
+        if fine.sweep_result is not None:
+            (staging / "sweep.csv").write_text(sweep_csv(fine.sweep_result), encoding="utf-8")
+            if not args.no_plots:
+                plot_sweep(fine.sweep_result, staging / "sweep.png")
+        _write_model(fine.model, _staged(staging, out, model_path), args,
+                     keep_wrappers=args.keep_wrappers)
+        write_json(staging / "summary.json", payload)
     text = [f"fine-pruned layer {fine.layer!r}: {fine.channels_pruned} channels pruned, "
             f"{args.epochs} epochs of fine-tuning",
             f"before: clean accuracy {_fmt(before['clean_accuracy'])}, ASR "
@@ -393,6 +448,8 @@ def cmd_fine_prune(args, console):
     _emit(args, payload, "\n".join(text))
     return 0
 
+
+#: What ``defend`` writes (``repaired.keras`` instead of ``repaired.h5`` for a Keras 3 MODEL).
 DEFENSE_FILES = ("repaired.h5", "defense.json")
 
 
@@ -411,20 +468,19 @@ def _defense_table(rows):
 
 def cmd_defend(args, console):
     from tf_backdoor_defense.defenses._defend import BackdoorStillActiveWarning, defend
-    from tf_backdoor_defense.io._data import check_outputs_free, write_json
+    from tf_backdoor_defense.io._data import check_output_dir, output_directory, write_json
     from tf_backdoor_defense.report._report import package_versions
     from tf_backdoor_defense._validation import num_classes_of
 
     out = pathlib.Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--output must be a folder. Got '{out}', which is a file.")
     attack_given = args.target is not None or args.all_to_all is not None or args.untargeted
     if args.poisoned is None and attack_given:
         raise InputError("--target, --all-to-all and --untargeted need --poisoned validation data.")
-    model_path, json_path = (out / name for name in DEFENSE_FILES)
-    check_outputs_free([model_path, json_path], overwrite=args.force)
+    check_output_dir(out, overwrite=args.force)  # before any work: the folder is replaced whole
 
-    model = _load_model(args)
+    model = _load_model(args, as_tf_keras=True)
+    model_path = out / _model_name(args, pathlib.Path(DEFENSE_FILES[0]).stem)
+    json_path = out / DEFENSE_FILES[1]
     classes = num_classes_of(model)
     clean = _load_data(args, args.clean, model)
     validation = _load_data(args, args.validation, model) if args.validation else None
@@ -455,7 +511,6 @@ def cmd_defend(args, console):
             warnings.showwarning(warning.message, warning.category, warning.filename,
                                  warning.lineno)
     active = bool(result.backdoor_still_active)
-    _save_model(result.model, model_path, args.force)
     payload = result.summary()
     payload.update({
         "backdoor_still_active": active, "output": str(out), "model": str(model_path),
@@ -464,7 +519,10 @@ def cmd_defend(args, console):
                    "validation_data": str(args.validation) if validation is not None else None,
                    "poisoned_data": str(args.poisoned) if poisoned is not None else None,
                    "scale": args.scale, "attack": _poisoned_note(args) if poisoned else None}})
-    write_json(json_path, payload, overwrite=args.force)
+    with output_directory(out, overwrite=args.force) as staging:  # written whole or not at all
+        _write_model(result.model, _staged(staging, out, model_path), args,
+                     keep_wrappers=args.keep_wrappers)
+        write_json(_staged(staging, out, json_path), payload)
     if active:  # shown even with --quiet: exit code 0 must not hide it
         print(f"{PROG} defend: warning: {result.warnings[0] if result.warnings else 'backdoor still active'}"
               + ("" if args.fail_if_active else "; --fail-if-active makes this exit code 3"),
@@ -485,52 +543,76 @@ def cmd_defend(args, console):
 
 def cmd_export(args, console):
     from tf_backdoor_defense.export._export import count_params, export_keras, export_saved_model, strip_masks
+    from tf_backdoor_defense.io._data import (check_output_dir, check_output_file,
+                                              output_directory, output_file)
+    from tf_backdoor_defense.masks._wrapper import masked_layers
 
     target = pathlib.Path(args.output)
     fmt = args.format
     if fmt == "auto":
         fmt = {".h5": "h5", ".keras": "keras"}.get(target.suffix.lower(), "saved_model")
     if fmt in ("h5", "keras") and target.suffix.lower() != f".{fmt}":
-        raise InputError(f"--format {fmt} needs an output path ending in .{fmt}. Got '{target}'.")
+        raise InputError(f"--format {fmt} needs an output path ending in .{fmt}. "
+                         f"Got '{_escape(target)}'.")
     written = target / str(args.version) if (fmt == "saved_model" and args.version) else target
-    if written.exists() and not args.force:
-        raise OutputExistsError([written])
-    model = _load_model(args)
+    if fmt == "saved_model":  # before any work
+        check_output_dir(written, overwrite=args.force)
+    else:
+        check_output_file(written, overwrite=args.force)
+    model = _load_model(args, as_tf_keras=True)
+    if args.shrink and not masked_layers(model):
+        print(f"{PROG} export: warning: {_escape(args.model)} has no PruneByActivation layers, so "
+              "--shrink has no channels to remove (prune with --keep-wrappers to keep them)",
+              file=sys.stderr, flush=True)
+    stripped = strip_masks(model, shrink=args.shrink)
     with console.step(f"exporting {written}"):
         if fmt == "saved_model":
-            written = export_saved_model(model, target, shrink=args.shrink, version=args.version,
-                                         overwrite=args.force)
+            with output_directory(written, overwrite=args.force) as staging:
+                inner = export_saved_model(model, staging / "saved_model.tmp", shrink=args.shrink)
+                for entry in inner.iterdir():
+                    os.replace(entry, staging / entry.name)
+                inner.rmdir()
         else:
-            written = export_keras(model, target, shrink=args.shrink, overwrite=args.force)
+            with output_file(written, overwrite=args.force) as temp:
+                if getattr(args, "keras3_input", False):  # written by Keras 3
+                    _write_model(stripped, temp, args)
+                else:
+                    export_keras(model, temp, shrink=args.shrink, overwrite=True)
     payload = {"model": str(args.model), "output": str(written), "format": fmt,
-               "shrink": bool(args.shrink), "params_before": int(model.count_params())}
-    try:
-        payload["params_after"] = int(count_params(strip_masks(model, shrink=args.shrink)))
-    except Exception:  # noqa: BLE001 - the count is informative only
-        payload["params_after"] = None
+               "shrink": bool(args.shrink), "params_before": int(model.count_params()),
+               "params_after": int(count_params(stripped))}
     _emit(args, payload, f"exported {args.model} to {written} ({fmt}"
           + (", pruned channels removed" if args.shrink else "") + ")")
     return 0
 
 
 def cmd_repair(args, console):
-    from tf_backdoor_defense.io._data import check_outputs_free
+    from tf_backdoor_defense.io._data import check_output_file, output_file
     from tf_backdoor_defense.defenses._repair import evaluate_repaired, repaired_model
     from tf_backdoor_defense.pruning._sweep import prune_to_threshold
     from tf_backdoor_defense._validation import num_classes_of
 
     out = pathlib.Path(args.output)
     if out.suffix.lower() not in (".h5", ".keras"):
-        raise InputError(f"--output must end with .h5 or .keras. Got '{out}'.")
-    check_outputs_free([out], overwrite=args.force)
-    model = _load_model(args)
+        raise InputError(f"--output must end with .h5 or .keras. Got '{_escape(out)}'.")
+    check_output_file(out, overwrite=args.force)  # before any work
+
+    def no_keras3():
+        if getattr(args, "keras3_input", False):
+            raise InputError("repair does not take Keras 3 models yet: the repaired network "
+                             "compares the two models' predictions with TensorFlow op layers, "
+                             "which have no Keras 3 form. Use defend or prune instead.")
+
+    model = _load_model(args, as_tf_keras=True)
+    no_keras3()
     classes = num_classes_of(model)
     clean = _load_data(args, args.clean, model) if args.clean else None
     poisoned = _load_data(args, args.poisoned, model) if args.poisoned else None
     target = _target(args, classes) if poisoned is not None else None
     payload = {"model": str(args.model), "output": str(out)}
     if args.pruned:
-        pruned = _load_model(args, path=args.pruned)
+        pruned = _load_model(args, path=args.pruned, as_tf_keras=True)
+        no_keras3()
         payload["pruned"] = str(args.pruned)
     else:
         if clean is None:
@@ -545,7 +627,8 @@ def cmd_repair(args, console):
                         "channels_pruned": int(result.history["channels_pruned"].iloc[level]),
                         "max_accuracy_drop": args.threshold})
     repaired = repaired_model(model, pruned)
-    _save_model(repaired, out, args.force)
+    with output_file(out, overwrite=args.force) as temp:
+        _write_model(repaired, temp, args)
     text = [f"repaired network ({classes} + 1 outputs; class {classes} = backdoor suspected) "
             f"written to {out}"]
     if "channels_pruned" in payload:
@@ -564,28 +647,31 @@ def cmd_repair(args, console):
 
 
 def cmd_demo(args, console):
-    from tf_backdoor_defense.experiments._demo import run_demo
-    from tf_backdoor_defense.io._data import atomic_write, check_outputs_free
-    from tf_backdoor_defense.report._report import REPORT_FILES, write_sweep_report
+    from tf_backdoor_defense.experiments._demo import demo_report, run_demo
+    from tf_backdoor_defense.io._data import check_output_dir, output_directory
+    from tf_backdoor_defense.report._report import write_sweep_report
 
     out = pathlib.Path(args.output) if args.output else None
     if out is not None:
-        check_outputs_free([out / n for n in REPORT_FILES] + [out / "evaluation.csv"],
-                           overwrite=args.force)
+        check_output_dir(out, overwrite=args.force)  # before any work: replaced whole
     verbose = not (args.json or args.quiet)
-    demo = run_demo(epochs=args.epochs, seed=args.seed, verbose=verbose)
+    demo = run_demo(epochs=args.epochs, seed=args.seed)
+    if verbose:
+        _emit(args, None, demo_report(demo))
     evaluation = demo["evaluation"]
     result = demo["result"]
     payload = {"evaluation": evaluation.to_dict(orient="records"),
                "levels": {f"{t:g}": int(k) for t, k in result.levels.items()},
                "seconds": demo["seconds"]}
     if out is not None:
-        written = write_sweep_report(result, out, evaluation=payload["evaluation"],
-                                     extra={"demo": {"epochs": args.epochs, "seed": args.seed}},
-                                     overwrite=args.force)
-        with atomic_write(out / "evaluation.csv") as handle:
-            evaluation.to_csv(handle, index=False, lineterminator="\n")
-        payload["files"] = sorted(str(p) for p in written.values()) + [str(out / "evaluation.csv")]
+        with output_directory(out, overwrite=args.force) as staging:  # whole or not at all
+            written = write_sweep_report(result, staging, evaluation=payload["evaluation"],
+                                         extra={"demo": {"epochs": args.epochs,
+                                                         "seed": args.seed}},
+                                         overwrite=True)
+            evaluation.to_csv(staging / "evaluation.csv", index=False, lineterminator="\n")
+        payload["files"] = sorted(str(out / pathlib.Path(p).relative_to(staging))
+                                  for p in written.values()) + [str(out / "evaluation.csv")]
         console.note(f"report written to {out}/")
     if args.json:
         payload["sweep"] = result.history.to_dict(orient="records")
@@ -677,6 +763,23 @@ def _common(parser, model=True, data=False, attack=False, batch_size=256, batch_
                           help="any misclassified poisoned input counts as a success")
 
 
+_FORCE_HELP = {"DIR": "replace an earlier output folder of this command (never a folder it did "
+                      "not write)",
+               "FILE": "replace an earlier output file of this command (never a file it did not "
+                       "write)",
+               "PATH": "replace an earlier output of this command (never one it did not write)"}
+
+
+def _output_options(parser, kind, wrappers=False):
+    """--force (and --keep-wrappers for the commands that write pruned models)."""
+    parser.add_argument("--force", action="store_true", help=_FORCE_HELP[kind])
+    if wrappers:
+        parser.add_argument("--keep-wrappers", action="store_true",
+                            help="write models with their PruneByActivation layers (to fine-prune "
+                                 "or --shrink them later; they load only with this package) "
+                                 "instead of plain models with the masks folded into the weights")
+
+
 def _sweep_options(parser, multiple=True):
     group = parser.add_argument_group("pruning")
     if multiple:
@@ -758,13 +861,14 @@ def build_parser():
                      help="clean data for the activation ranking (default: --clean)")
     sub.add_argument("-o", "--output", required=True, metavar="DIR",
                      help="writes sweep.csv, summary.json, sweep.png, activations.png, "
-                          "models/pruned_drop_<t>.h5 (and saved_models/ with --export)")
+                          "models/pruned_drop_<t>.h5 (.keras for a Keras 3 MODEL; and "
+                          "saved_models/ with --export)")
     sub.add_argument("--export", action="store_true",
                      help="also export each pruned model as a SavedModel")
     sub.add_argument("--shrink", action="store_true",
                      help="with --export: remove pruned channels instead of zeroing them")
     sub.add_argument("--no-plots", action="store_true", help="skip sweep.png and activations.png")
-    sub.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _output_options(sub, "DIR", wrappers=True)
     _sweep_options(sub)
     _common(sub, data=True, attack=True)
 
@@ -781,9 +885,10 @@ def build_parser():
                      help="fine-tuning batch size")
     sub.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning's shuffling")
     sub.add_argument("-o", "--output", required=True, metavar="DIR",
-                     help="writes fine_pruned.h5, history.csv, sweep.csv, sweep.png, summary.json")
+                     help="writes fine_pruned.h5 (.keras for a Keras 3 MODEL), history.csv, "
+                          "sweep.csv, sweep.png, summary.json")
     sub.add_argument("--no-plots", action="store_true", help="skip sweep.png")
-    sub.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _output_options(sub, "DIR", wrappers=True)
     _sweep_options(sub, multiple=False)
     _common(sub, data=True, attack=True)
 
@@ -826,8 +931,9 @@ def build_parser():
                      help="triggered validation data: picks the repair with the lowest ASR and "
                           "checks the backdoor is gone")
     sub.add_argument("-o", "--output", required=True, metavar="DIR",
-                     help="writes repaired.h5 (the chosen model) and defense.json")
-    sub.add_argument("--force", action="store_true", help="overwrite existing outputs")
+                     help="writes repaired.h5 (the chosen model; repaired.keras for a Keras 3 "
+                          "MODEL) and defense.json")
+    _output_options(sub, "DIR", wrappers=True)
     sub.add_argument("--fail-if-active", action="store_true",
                      help="exit with code 3 when the backdoor is still active on --poisoned")
     group = sub.add_argument_group("defense")
@@ -872,7 +978,7 @@ def build_parser():
                      help="auto: from the output's suffix")
     sub.add_argument("--shrink", action="store_true", help="remove pruned channels")
     sub.add_argument("--version", type=_positive(int), help="SavedModel version subfolder (TF Serving)")
-    sub.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _output_options(sub, "PATH")
     _common(sub)
 
     sub = add("repair", "Build the repaired N+1 network: class N when the original and pruned "
@@ -887,7 +993,7 @@ def build_parser():
     sub.add_argument("--clean", metavar="DATA", help="clean data to prune on and/or evaluate")
     sub.add_argument("--poisoned", metavar="DATA", help="triggered data to evaluate on")
     sub.add_argument("-o", "--output", required=True, metavar="FILE", help=".h5 or .keras")
-    sub.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _output_options(sub, "FILE")
     _sweep_options(sub, multiple=False)
     _common(sub, data=True, attack=True)
 
@@ -902,7 +1008,7 @@ def build_parser():
     sub.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
     sub.add_argument("-o", "--output", metavar="DIR",
                      help="also write sweep.csv, summary.json, plots and evaluation.csv there")
-    sub.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _output_options(sub, "DIR")
     _common(sub, model=False)
     return parser
 
@@ -914,13 +1020,16 @@ def _error_line(error, command):
 
     message = str(error).strip() or type(error).__name__
     if isinstance(error, OutputExistsError):
-        message = f"output already exists: {', '.join(error.paths[:5])}" \
-                  + (" ..." if len(error.paths) > 5 else "") + ". Pass --force to overwrite."
+        message = f"output already exists: {', '.join(map(_escape, error.paths[:5]))}" \
+                  + (" ..." if len(error.paths) > 5 else "") \
+                  + ". Pass --force to replace it (only an earlier output of this tool)."
     elif isinstance(error, UnsafeModelError):
         message = (f"{error.reason} If you trust its author, pass --trust-model-code (the file's "
                    "code then runs).")
     elif isinstance(error, ModelFileError) and error.needs_weights:
         message += " On the command line: MODEL is the architecture, --weights FILE the weights."
+    if not message.isprintable():  # a control character the raising code did not escape
+        message = _escape(message)
     return f"{PROG} {command}: error: {message}"
 
 
@@ -932,6 +1041,27 @@ def _silence_stdout():
         os.close(devnull)
     except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
         pass
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that outputs being written are removed on the way out."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the command runs, SIGTERM unwinds the stack (exit code 143) instead of killing it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args, console):
@@ -947,7 +1077,8 @@ def main(argv=None):
     0 success, 2 bad input (a usage error or an input error the library
     raises as such), 3 ``defend --fail-if-active`` with the backdoor still
     active, 1 anything else (a bug: one line says so; ``--debug`` shows the
-    traceback), 130 interrupted.
+    traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). An
+    interrupted or terminated command leaves no partial output behind.
 
     Everything the command changes in the process lasts only as long as
     this call (:func:`~tf_backdoor_defense.cli._console.session`). Called
@@ -963,10 +1094,12 @@ def main(argv=None):
     console = Console(quiet=args.quiet, json_mode=args.json)
     with session(console, prog=PROG, quiet_native=as_command, debug=args.debug):
         try:
-            return _run(args, console)
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
-            return 130
+            with _sigterm_interrupts():
+                return _run(args, console)
+        except KeyboardInterrupt as stop:  # outputs being written were removed on the way out
+            print(f"{PROG}: {'terminated' if isinstance(stop, _Terminated) else 'interrupted'}",
+                  file=sys.stderr, flush=True)
+            return 143 if isinstance(stop, _Terminated) else 130
         except BrokenPipeError:  # stdout closed early (`... | head -1`): not an error
             _silence_stdout()
             return 0
@@ -983,7 +1116,7 @@ def main(argv=None):
         except Exception as error:  # noqa: BLE001 - a bug: one short line, no traceback
             if args.debug:
                 traceback.print_exc()
-            first = (str(error).strip().splitlines() or [""])[0]
+            first = _escape((str(error).strip().splitlines() or [""])[0])
             print(f"{PROG} {args.command}: internal error (this is a bug): "
                   f"{type(error).__name__}{': ' + first if first else ''}"
                   + ("" if args.debug else " (--debug shows the traceback)"),

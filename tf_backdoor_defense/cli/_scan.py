@@ -61,7 +61,9 @@ def add_scan_parser(commands, common, formatter_class=argparse.RawDescriptionHel
     sub.add_argument("--clean", required=True, metavar="DATA", help="clean labelled data")
     sub.add_argument("-o", "--output", metavar="DIR",
                      help="writes " + ", ".join(SCAN_FILES))
-    sub.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    sub.add_argument("--force", action="store_true",
+                     help="replace an earlier output folder of this command (never a folder it "
+                          "did not write)")
     sub.add_argument("--fail-if-found", action="store_true",
                      help="exit with code 3 when a backdoor is found")
     sub.add_argument("--top", type=int, default=5, metavar="N",
@@ -136,13 +138,13 @@ def _write_triggers(result, path, overwrite):
 def cmd_scan(args, console):
     """Run ``scan``; returns the exit code."""
     from tf_backdoor_defense.cli._main import _emit, _load_data, _load_model
-    from tf_backdoor_defense.io._data import check_outputs_free, write_json
+    from tf_backdoor_defense.io._data import check_output_dir, output_directory, write_json
     from tf_backdoor_defense.report._triggers import plot_triggers
     from tf_backdoor_defense.scan._scan import scan_model
 
     out = pathlib.Path(args.output) if args.output else None
     if out is not None:
-        check_outputs_free([out / name for name in SCAN_FILES], overwrite=args.force)
+        check_output_dir(out, overwrite=args.force)  # before any work: replaced whole
     if args.top < 0:
         raise InputError(f"--top must be a non-negative number of classes. Got {args.top}.")
     model = _load_model(args)
@@ -161,10 +163,11 @@ def cmd_scan(args, console):
                     "clean_examples": int(len(clean[1]))})
     if out is not None:
         files = {name: out / name for name in SCAN_FILES}
-        write_json(files["scan.json"], payload, overwrite=True)
-        plot_triggers(result, files["triggers.png"], top=max(args.top, 1))
-        _write_triggers(result, files["triggers.npz"], overwrite=True)
         payload["files"] = [str(p) for p in files.values()]
+        with output_directory(out, overwrite=args.force) as staging:  # whole or not at all
+            write_json(staging / "scan.json", payload, overwrite=True)
+            plot_triggers(result, staging / "triggers.png", top=max(args.top, 1))
+            _write_triggers(result, staging / "triggers.npz", overwrite=True)
         console.note(f"scan written to {out}/")
     _emit(args, payload, "\n".join(_lines(result, args.top)))
     return 3 if args.fail_if_found and result.backdoor_found else 0

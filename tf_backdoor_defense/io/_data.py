@@ -14,6 +14,12 @@ Writing (:func:`atomic_write`, :func:`atomic_path`)
     The output is written to a temporary name in the same folder and renamed
     into place only when complete, so an interrupted run never leaves a
     half-written file or folder behind.
+
+Outputs of the package (:func:`output_directory`, :func:`output_file`)
+    The same writer, plus a mark (:data:`OUTPUT_MARKER`): a file in a folder,
+    a member of a ``.keras`` zip, an attribute of an HDF5 file. ``overwrite``
+    replaces only a marked output, never a folder or file the package did not
+    write.
 """
 
 import contextlib
@@ -28,6 +34,7 @@ import numpy as np
 
 from tf_backdoor_defense._errors import InputError, InputTypeError, OutputExistsError
 from tf_backdoor_defense._labels import class_indices
+from tf_backdoor_defense.io._formats import HDF5_SIGNATURE, escape
 
 __all__ = [
     "DataFileError",
@@ -42,6 +49,8 @@ __all__ = [
     "OUTPUT_MARKER",
     "check_output_dir",
     "output_directory",
+    "check_output_file",
+    "output_file",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -466,13 +475,23 @@ def check_outputs_free(paths, overwrite=False, *, force=None):
 OUTPUT_MARKER = ".tf-backdoor-defense-output"
 
 
+def _check_parents(target):
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"The output '{escape(target)}' is inside '{escape(parent)}', "
+                                 "which is a file, not a folder. Choose another path.")
+            return
+
+
 def check_output_dir(path, *, overwrite=False):
     """Raise unless ``path`` can become (or be replaced by) an output folder of this package.
 
     Call it before any work starts. Refused: an existing file; the current
     folder or a folder that holds it; a non-empty folder without
     ``overwrite``; with ``overwrite``, a non-empty folder this package did
-    not write (no :data:`OUTPUT_MARKER` file in it).
+    not write (no :data:`OUTPUT_MARKER` file in it). Paths in the messages
+    are escaped (:func:`~tf_backdoor_defense.io._formats.escape`).
 
     Examples
     --------
@@ -489,19 +508,20 @@ def check_output_dir(path, *, overwrite=False):
         raise InputTypeError(f"The output path must be a path. Got {type(path).__name__}.")
     target = pathlib.Path(path)
     if target.exists() and not target.is_dir():
-        raise InputError(f"The output '{target}' is a file, but a folder is expected there. "
-                         "Choose another name or remove the file.")
+        raise InputError(f"The output '{escape(target)}' is a file, but a folder is expected "
+                         "there. Choose another name or remove the file.")
+    _check_parents(target)
     resolved, cwd = target.resolve(), pathlib.Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
-        raise InputError(f"The output folder '{target}' is the current folder or holds it; "
-                         "it cannot be replaced. Choose a new folder.")
+        raise InputError(f"The output folder '{escape(target)}' is the current folder or holds "
+                         "it; it cannot be replaced. Choose a new folder.")
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
             raise OutputExistsError([target])
         if not (target / OUTPUT_MARKER).is_file():
-            raise InputError(f"The output folder '{target}' holds files this package did not "
-                             f"write (no {OUTPUT_MARKER} file), so it is not replaced. Choose "
-                             "a new folder or empty it.")
+            raise InputError(f"The output folder '{escape(target)}' holds files this package "
+                             f"did not write (no {OUTPUT_MARKER} file), so it is not replaced. "
+                             "Choose a new folder or empty it.")
     return target
 
 
@@ -546,3 +566,107 @@ def output_directory(path, *, overwrite=False):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+_MARK_TEXT = "written by tf_backdoor_defense\n"
+
+
+def _mark_file(path):
+    """Mark the model file ``path`` as an output of this package (HDF5 attribute or zip member)."""
+    import zipfile  # noqa: PLC0415
+
+    with open(path, "rb") as handle:
+        head = handle.read(len(HDF5_SIGNATURE))
+    if head == HDF5_SIGNATURE:
+        import h5py  # noqa: PLC0415
+
+        with h5py.File(path, "r+") as handle:
+            handle.attrs[OUTPUT_MARKER] = _MARK_TEXT
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path, "a") as archive:
+            archive.writestr(OUTPUT_MARKER, _MARK_TEXT)
+    else:
+        raise InputError(f"'{escape(path)}' is neither an HDF5 nor a zip file; it cannot be "
+                         "marked as an output.")
+
+
+def _is_marked_file(path):
+    import zipfile  # noqa: PLC0415
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(HDF5_SIGNATURE))
+        if head == HDF5_SIGNATURE:
+            import h5py  # noqa: PLC0415
+
+            with h5py.File(path, "r") as handle:
+                return OUTPUT_MARKER in handle.attrs
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return OUTPUT_MARKER in archive.namelist()
+    except Exception:  # noqa: BLE001 - unreadable: not ours
+        return False
+    return False
+
+
+def check_output_file(path, *, overwrite=False):
+    """Raise unless ``path`` can become (or replace) a model file this package writes.
+
+    Call it before any work starts. Refused: an existing folder; a path
+    inside a file; an existing file without ``overwrite``; with
+    ``overwrite``, a file this package did not write (an ``.h5`` without
+    the :data:`OUTPUT_MARKER` attribute, a ``.keras`` without that member,
+    anything else).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "model.h5"
+    >>> _ = target.write_text("someone's notes")
+    >>> try:
+    ...     check_output_file(target, overwrite=True)
+    ... except ValueError as error:
+    ...     print("refused")
+    refused
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError(f"The output path must be a path. Got {type(path).__name__}.")
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise InputError(f"The output '{escape(target)}' is a folder, but a file is expected "
+                         "there. Choose another name.")
+    _check_parents(target)
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise OutputExistsError([target])
+        if target.is_symlink() or not _is_marked_file(target):
+            raise InputError(f"The output file '{escape(target)}' was not written by this "
+                             "package (it carries no output mark), so it is not replaced. "
+                             "Choose a new name or remove it.")
+    return target
+
+
+@contextlib.contextmanager
+def output_file(path, *, overwrite=False):
+    """Yield a temporary path next to ``path`` for a model file; mark it and rename it onto ``path``.
+
+    :func:`atomic_path` with the checks of :func:`check_output_file` and
+    the output mark added to the finished ``.h5`` or ``.keras`` file (an
+    HDF5 attribute or a zip member; Keras ignores both). On an exception
+    nothing is left behind and ``path`` is untouched.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib, zipfile
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "model.keras"
+    >>> with output_file(target) as temp:
+    ...     zipfile.ZipFile(temp, "w").close()
+    >>> zipfile.ZipFile(target).namelist()
+    ['.tf-backdoor-defense-output']
+    """
+    target = check_output_file(path, overwrite=overwrite)
+    with atomic_path(target, overwrite=True) as temp:
+        yield temp
+        if temp.exists():
+            _mark_file(temp)
+        check_output_file(target, overwrite=overwrite)  # nothing foreign appeared meanwhile
