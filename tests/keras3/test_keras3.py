@@ -2,7 +2,8 @@
 
 Each test runs a script in a fresh interpreter where ``import keras`` (Keras 3)
 comes before the package, as in a user's training script; the script asserts
-and prints a JSON report on its last line. TensorFlow backend.
+and prints a JSON report on its last line. TensorFlow backend (the only one
+installed here; JAX and PyTorch are not tested).
 """
 
 import json
@@ -41,3 +42,31 @@ def test_keras3_badnet_on_real_digits_repaired_end_to_end():
     assert report["after"]["clean"] >= report["clean"] - 0.08, report
     assert len(report["fine_pruning"]["fine_pruning/channels_pruned"]) == 3
     assert report["fine_pruning"]["fine_pruning/channels_pruned"][0] > 0
+
+
+@pytest.mark.slow
+def test_keras3_models_through_every_public_function_that_takes_one():
+    report = run_script("scripts_public_api.py")
+    checks = report["checks"]
+    assert len(checks) == len(set(checks)) >= 45
+    for name in ("defend model", "repaired_model N+1", "repaired_model back to tf-keras",
+                 "fine_prune sweep models", "attack_guided_prune == tf-keras", "clp_prune == tf-keras",
+                 "set_mask writes into the Keras 3 model", "export_keras .keras loads in Keras 3",
+                 "fine_prune names the unsupported layer", "Keras 3 callback refused",
+                 "input unchanged"):
+        assert name in checks
+    assert report["converted_back"] >= 20
+    assert report["worst_gap"] <= 1e-5  # every model converted back, against its tf-keras source
+
+
+@pytest.mark.slow
+def test_keras3_badnet_on_real_digits_repaired_by_defend_without_the_trigger():
+    report = run_script("scripts_defend.py")
+    before, after = report["before"], report["after"]
+    assert before["clean"] > 0.85 and before["asr"] > 0.9, report  # a working BadNet
+    assert report["keras3_model"] and report["keras3_candidates"], report
+    assert report["method"] is not None, report
+    assert after["asr"] <= 0.2 and after["asr"] <= before["asr"] - 0.7, report
+    assert after["clean"] >= before["clean"] - 0.05, report
+    assert report["input_unchanged"] and report["asr_of_input_now"] == before["asr"], report
+    assert report["gap_to_tf_keras"] <= 1e-5, report

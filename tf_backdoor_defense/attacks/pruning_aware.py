@@ -26,6 +26,7 @@ from tf_backdoor_defense.pruning._ranking import rank_channels
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
 from tf_backdoor_defense._validation import (check_data, check_fraction, check_model, check_number,
                                              renamed_argument)
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["pruning_aware_attack", "PruningAwareAttackResult"]
 
@@ -122,6 +123,7 @@ def _max_preactivation(model, layer_name, kernel, bias, clean, batch_size):
     return result.astype(np.float64)
 
 
+@with_caller_keras
 def pruning_aware_attack(model, train_data, ranking_data, *, layers=None, prune_fraction=0.5,
                          epochs=5, bias_decrement="auto", optimizer="adam", batch_size=32,
                          pretrain_epochs=0, seed=0, activation_batch_size=256, layer=None):

@@ -86,7 +86,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from tf_backdoor_defense.keras3._convert import with_caller_keras
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 from tf_backdoor_defense.masks._wrapper import last_conv_layer, masked_layers
 from tf_backdoor_defense.metrics import attack_success_rate, predict_labels
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, head_layers, train_clean

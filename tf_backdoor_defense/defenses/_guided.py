@@ -33,6 +33,7 @@ from tf_backdoor_defense.pruning._ranking import rank_channels
 from tf_backdoor_defense.scoring._activations import mean_channel_activations, resolve_layer
 from tf_backdoor_defense._validation import (check_data, check_fraction, check_model, check_number,
                                              check_target, num_classes_of)
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["attack_guided_prune", "GuidedPruningResult", "DECISIONS"]
 
@@ -101,6 +102,7 @@ def _max_abs_fn(model, layer):
     return fn
 
 
+@with_caller_keras
 def attack_guided_prune(model, validation_data, poisoned_validation_data, *, layers=None,
                         max_accuracy_drop=0.04, target=None, batch_size=256):
     """Greedy pruning that keeps a channel pruned only if it lowers the attack success rate.

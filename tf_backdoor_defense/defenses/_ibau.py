@@ -67,6 +67,7 @@ from tf_backdoor_defense.defenses._unlearning import anchor_loss, batch_order, b
     check_flag, check_seed, default_epochs, mixup_pairs, target_loss, teacher_function, \
     training_targets
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["ibau", "NORMS"]
 
@@ -217,6 +218,7 @@ class _Minimax:
         return loss
 
 
+@with_caller_keras
 def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5,
          perturbed_fraction=0.5, learning_rate=2e-3, distill=True, anchor_weight=3.0,
          hypergradient=False, neumann_steps=5, batch_size=64, seed=0):

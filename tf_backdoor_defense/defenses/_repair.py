@@ -15,7 +15,7 @@ import numpy as np
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.export._export import strip_masks
-from tf_backdoor_defense.keras3._convert import with_caller_keras
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 from tf_backdoor_defense.graph._replay import check_graph_model, replay_nodes, topological_nodes
 from tf_backdoor_defense.masks._wrapper import masked_layers
 from tf_backdoor_defense.metrics import count_attack_successes, defender_utility, predict_labels

@@ -28,6 +28,7 @@ from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
 from tf_backdoor_defense.finetune._training import train_clean
 from tf_backdoor_defense._validation import (check_data, check_fraction, check_model, check_target,
                                              num_classes_of, renamed_argument)
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["search_pruning_level", "PruningSearchResult", "SEARCH_STRATEGIES"]
 
@@ -89,6 +90,7 @@ def _fractions(fractions, largest):
     return np.unique(np.concatenate([[0.0], values]))
 
 
+@with_caller_keras
 def search_pruning_level(model, train_data, validation_data, *, layers=None, max_accuracy_drop=0.01,
                          strategy="bisection", fractions=None, fine_tune=None, ranking_data=None,
                          poisoned_validation_data=None, target=None, batch_size=256, seed=0,

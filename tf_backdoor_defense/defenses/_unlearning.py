@@ -48,6 +48,7 @@ import numpy as np
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._validation import check_fraction, check_model, check_number
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["unlearn_triggers", "check_triggers", "stamp_triggers"]
 
@@ -325,6 +326,7 @@ def check_flag(value, name):
     return bool(value)
 
 
+@with_caller_keras
 def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=0.003,
                      stamp_fraction=0.2, jitter=0, distill=True, anchor_weight=1.0,
                      momentum=0.9, batch_size=64, seed=0):

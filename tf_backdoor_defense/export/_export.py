@@ -55,7 +55,7 @@ from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.graph._channels import channel_consumers, layer_kind
 from tf_backdoor_defense.graph._replay import check_graph_model, replay_nodes, topological_nodes
 from tf_backdoor_defense.io._data import atomic_path
-from tf_backdoor_defense.keras3._convert import with_caller_keras
+from tf_backdoor_defense.keras3._caller import save_model, with_caller_keras
 from tf_backdoor_defense.masks._registry import CONV_TYPES, ELEMENTWISE_ACTIVATIONS
 from tf_backdoor_defense.masks._wrapper import PruneByActivation, masked_layers
 
@@ -597,6 +597,7 @@ def _prepare_target(path, overwrite, name="path"):
     return target
 
 
+@with_caller_keras
 def export_saved_model(model, path, *, shrink=False, version=None, overwrite=False):
     """Write ``model`` as a plain SavedModel with a ``serving_default`` signature.
 
@@ -651,11 +652,13 @@ def export_saved_model(model, path, *, shrink=False, version=None, overwrite=Fal
     return target
 
 
+@with_caller_keras
 def export_keras(model, path, *, shrink=False, overwrite=False):
     """Save a plain copy of ``model`` (masks applied) as ``.h5`` or ``.keras``.
 
     The file loads with ``tf_keras.models.load_model(path)`` and no
-    ``custom_objects``. It is written to a temporary file in the same folder
+    ``custom_objects`` (a Keras 3 model is saved by Keras 3: it loads with
+    ``keras.saving.load_model(path)``). It is written to a temporary file in the same folder
     and renamed into place.
 
     Parameters
@@ -687,10 +690,11 @@ def export_keras(model, path, *, shrink=False, overwrite=False):
                          f"Got '{target.name}' instead.")
     stripped = strip_masks(model, shrink=shrink)
     with atomic_path(target) as temp:
-        stripped.save(str(temp))
+        save_model(stripped, temp)  # by Keras 3 for a Keras 3 model
     return target
 
 
+@with_caller_keras
 def convert_to_tflite(model_or_path, *, shrink=False):
     """Convert a model, or an exported SavedModel folder, to a TFLite flatbuffer.
 

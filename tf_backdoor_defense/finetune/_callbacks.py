@@ -47,6 +47,7 @@ from tf_backdoor_defense.pruning._levels import STOPPING_RULES
 from tf_backdoor_defense.pruning._ranking import layer_rankings, rank_channels
 from tf_backdoor_defense.pruning._sweep import prune_to_threshold
 from tf_backdoor_defense.scoring._distributed import distributed_channel_means, is_distributed
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["FinePruning", "GradualChannelSchedule", "find_prunable_wrappers",
            "reset_fine_pruning_state", "LOG_PREFIX"]
@@ -177,6 +178,7 @@ def _write_state(wrappers, status=None, step=None, baseline=None):
             wrapper.fine_pruning_baseline.assign(baseline)
 
 
+@with_caller_keras(in_place=True)
 def reset_fine_pruning_state(model, layers=None):
     """Forget the fine-pruning state held in ``model``'s ``PruneByActivation`` layers, in place.
 

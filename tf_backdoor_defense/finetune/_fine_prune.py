@@ -40,6 +40,7 @@ from tf_backdoor_defense.masks._wrapper import (
     wrap_layers,
 )
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["fine_prune", "fine_tune", "FinePruneResult"]
 
@@ -106,6 +107,7 @@ class _EvaluationLog(keras.callbacks.Callback):
                 batch_size=self.batch_size)
 
 
+@with_caller_keras
 def fine_prune(model, train_data, validation_data=None, *, layers=None, max_accuracy_drop=0.04,
                epochs=10, optimizer=None, loss=None, batch_size=64, poisoned_validation_data=None,
                target=None, prune=True, stopping_rule="largest_within", ranking_data=None, seed=0,
@@ -239,6 +241,7 @@ def _default_layers(model):
     return [wrapped[0].name if wrapped else last_conv_layer(model)]
 
 
+@with_caller_keras
 def fine_tune(model, train_data, validation_data=None, **kwargs):
     """Fine-tuning alone, the paper's baseline: :func:`fine_prune` with ``prune=False``.
 

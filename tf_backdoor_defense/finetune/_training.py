@@ -29,6 +29,7 @@ from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.masks._registry import CONV_TYPES
 from tf_backdoor_defense.masks._wrapper import unwrap
 from tf_backdoor_defense._validation import check_data, check_number
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["train_clean", "loss_for", "copy_model", "head_layers", "reinitialize", "as_arrays"]
 
@@ -71,6 +72,7 @@ def as_arrays(data, name, model):
     return check_data(data, name, model=model).arrays()
 
 
+@with_caller_keras
 def head_layers(model):
     """Names of the Dense layers after the model's last convolution (its classifier head).
 
@@ -117,6 +119,7 @@ def reinitialize(model, layers, seed=0):
     return model
 
 
+@with_caller_keras
 def train_clean(model, train_data, *, epochs=20, learning_rate=0.05, momentum=0.9,
                 schedule="cosine", weight_decay=0.0, sam_rho=0.0, reinitialize_layers=(),
                 batch_size=64, seed=0):

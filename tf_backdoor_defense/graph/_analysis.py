@@ -4,6 +4,7 @@ from tf_backdoor_defense._keras import check_keras2_model, keras
 from tf_backdoor_defense.graph._channels import channel_consumers
 from tf_backdoor_defense.masks._registry import is_conv
 from tf_backdoor_defense.masks._wrapper import find_layer, unwrap
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["convs_read_by_dense"]
 
@@ -12,6 +13,7 @@ def _is_dense(model, name):
     return isinstance(unwrap(find_layer(model, name)), keras.layers.Dense)
 
 
+@with_caller_keras
 def convs_read_by_dense(model, layers=None):
     """The convolutions whose channels a Dense layer reads directly.
 

@@ -17,7 +17,7 @@ _WHERE = {
     "scan_keras3_config": "_convert",
     "to_keras3": "_convert",
     "to_tf_keras": "_convert",
-    "with_caller_keras": "_convert",
+    "with_caller_keras": "_caller",
     "PruneByActivation": "_wrapper",
     "FinePruning": "_callbacks",
 }

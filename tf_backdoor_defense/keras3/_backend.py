@@ -8,7 +8,7 @@ own ``keras`` module in ``sys.modules``, so a process that never imported Keras
 
 import sys
 
-__all__ = ["keras3", "is_keras3_object", "is_keras3_model"]
+__all__ = ["keras3", "is_keras3_loaded", "is_keras3_object", "is_keras3_model"]
 
 
 def keras3():
@@ -20,14 +20,32 @@ def keras3():
     return keras
 
 
-def is_keras3_object(obj, kind="Model"):
-    """Whether ``obj`` is an instance of Keras 3's ``keras.<kind>`` (Model, Layer, ...)."""
+def is_keras3_loaded():
+    """Whether the process has imported Keras 3 as ``keras``."""
     module = sys.modules.get("keras")
-    if module is None or not str(getattr(module, "__version__", "")).startswith("3"):
+    return module is not None and str(getattr(module, "__version__", "")).startswith("3")
+
+
+def is_keras3_object(obj, kind="Model"):
+    """Whether ``obj`` is an instance of Keras 3's ``keras.<kind>``.
+
+    ``kind`` is ``"Model"``, a layer class name (``"Dense"``, ``"Layer"``) or a
+    dotted path from the ``keras`` module (``"optimizers.Optimizer"``).
+
+    >>> is_keras3_object(object(), "optimizers.Optimizer")
+    False
+    """
+    if not is_keras3_loaded():
         return False
+    module = sys.modules["keras"]
     if kind == "Model":
         return isinstance(obj, module.Model)
-    return isinstance(obj, getattr(module.layers, kind))
+    if "." not in kind:
+        return isinstance(obj, getattr(module.layers, kind))
+    cls = module
+    for part in kind.split("."):
+        cls = getattr(cls, part)
+    return isinstance(obj, cls)
 
 
 def is_keras3_model(obj):

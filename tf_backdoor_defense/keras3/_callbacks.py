@@ -13,7 +13,8 @@ restored checkpoint continues the same run).
 
 from tf_backdoor_defense.finetune._callbacks import FinePruning as _TfKerasFinePruning
 from tf_backdoor_defense.keras3._backend import keras3
-from tf_backdoor_defense.keras3._convert import copy_weights, to_caller_keras, to_tf_keras
+from tf_backdoor_defense.keras3._caller import to_caller_keras
+from tf_backdoor_defense.keras3._convert import copy_weights, to_tf_keras
 
 keras = keras3()
 

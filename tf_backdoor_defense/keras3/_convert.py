@@ -3,21 +3,20 @@
 The package computes with tf-keras (Keras 2, which tfmot needs). A Keras 3
 model is converted to an equivalent tf-keras model on the way in and every
 model in the result is converted back on the way out, so a Keras 3 caller
-gets Keras 3 models (:func:`with_caller_keras`).
+gets Keras 3 models (:mod:`~tf_backdoor_defense.keras3._caller`).
 
 The conversion never deserializes anything it has not checked first:
 :func:`scan_keras3_config` reads the configuration and refuses, naming the
 layer, a ``Lambda``, a custom or registered class, a module outside Keras, a
 nested model, a shared layer or a layer class outside the supported
-built-ins (:data:`SUPPORTED_LAYERS`). Only then are the target layers built,
+built-ins (:data:`SUPPORTED_LAYERS`, and the few tensor operations of
+:mod:`~tf_backdoor_defense.keras3._ops`). Only then are the target layers built,
 one by one, from filtered configs, and the weights copied layer by layer.
 A configuration key that the other Keras does not know is dropped only when
 it holds its neutral value (``None``, ``False``, ...); otherwise the layer is
 refused, so a converted model computes what the original computes.
 """
 
-import dataclasses
-import functools
 import inspect
 
 import numpy as np
@@ -25,6 +24,7 @@ import numpy as np
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras as tf_keras
 from tf_backdoor_defense.keras3._backend import is_keras3_model, keras3
+from tf_backdoor_defense.keras3._ops import apply_op, op_function
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -32,8 +32,6 @@ __all__ = [
     "scan_keras3_config",
     "to_tf_keras",
     "to_keras3",
-    "to_caller_keras",
-    "with_caller_keras",
     "copy_weights",
 ]
 
@@ -179,10 +177,15 @@ def scan_keras3_config(config):
             raise Keras3ConversionError("A layer entry of the model configuration is malformed.")
         class_name = entry.get("class_name")
         name = entry.get("name") or entry["config"].get("name") or "?"
+        if str(entry.get("module") or "").startswith("tensorflow_model_optimization"):
+            _refuse(name, class_name, "is a tfmot wrapper. tfmot composition stays tf-keras only, "
+                    "because tfmot itself is: strip it (tfmot.sparsity.keras.strip_pruning) "
+                    "before converting to Keras 3.")
         _check_module(entry, name, class_name)
         if class_name in _MODEL_CLASSES:
             _refuse(name, class_name, "is a nested model; flatten it into one Functional model.")
-        if class_name not in SUPPORTED_LAYERS and class_name not in _WRAPPER_NAMES:
+        if op_function(entry) is None and class_name not in SUPPORTED_LAYERS \
+                and class_name not in _WRAPPER_NAMES:
             _refuse(name, class_name, "is not a supported built-in layer.")
         _scan_nested(entry["config"], name, class_name)
         if class_name in _WRAPPER_NAMES:
@@ -388,6 +391,10 @@ def _rebuild(config, target_keras, target, wrapper_cls):
             tensors[layer] = target_keras.Input(batch_shape=tuple(input_config["batch_shape"]),
                                                 dtype=input_config.get("dtype"), name=layer)
             continue
+        function = op_function(entry)
+        if function is not None:  # argmax, equal, ...: rebuilt as the target's operation
+            tensors[layer] = apply_op(entry, function, tensors, target_keras)
+            continue
         source = _inbound(entry, entry["class_name"], layer)
         if source is None:
             _refuse(layer, entry["class_name"], "has no input.")
@@ -420,8 +427,8 @@ def copy_weights(source, target, names=None):
     ``names``, only those layers are copied.
     """
     for layer in source.layers:
-        if names is not None and layer.name not in names:
-            continue
+        if (names is not None and layer.name not in names) or not layer.weights:
+            continue  # a layer without weights (or an operation) has nothing to copy
         other = target.get_layer(layer.name)
         if _is_wrapper(layer) != _is_wrapper(other):
             raise Keras3ConversionError(f"Layer '{layer.name}' is wrapped in one model and not "
@@ -534,56 +541,3 @@ def to_keras3(model, name="model"):
     converted = _rebuild(model.get_config(), keras3(), "Keras 3", _keras3_wrapper())
     copy_weights(model, converted)
     return converted
-
-
-def to_caller_keras(value, memo=None):
-    """``value`` with every tf-keras model in it (dicts, lists, dataclasses) converted to Keras 3."""
-    memo = {} if memo is None else memo
-    if isinstance(value, tf_keras.Model):
-        if id(value) not in memo:
-            memo[id(value)] = to_keras3(value)
-        return memo[id(value)]
-    if isinstance(value, dict):
-        return type(value)((k, to_caller_keras(v, memo)) for k, v in value.items())
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(to_caller_keras(v, memo) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {f.name: to_caller_keras(getattr(value, f.name), memo)
-                   for f in dataclasses.fields(value) if f.init}
-        return dataclasses.replace(value, **changes)
-    return value
-
-
-def with_caller_keras(function=None, *, arguments=("model",)):
-    """Decorate a public function so that it takes and gives back the caller's Keras.
-
-    When a model argument (named in ``arguments``, passed by keyword or in
-    that position) is a Keras 3 model, it is converted with
-    :func:`to_tf_keras`, the function runs on tf-keras, and every tf-keras
-    model in its result is converted back with :func:`to_keras3`; the
-    converted input maps back to the caller's own model (so a
-    ``SweepResult`` keeps it, and ``pruned_model(level)`` is Keras 3 too).
-    A tf-keras caller sees no difference.
-    """
-    if function is None:
-        return functools.partial(with_caller_keras, arguments=tuple(arguments))
-
-    @functools.wraps(function)
-    def wrapped(*args, **kwargs):
-        args, memo = list(args), {}
-        for position, name in enumerate(arguments):
-            if name in kwargs:
-                holder, key = kwargs, name
-            elif position < len(args):
-                holder, key = args, position
-            else:
-                continue
-            original = holder[key]
-            if is_keras3_model(original):
-                holder[key] = to_tf_keras(original, name)
-                memo[id(holder[key])] = original
-        if not memo:
-            return function(*args, **kwargs)
-        return to_caller_keras(function(*args, **kwargs), memo)
-
-    return wrapped

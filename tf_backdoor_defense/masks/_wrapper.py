@@ -10,7 +10,7 @@ import numpy as np
 
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import check_keras2_model, keras, tf, tfmot
-from tf_backdoor_defense.keras3._convert import with_caller_keras
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 from tf_backdoor_defense.masks._registry import (CONV_TYPES, PRUNABLE_LAYER_TYPES, is_conv,
                                                  is_prunable)
 
@@ -304,6 +304,7 @@ def _wrapped_layer(model, name):
     return found
 
 
+@with_caller_keras
 def get_mask(model, layers):
     """Mask of the ``PruneByActivation`` layer(s) named ``layers`` in ``model``.
 
@@ -322,6 +323,7 @@ def get_mask(model, layers):
             for name in layer_names(model, layers, check=_wrapped_layer)}
 
 
+@with_caller_keras(in_place=True)
 def set_mask(model, layers, mask):
     """Set the mask of the ``PruneByActivation`` layer(s) named ``layers``, in place.
 

@@ -37,7 +37,7 @@ from tf_backdoor_defense._validation import (
     num_classes_of,
     renamed_argument,
 )
-from tf_backdoor_defense.keras3._convert import with_caller_keras
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 from tf_backdoor_defense.masks._wrapper import layer_names, wrap_layers
 from tf_backdoor_defense.metrics import count_attack_successes, labels_from_outputs
 from tf_backdoor_defense.pruning._incremental import (

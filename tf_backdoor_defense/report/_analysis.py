@@ -40,6 +40,7 @@ from tf_backdoor_defense._validation import check_fraction, check_model
 from tf_backdoor_defense.io._data import atomic_path
 from tf_backdoor_defense.pruning._ranking import rank_channels
 from tf_backdoor_defense.scoring._activations import mean_channel_activations, resolve_layer
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["CATEGORIES", "channel_activation_table", "plot_channel_activations"]
 
@@ -50,6 +51,7 @@ _MAX_CHANNEL_LABELS = 80  # channel ids per panel before only every n-th is writ
 _DPI = 120
 
 
+@with_caller_keras
 def channel_activation_table(model, ranking_data, poisoned_ranking_data, *, layers=None,
                              dormant_threshold=0.05, batch_size=256):
     """Mean activation of every channel of ``layers`` on clean and on poisoned inputs.

@@ -51,6 +51,7 @@ from tf_backdoor_defense.metrics import predict_labels
 from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slots, TriggerOptimizer,
                                                infer_value_range, stamp)
 from tf_backdoor_defense.scan._statistics import anomaly_index
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["ScanResult", "scan_model"]
 
@@ -255,6 +256,7 @@ def _success(model, x, y, mask, pattern, target, batch_size=256):
     return float(np.mean(predictions == target)), predictions
 
 
+@with_caller_keras
 def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_size=16,
                learning_rate=0.1, init_cost=1e-3, success_threshold=0.99, untargeted_success=0.8,
                anomaly_threshold=2.0, max_relative_size=0.2, all_to_all_threshold=0.35,

@@ -9,6 +9,7 @@ from tf_backdoor_defense.masks._registry import (ACTIVATION_LAYER_TYPES, IDENTIT
                                                  PRUNABLE_LAYER_TYPES)
 from tf_backdoor_defense.masks._wrapper import PruneByActivation, channel_axis, find_layer, last_conv_layer
 from tf_backdoor_defense._validation import check_data, check_model
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["mean_channel_activations", "resolve_layer", "activation_tensor", "channel_sum_fn",
            "average_channel_sums"]
@@ -138,6 +139,7 @@ def _stats_fn(model, layer):
     return cache[key]
 
 
+@with_caller_keras
 def mean_channel_activations(model, data, layer=None, batch_size=256):
     """Mean activation of each channel of ``layer`` over ``data``.
 

@@ -62,6 +62,7 @@ from tf_backdoor_defense.masks._wrapper import (PruneByActivation, apply_masks, 
 from tf_backdoor_defense.scoring._lipschitz import scorable_layer
 from tf_backdoor_defense.finetune._training import loss_for
 from tf_backdoor_defense._validation import check_data, check_fraction, check_model, check_number
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["anp_mask_scores", "anp_masks", "anp_prune", "AnpResult", "anp_layers"]
 
@@ -212,6 +213,7 @@ def _loss_fn(model):
     return loss
 
 
+@with_caller_keras
 def anp_mask_scores(model, train_data, *, layers=None, eps=0.4, steps=1, alpha=0.2, iterations=2000,
                     batch_size=128, learning_rate=0.2, momentum=0.9, seed=0):
     """Learn ANP's per-channel masks on clean data (low value = backdoor suspect).
@@ -393,6 +395,7 @@ def anp_masks(scores, threshold=0.2, *, fraction=None, count=None):
     return masks
 
 
+@with_caller_keras
 def anp_prune(model, train_data=None, *, layers=None, threshold=0.2, fraction=None, count=None,
               scores=None, **options):
     """Adversarial Neuron Pruning of ``model``: learn masks, then prune the low ones.

@@ -19,6 +19,7 @@ from tf_backdoor_defense.scoring._activations import (
     resolve_layer,
 )
 from tf_backdoor_defense._validation import check_data, check_model
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["distributed_channel_means", "is_distributed"]
 
@@ -62,6 +63,7 @@ def _step_fn(model, layer, strategy):
     return step
 
 
+@with_caller_keras
 def distributed_channel_means(model, data, layer=None, strategy=None, batch_size=256):
     """Mean activation per channel of ``layer``, computed on all replicas and reduced.
 

@@ -40,6 +40,7 @@ from tf_backdoor_defense.masks._results import MasksResult
 from tf_backdoor_defense.masks._wrapper import (apply_masks, channel_axis, find_layer, layer_names,
                                                 unwrap)
 from tf_backdoor_defense._validation import check_model
+from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["channel_lipschitz", "clp_masks", "clp_prune", "ClpResult", "conv_layers"]
 
@@ -118,6 +119,7 @@ def _bn_factor(bn):
     return np.abs(gamma) / np.sqrt(variance + float(bn.epsilon))
 
 
+@with_caller_keras
 def channel_lipschitz(model, layers, *, batch_norm=True):
     """Upper bound of the channel Lipschitz constant (UCLC) of each channel of ``layers``.
 
@@ -227,6 +229,7 @@ def clp_masks(scores, u=3.0):
     return _mask_from_scores(scores, u, "scores")
 
 
+@with_caller_keras
 def clp_prune(model, *, layers=None, u=3.0, batch_norm=True):
     """Data-free Channel Lipschitzness-based Pruning (CLP) of ``model``.
 
