@@ -90,6 +90,7 @@ from tf_backdoor_defense.keras3._caller import with_caller_keras
 from tf_backdoor_defense.masks._wrapper import last_conv_layer, masked_layers
 from tf_backdoor_defense.metrics import attack_success_rate, predict_labels
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, head_layers, train_clean
+from tf_backdoor_defense._distribute import resolve_strategy
 from tf_backdoor_defense._validation import check_data, check_fraction, check_model, check_number, \
     check_target, num_classes_of
 
@@ -381,7 +382,7 @@ def _unlearn(model, train, context):
         raise _Skip("no reversed trigger to unlearn (the scan found no backdoor)")
     triggers = scan.suspected_triggers()
     repaired = unlearn_triggers(model, train, triggers, batch_size=context["fine_tune"]["batch_size"],
-                                seed=context["seed"])
+                                seed=context["seed"], strategy=context["strategy"])
     names = [str(t) for t in scan.suspected_targets]
     if scan.all_to_all_suspected:
         names.append("untargeted")
@@ -391,7 +392,8 @@ def _unlearn(model, train, context):
 def _ibau(model, train, context):
     from tf_backdoor_defense.defenses._ibau import ibau
 
-    repaired = ibau(model, train, batch_size=context["fine_tune"]["batch_size"], seed=context["seed"])
+    repaired = ibau(model, train, batch_size=context["fine_tune"]["batch_size"], seed=context["seed"],
+                    strategy=context["strategy"])
     return repaired, "universal perturbation unlearnt"
 
 
@@ -399,8 +401,10 @@ def _fine_pruning(model, train, context):
     from tf_backdoor_defense.finetune._fine_prune import fine_prune
 
     _last_conv_or_skip(model)
-    result = fine_prune(model, train, context["validation"], max_accuracy_drop=context["budget"],
-                        ranking_data=context["validation"], epochs=10, seed=context["seed"])
+    with context["strategy"].scope():  # fit() and the FinePruning callback follow the scope
+        result = fine_prune(model, train, context["validation"],
+                            max_accuracy_drop=context["budget"],
+                            ranking_data=context["validation"], epochs=10, seed=context["seed"])
     return result.model, (f"{result.channels_pruned} channels of {', '.join(result.layers)}, "
                           "SGD 0.01 x 10")
 
@@ -480,7 +484,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
            repair_if_clean=False, verify=True, budget_confidence=0.8, try_all=False,
            time_budget=None, epochs=20,
            learning_rate=0.05, batch_size=64, asr_tolerance=0.02, scan_options=None, seed=0,
-           verbose=0):
+           verbose=0, strategy=None):
     """Scan a suspect network, repair it if needed, and verify the repair, within an accuracy budget.
 
     ``model`` is never modified. See the module documentation for the flow,
@@ -539,6 +543,13 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     verbose : int, default=0
         The level of the lines logged on this module's logger: ``logging.INFO``
         with 1, ``logging.DEBUG`` with 0. Nothing is printed.
+    strategy : tf.distribute.Strategy, default=None
+        Passed to the scans (:func:`~tf_backdoor_defense.scan.scan_model`),
+        the clean training of the ``train_clean`` methods, ``unlearn`` and
+        ``ibau``; ``fine-pruning`` runs in its scope. Default:
+        ``model.distribute_strategy`` (the strategy whose ``scope()`` the call
+        runs in, else one device). The judging of the candidates (validation
+        predictions) and ``anp``'s and ``clp``'s scores run on one device.
 
     Returns
     -------
@@ -559,6 +570,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     ('reinit-head', ['reinit-head', 'ft-cosine'])
     """
     check_model(model)
+    strategy = resolve_strategy(strategy, model)
     methods = _check_methods(DEFAULT_METHODS if methods is None else methods)
     budget = check_fraction(max_accuracy_drop, "max_accuracy_drop")
     tolerance = check_fraction(asr_tolerance, "asr_tolerance")
@@ -599,13 +611,15 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     elif target is not None:
         raise ValueError("The 'target' parameter needs `poisoned_validation_data`.")
     level = logging.INFO if verbose else logging.DEBUG
-    scan_kwargs = dict({"seed": seed}, **(scan_options or {}))
+    scan_kwargs = dict({"seed": seed, "strategy": strategy}, **(scan_options or {}))
     started = time.perf_counter()
 
     context = {"validation": validation, "validation_labels": _labels(validation[1]),
                "budget": budget, "predictions_of": {}, "seed": seed, "sam_rho": 0.05,
                "anp_iterations": 500, "clp_u": (1.0, 1.5, 2.0, 3.0), "learning_rates": rates,
-               "fine_tune": {"epochs": epochs, "batch_size": batch_size, "seed": seed}}
+               "fine_tune": {"epochs": epochs, "batch_size": batch_size, "seed": seed,
+                             "strategy": strategy},
+               "strategy": strategy}
     found = None
     if do_scan:
         from tf_backdoor_defense.scan._scan import scan_model

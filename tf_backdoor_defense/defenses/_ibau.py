@@ -37,6 +37,11 @@ one over the largest curvature (a few power iterations); the multiplier is
 computed as for an L2 ball with either norm. It costs several times a
 first-order step and did not help in our measurements (see :func:`ibau`).
 
+Both steps run under a ``tf.distribute`` strategy (``strategy=``): every
+replica takes its rows of each batch; the inner step sums the replicas'
+gradients in the perturbation before each ascent step, the outer step sums
+their gradients in the weights. The hypergradient runs on one replica only.
+
 Differences from the paper: the perturbation is refined on every batch
 (warm-started) rather than once per round; only a share of each batch is
 perturbed; the targets are the received model's own predictions on the clean
@@ -61,11 +66,14 @@ import time
 
 import numpy as np
 
+from tf_backdoor_defense._distribute import (batch_mean, replica_count, replica_rows,
+                                             resolve_strategy, sum_over_replicas,
+                                             summed_gradients, summed_loss)
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._validation import check_fraction, check_model, check_number
-from tf_backdoor_defense.defenses._unlearning import anchor_loss, batch_order, batch_spec, \
-    check_flag, check_seed, default_epochs, mixup_pairs, target_loss, teacher_function, \
-    training_targets
+from tf_backdoor_defense.defenses._unlearning import batch_order, batch_spec, \
+    check_flag, check_seed, default_epochs, mixup_pairs, replica_anchor_loss, target_loss, \
+    teacher_function, training_targets
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
@@ -99,9 +107,10 @@ class _Minimax:
 
     def __init__(self, model, *, loss_fn, radius, norm, inner_steps, step_size, low, high,
                  optimizer, hypergradient, neumann_steps, x_spec, target_spec, teacher=None,
-                 anchor_weight=0.0):
+                 anchor_weight=0.0, strategy=None):
         self.model = model
-        self.loss_fn = loss_fn
+        self.strategy = resolve_strategy(strategy, model)
+        self.loss_fn = summed_loss(loss_fn)
         self.variables = model.trainable_variables
         self.delta = tf.Variable(tf.zeros(x_spec.shape[1:], tf.float32), trainable=False,
                                  name="universal_perturbation")
@@ -114,7 +123,7 @@ class _Minimax:
         self.hypergradient = bool(hypergradient)
         self.teacher = teacher
         self.anchor_weight = float(anchor_weight)
-        self.soft_loss = target_loss(model, True)
+        self.soft_loss = summed_loss(target_loss(model, True))
         self.neumann_steps = int(neumann_steps)
         self.ascend = tf.function(self._ascend, input_signature=[x_spec, target_spec])
         self.descend = tf.function(self._descend, input_signature=[
@@ -128,18 +137,28 @@ class _Minimax:
         chosen = tf.reshape(chosen, shape)
         return tf.clip_by_value(xb + chosen * delta, self.low, self.high)
 
-    def _loss(self, xb, yb):
-        return self.loss_fn(yb, self.model(xb, training=False))
+    def _loss(self, xb, yb, count=None):
+        """The mean loss over a batch of ``count`` rows (default: ``xb``'s), of which ``xb`` are
+        this replica's."""
+        count = tf.shape(xb)[0] if count is None else count
+        return batch_mean(self.loss_fn(yb, self.model(xb, training=False)), count)
+
+    def _ascent_gradient(self, xb, yb, delta):
+        """This replica's share of the perturbed loss and of its gradient in ``delta``."""
+        count = tf.shape(xb)[0]
+        xb, yb = replica_rows(xb), replica_rows(yb)
+        with tf.GradientTape() as tape:
+            tape.watch(delta)
+            loss = self._loss(self._perturb(xb, delta), yb, count)
+        return loss, tape.gradient(loss, delta)
 
     def _ascend(self, xb, yb):
         """``inner_steps`` projected ascent steps of the universal perturbation on one batch."""
         delta = self.delta.read_value()
         loss = tf.constant(0.0)
-        for _ in tf.range(self.inner_steps):  # a graph loop: traced once
-            with tf.GradientTape() as tape:
-                tape.watch(delta)
-                loss = self._loss(self._perturb(xb, delta), yb)
-            grad = tape.gradient(loss, delta)
+        for _ in range(self.inner_steps):  # unrolled: every step sums over the replicas
+            loss, grad = sum_over_replicas(self.strategy, self.strategy.run(
+                self._ascent_gradient, args=(xb, yb, delta)))
             if self.norm == "l2":
                 direction = grad / (tf.norm(grad) + 1e-12)
             else:
@@ -196,32 +215,41 @@ class _Minimax:
         mixed = tape.gradient(product, self.variables)
         return [None if m is None else -eta * m for m in mixed]
 
-    def _descend(self, xb, yb, chosen, partner, weight):
-        """One outer step on the batch, ``chosen`` (1/0 per example) marking the perturbed ones."""
-        delta = self.delta.read_value()
+    def _replica_descend(self, xb, yb, chosen, partner, weight, delta):
+        count = tf.shape(xb)[0]
+        clean = xb
+        xb, yb, chosen = replica_rows(xb), replica_rows(yb), replica_rows(chosen)
         with tf.GradientTape(persistent=self.hypergradient) as tape:
             tape.watch(delta)
-            loss = (self._loss(self._perturb(xb, delta, chosen), yb)
-                    + tf.add_n(self.model.losses or [0.0]))
+            loss = (self._loss(self._perturb(xb, delta, chosen), yb, count)
+                    + tf.add_n(self.model.losses or [0.0]) / replica_count())
             if self.teacher is not None and self.anchor_weight > 0:
-                loss = loss + self.anchor_weight * anchor_loss(
-                    self.model, self.teacher, self.soft_loss, xb, partner, weight)
+                loss = loss + self.anchor_weight * replica_anchor_loss(
+                    self.model, self.teacher, self.soft_loss, clean, partner, weight)
         grads = tape.gradient(loss, self.variables)
-        if self.hypergradient:
+        if self.hypergradient:  # one replica only (checked by ibau())
             delta_grad = tape.gradient(loss, delta)
             del tape
             extra = self._implicit_term(xb, yb, delta, delta_grad)
             grads = [g if e is None else (e if g is None else g + e)
                      for g, e in zip(grads, extra)]
+        grads = summed_gradients(grads)
         self.optimizer.apply_gradients(
-            [(g, v) for g, v in zip(grads, self.variables) if g is not None])
+            [(g, v) for g, v in zip(grads, self.variables) if g is not None],
+            skip_gradients_aggregation=True)
         return loss
+
+    def _descend(self, xb, yb, chosen, partner, weight):
+        """One outer step on the batch, ``chosen`` (1/0 per example) marking the perturbed ones."""
+        delta = self.delta.read_value()
+        return sum_over_replicas(self.strategy, self.strategy.run(
+            self._replica_descend, args=(xb, yb, chosen, partner, weight, delta)))
 
 
 @with_caller_keras
 def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5,
          perturbed_fraction=0.5, learning_rate=2e-3, distill=True, anchor_weight=3.0,
-         hypergradient=False, neumann_steps=5, batch_size=64, seed=0):
+         hypergradient=False, neumann_steps=5, batch_size=64, seed=0, strategy=None):
     """Repair a copy of ``model`` by adversarial unlearning of a universal perturbation (I-BAU).
 
     Needs clean data only (the paper uses about 5% of the training set) and no
@@ -273,14 +301,24 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
     neumann_steps : int, default=5
         Terms of the Neumann series that approximates the hypergradient.
     batch_size : int, default=64
+        Global batch: each replica of ``strategy`` takes about
+        ``batch_size / replicas`` of its rows.
     seed : int, default=0
         Seeds which inputs are perturbed, the batch order and Keras; the same
         seed gives the same weights.
+    strategy : tf.distribute.Strategy, default=None
+        Runs both steps on the strategy's replicas and workers (every worker
+        needs the same ``train_data`` and ``seed``). Default:
+        ``model.distribute_strategy`` (the strategy whose ``scope()`` the call
+        runs in, else one device). Against one device the batches and the
+        perturbed inputs chosen are the same; the perturbation and the
+        weights agree within float32 tolerance. ``hypergradient=True`` needs
+        a single replica.
 
     Returns
     -------
     tf_keras.Model
-        The repaired copy.
+        The repaired copy, its variables made in ``strategy``'s scope.
 
     Examples
     --------
@@ -295,6 +333,7 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
     False
     """
     check_model(model)
+    strategy = resolve_strategy(strategy, model)
     x, y = as_arrays(train_data, "train_data", model)
     batch_size = int(check_number(batch_size, "batch_size", integer=True, positive=True))
     rounds = (default_epochs(x.shape[0], batch_size) if rounds is None
@@ -309,6 +348,10 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
     hypergradient = check_flag(hypergradient, "hypergradient")
     neumann_steps = int(check_number(neumann_steps, "neumann_steps", 0, integer=True))
     seed = check_seed(seed)
+    if hypergradient and strategy.num_replicas_in_sync > 1:
+        raise ValueError(f"The 'hypergradient' parameter must be False under a strategy with "
+                         f"several replicas (its Neumann series runs on one replica). Got "
+                         f"hypergradient=True with {strategy.num_replicas_in_sync} replicas.")
     low, high = float(np.min(x)), float(np.max(x))
     if high <= low:
         raise ValueError(f"The inputs of `train_data` are all equal ({low:g}); the "
@@ -316,19 +359,21 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
 
     started = time.perf_counter()
     keras.utils.set_random_seed(seed)
-    tuned = copy_model(model)
+    with strategy.scope():
+        tuned = copy_model(model)
     if rounds == 0:
         return tuned
     targets = training_targets(model, x, y, distill)
     scaled = radius * (high - low)
-    solver = _Minimax(tuned, loss_fn=target_loss(tuned, distill), radius=scaled, norm=norm,
-                      inner_steps=inner_steps, step_size=2.5 * scaled / inner_steps, low=low,
-                      high=high,
-                      optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
-                          learning_rate, rounds * int(np.ceil(x.shape[0] / batch_size)))),
-                      hypergradient=hypergradient, neumann_steps=neumann_steps,
-                      x_spec=batch_spec(x), target_spec=batch_spec(targets),
-                      teacher=teacher_function(model), anchor_weight=anchor_weight)
+    with strategy.scope():  # the optimiser's and the perturbation's variables
+        solver = _Minimax(
+            tuned, loss_fn=target_loss(tuned, distill), radius=scaled, norm=norm,
+            inner_steps=inner_steps, step_size=2.5 * scaled / inner_steps, low=low, high=high,
+            optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+                learning_rate, rounds * int(np.ceil(x.shape[0] / batch_size)))),
+            hypergradient=hypergradient, neumann_steps=neumann_steps,
+            x_spec=batch_spec(x), target_spec=batch_spec(targets),
+            teacher=teacher_function(model), anchor_weight=anchor_weight, strategy=strategy)
     rng = np.random.default_rng(seed)
     inner = outer = float("nan")
     for round_ in range(rounds):

@@ -38,6 +38,10 @@ clean inputs would otherwise overwrite, and Dropout is off. Gradients still
 reach every trainable weight (BatchNormalization's scale and offset
 included). ``PruneByActivation`` masks are non-trainable and multiply their
 channels' outputs, so pruned channels stay at zero.
+
+Training runs under a ``tf.distribute`` strategy (``strategy=``, see
+:func:`inference_mode_step`): the stamping, the batches and the mixtures are
+drawn once, from the seed, and each replica takes its share of every batch.
 """
 
 import logging
@@ -45,6 +49,9 @@ import time
 
 import numpy as np
 
+from tf_backdoor_defense._distribute import (batch_mean, replica_count, replica_rows,
+                                             resolve_strategy, sum_over_replicas,
+                                             summed_gradients, summed_loss)
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._validation import check_fraction, check_model, check_number
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
@@ -230,6 +237,13 @@ def mixup_pairs(rng, size):
             tf.constant(rng.random(size).astype(np.float32)))
 
 
+def mixtures(x, partner, weight):
+    """``w * x + (1 - w) * x[partner]``, one mixing weight per row of the batch ``x``."""
+    shape = tf.concat([tf.shape(weight), tf.ones([tf.rank(x) - 1], tf.int32)], axis=0)
+    weight = tf.reshape(weight, shape)
+    return weight * x + (1.0 - weight) * tf.gather(x, partner)
+
+
 def anchor_loss(model, teacher, loss_fn, x, partner, weight):
     """Distillation of ``teacher`` on mixtures ``w * x + (1 - w) * x[partner]`` of clean inputs.
 
@@ -237,14 +251,28 @@ def anchor_loss(model, teacher, loss_fn, x, partner, weight):
     inputs; the teacher (the received model) also gives the answer between
     them, so fitting it there keeps the clean behaviour the repair must not
     lose. No trigger appears in a mixture of clean inputs.
+
+    Under a strategy the training steps mix the whole batch (partners may
+    sit on other replicas) and each replica takes its rows of the mixtures.
     """
-    shape = tf.concat([tf.shape(weight), tf.ones([tf.rank(x) - 1], tf.int32)], axis=0)
-    weight = tf.reshape(weight, shape)
-    mixed = weight * x + (1.0 - weight) * tf.gather(x, partner)
+    mixed = mixtures(x, partner, weight)
     return loss_fn(teacher(mixed), model(mixed, training=False))
 
 
-def inference_mode_step(model, loss_fn, optimizer, x, targets, teacher=None, anchor_weight=0.0):
+def replica_anchor_loss(model, teacher, summed_soft_loss, x, partner, weight):
+    """This replica's share of :func:`anchor_loss` on the batch ``x`` (inside ``strategy.run``).
+
+    ``summed_soft_loss`` sums over the rows (see
+    :func:`~tf_backdoor_defense._distribute.summed_loss`); the share is its
+    sum over this replica's rows of the mixtures divided by the batch size.
+    """
+    mixed = replica_rows(mixtures(x, partner, weight))
+    return batch_mean(summed_soft_loss(teacher(mixed), model(mixed, training=False)),
+                      tf.shape(x)[0])
+
+
+def inference_mode_step(model, loss_fn, optimizer, x, targets, teacher=None, anchor_weight=0.0,
+                        strategy=None):
     """A compiled training step that runs ``model`` with ``training=False``.
 
     BatchNormalization uses (and keeps) its moving statistics and Dropout is
@@ -253,22 +281,38 @@ def inference_mode_step(model, loss_fn, optimizer, x, targets, teacher=None, anc
     :func:`teacher_function`), :func:`anchor_loss` on the clean batch, times
     ``anchor_weight``, is added. The step takes ``(inputs, targets, clean inputs, partner, weight)``
     and returns the batch loss.
+
+    The step runs under ``strategy`` (default: ``model.distribute_strategy``;
+    ``model`` and ``optimizer`` must be made in its scope): every replica
+    takes its rows of the batch (and of the batch's mixtures), the gradients
+    of the replicas' shares of the loss are summed, and the summed update is
+    applied on every replica. With one replica this is the plain step.
     """
+    strategy = resolve_strategy(strategy, model)
     variables = model.trainable_variables
-    soft = target_loss(model, True)
+    loss_fn = summed_loss(loss_fn)
+    soft = summed_loss(target_loss(model, True))
+
+    def replica_step(xb, yb, clean, partner, weight):
+        count = tf.shape(xb)[0]
+        xb, yb = replica_rows(xb), replica_rows(yb)
+        with tf.GradientTape() as tape:
+            loss = (batch_mean(loss_fn(yb, model(xb, training=False)), count)
+                    + tf.add_n(model.losses or [0.0]) / replica_count())
+            if teacher is not None and anchor_weight > 0:
+                loss = loss + anchor_weight * replica_anchor_loss(model, teacher, soft, clean,
+                                                                  partner, weight)
+        grads = summed_gradients(tape.gradient(loss, variables))
+        optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None],
+                                  skip_gradients_aggregation=True)
+        return loss
 
     @tf.function(input_signature=[batch_spec(x), batch_spec(targets), batch_spec(x),
                                   tf.TensorSpec((None,), tf.int32),
                                   tf.TensorSpec((None,), tf.float32)])
     def step(xb, yb, clean, partner, weight):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(yb, model(xb, training=False)) + tf.add_n(model.losses or [0.0])
-            if teacher is not None and anchor_weight > 0:
-                loss = loss + anchor_weight * anchor_loss(model, teacher, soft, clean, partner,
-                                                          weight)
-        grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
-        return loss
+        return sum_over_replicas(strategy, strategy.run(
+            replica_step, args=(xb, yb, clean, partner, weight)))
 
     return step
 
@@ -329,7 +373,7 @@ def check_flag(value, name):
 @with_caller_keras
 def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=0.003,
                      stamp_fraction=0.2, jitter=0, distill=True, anchor_weight=1.0,
-                     momentum=0.9, batch_size=64, seed=0):
+                     momentum=0.9, batch_size=64, seed=0, strategy=None):
     """Fine-tune a copy of ``model`` to ignore reversed triggers (Neural Cleanse's unlearning).
 
     Every epoch a fresh random ``stamp_fraction`` of the clean inputs is
@@ -371,14 +415,23 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
         it off. Each step then costs about twice as much.
     momentum : float in [0, 1), default=0.9
     batch_size : int, default=64
+        Global batch: each replica of ``strategy`` takes about
+        ``batch_size / replicas`` of its rows.
     seed : int, default=0
         Seeds the stamping, the batch order and Keras; the same seed gives the
         same weights.
+    strategy : tf.distribute.Strategy, default=None
+        Trains on the strategy's replicas and workers (every worker needs the
+        same ``train_data``, ``triggers`` and ``seed``). Default:
+        ``model.distribute_strategy`` (the strategy whose ``scope()`` the call
+        runs in, else one device). Against one device the stamped inputs,
+        batches and mixtures are the same, and the weights agree within
+        float32 tolerance (the gradients are summed in another order).
 
     Returns
     -------
     tf_keras.Model
-        The repaired copy.
+        The repaired copy, its variables made in ``strategy``'s scope.
 
     Examples
     --------
@@ -394,6 +447,7 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
     False
     """
     check_model(model)
+    strategy = resolve_strategy(strategy, model)
     x, y = as_arrays(train_data, "train_data", model)
     masks, patterns = check_triggers(triggers, x.shape[1:])
     batch_size = int(check_number(batch_size, "batch_size", integer=True, positive=True))
@@ -413,16 +467,18 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
 
     started = time.perf_counter()
     keras.utils.set_random_seed(seed)
-    tuned = copy_model(model)
+    with strategy.scope():
+        tuned = copy_model(model)
     if epochs == 0:
         return tuned
     targets = training_targets(model, x, y, distill)
     rng = np.random.default_rng(seed)
     steps = epochs * int(np.ceil(x.shape[0] / batch_size))
-    optimizer = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(learning_rate, steps),
-                                     momentum=momentum)
+    with strategy.scope():
+        optimizer = keras.optimizers.SGD(
+            keras.optimizers.schedules.CosineDecay(learning_rate, steps), momentum=momentum)
     step = inference_mode_step(tuned, target_loss(tuned, distill), optimizer, x, targets,
-                               teacher_function(model), anchor_weight)
+                               teacher_function(model), anchor_weight, strategy)
     stamped_count = int(round(fraction * x.shape[0]))
     loss = float("nan")
     for epoch in range(epochs):

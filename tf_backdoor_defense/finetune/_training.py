@@ -20,11 +20,20 @@ survives. :func:`train_clean` is the stronger clean retraining the repairs of
 
 ``PruneByActivation`` masks are non-trainable and multiply the channels'
 outputs, so pruned channels stay at zero throughout.
+
+Training runs under a ``tf.distribute`` strategy (``strategy=``; default: the
+model's ``distribute_strategy``): the copy and its optimiser are made in the
+strategy's scope, each replica takes its share of every batch (see
+:mod:`tf_backdoor_defense._distribute`), and the gradients of the replicas'
+shares of the batch loss are summed before every update.
 """
 
 
 import numpy as np
 
+from tf_backdoor_defense._distribute import (batch_mean, replica_count, replica_rows,
+                                             resolve_strategy, shift_variables, sum_over_replicas,
+                                             summed_gradients, summed_loss)
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.masks._registry import CONV_TYPES
 from tf_backdoor_defense.masks._wrapper import unwrap
@@ -122,7 +131,7 @@ def reinitialize(model, layers, seed=0):
 @with_caller_keras
 def train_clean(model, train_data, *, epochs=20, learning_rate=0.05, momentum=0.9,
                 schedule="cosine", weight_decay=0.0, sam_rho=0.0, reinitialize_layers=(),
-                batch_size=64, seed=0):
+                batch_size=64, seed=0, strategy=None):
     """Retrain a copy of ``model`` on clean data, hard enough to move the weights.
 
     Not the paper's fine-tuning (that is
@@ -151,12 +160,24 @@ def train_clean(model, train_data, *, epochs=20, learning_rate=0.05, momentum=0.
         Layers whose weights are drawn afresh before training (see
         :func:`head_layers`).
     batch_size : int, default=64
+        Global batch: each replica of ``strategy`` takes about
+        ``batch_size / replicas`` of its rows.
     seed : int, default=0
+    strategy : tf.distribute.Strategy, default=None
+        Trains on the strategy's replicas and workers (every worker needs the
+        same ``train_data`` and ``seed``); the copy is made in its scope.
+        Default: ``model.distribute_strategy`` (the strategy whose ``scope()``
+        the call runs in, else one device). Against one device the weights
+        agree within float32 tolerance (the gradients are summed in another
+        order), except that BatchNormalization (in training mode) normalises
+        each replica's share of a batch and Dropout draws other masks, as in
+        Keras' own ``fit``.
 
     Returns
     -------
     tf_keras.Model
-        The retrained copy (masks, if any, kept).
+        The retrained copy (masks, if any, kept), its variables made in
+        ``strategy``'s scope.
 
     Examples
     --------
@@ -178,46 +199,53 @@ def train_clean(model, train_data, *, epochs=20, learning_rate=0.05, momentum=0.
     sam_rho = float(check_number(sam_rho, "sam_rho"))
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"The 'schedule' parameter must be 'cosine' or 'constant'. Got {schedule!r}.")
+    strategy = resolve_strategy(strategy, model)
     x, y = as_arrays(train_data, "train_data", model)
     if isinstance(reinitialize_layers, str):
         reinitialize_layers = [reinitialize_layers]
     for name in reinitialize_layers:
         model.get_layer(name)  # raises a clear ValueError for unknown names
     keras.utils.set_random_seed(seed)
-    tuned = copy_model(model)
-    reinitialize(tuned, list(reinitialize_layers), seed=seed)
+    with strategy.scope():
+        tuned = copy_model(model)
+        reinitialize(tuned, list(reinitialize_layers), seed=seed)
     if epochs == 0 or x.shape[0] == 0:
         return tuned
     steps = epochs * int(np.ceil(x.shape[0] / batch_size))
     rate = (keras.optimizers.schedules.CosineDecay(learning_rate, steps)
             if schedule == "cosine" else learning_rate)
-    optimizer = keras.optimizers.SGD(rate, momentum=momentum,
-                                     weight_decay=weight_decay or None)
-    loss_fn = loss_for(tuned)
+    with strategy.scope():
+        optimizer = keras.optimizers.SGD(rate, momentum=momentum,
+                                         weight_decay=weight_decay or None)
+    loss_fn = summed_loss(loss_for(tuned))
     variables = tuned.trainable_variables
 
-    def loss_on(xb, yb):
-        return loss_fn(yb, tuned(xb, training=True)) + tf.add_n(tuned.losses or [0.0])
+    def loss_on(xb, yb, count):
+        """This replica's share of the batch loss (its rows' sum over the batch size)."""
+        return (batch_mean(loss_fn(yb, tuned(xb, training=True)), count)
+                + tf.add_n(tuned.losses or [0.0]) / replica_count())
 
-    @tf.function(reduce_retracing=True)
-    def step(xb, yb):
+    def replica_step(xb, yb):
+        count = tf.shape(xb)[0]
+        xb, yb = replica_rows(xb), replica_rows(yb)
         with tf.GradientTape() as tape:
-            loss = loss_on(xb, yb)
-        grads = tape.gradient(loss, variables)
+            loss = loss_on(xb, yb, count)
+        grads = summed_gradients(tape.gradient(loss, variables))
         if sam_rho > 0:
             norm = tf.linalg.global_norm([g for g in grads if g is not None]) + 1e-12
             nudges = [None if g is None else g * (sam_rho / norm) for g in grads]
-            for variable, nudge in zip(variables, nudges):
-                if nudge is not None:
-                    variable.assign_add(nudge)
+            shift_variables(variables, nudges)
             with tf.GradientTape() as tape:
-                sharp_loss = loss_on(xb, yb)
-            grads = tape.gradient(sharp_loss, variables)
-            for variable, nudge in zip(variables, nudges):
-                if nudge is not None:
-                    variable.assign_sub(nudge)
-        optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+                sharp_loss = loss_on(xb, yb, count)
+            grads = summed_gradients(tape.gradient(sharp_loss, variables))
+            shift_variables(variables, nudges, subtract=True)
+        optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None],
+                                  skip_gradients_aggregation=True)
         return loss
+
+    @tf.function(reduce_retracing=True)
+    def step(xb, yb):
+        return sum_over_replicas(strategy, strategy.run(replica_step, args=(xb, yb)))
 
     dataset = (tf.data.Dataset.from_tensor_slices((x, y))
                .shuffle(x.shape[0], seed=seed, reshuffle_each_iteration=True)

@@ -16,12 +16,22 @@ when the slot's attack succeeds for ``patience`` rounds in a row, lowered
 when it fails, so that the mask shrinks as far as the attack allows. At the
 end of each round the current masks are checked on a fresh batch, and the
 smallest one that reached the success threshold there is kept.
+
+Every step runs under a ``tf.distribute`` strategy (see
+:mod:`tf_backdoor_defense._distribute`): each replica stamps and classifies
+its share of every slot's batch and returns the gradients of its share of
+the loss and its success counts; their sums update the masks and patterns in
+one place (cross-replica), so every replica and worker holds the same
+triggers. Success counts are exact; gradients, and so masks and patterns,
+agree with one device within float32 tolerance.
 """
 
 import dataclasses
 
 import numpy as np
 
+from tf_backdoor_defense._distribute import (batch_mean, replica_count, replica_rows,
+                                             resolve_strategy, sum_over_replicas)
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.masks._wrapper import PruneByActivation
 
@@ -137,10 +147,13 @@ class TriggerOptimizer:
     value_range : (float, float)
     settings : ReverseSettings
     seed : int
+    strategy : tf.distribute.Strategy, default=None
+        Default: ``model.distribute_strategy``.
     """
 
-    def __init__(self, model, x, y, value_range, settings, seed):
+    def __init__(self, model, x, y, value_range, settings, seed, strategy=None):
         self.model = model
+        self.strategy = resolve_strategy(strategy, model)
         self.x = np.asarray(x, dtype=np.float32)
         self.y = np.asarray(y, dtype=np.int64)
         self.low, self.high = (float(v) for v in value_range)
@@ -183,19 +196,32 @@ class TriggerOptimizer:
         classes = self.model.outputs[0].shape[-1]
         classes = 2 if classes == 1 else int(classes)
 
-        @tf.function(input_signature=[
-            tf.TensorSpec((slots, batch, h, w, c), tf.float32),
-            tf.TensorSpec((slots, batch), tf.int64),
-            tf.TensorSpec((slots,), tf.int64),
-            tf.TensorSpec((slots,), tf.float32)])
-        def step(x, labels, targets, costs):
+        strategy = self.strategy
+
+        def images(mask_w, pattern_w):
+            return (tf.tanh(mask_w) + 1.0) / 2.0, low + span * (tf.tanh(pattern_w) + 1.0) / 2.0
+
+        def predict(x, mask, pattern):
+            """Log probabilities (slots, rows, classes) of this replica's stamped rows of ``x``."""
+            stamped = x * (1.0 - mask[:, None]) + (mask * pattern)[:, None]
+            rows = tf.shape(x)[1]
+            scores = log_probs(tf.reshape(stamped, (slots * rows, h, w, c)))
+            return tf.reshape(scores, (slots, rows, classes))
+
+        def successes(scores, labels, targets):
+            """Per slot: how many of the rows the trigger sent where it should."""
+            untargeted = targets < 0
+            wanted = tf.where(untargeted[:, None], labels, targets[:, None])
+            predicted = tf.argmax(scores, axis=-1)
+            success = tf.where(untargeted[:, None], predicted != labels, predicted == wanted)
+            return tf.reduce_sum(tf.cast(success, tf.float32), axis=1)
+
+        def replica_step(x, labels, targets, costs, mask_w, pattern_w):
+            x, labels = replica_rows(x, axis=1), replica_rows(labels, axis=1)
             with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch([variables["mask"], variables["pattern"]])
-                mask = (tf.tanh(variables["mask"]) + 1.0) / 2.0
-                pattern = low + span * (tf.tanh(variables["pattern"]) + 1.0) / 2.0
-                stamped = x * (1.0 - mask[:, None]) + (mask * pattern)[:, None]
-                scores = log_probs(tf.reshape(stamped, (slots * batch, h, w, c)))
-                scores = tf.reshape(scores, (slots, batch, classes))
+                tape.watch([mask_w, pattern_w])
+                mask, pattern = images(mask_w, pattern_w)
+                scores = predict(x, mask, pattern)
                 untargeted = targets < 0
                 wanted = tf.where(untargeted[:, None], labels, targets[:, None])
                 chosen = tf.gather(scores, wanted, batch_dims=2)
@@ -203,10 +229,23 @@ class TriggerOptimizer:
                 others = tf.where(tf.one_hot(labels, classes) > 0, -np.inf, scores)
                 away = tf.reduce_logsumexp(others, axis=-1)
                 cross_entropy = tf.where(untargeted[:, None], -away, -chosen)
-                cross_entropy = tf.reduce_mean(cross_entropy, axis=1)
+                # This replica's share of the mean over the whole batch.
+                cross_entropy = batch_mean(tf.reduce_sum(cross_entropy, axis=1), batch)
                 l1 = tf.reduce_sum(mask, axis=[1, 2, 3])
-                loss = tf.reduce_sum(cross_entropy + costs * l1)
-            grads = tape.gradient(loss, [variables["mask"], variables["pattern"]])
+                loss = tf.reduce_sum(cross_entropy + costs * l1 / replica_count())
+            grads = tape.gradient(loss, [mask_w, pattern_w])
+            return grads, cross_entropy, successes(scores, labels, targets)
+
+        @tf.function(input_signature=[
+            tf.TensorSpec((slots, batch, h, w, c), tf.float32),
+            tf.TensorSpec((slots, batch), tf.int64),
+            tf.TensorSpec((slots,), tf.int64),
+            tf.TensorSpec((slots,), tf.float32)])
+        def step(x, labels, targets, costs):
+            mask_w, pattern_w = variables["mask"].read_value(), variables["pattern"].read_value()
+            grads, cross_entropy, hits = sum_over_replicas(strategy, strategy.run(
+                replica_step, args=(x, labels, targets, costs, mask_w, pattern_w)))
+            l1 = tf.reduce_sum(images(mask_w, pattern_w)[0], axis=[1, 2, 3])
             counter.assign_add(1.0)
             beta1, beta2 = 0.9, 0.999
             rate = s.learning_rate * tf.sqrt(1.0 - beta2 ** counter) / (1.0 - beta1 ** counter)
@@ -217,24 +256,22 @@ class TriggerOptimizer:
                 # Bounded free variables: tanh never saturates so far that a mask or a
                 # pattern value cannot come back.
                 var.assign(tf.clip_by_value(var - rate * m / (tf.sqrt(v) + 1e-8), -LIMIT, LIMIT))
-            predicted = tf.argmax(scores, axis=-1)
-            success = tf.where(untargeted[:, None], predicted != labels, predicted == wanted)
-            return cross_entropy, l1, tf.reduce_mean(tf.cast(success, tf.float32), axis=1)
+            return cross_entropy, l1, hits / batch
+
+        def replica_check(x, labels, targets, mask_w, pattern_w):
+            x, labels = replica_rows(x, axis=1), replica_rows(labels, axis=1)
+            mask, pattern = images(mask_w, pattern_w)
+            return successes(predict(x, mask, pattern), labels, targets)
 
         @tf.function(input_signature=[
             tf.TensorSpec((slots, batch, h, w, c), tf.float32),
             tf.TensorSpec((slots, batch), tf.int64),
             tf.TensorSpec((slots,), tf.int64)])
         def check(x, labels, targets):
-            mask = (tf.tanh(variables["mask"]) + 1.0) / 2.0
-            pattern = low + span * (tf.tanh(variables["pattern"]) + 1.0) / 2.0
-            stamped = x * (1.0 - mask[:, None]) + (mask * pattern)[:, None]
-            scores = log_probs(tf.reshape(stamped, (slots * batch, h, w, c)))
-            predicted = tf.reshape(tf.argmax(scores, axis=-1), (slots, batch))
-            untargeted = targets < 0
-            wanted = tf.where(untargeted[:, None], labels, targets[:, None])
-            success = tf.where(untargeted[:, None], predicted != labels, predicted == wanted)
-            return tf.reduce_mean(tf.cast(success, tf.float32), axis=1)
+            mask_w, pattern_w = variables["mask"].read_value(), variables["pattern"].read_value()
+            hits = sum_over_replicas(strategy, strategy.run(
+                replica_check, args=(x, labels, targets, mask_w, pattern_w)))
+            return hits / batch
 
         def load(mask_w, pattern_w):
             variables["mask"].assign(mask_w)

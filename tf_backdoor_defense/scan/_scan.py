@@ -45,9 +45,10 @@ import time
 import numpy as np
 import pandas as pd
 
+from tf_backdoor_defense._distribute import replica_rows, resolve_strategy, sum_over_replicas
 from tf_backdoor_defense._errors import InputError, InputTypeError
+from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_number, num_classes_of
-from tf_backdoor_defense.metrics import predict_labels
 from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slots, TriggerOptimizer,
                                                infer_value_range, stamp)
 from tf_backdoor_defense.scan._statistics import anomaly_index
@@ -244,16 +245,67 @@ def _split(y, holdout, rng):
     return optimise, held, "held-apart"
 
 
-def _success(model, x, y, mask, pattern, target, batch_size=256):
-    """(rate, predictions) of a trigger on ``x``: to ``target``, or off their class."""
+class _Counter:
+    """Per-class counts of a model's predictions, computed under a strategy and summed.
+
+    ``counts(x, y)`` gives ``(predicted, moved)``: how many inputs of ``x``
+    each class received, and the same over the inputs predicted off their
+    class ``y``. Predictions are those of
+    :func:`~tf_backdoor_defense.metrics.predict_labels` (argmax, or > 0.5 for
+    one sigmoid unit); the counts are exact under any strategy.
+    """
+
+    def __init__(self, model, strategy, num_classes, batch_size=256):
+        self.num_classes = int(num_classes)
+        self.batch_size = int(batch_size)
+        spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
+
+        def replica_counts(x, y):
+            x, y = replica_rows(x), replica_rows(y)
+            outputs = model(x, training=False)
+            if outputs.shape[-1] == 1:
+                predicted = tf.cast(outputs[..., 0] > 0.5, tf.int64)
+            else:
+                predicted = tf.argmax(outputs, axis=-1)
+            moved = tf.boolean_mask(predicted, predicted != y)
+            return (tf.math.bincount(predicted, minlength=num_classes, maxlength=num_classes,
+                                     dtype=tf.float32),
+                    tf.math.bincount(moved, minlength=num_classes, maxlength=num_classes,
+                                     dtype=tf.float32))
+
+        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int64)])
+        def step(x, y):
+            return sum_over_replicas(strategy, strategy.run(replica_counts, args=(x, y)))
+
+        self._step = step
+
+    def counts(self, x, y):
+        predicted = np.zeros(self.num_classes, np.int64)
+        moved = np.zeros(self.num_classes, np.int64)
+        for start in range(0, len(x), self.batch_size):
+            part, away = self._step(tf.constant(x[start:start + self.batch_size], tf.float32),
+                                    tf.constant(y[start:start + self.batch_size], tf.int64))
+            predicted += np.rint(part.numpy()).astype(np.int64)
+            moved += np.rint(away.numpy()).astype(np.int64)
+        return predicted, moved
+
+
+def _success(counter, x, y, mask, pattern, target):
+    """(rate, moved) of a trigger on ``x``: to ``target``, or off their class.
+
+    ``moved`` counts, per class, the stamped inputs predicted off their class
+    (None for a targeted trigger).
+    """
     if target == UNTARGETED:
-        predictions = predict_labels(model, stamp(x, mask, pattern), batch_size)
-        return float(np.mean(predictions != y)) if len(y) else float("nan"), predictions
+        if not len(y):
+            return float("nan"), np.zeros(counter.num_classes, np.int64)
+        _, moved = counter.counts(stamp(x, mask, pattern), y)
+        return float(moved.sum() / len(y)), moved
     keep = y != target
     if not np.any(keep):
         return float("nan"), None
-    predictions = predict_labels(model, stamp(x[keep], mask, pattern), batch_size)
-    return float(np.mean(predictions == target)), predictions
+    predicted, _ = counter.counts(stamp(x[keep], mask, pattern), y[keep])
+    return float(predicted[target] / np.sum(keep)), None
 
 
 @with_caller_keras
@@ -261,7 +313,8 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
                learning_rate=0.1, init_cost=1e-3, success_threshold=0.99, untargeted_success=0.8,
                anomaly_threshold=2.0, max_relative_size=0.2, all_to_all_threshold=0.35,
                candidates=None, screen_above=64,
-               screen_steps=10, refine=16, reference=16, max_images_per_step=512, seed=0):
+               screen_steps=10, refine=16, reference=16, max_images_per_step=512, seed=0,
+               strategy=None):
     """Scan a model for a backdoor using clean labelled data only (no trigger).
 
     Reverses, for every class, the smallest trigger (mask and pattern) that
@@ -319,6 +372,15 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     seed : int, default=0
         Seeds the split, the initial triggers and the batches: the same seed
         gives the same result.
+    strategy : tf.distribute.Strategy, default=None
+        Runs every pass over ``data`` (the trigger optimisation and the
+        success rates) on the strategy's replicas and workers, each taking a
+        share of every batch, and adds up their results; every worker needs
+        the same ``data`` and ``seed``. Default: ``model.distribute_strategy``
+        (the strategy whose ``scope()`` the call runs in, else one device).
+        Against one device the verdicts and the success rates (counts) are
+        the same; masks, patterns and the mask norms, anomaly indices and
+        statistics computed from them agree within float32 tolerance.
 
     Returns
     -------
@@ -337,6 +399,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     """
     started = time.perf_counter()
     check_model(model)
+    strategy = resolve_strategy(strategy, model)
     x, y = check_data(data, "data", model=model).arrays()
     if x.ndim != 4:
         raise InputError(f"scan_model needs image inputs of shape (N, H, W, C). The model takes "
@@ -374,7 +437,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     reverse = ReverseSettings(batch_size=batch_size, learning_rate=learning_rate,
                               init_cost=init_cost, success_threshold=success_threshold,
                               max_images_per_step=max_images_per_step)
-    optimizer = TriggerOptimizer(model, x_opt, y_opt, value_range, reverse, seed)
+    optimizer = TriggerOptimizer(model, x_opt, y_opt, value_range, reverse, seed, strategy)
     everything = np.arange(len(y_opt))
 
     def pool(target):
@@ -418,11 +481,11 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
 
     began = time.perf_counter()
     x_held, y_held = x[held], y[held]
-    rates = np.array([_success(model, x_held, y_held, masks[i], patterns[i], int(t))[0]
+    counter = _Counter(model, strategy, num_classes)
+    rates = np.array([_success(counter, x_held, y_held, masks[i], patterns[i], int(t))[0]
                       for i, t in enumerate(refined)])
-    flip_rate, predictions = _success(model, x_held, y_held, masks[-1], patterns[-1], UNTARGETED)
-    moved = predictions[predictions != y_held]
-    counts = np.bincount(moved, minlength=num_classes) if len(moved) else np.zeros(num_classes)
+    flip_rate, counts = _success(counter, x_held, y_held, masks[-1], patterns[-1], UNTARGETED)
+    moved = int(counts.sum())
     timings["evaluate"] = time.perf_counter() - began
 
     l1 = out["l1"][:-1]
@@ -442,8 +505,8 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
         "mask_l1": float(out["l1"][-1]), "median_targeted_l1": median, "statistic": statistic,
         "threshold": float(all_to_all_threshold), "reached": bool(out["reached"][-1]),
         "flip_rate": flip_rate,
-        "dominant_class": int(np.argmax(counts)) if len(moved) else None,
-        "dominant_share": float(counts.max() / len(moved)) if len(moved) else float("nan"),
+        "dominant_class": int(np.argmax(counts)) if moved else None,
+        "dominant_share": float(counts.max() / moved) if moved else float("nan"),
     }
     # The untargeted trigger must move held-apart inputs too: with nothing held apart a
     # handful of inputs can be moved by an adversarial patch of any model.
