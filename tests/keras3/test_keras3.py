@@ -6,11 +6,13 @@ and prints a JSON report on its last line. TensorFlow backend (the only one
 installed here; JAX and PyTorch are not tested).
 """
 
+import inspect
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -70,3 +72,24 @@ def test_keras3_badnet_on_real_digits_repaired_by_defend_without_the_trigger():
     assert after["clean"] >= before["clean"] - 0.05, report
     assert report["input_unchanged"] and report["asr_of_input_now"] == before["asr"], report
     assert report["gap_to_tf_keras"] <= 1e-5, report
+
+
+# -- in this process: the decorator itself ----------------------------------------------------
+def _warns_for_caller(model, old=None):
+    warnings.warn("an old keyword", DeprecationWarning, stacklevel=2)
+    warnings.warn("a note from inside", UserWarning, stacklevel=1)
+    return model
+
+
+def test_decorated_functions_warn_at_the_callers_line():
+    from tf_backdoor_defense.keras3._caller import with_caller_keras
+
+    decorated = with_caller_keras(_warns_for_caller)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        warnings.filterwarnings("default", category=DeprecationWarning)
+        assert decorated("m", old=1) == "m"
+    where = {w.category: (w.filename, w.lineno) for w in caught}
+    line = inspect.currentframe().f_lineno - 2
+    assert where[DeprecationWarning] == (__file__, line)  # the caller's line, not the decorator's
+    assert where[UserWarning][0] == __file__ and where[UserWarning][1] < line  # kept where issued

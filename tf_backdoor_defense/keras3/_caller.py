@@ -13,6 +13,8 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import sys
+import warnings
 
 from tf_backdoor_defense._errors import InputTypeError
 from tf_backdoor_defense._keras import keras as tf_keras
@@ -24,6 +26,8 @@ __all__ = ["to_caller_keras", "with_caller_keras", "caller_uses_keras3", "save_m
 
 #: True while a decorated function runs for a Keras 3 caller (per thread and task).
 _KERAS3_CALL = contextvars.ContextVar("tf_backdoor_defense_keras3_call", default=False)
+#: ``{file: module name}`` of the warnings issued again after a call.
+_MODULE_NAMES = {}
 
 
 def to_caller_keras(value, memo=None):
@@ -148,6 +152,12 @@ def with_caller_keras(function=None, *, arguments=None, in_place=False):
     model. Without a Keras 3 model among the arguments the result is not
     touched, so a tf-keras caller sees no difference.
 
+    Warnings keep pointing at the caller's line: those the function issues
+    during the call are recorded and issued again on return, the ones whose
+    ``stacklevel`` lands on the decorator for the function's caller (as
+    ``warnings.catch_warnings`` records them, calls from several threads at
+    once may interleave their warnings).
+
     Parameters
     ----------
     function : callable
@@ -172,19 +182,18 @@ def with_caller_keras(function=None, *, arguments=None, in_place=False):
     signature = inspect.signature(function)
     names = None if arguments is None else frozenset(arguments)
 
-    @functools.wraps(function)
-    def wrapped(*args, **kwargs):
+    def call(args, kwargs):
         if not is_keras3_loaded():  # a process without Keras 3 pays nothing
             return function(*args, **kwargs)
         try:
             bound = signature.bind_partial(*args, **kwargs)
         except TypeError:  # let the function itself report a wrong call
             return function(*args, **kwargs)
-        call = _Arguments()
+        received = _Arguments()
         for name, value in bound.arguments.items():
             if names is None or name in names:
-                bound.arguments[name] = call.convert(value, name)
-        if not call.models:
+                bound.arguments[name] = received.convert(value, name)
+        if not received.models:
             return function(*bound.args, **bound.kwargs)
         token = _KERAS3_CALL.set(True)
         try:
@@ -192,10 +201,49 @@ def with_caller_keras(function=None, *, arguments=None, in_place=False):
         finally:
             _KERAS3_CALL.reset(token)
         if in_place:
-            call.write_back()
-        return to_caller_keras(result, call.memo)
+            received.write_back()
+        return to_caller_keras(result, received.memo)
+
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        caught = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                return call(args, kwargs)
+        finally:
+            _reissue(caught)
 
     return wrapped
+
+
+def _module_name(filename):
+    """The name of the loaded module whose file is ``filename`` (None when there is none)."""
+    if filename not in _MODULE_NAMES:
+        _MODULE_NAMES[filename] = next((name for name, module in list(sys.modules.items())
+                                        if getattr(module, "__file__", None) == filename), None)
+    return _MODULE_NAMES[filename]
+
+
+def _reissue(caught):
+    """Issue the warnings recorded during a decorated call again, under the caller's filters.
+
+    A warning whose ``stacklevel`` points at the decorator's frame (this file)
+    was meant for the code that called the public function: it is issued for
+    that caller (a ``DeprecationWarning`` for an old keyword then shows in the
+    user's script as it would without the decorator). Every other warning
+    keeps its file, line, module and registry.
+    """
+    for record in caught:
+        if record.filename == __file__:
+            warnings.warn(record.message, record.category, stacklevel=3)
+            continue
+        name = _module_name(record.filename)
+        registry = None
+        if name is not None:
+            registry = vars(sys.modules[name]).setdefault("__warningregistry__", {})
+        warnings.warn_explicit(record.message, record.category, record.filename, record.lineno,
+                               module=name, registry=registry, source=record.source)
 
 
 def caller_uses_keras3():
