@@ -6,7 +6,19 @@ weights. Inputs are random 55x47x3 images (11,547 clean plus as many
 "poisoned"), which is enough for timing.
 
     python benchmarks/sweep.py [--images 11547] [--naive-levels 4] [--full-naive]
+                               [--memory-budget 128] [--scale 4]
                                [--layers conv_3 fc_1 --steps 20] [--engines]
+
+The one-layer sweep ranks ``conv_3`` on the clean set, so the statistics and
+the sweep's inputs come from one pass over the network before ``conv_3``; it
+is also timed as it was before that (statistics, then that part of the
+network again), through ``ranking_data``, and both tables are compared.
+``--scale`` reruns the sweep with that many times the data (the same images
+repeated) under the same ``--memory-budget`` (MiB) and prints the peak
+memory at both sizes: the kept outputs stop growing at the budget and the
+batches beyond it run through the network before ``conv_3`` again. The peak
+resident memory above the data also holds what the call's input check
+allocates (a boolean copy of each input set while it looks for NaN).
 
 ``--layers`` also times the sweep of those layers together (``--steps``
 levels) against a full forward pass per level with the same masks.
@@ -25,17 +37,50 @@ import numpy as np
 
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense.metrics import predict_labels
-from tf_backdoor_defense.pruning._sweep import prune_to_threshold
+from tf_backdoor_defense.pruning import _sweep
+from tf_backdoor_defense.pruning._sweep import DEFAULT_MEMORY_BUDGET, prune_to_threshold
 
-from lab_badnet import load_lab_badnet  # benchmarks/ is on sys.path when run as a script
+from export import face_images  # benchmarks/ is on sys.path when run as a script
+from lab_badnet import load_lab_badnet
 
 def best_of(fn, repeats):
-    times = []
+    """``(wall seconds, CPU seconds, last result)`` of the fastest of ``repeats`` runs."""
+    times, result = [], None
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        start, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        times.append((time.perf_counter() - start, time.process_time() - cpu))
+    wall, cpu = min(times)
+    return wall, cpu, result
+
+
+class _RecordedCache(_sweep.PrefixCache):
+    """The sweep's PrefixCache, remembered so that its peak size can be printed."""
+
+    last = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _RecordedCache.last = self
+
+
+def _rss_mib(field):
+    """VmRSS or VmHWM (peak) of this process in MiB, from /proc (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_rss():
+    """Start a new peak-RSS measurement (Linux: VmHWM := VmRSS); False when not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def main():
@@ -52,9 +97,15 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="levels of the several-layer sweep")
     parser.add_argument("--engines", action="store_true",
                         help="also run the one-layer levels through the several-layer engine")
+    parser.add_argument("--memory-budget", type=float, default=128,
+                        help="MiB of conv_3's (pooled) outputs kept for the sweep")
+    parser.add_argument("--scale", type=int, default=4,
+                        help="rerun the sweep with this many times the data (1: skip)")
     args = parser.parse_args()
+    budget = int(args.memory_budget * 2**20)
+    _sweep.PrefixCache = _RecordedCache
 
-    model, source, _ = load_lab_badnet(args.model)
+    model, source, folder = load_lab_badnet(args.model)
     rng = np.random.default_rng(0)
     clean_x = rng.uniform(0, 255, (args.images, 55, 47, 3)).astype(np.float32)
     poisoned_x = rng.uniform(0, 255, (args.images, 55, 47, 3)).astype(np.float32)
@@ -68,17 +119,23 @@ def main():
         predict_labels(model, poisoned_x, args.batch_size)
 
     one_pass()  # trace and warm up
-    full_pass = best_of(one_pass, args.repeats)
+    full_pass, full_cpu, _ = best_of(one_pass, args.repeats)
 
-    def sweep():
-        return prune_to_threshold(model, (clean_x, clean_y), layers="conv_3",
-                                  poisoned_validation_data=(poisoned_x, poisoned_y),
-                                  max_accuracy_drop=[0.02, 0.04, 0.10], batch_size=args.batch_size)
+    def sweep(clean=(clean_x, clean_y), poisoned=(poisoned_x, poisoned_y), **kwargs):
+        return prune_to_threshold(model, clean, layers="conv_3", poisoned_validation_data=poisoned,
+                                  max_accuracy_drop=[0.02, 0.04, 0.10], batch_size=args.batch_size,
+                                  memory_budget=budget, **kwargs)
 
-    sweep()  # trace and warm up
-    start = time.perf_counter()
-    result = sweep()
-    sweep_total = time.perf_counter() - start
+    first_total, _, _ = best_of(sweep, 1)  # traces the compiled functions
+    sweep_total, sweep_cpu, result = best_of(sweep, args.repeats)
+    cache = _RecordedCache.last
+    before = sweep(ranking_data=(clean_x, clean_y))  # trace the statistics alone
+    before_total, before_cpu, before = best_of(lambda: sweep(ranking_data=(clean_x, clean_y)),
+                                               args.repeats)
+    identical = before.history.equals(result.history) and before.levels == result.levels and \
+        np.array_equal(before.mean_activations["conv_3"], result.mean_activations["conv_3"]) and \
+        all(np.array_equal(before.masks[t]["conv_3"], result.masks[t]["conv_3"])
+            for t in result.thresholds)
 
     levels = channels + 1 if args.full_naive else min(args.naive_levels, channels + 1)
     start = time.perf_counter()
@@ -87,24 +144,80 @@ def main():
         predict_labels(pruned, clean_x, args.batch_size)
         predict_labels(pruned, poisoned_x, args.batch_size)
     naive = (time.perf_counter() - start) / levels * (channels + 1)
+    evaluator = cache.evaluator
+
+    def prefix_only():
+        for part in (clean_x, poisoned_x):
+            for start in range(0, len(part), args.batch_size):
+                evaluator.prefix_outputs(part[start:start + args.batch_size])
+
+    prefix_only()
+    prefix_wall, prefix_cpu, _ = best_of(prefix_only, args.repeats)
+    random_active = active_channels(evaluator, clean_x[:512])
+    faces = face_images(folder)
+    face_active = None if faces is None else active_channels(evaluator, faces)
 
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"model: {source}")
     print(f"data: {args.images} clean + {args.images} poisoned images of 55x47x3, "
-          f"batch {args.batch_size}, TensorFlow {tf.__version__}, {os.cpu_count()} CPUs")
-    print(f"one full forward pass over both sets: {full_pass:.2f} s")
+          f"batch {args.batch_size}, TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"one full forward pass over both sets: {full_pass:.2f} s (CPU time {full_cpu:.2f} s)")
     print(f"full {channels + 1}-level sweep (statistics + sweep): {sweep_total:.2f} s "
-          f"= {sweep_total / full_pass:.2f}x one pass "
-          f"(statistics {result.timings['statistics_seconds']:.2f} s, "
-          f"sweep {result.timings['sweep_seconds']:.2f} s)")
+          f"= {sweep_total / full_pass:.2f}x one pass; CPU time {sweep_cpu / full_cpu:.2f}x "
+          f"(statistics and the clean set's pass {result.timings['statistics_seconds']:.2f} s, "
+          f"sweep {result.timings['sweep_seconds']:.2f} s); the first call, tracing "
+          f"included: {first_total:.2f} s = {first_total / full_pass:.2f}x")
+    print(f"  memory budget {budget / 2**20:.0f} MiB (library default "
+          f"{DEFAULT_MEMORY_BUDGET / 2**20:.0f} MiB); kept {cache.peak_bytes / 2**20:.1f} MiB "
+          f"of conv_3's pooled outputs, all batches kept: {cache.complete}")
+    print(f"  the network before conv_3 over both sets alone: {prefix_wall / full_pass:.2f}x one "
+          f"pass, CPU time {prefix_cpu / full_cpu:.2f}x; the rest of the sweep (the levels after "
+          f"conv_3, ranking, tables, pruned models): CPU time "
+          f"{(sweep_cpu - prefix_cpu) / full_cpu:.2f}x")
+    print(f"  the levels re-evaluate {random_active + 1:.1f} (level, image) pairs per image: "
+          f"level 0 and the level of each of its {random_active:.1f} active conv_3 channels "
+          f"(of {channels}; the lab's real clean faces: "
+          f"{'not found' if face_active is None else f'{face_active:.1f}'})")
+    print(f"the same sweep with the statistics as a separate pass (ranking_data): "
+          f"{before_total:.2f} s = {before_total / full_pass:.2f}x one pass; CPU time "
+          f"{before_cpu / full_cpu:.2f}x; identical history, means, levels and masks: {identical}")
     print(f"naive per-level loop ({'all' if args.full_naive else levels} levels timed"
           f"{'' if args.full_naive else ', extrapolated'}): {naive:.1f} s "
           f"= {naive / full_pass:.1f}x one pass")
+    if args.scale > 1:
+        memory_at_scales(sweep, (clean_x, clean_y), (poisoned_x, poisoned_y), args, full_pass,
+                         full_cpu)
     if args.engines:
         masked_copy_engine(model, result, (clean_x, clean_y), args, full_pass)
     if args.layers:
         several_layers(model, (clean_x, clean_y), (poisoned_x, poisoned_y), args, full_pass)
     print(f"peak resident memory: {peak_mib:.0f} MiB")
+
+
+def active_channels(evaluator, x):
+    """Mean number of conv_3 channels not all zero after pooling, per image of ``x``."""
+    frontier = evaluator.prefix_outputs(x)[0].numpy().reshape(len(x), -1, evaluator.channels)
+    return float(np.mean(np.sum(np.any(frontier != 0, axis=1), axis=1)))
+
+
+def memory_at_scales(sweep, clean, poisoned, args, full_pass, full_cpu):
+    """Peak memory of the sweep at 1x and ``args.scale`` x the data, under one budget."""
+    for scale in (1, args.scale):
+        data = [tuple(np.concatenate([part] * scale) for part in pair) for pair in (clean, poisoned)]
+        measured = _reset_peak_rss()
+        rss = _rss_mib("VmRSS")
+        start, cpu = time.perf_counter(), time.process_time()
+        sweep(*data)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        grown = _rss_mib("VmHWM") - rss if measured else float("nan")
+        cache = _RecordedCache.last
+        print(f"  {scale}x ({scale * args.images} + {scale * args.images} images): sweep "
+              f"{seconds:.2f} s = {seconds / (scale * full_pass):.2f}x one pass (1x pass times "
+              f"{scale}), CPU time {cpu / (scale * full_cpu):.2f}x; kept "
+              f"{cache.peak_bytes / 2**20:.1f} MiB, all batches kept: {cache.complete}; "
+              f"peak RSS above the data during the call: {grown:.0f} MiB")
+        del data
 
 
 def masked_copy_engine(model, result, clean, args, full_pass):

@@ -15,9 +15,17 @@ the graph at the pruned layer instead:
    are evaluated; dormant channels, which pruning removes first, cost nothing.
 4. The *suffix* runs for all those pairs at once, stacked along the batch
    axis, so each call is one large, efficient batch.
+5. The statistics that rank the channels can come from the same pass over
+   the prefix (:meth:`LevelEvaluator.prefix_with_sums`): :class:`PrefixCache`
+   keeps the prefix's outputs for the data set within a memory budget, and
+   the sweep reads them instead of running the prefix again. Batches beyond
+   the budget are run through the prefix again, so memory stays flat.
 
 Every result equals what an explicitly masked model computes.
 """
+
+import collections
+import weakref
 
 import numpy as np
 
@@ -27,8 +35,14 @@ from tf_backdoor_defense.graph._replay import downstream_nodes, replay_nodes, to
 from tf_backdoor_defense.masks._registry import (IDENTITY_AT_INFERENCE, PADDING_CROPPING_TYPES,
                                                  POOLING_TYPES, ZERO_PRESERVING_ACTIVATIONS)
 from tf_backdoor_defense.masks._wrapper import channel_axis
+from tf_backdoor_defense.scoring._activations import average_channel_sums, channel_sum_fn
 
-__all__ = ["LevelEvaluator"]
+__all__ = ["LevelEvaluator", "PrefixCache", "level_evaluator"]
+
+# {model: {(layer name, id, max_rows): LevelEvaluator}}. An evaluator holds the model's
+# layers and compiled functions but only a weak reference to the model, so the entry
+# dies with the model, and sweeps of one model reuse the traced functions.
+_EVALUATORS = weakref.WeakKeyDictionary()
 
 
 def _commutes_with_mask(layer):
@@ -76,16 +90,20 @@ class LevelEvaluator:
     def __init__(self, model, layer, max_rows=8192):
         if not getattr(model, "_is_graph_network", False):
             raise InputError("The incremental sweep needs a Functional or Sequential model.")
-        self.model = model
+        self._model = weakref.ref(model)
         self.layer = layer
         self.max_rows = int(max_rows)
         self.channels = int(layer.output.shape[channel_axis(layer)])
         self._axis_last = channel_axis(layer) == -1
-        self._build()
+        self._build(model)
+
+    @property
+    def model(self):
+        """The evaluated model (held weakly: None once it is gone)."""
+        return self._model()
 
     # -- graph split -----------------------------------------------------
-    def _build(self):
-        model = self.model
+    def _build(self, model):
         nodes = topological_nodes(model)
         (start,) = [n for n in nodes if n.layer is self.layer]
         consumers = {}
@@ -128,9 +146,12 @@ class LevelEvaluator:
             raise InputError(f"The model's output does not depend on layer '{self.layer.name}'.")
         self._sides = sides
         self._suffix = suffix
+        self._output = model.outputs[0]
         self._prefix = keras.Model(model.inputs, [frontier] + sides)
         spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
         self.prefix = tf.function(lambda x: self._prefix(x, training=False), input_signature=[spec])
+        self._prefix_with_sums = tf.function(
+            channel_sum_fn(model, self.layer, outputs=[frontier] + sides), input_signature=[spec])
         self._frontier_rank = len(frontier_shape)
         side_specs = [tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype) for t in sides]
         rows_spec = [
@@ -145,7 +166,7 @@ class LevelEvaluator:
         if not self._suffix:
             return frontier_value
         return replay_nodes(self._suffix, [self._frontier] + self._sides,
-                            [frontier_value] + list(side_values), self.model.outputs[0])
+                            [frontier_value] + list(side_values), self._output)
 
     def _rows_outputs(self, frontier_value, side_values, example_index, masks):
         """Predicted labels for rows (example ``example_index[i]`` under ``masks[i]``)."""
@@ -166,6 +187,22 @@ class LevelEvaluator:
         return tf.argmax(outputs, axis=-1)
 
     # -- evaluation ------------------------------------------------------
+    def prefix_outputs(self, x):
+        """The prefix's outputs for the batch ``x``: ``[frontier] + side inputs``."""
+        outs = self.prefix(x)
+        return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+
+    def prefix_with_sums(self, x):
+        """``(sums, size, outputs)`` from one pass over the prefix for the batch ``x``.
+
+        ``sums`` and ``size`` are what
+        :func:`~tf_backdoor_defense.scoring._activations.channel_sum_fn` gives
+        for the layer (its activations summed per channel, in float64);
+        ``outputs`` is :meth:`prefix_outputs`.
+        """
+        sums, size, outputs = self._prefix_with_sums(x)
+        return sums, size, list(outputs)
+
     def predictions(self, x, ranking):
         """Predicted labels at every level 0..C for the batch ``x``.
 
@@ -175,10 +212,12 @@ class LevelEvaluator:
         there is non-zero for it; otherwise its level ``k - 1`` prediction is
         exact and is reused.
         """
+        return self.predictions_from(self.prefix_outputs(x), ranking)
+
+    def predictions_from(self, outputs, ranking):
+        """:meth:`predictions` from the prefix's ``outputs`` for a batch (:meth:`prefix_outputs`)."""
         ranking = np.asarray(ranking, dtype=np.int64)
-        outs = self.prefix(x)
-        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-        frontier, sides = outs[0], list(outs[1:])
+        frontier, sides = outputs[0], list(outputs[1:])
         batch = int(frontier.shape[0])
         # Channels are last, also after Flatten (channel c sits at c, c+C, ...).
         values = frontier if self._axis_last else tf.experimental.numpy.moveaxis(frontier, 1, -1)
@@ -204,3 +243,117 @@ class LevelEvaluator:
             result[level] = np.where(evaluate[level], result[level], result[level - 1])
         self.rows_evaluated = int(levels.size)
         return result
+
+
+def level_evaluator(model, layer, max_rows=8192):
+    """The :class:`LevelEvaluator` of ``layer`` in ``model``, built once per model and layer.
+
+    Sweeps of the same model reuse its traced functions; the entry dies with
+    the model.
+    """
+    key = (layer.name, id(layer), int(max_rows))
+    evaluators = _EVALUATORS.setdefault(model, {})
+    if key not in evaluators:
+        evaluators[key] = LevelEvaluator(model, layer, max_rows=max_rows)
+    return evaluators[key]
+
+
+class PrefixCache:
+    """The prefix's outputs for one data set, kept from the statistics' pass for the sweep.
+
+    :meth:`channel_means` runs every batch of the data through the prefix
+    once, for the layer's mean activations, and keeps the prefix's outputs
+    (and labels) of the batches that fit in ``memory_budget`` bytes.
+    :meth:`outputs` then gives the prefix's outputs of every batch: the kept
+    ones, and the rest run through the prefix again. Array data keeps its
+    first batches up to the budget. A stream (``tf.data.Dataset``) that does
+    not fit keeps nothing, since a second read may not give the same batches
+    in the same order; the sweep reads it again from the start.
+
+    Parameters
+    ----------
+    evaluator : LevelEvaluator
+    memory_budget : int
+        Bytes of prefix outputs and labels kept at most; 0 keeps nothing.
+
+    Attributes
+    ----------
+    kept_bytes : int
+        Bytes held now.
+    peak_bytes : int
+        The most bytes held at once.
+    complete : bool
+        Whether every batch was kept.
+    """
+
+    def __init__(self, evaluator, memory_budget):
+        self.evaluator = evaluator
+        self.memory_budget = int(memory_budget)
+        self._entries = collections.deque()
+        self._data = None
+        self.kept_bytes = 0
+        self.peak_bytes = 0
+        self.complete = True
+
+    def channel_means(self, data, batch_size):
+        """Mean activation of each channel of the layer over ``data`` (a ``LabeledData``).
+
+        The same float64 accumulation as
+        :func:`~tf_backdoor_defense.scoring._activations.mean_channel_activations`,
+        batch by batch; the prefix's outputs are kept as they come within
+        the budget.
+        """
+        self._entries.clear()
+        self._data, self._batch_size = data, batch_size
+        self.kept_bytes, self.complete = 0, True
+        stream = data.size is None
+        labels = []
+
+        def batches():
+            for x, y in data.batches(batch_size):
+                labels.append(y)
+                yield x, y
+
+        def step(x):
+            sums, size, outputs = self.evaluator.prefix_with_sums(x)
+            self._keep(outputs, labels.pop(), stream)
+            return sums, size
+
+        return average_channel_sums(batches(), step)
+
+    def _keep(self, outputs, y, stream):
+        if not self.complete:
+            return
+        size = sum(int(t.shape.num_elements()) * t.dtype.size for t in outputs) + y.nbytes
+        if self.kept_bytes + size <= self.memory_budget:
+            self._entries.append((outputs, y))
+            self.kept_bytes += size
+            self.peak_bytes = max(self.peak_bytes, self.kept_bytes)
+            return
+        self.complete = False
+        if stream:
+            self._entries.clear()
+            self.kept_bytes = 0
+
+    def outputs(self, data, batch_size):
+        """``(prefix outputs, y)`` for every batch of ``data``, in order.
+
+        ``data`` and ``batch_size`` must be those given to
+        :meth:`channel_means`. Each kept batch is released once given.
+        """
+        if data is not self._data or batch_size != self._batch_size:
+            raise ValueError("PrefixCache.outputs() needs the data and batch size of channel_means().")
+        if not self.complete:
+            kept = len(self._entries)
+            for index, (x, y) in enumerate(data.batches(batch_size)):
+                if index < kept:
+                    yield self._release()
+                else:
+                    yield self.evaluator.prefix_outputs(x), y
+        while self._entries:
+            yield self._release()
+
+    def _release(self):
+        outputs, y = self._entries.popleft()
+        self.kept_bytes -= sum(int(t.shape.num_elements()) * t.dtype.size for t in outputs) + y.nbytes
+        return outputs, y

@@ -14,7 +14,10 @@ layers runs once per batch. With one layer, the engine also skips the
 (level, example) pairs where the channel pruned at that level is zero, and
 stacks the levels along the batch axis (see
 :mod:`tf_backdoor_defense.pruning._incremental`); with several, the rest of the
-network runs once per level on one masked copy of the model.
+network runs once per level on one masked copy of the model. With one layer
+ranked on ``validation_data``, the statistics and the sweep's inputs come
+from one pass over the network before the layer: its outputs are kept
+within ``memory_budget`` bytes and recomputed beyond it.
 
 The stopping rules that turn an accuracy budget into a level are in
 :mod:`tf_backdoor_defense.pruning._levels`.
@@ -41,7 +44,8 @@ from tf_backdoor_defense.keras3._caller import with_caller_keras
 from tf_backdoor_defense.masks._wrapper import layer_names, wrap_layers
 from tf_backdoor_defense.metrics import count_attack_successes, labels_from_outputs
 from tf_backdoor_defense.pruning._incremental import (
-    LevelEvaluator,
+    PrefixCache,
+    level_evaluator,
     replay_nodes,
     split_after_inputs_of,
 )
@@ -51,10 +55,15 @@ from tf_backdoor_defense.pruning._ranking import (
     fraction_masks,
     layer_rankings,
     pruned_first,
+    rank_channels,
 )
 from tf_backdoor_defense.scoring._activations import resolve_layer
 
-__all__ = ["prune_to_threshold", "SweepResult", "STOPPING_RULES", "select_level"]
+__all__ = ["prune_to_threshold", "SweepResult", "STOPPING_RULES", "select_level",
+           "DEFAULT_MEMORY_BUDGET"]
+
+#: Bytes of the pruned layer's outputs kept between the statistics and the sweep (256 MiB).
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
 @dataclasses.dataclass(frozen=True, repr=False, eq=False)
@@ -89,7 +98,9 @@ class SweepResult:
         The last level; every channel is pruned there.
     stopping_rule : str
     timings : dict
-        Seconds spent on statistics and on the sweep.
+        Seconds spent on statistics and on the sweep. With one layer ranked
+        on the validation data, the statistics' pass also computes the
+        sweep's inputs for that data, and its time counts as statistics.
     masks : dict
         ``{threshold: {layer: mask}}`` (1 = kept).
     models : dict
@@ -158,7 +169,7 @@ class SweepResult:
 def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop=0.04,
                        ranking_data=None, poisoned_validation_data=None, target=None,
                        stopping_rule="largest_within", ranking=None, steps=None, batch_size=256,
-                       layer=None, poisoned_data=None):
+                       memory_budget=DEFAULT_MEMORY_BUDGET, layer=None, poisoned_data=None):
     """Prune the channels of ``layers`` by mean activation until clean accuracy drops.
 
     The channels of each layer are ranked by increasing mean activation on
@@ -200,6 +211,17 @@ def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop
         widest layer's channel count, so that layer loses one channel per
         level). One layer is swept channel by channel.
     batch_size : int, default=256
+    memory_budget : int, default=268435456 (256 MiB)
+        Bytes kept between the statistics and the sweep when one layer is
+        ranked on ``validation_data`` (no ``ranking_data``, no ``ranking``).
+        The network up to the pruned layer (and the pooling after it) then
+        runs once over ``validation_data``: the values the rest of the
+        network reads from it, and the labels, are kept for the first
+        batches that fit in the budget, and the other batches run through
+        it again. A ``tf.data.Dataset`` that does not fit is read again
+        whole. 0 keeps nothing. The results do not depend on it. The lab's
+        face network keeps 4.8 kB per example (``conv_3`` pooled to 5x4x60
+        in float32, and the label), so 256 MiB holds about 55,000 examples.
     layer, poisoned_data : deprecated
         The old names of ``layers`` and ``poisoned_validation_data``; they
         still work in this release, with a ``DeprecationWarning``.
@@ -238,6 +260,7 @@ def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop
         raise InputError(f"The 'stopping_rule' parameter must be one of {list(STOPPING_RULES)}. "
                          f"Got {stopping_rule!r} instead.")
     batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
+    memory_budget = int(check_number(memory_budget, "memory_budget", 0, integer=True))
     found = {name: resolve_layer(model, name) for name in layer_names(model, layers)}
     names = list(found)
     if steps is not None:
@@ -255,7 +278,17 @@ def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop
         raise InputError("The 'target' parameter needs `poisoned_validation_data`.")
 
     started = time.perf_counter()
-    if ranking is None:
+    evaluator = cache = None
+    if len(names) == 1:
+        evaluator = level_evaluator(model, found[names[0]], max_rows=max(8192, batch_size))
+    if ranking is None and ranking_data is None and evaluator is not None:
+        # One pass over the network before the layer: statistics and sweep inputs.
+        cache = PrefixCache(evaluator, memory_budget)
+        name = names[0]
+        base = {name: base_mask(found[name])}
+        means = {name: cache.channel_means(validation, batch_size)}
+        rankings = {name: pruned_first(rank_channels(means[name]), base[name])}
+    elif ranking is None:
         stats_data = validation if ranking_data is None else check_data(
             ranking_data, "ranking_data", model=model)
         rankings, means, base = layer_rankings(model, names, stats_data, batch_size)
@@ -270,13 +303,18 @@ def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop
 
     started = time.perf_counter()
     level_masks = [fraction_masks(rankings, base, level / steps) for level in range(steps + 1)]
-    if len(names) == 1:
+    if evaluator is not None:
         predict = _OneLayerLevels(model, found[names[0]], rankings[names[0]], level_masks,
-                                  batch_size)
+                                  batch_size, evaluator=evaluator)
     else:
         predict = _MaskedLevels(model, names, base, level_masks)
-    correct, total = _tally(predict, validation, batch_size,
-                            lambda p, y: (int(np.sum(p == y)), y.size))
+    accuracy_counts = lambda p, y: (int(np.sum(p == y)), y.size)  # noqa: E731
+    if cache is None:
+        correct, total = _tally(predict, validation, batch_size, accuracy_counts)
+    else:
+        correct, total = _count(((predict.from_prefix(outputs), y)
+                                 for outputs, y in cache.outputs(validation, batch_size)),
+                                accuracy_counts)
     accuracy = correct / total
     asr = np.full(steps + 1, np.nan)
     if poisoned is not None:
@@ -337,9 +375,14 @@ def _check_rankings(ranking, found):
 
 def _tally(predict, data, batch_size, count):
     """Sum ``count(labels, y) -> (hits, size)`` over ``data`` at every level."""
+    return _count(((predict(x), y) for x, y in data.batches(batch_size)), count)
+
+
+def _count(predicted, count):
+    """Sum ``count(labels, y)`` over ``(labels at every level, y)`` batches."""
     hits, size = None, 0
-    for x, y in data.batches(batch_size):
-        counted = [count(labels, y) for labels in predict(x)]
+    for levels, y in predicted:
+        counted = [count(labels, y) for labels in levels]
         found = np.array([c[0] for c in counted], dtype=np.int64)
         hits = found if hits is None else hits + found
         size += counted[0][1]
@@ -356,14 +399,19 @@ class _OneLayerLevels:
     cost nothing.
     """
 
-    def __init__(self, model, layer, order, level_masks, batch_size):
-        self._evaluator = LevelEvaluator(model, layer, max_rows=max(8192, batch_size))
+    def __init__(self, model, layer, order, level_masks, batch_size, evaluator=None):
+        self._evaluator = evaluator if evaluator is not None else \
+            level_evaluator(model, layer, max_rows=max(8192, batch_size))
         self._order = order
         name = layer.name
         self._rows = np.array([_ranked_prefix(order, masks[name]) for masks in level_masks])
 
     def __call__(self, x):
         return self._evaluator.predictions(x, self._order)[self._rows]
+
+    def from_prefix(self, outputs):
+        """:meth:`__call__` from the prefix's outputs for a batch (see ``PrefixCache``)."""
+        return self._evaluator.predictions_from(outputs, self._order)[self._rows]
 
 
 def _ranked_prefix(order, mask):

@@ -85,13 +85,17 @@ def _normalizes_channels(batch_norm, layer):
     return [a % rank for a in axes] == [channel_axis(layer) % rank]
 
 
-def channel_sum_fn(model, layer):
+def channel_sum_fn(model, layer, outputs=()):
     """A function ``x -> (sums, size)`` over ``layer``'s activations, in float64.
 
     ``sums`` holds one total per channel (summed over every axis but the
     channel axis: examples and positions) and ``size`` the number of values
     summed, so ``size / channels`` is the count behind each total. It traces
     inside ``tf.function`` and ``strategy.run``.
+
+    ``outputs``, symbolic tensors of ``model``, are computed in the same pass
+    and returned after ``size`` as a list: ``x -> (sums, size, values)``. The
+    pruning sweep takes its inputs from the pass that gives the statistics.
 
     Examples
     --------
@@ -102,13 +106,17 @@ def channel_sum_fn(model, layer):
     >>> sums.numpy().tolist(), float(size)
     ([4.0, 2.0], 4.0)
     """
-    features = keras.Model(model.inputs, activation_tensor(model, layer))
+    extra = list(outputs)
+    features = keras.Model(model.inputs, [activation_tensor(model, layer)] + extra)
     rank = len(features.outputs[0].shape)
     axes = [a for a in range(rank) if a != channel_axis(layer) % rank]
 
     def sums(x):
-        out = tf.cast(features(x, training=False), tf.float64)
-        return tf.reduce_sum(out, axis=axes), tf.cast(tf.size(out), tf.float64)
+        values = features(x, training=False)
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        out = tf.cast(values[0], tf.float64)
+        totals = tf.reduce_sum(out, axis=axes), tf.cast(tf.size(out), tf.float64)
+        return totals + (values[1:],) if extra else totals
 
     return sums
 
