@@ -29,7 +29,8 @@ defend_module = importlib.import_module("tf_backdoor_defense.defenses._defend")
 search_module = importlib.import_module("tf_backdoor_defense.defenses._search")
 
 COLUMNS = ["method", "validation_accuracy", "accuracy_drop", "drop_bound", "validation_asr",
-           "residual_trigger_rate", "within_budget", "channels_pruned", "seconds", "chosen", "note"]
+           "residual_trigger_rate", "within_budget", "verified", "channels_pruned", "seconds", "chosen",
+           "note"]
 
 # -- lookup models: example i is the one-hot input e_i -----------------------------------
 N_TRAIN, N_VAL, N_POISON = 20, 20, 10
@@ -641,3 +642,78 @@ def test_verification_scan_that_still_finds_a_backdoor_warns(monkeypatch):
         result = _defend(_backdoored(), ["ft-cosine"], scan=True)
     assert result.backdoor_still_active and result.verification is not None
     assert result.summary()["verification"]["backdoor_found"] is True
+
+
+def test_a_candidate_still_found_backdoored_does_not_stop_the_search(monkeypatch):
+    import tf_backdoor_defense.scan._scan as scan_module
+
+    fakes = FakeMethods(monkeypatch, {"ft-cosine": (1.0, 0.0), "ft-sam": (1.0, 0.0)})
+    scanned = []
+
+    def scan(model, data, **kw):
+        scanned.append(model)
+        return _scan_stub(model is not fakes.models["ft-sam"], targets=(0,))
+
+    monkeypatch.setattr(scan_module, "scan_model", scan)
+    result = _defend(_backdoored(), ["ft-cosine", "ft-sam"], scan=True, try_all=False)
+    assert [name for name, *_ in fakes.calls] == ["ft-cosine", "ft-sam"]
+    assert result.table["verified"].tolist() == [False, True]
+    assert result.method == "ft-sam" and not result.backdoor_still_active
+    assert result.verification is not None and not result.verification.backdoor_found
+    assert len(scanned) == 3  # the received model and each candidate once; no extra rescan
+
+
+def test_verified_candidates_are_chosen_before_unverified_ones(monkeypatch):
+    import tf_backdoor_defense.scan._scan as scan_module
+
+    fakes = FakeMethods(monkeypatch, {"ft-cosine": (1.0, 0.0), "ft-sam": (0.95, 0.0)})
+    monkeypatch.setattr(scan_module, "scan_model", lambda model, data, **kw: _scan_stub(
+        model is not fakes.models["ft-sam"], targets=(0,)))
+    assert _defend(_backdoored(), ["ft-cosine", "ft-sam"], scan=True).method == "ft-sam"
+
+
+@pytest.mark.parametrize("asr, shipped", [(0.6, False), (0.4, True)])
+def test_a_repair_that_does_not_halve_the_backdoor_signal_is_not_shipped(monkeypatch, asr,
+                                                                         shipped):
+    FakeMethods(monkeypatch, {"ft-cosine": (1.0, asr)})
+    model = _backdoored()
+    with pytest.warns(BackdoorStillActiveWarning):
+        result = _defend(model, ["ft-cosine"], poisoned_validation_data=POISONED)
+    assert (result.method == "ft-cosine") is shipped
+    assert result.backdoor_still_active
+    if not shipped:
+        assert "returned unchanged" in result.verdict
+        assert any("no repair within the budget removed the backdoor signal" in w
+                   for w in result.warnings)
+        assert result.model is not model and not result.table["chosen"].any()
+        for got, want in zip(result.model.get_weights(), model.get_weights()):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_unlearn_unlearns_what_the_rescan_of_its_result_finds(monkeypatch):
+    import tf_backdoor_defense.defenses._unlearning as unlearning_module
+    import tf_backdoor_defense.scan._scan as scan_module
+
+    received, first, second = _backdoored(), _fake_model(1.0, 0.0), _fake_model(1.0, 0.0)
+    outputs = iter([first, second, _fake_model(1.0, 0.0)])
+    calls = []
+
+    def unlearn(model, train, triggers, **kw):
+        calls.append((model, list(triggers)))
+        return next(outputs)
+
+    def scan(model, data, **kw):
+        stub = _scan_stub(model is not second, targets=(0,))
+        stub.suspected_triggers = lambda: ["A"] if model is received else ["B"]
+        return stub
+
+    monkeypatch.setattr(unlearning_module, "unlearn_triggers", unlearn)
+    monkeypatch.setattr(scan_module, "scan_model", scan)
+    result = _defend(received, ["unlearn"], scan=True)
+    assert [(model is received, model is first) for model, _ in calls] == [(True, False),
+                                                                            (False, True)]
+    assert [triggers for _, triggers in calls] == [["A"], ["A", "B"]]
+    assert "in 2 rounds" in result.table["note"].iloc[0]
+    assert result.table["verified"].tolist() == [True] and result.model is second
+    without = _defend(_backdoored(), ["unlearn"], scan=True, verify=False)
+    assert "rounds" not in without.table["note"].iloc[0]

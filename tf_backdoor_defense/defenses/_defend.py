@@ -15,8 +15,18 @@ training part and a held-apart validation part, then:
    validation inputs still sent to a suspected target; for an all-to-all
    suspicion, the share the untargeted trigger still moves off their class,
    beyond the candidate's clean error).
-4. **Verifies** the chosen model by scanning it again (``verify=True``): if the
-   scan still finds a backdoor, the result says so and warns.
+4. **Verifies** by scanning again (``verify=True``): a candidate that
+   clears the signal is scanned, and one in which the scan still finds a
+   backdoor does not end the search (the next method runs; among candidates
+   that clear the signal, verified ones are chosen first). ``unlearn``
+   repeats itself: it rescans its result and unlearns what the rescan finds,
+   up to ``UNLEARN_ROUNDS`` rounds in all. If the chosen model's scan still
+   finds a backdoor, the result says so and warns.
+5. **Keeps the model as received** when no candidate within the budget
+   clears the signal and the best one does not at least halve it
+   (``MIN_SIGNAL_REDUCTION``): a repair that costs accuracy and leaves the
+   backdoor (or a natural weakness that the scan mistook for one) is not
+   shipped. The result warns.
 
 Methods (``METHODS``), in the default order, which is the order of preference:
 
@@ -103,7 +113,12 @@ DEFAULT_METHODS = ("unlearn", "ibau", "clp")
 logger = logging.getLogger(__name__)
 
 COLUMNS = ["method", "validation_accuracy", "accuracy_drop", "drop_bound", "validation_asr",
-           "residual_trigger_rate", "within_budget", "channels_pruned", "seconds", "chosen", "note"]
+           "residual_trigger_rate", "within_budget", "verified", "channels_pruned", "seconds",
+           "chosen", "note"]
+# Rounds of "unlearn" when verifying: unlearn, rescan the result, unlearn what the rescan finds.
+UNLEARN_ROUNDS = 3
+# Without a cleared candidate, one is shipped only if it at least halves the backdoor signal.
+MIN_SIGNAL_REDUCTION = 0.5
 
 
 class BackdoorStillActiveWarning(UserWarning):
@@ -126,7 +141,9 @@ class DefenseResult:
         ``accuracy_drop`` (paired, vs. the model as received), ``drop_bound``
         (its upper confidence bound), ``validation_asr`` (NaN without
         triggered data), ``residual_trigger_rate`` (NaN without a scan that
-        found something), ``within_budget``, ``channels_pruned``, ``seconds``,
+        found something), ``within_budget``, ``verified`` (True/False: whether
+        a scan of the candidate found no backdoor; None: not scanned, only
+        candidates that qualify are), ``channels_pruned``, ``seconds``,
         ``chosen`` and ``note``.
     baseline : dict
         The received model's ``validation_accuracy``, ``validation_asr`` and
@@ -380,13 +397,36 @@ def _unlearn(model, train, context):
     scan = context.get("scan")
     if scan is None or not scan.backdoor_found:
         raise _Skip("no reversed trigger to unlearn (the scan found no backdoor)")
-    triggers = scan.suspected_triggers()
-    repaired = unlearn_triggers(model, train, triggers, batch_size=context["fine_tune"]["batch_size"],
-                                seed=context["seed"], strategy=context["strategy"])
+    triggers, names = scan.suspected_triggers(), _trigger_names(scan)
+    repaired, rounds = model, context["unlearn_rounds"]
+    for round_ in range(1, rounds + 1):
+        repaired = unlearn_triggers(repaired, train, triggers,
+                                    batch_size=context["fine_tune"]["batch_size"],
+                                    seed=context["seed"] + round_ - 1, strategy=context["strategy"])
+        context["verifications"].pop("unlearn", None)
+        if round_ == rounds:
+            break
+        check = _rescan(repaired, train, context)
+        context["verifications"]["unlearn"] = check
+        if not check.backdoor_found:
+            break
+        triggers = triggers + check.suspected_triggers()
+        names = names + _trigger_names(check)
+    rounds_note = f" in {round_} rounds" if round_ > 1 else ""
+    return repaired, f"unlearnt {len(triggers)} reversed trigger(s){rounds_note}: {', '.join(names)}"
+
+
+def _trigger_names(scan):
     names = [str(t) for t in scan.suspected_targets]
-    if scan.all_to_all_suspected:
-        names.append("untargeted")
-    return repaired, f"unlearnt {len(triggers)} reversed trigger(s): {', '.join(names)}"
+    return names + (["untargeted"] if scan.all_to_all_suspected else [])
+
+
+def _rescan(model, train, context):
+    from tf_backdoor_defense.scan._scan import scan_model
+
+    found = scan_model(model, train, **context["scan_kwargs"])
+    logger.log(context["log_level"], "rescan: %s (%.1f s)", found.verdict, found.seconds)
+    return found
 
 
 def _ibau(model, train, context):
@@ -437,9 +477,14 @@ def _signal(table):
                                          table["residual_trigger_rate"])
 
 
+def _failed(verified):
+    """Whether a ``verified`` cell says a scan of the candidate still found a backdoor."""
+    return verified is not None and not pd.isna(verified) and not bool(verified)
+
+
 def _qualifies(row, tolerance):
     """Whether the choice rule would take this row over every later method."""
-    if not row["within_budget"]:
+    if not row["within_budget"] or _failed(row.get("verified")):
         return False
     signal = row["validation_asr"]
     if np.isnan(signal):
@@ -454,8 +499,9 @@ def _choose(table, tolerance=0.02):
     signal = _signal(within)
     if signal.notna().any():
         cleared = within[signal.fillna(np.inf) <= tolerance + 1e-12]
-        if not cleared.empty:  # every one of these removes the backdoor: trust the order
-            return cleared["method"].iloc[0]
+        if not cleared.empty:  # every one of these removes the backdoor: trust the order,
+            trusted = cleared[[not _failed(v) for v in cleared["verified"]]]  # verified first
+            return (trusted if not trusted.empty else cleared)["method"].iloc[0]
         ranked = within.assign(order=np.arange(len(within)), signal=signal.fillna(np.inf)).sort_values(
             ["signal", "validation_accuracy", "order"], ascending=[True, False, True], kind="stable")
         return ranked["method"].iloc[0]
@@ -517,8 +563,10 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     repair_if_clean : bool, default=False
         Repair even when the scan finds no backdoor.
     verify : bool, default=True
-        Scan the chosen model again; a backdoor found there sets
-        ``backdoor_still_active`` and warns.
+        Scan candidates that clear the backdoor signal again (and let
+        ``unlearn`` unlearn what the rescans find); the search goes on past a
+        candidate still found backdoored, and a backdoor found in the chosen
+        model sets ``backdoor_still_active`` and warns.
     budget_confidence : float in [0.5, 1) or None, default=0.8
         One-sided confidence of the bound on the accuracy drop (None: the
         point estimate).
@@ -619,7 +667,8 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
                "anp_iterations": 500, "clp_u": (1.0, 1.5, 2.0, 3.0), "learning_rates": rates,
                "fine_tune": {"epochs": epochs, "batch_size": batch_size, "seed": seed,
                              "strategy": strategy},
-               "strategy": strategy}
+               "strategy": strategy, "scan_kwargs": scan_kwargs, "log_level": level,
+               "verifications": {}, "unlearn_rounds": UNLEARN_ROUNDS if verify else 1}
     found = None
     if do_scan:
         from tf_backdoor_defense.scan._scan import scan_model
@@ -665,6 +714,10 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
                                  validation_asr=None if poisoned is None else float(base_asr),
                                  scan=found, verdict=verdict)
 
+    # Without triggered data the residual only covers the triggers the scan reversed: a
+    # candidate that clears it is scanned again, and one still found backdoored does not stop
+    # the search (the next method runs).
+    verify_each = bool(verify and found is not None and found.backdoor_found)
     rows, candidates = [], {}
     for index, method in enumerate(methods):
         if not try_all and rows and _qualifies(rows[-1], tolerance):
@@ -682,19 +735,35 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
             continue
         accuracy, drop, bound, asr, residual = measure(repaired)
         candidates[method] = repaired
-        rows.append({"method": method, "validation_accuracy": accuracy, "accuracy_drop": drop,
-                     "drop_bound": bound, "validation_asr": asr,
-                     "residual_trigger_rate": residual,
-                     "within_budget": bool(bound <= budget + 1e-12),
-                     "channels_pruned": _channels_pruned(repaired),
-                     "seconds": time.perf_counter() - began, "chosen": False, "note": note})
+        row = {"method": method, "validation_accuracy": accuracy, "accuracy_drop": drop,
+               "drop_bound": bound, "validation_asr": asr, "residual_trigger_rate": residual,
+               "within_budget": bool(bound <= budget + 1e-12), "verified": None,
+               "channels_pruned": _channels_pruned(repaired), "seconds": 0.0, "chosen": False,
+               "note": note}
+        if verify_each and _qualifies(row, tolerance):
+            if method not in context["verifications"]:
+                context["verifications"][method] = _rescan(repaired, train, context)
+            row["verified"] = not context["verifications"][method].backdoor_found
+        row["seconds"] = time.perf_counter() - began
+        rows.append(row)
         logger.log(level, "%-13s accuracy %.4f (drop %+.4f, bound %+.4f)%s%s  %.1f s", method,
                    accuracy, drop, bound, "" if poisoned is None else f"  ASR {asr:.4f}",
                    "" if np.isnan(residual) else f"  residual {residual:.4f}",
                    rows[-1]["seconds"])
     table = pd.DataFrame(rows, columns=COLUMNS)
     chosen = _choose(table, tolerance) if len(table) else None
-    if chosen is None:
+    base_signal = float(base_asr) if poisoned is not None else float(base_residual)
+    kept = False
+    if chosen is not None:
+        signal = float(_signal(table[table["method"] == chosen]).iloc[0])
+        if (signal > tolerance + 1e-12 and np.isfinite(base_signal)
+                and signal > MIN_SIGNAL_REDUCTION * base_signal):
+            what = "ASR" if poisoned is not None else "reversed-trigger residual"
+            notes.append(f"no repair within the budget removed the backdoor signal (best: "
+                         f"{chosen}, {what} {signal:.1%} against {base_signal:.1%} as "
+                         "received); returning the model as received")
+            chosen, kept = None, True
+    elif len(table) == 0 or not table["within_budget"].any():
         if len(table):
             chosen = table.sort_values("drop_bound", kind="stable")["method"].iloc[0]
             notes.append(f"no method stayed within the accuracy budget of {budget:g}; "
@@ -716,11 +785,10 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
                         f"{chosen or 'no repair'} (tolerance {tolerance:.1%})")
     verification = None
     if verify and found is not None and found.backdoor_found and chosen is not None:
-        from tf_backdoor_defense.scan._scan import scan_model
-
-        verification = scan_model(final, train, **scan_kwargs)
-        logger.log(level, "verification scan: %s (%.1f s)", verification.verdict,
-                   verification.seconds)
+        verification = context["verifications"].get(chosen)
+        if verification is None:
+            verification = _rescan(final, train, context)
+            table.loc[table["method"] == chosen, "verified"] = not verification.backdoor_found
         if verification.backdoor_found:
             active = True
             notes.insert(0, f"backdoor may still be active: the scan of the repaired model "
@@ -735,6 +803,8 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
         verdict = "no backdoor found; repaired on request"
     if chosen is not None:
         verdict += f"; repaired with {chosen}" + ("; backdoor may still be active" if active else "")
+    elif kept:
+        verdict += "; no repair within the budget removed it, model returned unchanged"
     return DefenseResult(final, chosen, table, baseline, candidates, notes, settings,
                          backdoor_still_active=active,
                          validation_asr=None if poisoned is None else float(final_asr),

@@ -95,7 +95,7 @@ def layer_rankings(model, layers, ranking_data, batch_size=256):
     rankings, means, base_masks = {}, {}, {}
     for name in layers:
         base_masks[name] = base_mask(resolve_layer(model, name))
-        means[name] = np.asarray(mean_channel_activations(model, ranking_data, layer=name,
+        means[name] = np.asarray(mean_channel_activations(model, ranking_data, name,
                                                           batch_size=batch_size))
         rankings[name] = pruned_first(rank_channels(means[name]), base_masks[name])
     return rankings, means, base_masks

@@ -101,8 +101,8 @@ def channel_activation_table(model, ranking_data, poisoned_ranking_data, *, laye
     names = [resolve_layer(model, name).name for name in (layers if several else [layers])]
     tables = []
     for name in names:
-        clean = mean_channel_activations(model, ranking_data, layer=name, batch_size=batch_size)
-        poisoned = mean_channel_activations(model, poisoned_ranking_data, layer=name,
+        clean = mean_channel_activations(model, ranking_data, name, batch_size=batch_size)
+        poisoned = mean_channel_activations(model, poisoned_ranking_data, name,
                                             batch_size=batch_size)
         tables.append(activation_frame(clean, poisoned, dormant_threshold=dormant_threshold))
     if several:

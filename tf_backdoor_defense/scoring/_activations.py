@@ -8,10 +8,11 @@ from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.masks._registry import (ACTIVATION_LAYER_TYPES, IDENTITY_AT_INFERENCE,
                                                  PRUNABLE_LAYER_TYPES)
 from tf_backdoor_defense.masks._wrapper import PruneByActivation, channel_axis, find_layer, last_conv_layer
-from tf_backdoor_defense._validation import check_data, check_model
+from tf_backdoor_defense._errors import InputTypeError
+from tf_backdoor_defense._validation import check_data, check_model, renamed_argument
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
-__all__ = ["mean_channel_activations", "resolve_layer", "activation_tensor", "channel_sum_fn",
+__all__ = ["mean_channel_activations", "layer_names", "resolve_layer", "activation_tensor", "channel_sum_fn",
            "average_channel_sums"]
 
 # {model: {layer key: compiled statistics}}. A value holds the feature extractor built
@@ -147,9 +148,33 @@ def _stats_fn(model, layer):
     return cache[key]
 
 
+def layer_names(model, layers):
+    """``layers`` as a list of names and whether one name (or None) was given.
+
+    ``None`` means the last convolutional layer.
+    """
+    if layers is None:
+        return [last_conv_layer(model)], True
+    if isinstance(layers, str):
+        return [layers], True
+    if isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers):
+        return list(layers), False
+    raise InputTypeError("The 'layers' parameter must be a layer name or a non-empty list of "
+                         f"layer names. Got {layers!r} instead.")
+
+
+def _as_data(data):
+    """``x`` alone becomes ``(x, zeros)``: statistics need no labels."""
+    if not isinstance(data, (tuple, list)) and not isinstance(data, tf.data.Dataset) and \
+            not hasattr(data, "batches"):
+        return (data, np.zeros(len(data), dtype=np.int64))
+    return data
+
+
 @with_caller_keras
-def mean_channel_activations(model, data, layer=None, batch_size=256):
-    """Mean activation of each channel of ``layer`` over ``data``.
+def mean_channel_activations(model, ranking_data=None, layers=None, batch_size=256, *,
+                             data=None, layer=None):
+    """Mean activation of each channel of one layer, or of each of several, over clean data.
 
     The mean is taken after the layer's activation function, over every
     example and spatial position, accumulated in float64 batch by batch, so
@@ -158,28 +183,42 @@ def mean_channel_activations(model, data, layer=None, batch_size=256):
     Parameters
     ----------
     model : tf_keras.Model
-    data : (x, y) arrays, x alone, or a tf.data.Dataset of (x, y)
+    ranking_data : (x, y) arrays, x alone, or a tf.data.Dataset of (x, y)
         Clean inputs (labels are not used).
-    layer : str, default=None
-        Name of a Conv or Dense layer; default: the last convolutional layer.
+    layers : str or list of str, default=None
+        Name of a Conv or Dense layer, or a list of names; default: the
+        last convolutional layer.
     batch_size : int, default=256
+    data, layer
+        Old names of ``ranking_data`` and ``layers`` (deprecated; they warn).
 
     Returns
     -------
     numpy.ndarray of shape (channels,), float64
+        For one layer name (or None).
+    dict of {name: numpy.ndarray}
+        For a list of names, in the list's order.
 
     Examples
     --------
     >>> import numpy as np, tf_keras as keras
     >>> model = keras.Sequential([keras.Input((2,)),
     ...     keras.layers.Dense(2, activation="relu", kernel_initializer="identity", name="fc")])
-    >>> mean_channel_activations(model, np.array([[1., -1.], [3., 2.]]), layer="fc").tolist()
+    >>> x = np.array([[1., -1.], [3., 2.]])
+    >>> mean_channel_activations(model, x, "fc").tolist()
     [2.0, 1.0]
+    >>> {k: v.tolist() for k, v in mean_channel_activations(model, x, ["fc"]).items()}
+    {'fc': [2.0, 1.0]}
     """
+    ranking_data = renamed_argument("mean_channel_activations()", "data", data,
+                                    "ranking_data", ranking_data)
+    layers = renamed_argument("mean_channel_activations()", "layer", layer, "layers", layers)
     check_model(model)
-    found = resolve_layer(model, layer)
-    if not isinstance(data, (tuple, list)) and not isinstance(data, tf.data.Dataset) and \
-            not hasattr(data, "batches"):
-        data = (data, np.zeros(len(data), dtype=np.int64))
-    data = check_data(data, "data", model=model, num_classes=None)
-    return average_channel_sums(data.batches(batch_size), _stats_fn(model, found))
+    if ranking_data is None:
+        raise InputTypeError("mean_channel_activations() needs 'ranking_data': clean inputs.")
+    names, single = layer_names(model, layers)
+    found = [resolve_layer(model, name) for name in names]
+    checked = check_data(_as_data(ranking_data), "ranking_data", model=model, num_classes=None)
+    means = {layer.name: average_channel_sums(checked.batches(batch_size), _stats_fn(model, layer))
+             for layer in found}
+    return next(iter(means.values())) if single else means

@@ -15,10 +15,12 @@ from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense.scoring._activations import (
     average_channel_sums,
     channel_sum_fn,
+    layer_names,
     mean_channel_activations,
     resolve_layer,
 )
-from tf_backdoor_defense._validation import check_data, check_model
+from tf_backdoor_defense._errors import InputTypeError
+from tf_backdoor_defense._validation import check_data, check_model, renamed_argument
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["distributed_channel_means", "is_distributed"]
@@ -64,8 +66,9 @@ def _step_fn(model, layer, strategy):
 
 
 @with_caller_keras
-def distributed_channel_means(model, data, layer=None, strategy=None, batch_size=256):
-    """Mean activation per channel of ``layer``, computed on all replicas and reduced.
+def distributed_channel_means(model, ranking_data=None, layers=None, strategy=None,
+                              batch_size=256, *, data=None, layer=None):
+    """Mean activation per channel of one layer or several, computed on all replicas and reduced.
 
     With no strategy (or a single-replica one) this is
     :func:`~tf_backdoor_defense.scoring._activations.mean_channel_activations`.
@@ -74,18 +77,24 @@ def distributed_channel_means(model, data, layer=None, strategy=None, batch_size
     ----------
     model : tf_keras.Model
         Built in ``strategy.scope()`` when ``strategy`` is distributed.
-    data : (x, y) arrays or tf.data.Dataset
+    ranking_data : (x, y) arrays or tf.data.Dataset
         The same clean data on every worker.
-    layer : str, default=None
-        Conv or Dense layer; default: the last convolutional layer.
+    layers : str or list of str, default=None
+        Conv or Dense layer name, or a list of names; default: the last
+        convolutional layer.
     strategy : tf.distribute.Strategy, default=None
         Default: ``model.distribute_strategy``.
     batch_size : int, default=256
         Global batch: each replica gets about ``batch_size / replicas`` rows.
+    data, layer
+        Old names of ``ranking_data`` and ``layers`` (deprecated; they warn).
 
     Returns
     -------
     numpy.ndarray of shape (channels,), float64
+        For one layer name (or None).
+    dict of {name: numpy.ndarray}
+        For a list of names.
 
     Examples
     --------
@@ -98,13 +107,22 @@ def distributed_channel_means(model, data, layer=None, strategy=None, batch_size
     >>> means.shape, bool(np.array_equal(means, mean_channel_activations(model, x, "conv")))
     ((3,), True)
     """
+    ranking_data = renamed_argument("distributed_channel_means()", "data", data,
+                                    "ranking_data", ranking_data)
+    layers = renamed_argument("distributed_channel_means()", "layer", layer, "layers", layers)
     check_model(model)
     if strategy is None:
         strategy = model.distribute_strategy
     if not is_distributed(strategy):
-        return mean_channel_activations(model, data, layer=layer, batch_size=batch_size)
-    found = resolve_layer(model, layer)
-    data = check_data(data, "data", model=model, num_classes=None)
-    step = _step_fn(model, found, strategy)
-    return average_channel_sums(data.batches(batch_size),
-                                lambda x: step(tf.constant(x, tf.float32)))
+        return mean_channel_activations(model, ranking_data, layers, batch_size=batch_size)
+    if ranking_data is None:
+        raise InputTypeError("distributed_channel_means() needs 'ranking_data': clean inputs.")
+    names, single = layer_names(model, layers)
+    found = [resolve_layer(model, name) for name in names]
+    checked = check_data(ranking_data, "ranking_data", model=model, num_classes=None)
+    means = {}
+    for layer_object in found:
+        step = _step_fn(model, layer_object, strategy)
+        means[layer_object.name] = average_channel_sums(
+            checked.batches(batch_size), lambda x, step=step: step(tf.constant(x, tf.float32)))
+    return next(iter(means.values())) if single else means
