@@ -27,3 +27,16 @@ def test_bad_input_raises_an_input_error_naming_the_argument(call, error, match)
     with pytest.raises(error, match=match):
         call()
     assert issubclass(InputError, ValueError) and issubclass(InputTypeError, TypeError)
+
+
+def test_all_finite_checks_every_slice():
+    import numpy as np
+    from tf_backdoor_defense._validation import all_finite
+
+    x = np.zeros((100, 4, 4), np.float32)
+    assert all_finite(x, chunk_bytes=64)
+    x[99, 3, 3] = np.nan  # in the last slice
+    assert not all_finite(x, chunk_bytes=64)
+    x[99, 3, 3] = -np.inf
+    assert not all_finite(x, chunk_bytes=1)
+    assert all_finite(np.zeros((0, 3))) and not all_finite(np.array(np.nan))

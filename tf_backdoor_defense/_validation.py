@@ -199,6 +199,21 @@ class LabeledData:
                            self.num_classes)
 
 
+def all_finite(x, chunk_bytes=1 << 24):
+    """Whether every value of ``x`` is finite, checked in slices of about ``chunk_bytes``
+    so that memory does not grow with the data set.
+
+    >>> all_finite(np.zeros((3, 2))), all_finite(np.array([[0.0, np.inf]]))
+    (True, False)
+    """
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] == 0:
+        return bool(np.all(np.isfinite(x)))
+    rows = max(1, chunk_bytes // max(1, x[:1].nbytes))
+    return all(bool(np.isfinite(x[start:start + rows]).all())
+               for start in range(0, x.shape[0], rows))
+
+
 def _check_arrays(x, y, name, input_shape, num_classes):
     x = np.asarray(x)
     y = class_indices(y, f"The labels of `{name}`")
@@ -219,7 +234,7 @@ def _check_arrays(x, y, name, input_shape, num_classes):
     if not np.issubdtype(x.dtype, np.number):
         raise InputTypeError(f"`{name}` must hold numbers. Got dtype {x.dtype}.")
     x = x.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(x)):
+    if not all_finite(x):
         raise InputError(f"`{name}` contains NaN or Inf values.")
     if num_classes is not None and y.size and (y.min() < 0 or y.max() >= num_classes):
         bad = y[(y < 0) | (y >= num_classes)][0]
