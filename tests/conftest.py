@@ -20,10 +20,6 @@ def _lab3_dir():
     return REPO.parent / "shared" / "data" / "lab3"
 
 
-# Scripts that tests run in fresh interpreters (Keras 3 imported first): never imported by
-# pytest itself, not even for --doctest-modules.
-collect_ignore_glob = ["*_script.py", "scripts_*.py"]
-
 @pytest.fixture(scope="session")
 def lab3_dir():
     """Folder with the lab BadNet (bd_net.h5) and faces; skips the test when absent."""

@@ -316,12 +316,21 @@ def test_progress_bars_only_on_a_terminal_and_same_results(lab):
     class Args:
         batch_size = 16
 
-    streamed = cli._progress_data(data, Args, console, ["statistics", "sweep (clean)"])
+    labels = ["statistics and sweep (clean)", "sweep (clean)"]
+    streamed = cli._progress_data(data, Args, console, labels)
     with_bars = prune_to_threshold(model, streamed, max_accuracy_drop=0.1, batch_size=16)
     plain = prune_to_threshold(model, data, max_accuracy_drop=0.1, batch_size=16)
     pd.testing.assert_frame_equal(with_bars.history, plain.history)
     drawn = terminal.getvalue()
-    assert "statistics" in drawn and "sweep (clean)" in drawn and "4/4" in drawn
+    # one pass gives the statistics and the sweep's inputs (within the memory budget)
+    assert "statistics and sweep (clean)" in drawn and "4/4" in drawn
+    assert "\rsweep (clean)" not in drawn and streamed.dataset.passes == 1
+    terminal = _FakeTerminal()
+    streamed = cli._progress_data(data, Args, cli.Console(stream=terminal), labels)
+    again = prune_to_threshold(model, streamed, max_accuracy_drop=0.1, batch_size=16,
+                               memory_budget=0)  # nothing kept: the sweep reads the data again
+    pd.testing.assert_frame_equal(again.history, plain.history)
+    assert streamed.dataset.passes == 2 and "sweep (clean)" in terminal.getvalue()
     assert cli._progress_data(data, Args, cli.Console(stream=io.StringIO()), ["x"]) is data
     assert not cli.Console(stream=_FakeTerminal(), quiet=True).bars
 

@@ -340,7 +340,10 @@ def cmd_prune(args, console):
     if poisoned is None and (args.target is not None or args.all_to_all or args.untargeted):
         raise InputError("--target, --all-to-all and --untargeted need --poisoned data.")
 
-    clean_labels = ["statistics", "sweep (clean)"] if ranking is None else ["sweep (clean)"]
+    # Without --ranking-data one pass gives the statistics and the sweep's inputs (a second
+    # pass, beyond the sweep's memory budget, is the sweep's).
+    clean_labels = (["statistics and sweep (clean)", "sweep (clean)"] if ranking is None
+                    else ["sweep (clean)"])
     result = prune_to_threshold(
         model, _progress_data(clean, args, console, clean_labels),
         layers=args.layer, max_accuracy_drop=thresholds, steps=args.steps,
@@ -617,8 +620,9 @@ def cmd_repair(args, console):
     else:
         if clean is None:
             raise InputError("repair needs --pruned PRUNED_MODEL, or --clean DATA to prune first.")
-        result = prune_to_threshold(model, _progress_data(clean, args, console,
-                                                          ["statistics", "sweep (clean)"]),
+        result = prune_to_threshold(model, _progress_data(
+                                        clean, args, console,
+                                        ["statistics and sweep (clean)", "sweep (clean)"]),
                                     layers=args.layer, max_accuracy_drop=args.threshold,
                                     stopping_rule=args.stopping_rule, batch_size=args.batch_size)
         pruned = result.model
