@@ -36,7 +36,7 @@ setup(
     ],
     extras_require={
         "examples": EXAMPLES,
-        "test": ["pytest>=7", "hypothesis>=6"] + EXAMPLES,
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"] + EXAMPLES,
     },
     entry_points={"console_scripts": ["tf-backdoor-defense=tf_backdoor_defense.cli:main"]},
     classifiers=[

@@ -11,6 +11,7 @@ from tf_backdoor_defense.pruning._sweep import prune_to_threshold
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("demo")  # one worker trains the demo once for both
 def test_demo_trains_a_badnet_on_real_digits_and_pruning_lowers_asr(demo_run):
     out, printed = demo_run
     evaluation = out["evaluation"].set_index("model")

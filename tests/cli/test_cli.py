@@ -354,6 +354,7 @@ def test_lab_badnet_inspect_and_evaluate_on_the_faces(lab3_dir, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("demo")  # one worker trains the demo once for both
 def test_demo_writes_its_report(tmp_path, capsys, monkeypatch, demo_run):
     from tf_backdoor_defense.experiments import _demo
 

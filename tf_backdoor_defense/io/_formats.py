@@ -44,14 +44,15 @@ def escape(text, limit=_MAX_SHOWN):
 
     ANSI escape sequences, C0/C1 control characters, line breaks and
     bidirectional overrides are written as ``\\xNN``/``\\uNNNN``; text
-    longer than ``limit`` characters is cut with ``...``.
+    longer than ``limit`` characters is cut in the middle with ``...``, so
+    that both ends stay (a path keeps its file name).
 
     Examples
     --------
     >>> escape("conv\\x1b[2K\\rOK")
     'conv\\\\x1b[2K\\\\x0dOK'
-    >>> escape("a" * 100, limit=5)
-    'aaaaa...'
+    >>> escape("/" + "d" * 100 + "/model.h5", limit=20)
+    '/ddddddddd...d/model.h5'
     """
     if not isinstance(text, str):
         text = str(text)
@@ -68,7 +69,9 @@ def escape(text, limit=_MAX_SHOWN):
             out.append(char)
     shown = "".join(out)
     if limit is not None and len(shown) > limit:
-        shown = shown[:limit] + "..."
+        tail = limit // 2
+        shown = shown[:limit - tail] + "..." + shown[len(shown) - tail:] if tail else \
+            shown[:limit] + "..."
     return shown
 
 
