@@ -762,7 +762,8 @@ def load_model(path, *, trust_model_code=False, weights=None, custom_objects=Non
     info, data = _read(path)
     from tf_backdoor_defense.keras3._loading import is_keras3_file, load_keras3_file
     if is_keras3_file(info):  # Keras 3 .keras/.h5: scanned there, then loaded by Keras 3
-        return load_keras3_file(path, info, trust_model_code=trust_model_code, unsafe_error=(
+        return load_keras3_file(path, info, data=data, trust_model_code=trust_model_code,
+                                unsafe_error=(
             lambda message, layer, name: UnsafeModelError(f"{message} {_TRUST_HINT}", path=str(path),
                                                           layer=layer, class_name=name)))
     _check_keras_version(info, path)

@@ -8,6 +8,10 @@ only), so only built-in layers are ever deserialized. The model comes back
 as a Keras 3 model, in the Keras that wrote it.
 """
 
+import pathlib
+import tempfile
+
+from tf_backdoor_defense.io._formats import escape
 from tf_backdoor_defense.keras3._convert import Keras3ConversionError, scan_keras3_config
 
 __all__ = ["is_keras3_file", "load_keras3_file"]
@@ -19,7 +23,7 @@ def is_keras3_file(info):
     return info.get("format") in ("keras", "h5") and version.startswith("3")
 
 
-def load_keras3_file(path, info, *, trust_model_code=False, unsafe_error=None):
+def load_keras3_file(path, info, *, data=None, trust_model_code=False, unsafe_error=None):
     """Load a Keras 3 model file after checking its configuration.
 
     Parameters
@@ -28,6 +32,10 @@ def load_keras3_file(path, info, *, trust_model_code=False, unsafe_error=None):
         The ``.keras`` or ``.h5`` file.
     info : dict
         Its ``read_model_config`` result.
+    data : bytes, default=None
+        The file's bytes as read (and scanned) by the caller. Keras then
+        loads a private copy of exactly these bytes, never ``path`` again: a
+        file swapped after the scan is not what gets deserialized.
     trust_model_code : bool, default=False
         Skip the scan (the file's author is trusted).
     unsafe_error : callable, default=None
@@ -46,7 +54,8 @@ def load_keras3_file(path, info, *, trust_model_code=False, unsafe_error=None):
         try:
             scan_keras3_config(info["config"])
         except Keras3ConversionError as error:
-            message = f"'{path}' (written by Keras {info.get('keras_version')}): {error}"
+            message = (f"'{escape(path)}' (written by Keras "
+                       f"{escape(info.get('keras_version'))}): {error}")
             if error.layer is None and error.class_name is None:  # malformed, not unsafe
                 from tf_backdoor_defense.io._loading import ModelFileError  # noqa: PLC0415
                 raise ModelFileError(message, path=path) from None
@@ -56,5 +65,11 @@ def load_keras3_file(path, info, *, trust_model_code=False, unsafe_error=None):
     keras = keras3()
     objects = {"PruneByActivation": PruneByActivation,
                "tf_backdoor_defense>PruneByActivation": PruneByActivation}
-    return keras.saving.load_model(str(path), compile=False, custom_objects=objects,
-                                   safe_mode=not trust_model_code)
+    if data is None:
+        return keras.saving.load_model(str(path), compile=False, custom_objects=objects,
+                                       safe_mode=not trust_model_code)
+    with tempfile.TemporaryDirectory(prefix="tf-backdoor-defense-load-") as folder:
+        copy = pathlib.Path(folder) / ("model" + pathlib.Path(path).suffix.lower())
+        copy.write_bytes(data)
+        return keras.saving.load_model(str(copy), compile=False, custom_objects=objects,
+                                       safe_mode=not trust_model_code)
