@@ -73,4 +73,16 @@ assert main(["export", str(report / "models" / "pruned_drop_0.2.keras"), "--quie
              "--output", str(exported)]) == 0
 checks["export max difference"] = float(
     np.abs(np.asarray(plain_keras3(exported)(data)) - expected).max())
+# repair: the N+1 network of the Keras 3 MODEL and its pruned copy, in Keras 3
+goodnet = folder / "goodnet.keras"
+assert main(["repair", str(folder / "k3.keras"), "--pruned",
+             str(report / "models" / "pruned_drop_0.2.keras"), "--quiet",
+             "--output", str(goodnet)]) == 0
+repaired_n1 = plain_keras3(goodnet)
+outputs = np.asarray(repaired_n1(data))
+checks["repair output shape"] = list(repaired_n1.output_shape)
+# the first N outputs are the model's; class N fires where the two models disagree
+disagree = np.argmax(np.asarray(model(data)), axis=1) != np.argmax(expected, axis=1)
+checks["repair flags the disagreements"] = bool(
+    np.array_equal(np.argmax(outputs, axis=1) == 3, disagree))
 print(json.dumps(checks))

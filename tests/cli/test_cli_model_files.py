@@ -115,3 +115,5 @@ def test_a_keras3_model_gives_keras3_files_equal_to_the_tf_keras_masked_model(tm
     for name in ("prune keras", "prune h5", "export"):
         assert checks[f"{name} max difference"] <= 1e-5, checks
     assert checks["defend output shape"] == [None, 3]
+    assert checks["repair output shape"] == [None, 4]  # N + 1: class 3 = backdoor suspected
+    assert checks["repair flags the disagreements"], checks

@@ -600,14 +600,7 @@ def cmd_repair(args, console):
         raise InputError(f"--output must end with .h5 or .keras. Got '{_escape(out)}'.")
     check_output_file(out, overwrite=args.force)  # before any work
 
-    def no_keras3():
-        if getattr(args, "keras3_input", False):
-            raise InputError("repair does not take Keras 3 models yet: the repaired network "
-                             "compares the two models' predictions with TensorFlow op layers, "
-                             "which have no Keras 3 form. Use defend or prune instead.")
-
     model = _load_model(args, as_tf_keras=True)
-    no_keras3()
     classes = num_classes_of(model)
     clean = _load_data(args, args.clean, model) if args.clean else None
     poisoned = _load_data(args, args.poisoned, model) if args.poisoned else None
@@ -615,7 +608,6 @@ def cmd_repair(args, console):
     payload = {"model": str(args.model), "output": str(out)}
     if args.pruned:
         pruned = _load_model(args, path=args.pruned, as_tf_keras=True)
-        no_keras3()
         payload["pruned"] = str(args.pruned)
     else:
         if clean is None:
