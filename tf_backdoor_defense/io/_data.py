@@ -306,20 +306,69 @@ def load_data(path, *, scale=None, input_shape=None):
 
 
 # -- writing ---------------------------------------------------------------------------
-def _temp_name(target, directory=False):
+# Temporaries beside an output are named ".<name>.tmp-<pid>-<random>" (".old-" for an earlier
+# output being swapped out), so that those of a process killed outright (SIGKILL, a power
+# cut) are recognised and removed by the next write of the same output.
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or not a pid we can ask about: keep
+    return True
+
+
+def remove_stale_temporaries(target):
+    """Remove the temporaries that a killed writer of ``target`` left beside it.
+
+    Only names this module makes (``.<name>.tmp-<pid>-...``, ``.<name>.old-<pid>-...``,
+    and ``.<stem>.tmp-<pid>-...<suffix>`` for files) whose process no longer runs. An
+    earlier output that a writer killed in the middle of the final swap had moved aside
+    is put back first when nothing took its place. Returns the paths removed.
+
+    >>> import os, pathlib, tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> (folder / ".report.tmp-999999999-abc").mkdir()
+    >>> (folder / f".report.tmp-{os.getpid()}-xyz").mkdir()   # a live writer: kept
+    >>> [p.name for p in remove_stale_temporaries(folder / "report")]
+    ['.report.tmp-999999999-abc']
+    """
+    target = pathlib.Path(target)
+    if not target.parent.is_dir():
+        return []
+    patterns = [re.escape(f".{target.name}.") + r"(?:tmp|old)-(\d+)-.+"]
+    if target.suffix:
+        patterns.append(re.escape(f".{target.stem}.tmp-") + r"(\d+)-.+" + re.escape(target.suffix))
+    removed = []
+    for sibling in sorted(target.parent.iterdir()):
+        match = next((m for m in (re.fullmatch(p, sibling.name) for p in patterns) if m), None)
+        if match is None or sibling.is_symlink() or _pid_alive(int(match.group(1))):
+            continue
+        if (sibling.name.startswith(f".{target.name}.old-") and (sibling / "old").exists()
+                and not target.exists() and not target.is_symlink()):
+            os.replace(sibling / "old", target)  # killed mid-swap: the earlier output returns
+        _remove(sibling)
+        removed.append(sibling)
+    return removed
+
+
+def _temp_name(target, directory=False, kind="tmp"):
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     if directory:
-        return pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder))
-    handle, name = tempfile.mkstemp(prefix=f".{target.stem}.tmp-", suffix=target.suffix,
-                                    dir=folder)
+        return pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-",
+                                             dir=folder))
+    handle, name = tempfile.mkstemp(prefix=f".{target.stem}.tmp-{os.getpid()}-",
+                                    suffix=target.suffix, dir=folder)
     os.close(handle)
     return pathlib.Path(name)
 
 
 def _replace(temp, target):
     if target.is_dir() and not target.is_symlink():
-        trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        trash = _temp_name(target, directory=True, kind="old")
         os.replace(target, trash / "old")
         os.replace(temp, target)
         shutil.rmtree(trash, ignore_errors=True)
@@ -546,14 +595,13 @@ def output_directory(path, *, overwrite=False):
     """
     target = check_output_dir(path, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = _temp_name(target, directory=True)
     try:
         (staging / OUTPUT_MARKER).write_text("written by tf_backdoor_defense\n", encoding="utf-8")
         yield staging
         check_output_dir(target, overwrite=overwrite)  # nothing foreign appeared meanwhile
         if target.exists():
-            trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-",
-                                                  dir=target.parent))
+            trash = _temp_name(target, directory=True, kind="old")
             os.replace(target, trash / "old")
             try:
                 os.replace(staging, target)
