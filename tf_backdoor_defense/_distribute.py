@@ -21,12 +21,22 @@ Exact and float-close: sums of counts (successes, predicted classes) are
 exact under any strategy. Sums of floats (losses, gradients) are added in
 another order when there are several replicas, so weights, masks and losses
 agree with one device within float32 tolerance.
+
+Loops that keep numpy bookkeeping between compiled calls (the sweep's
+incremental re-evaluation) cannot run inside ``strategy.run``. They use
+:func:`sum_over_local_replicas` instead: each worker runs the loop once for
+each of its replicas, over that replica's rows of every batch
+(:class:`ReplicaShard`, the rows :func:`replica_rows` gives it), and
+``strategy.reduce(SUM)`` adds the results of all replicas on all workers.
 """
+
+import numpy as np
 
 from tf_backdoor_defense._keras import keras, tf
 
 __all__ = ["resolve_strategy", "replica_rows", "batch_mean", "replica_count", "sum_over_replicas",
-           "summed_loss", "summed_gradients", "shift_variables"]
+           "summed_loss", "summed_gradients", "shift_variables", "ReplicaShard",
+           "sum_over_local_replicas", "local_replica_count"]
 
 
 def resolve_strategy(strategy, model):
@@ -120,3 +130,81 @@ def shift_variables(variables, deltas, subtract=False):
             strategy.extended.update(variable, update, args=(delta,))
 
     tf.distribute.get_replica_context().merge_call(merged, args=([d for _, d in pairs],))
+
+
+class ReplicaShard:
+    """One replica's rows ``r, r + R, ...`` of every batch of ``data``, as :func:`replica_rows`.
+
+    ``data`` is a ``LabeledData`` (see :mod:`tf_backdoor_defense._validation`)
+    read in batches of ``batch_size``; batches where the replica has no row
+    are skipped. ``size`` is None for a stream, as ``data.size``.
+
+    >>> import numpy as np
+    >>> from tf_backdoor_defense._validation import LabeledData
+    >>> data = LabeledData("d", np.zeros((5, 1), np.float32), np.arange(5))
+    >>> shard = ReplicaShard(data, batch_size=3, replica=1, replicas=2)
+    >>> [y.tolist() for _, y in shard.batches(3)], shard.size
+    ([[1], [4]], 2)
+    """
+
+    def __init__(self, data, batch_size, replica, replicas):
+        self.data, self.batch_size = data, int(batch_size)
+        self.replica, self.replicas = int(replica), int(replicas)
+
+    @property
+    def size(self):
+        if self.data.size is None:
+            return None
+        full, rest = divmod(self.data.size, self.batch_size)
+        share = len(range(self.replica, self.batch_size, self.replicas))
+        return full * share + len(range(self.replica, rest, self.replicas))
+
+    def batches(self, batch_size=256):
+        if int(batch_size) != self.batch_size:
+            raise ValueError(f"ReplicaShard was cut for batches of {self.batch_size}. "
+                             f"Got batch_size={batch_size}.")
+        for x, y in self.data.batches(self.batch_size):
+            x, y = x[self.replica::self.replicas], y[self.replica::self.replicas]
+            if len(y):
+                yield x, y
+
+
+def local_replica_count(strategy):
+    """How many of ``strategy``'s replicas run on this worker (1 for the default strategy)."""
+    try:
+        return len(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy
+        return 1
+
+
+def sum_over_local_replicas(strategy, compute):
+    """``compute(replica, replicas)`` for each replica of this worker, summed over all replicas.
+
+    Each worker calls ``compute`` once per local replica, on that replica's
+    device, with the replica's index among all ``replicas`` of all workers;
+    ``compute`` returns a nest of numbers or arrays (exact in float64, such
+    as counts). ``strategy.reduce(SUM)`` adds them over every replica of
+    every worker, and the sums come back as float64 numpy arrays, the same
+    on every worker. Every worker must call this the same number of times.
+
+    >>> sums = sum_over_local_replicas(tf.distribute.get_strategy(),
+    ...                                lambda r, n: {"replica": r, "rows": np.array([3, 4])})
+    >>> sums["replica"].tolist(), sums["rows"].tolist()
+    (0.0, [3.0, 4.0])
+    """
+    try:
+        devices = list(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy: one replica, on the current device
+        devices = [None]
+    calls = iter(devices)
+
+    def value_fn(context):
+        device = next(calls)
+        with tf.device(device):
+            result = compute(context.replica_id_in_sync_group, context.num_replicas_in_sync)
+            return tf.nest.map_structure(
+                lambda value: tf.constant(np.asarray(value, np.float64)), result)
+
+    values = strategy.experimental_distribute_values_from_function(value_fn)
+    return tf.nest.map_structure(lambda value: np.asarray(value.numpy()),
+                                 sum_over_replicas(strategy, values))

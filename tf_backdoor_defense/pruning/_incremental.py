@@ -35,7 +35,7 @@ from tf_backdoor_defense.graph._replay import downstream_nodes, replay_nodes, to
 from tf_backdoor_defense.masks._registry import (IDENTITY_AT_INFERENCE, PADDING_CROPPING_TYPES,
                                                  POOLING_TYPES, ZERO_PRESERVING_ACTIVATIONS)
 from tf_backdoor_defense.masks._wrapper import channel_axis
-from tf_backdoor_defense.scoring._activations import average_channel_sums, channel_sum_fn
+from tf_backdoor_defense.scoring._activations import channel_sum_fn, total_channel_sums
 
 __all__ = ["LevelEvaluator", "PrefixCache", "level_evaluator"]
 
@@ -303,6 +303,18 @@ class PrefixCache:
         batch by batch; the prefix's outputs are kept as they come within
         the budget.
         """
+        totals, count = self.channel_sums(data, batch_size)
+        if totals is None:
+            raise ValueError("`data` is empty: it has no examples.")
+        return totals / count
+
+    def channel_sums(self, data, batch_size):
+        """``(totals, count)`` of :meth:`channel_means` (see ``total_channel_sums``).
+
+        ``data`` may be one replica's share of the data
+        (:class:`~tf_backdoor_defense._distribute.ReplicaShard`); the totals of
+        all shares add up to those of the whole.
+        """
         self._entries.clear()
         self._data, self._batch_size = data, batch_size
         self.kept_bytes, self.complete = 0, True
@@ -319,7 +331,7 @@ class PrefixCache:
             self._keep(outputs, labels.pop(), stream)
             return sums, size
 
-        return average_channel_sums(batches(), step)
+        return total_channel_sums(batches(), step)
 
     def _keep(self, outputs, y, stream):
         if not self.complete:

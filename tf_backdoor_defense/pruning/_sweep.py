@@ -19,6 +19,20 @@ ranked on ``validation_data``, the statistics and the sweep's inputs come
 from one pass over the network before the layer: its outputs are kept
 within ``memory_budget`` bytes and recomputed beyond it.
 
+Every pass over data runs under a ``tf.distribute`` strategy (the model's,
+by default: one device outside any ``strategy.scope()``). Each worker runs
+the statistics and the evaluation of every level for each of its replicas,
+over that replica's rows ``r, r + R, ...`` of every batch
+(:class:`~tf_backdoor_defense._distribute.ReplicaShard`), and the channel
+sums and the per-level counts are added over all replicas of all workers
+with ``strategy.reduce(SUM)``
+(:func:`~tf_backdoor_defense._distribute.sum_over_local_replicas`). Counts
+are exact, so the table, the levels and the masks are those of one device;
+the channel means agree within float32 rounding, since each replica's
+forward pass sees other batches (an order could only change for channels
+whose means tie to that precision). The replicas of one worker run one
+after the other; there is one collective per pass, not one per batch.
+
 The stopping rules that turn an accuracy budget into a level are in
 :mod:`tf_backdoor_defense.pruning._levels`.
 """
@@ -29,6 +43,12 @@ import time
 import numpy as np
 import pandas as pd
 
+from tf_backdoor_defense._distribute import (
+    ReplicaShard,
+    local_replica_count,
+    resolve_strategy,
+    sum_over_local_replicas,
+)
 from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._validation import (
@@ -53,11 +73,10 @@ from tf_backdoor_defense.pruning._levels import STOPPING_RULES, select_level
 from tf_backdoor_defense.pruning._ranking import (
     base_mask,
     fraction_masks,
-    layer_rankings,
     pruned_first,
     rank_channels,
 )
-from tf_backdoor_defense.scoring._activations import resolve_layer
+from tf_backdoor_defense.scoring._activations import _stats_fn, resolve_layer, total_channel_sums
 
 __all__ = ["prune_to_threshold", "SweepResult", "STOPPING_RULES", "select_level",
            "DEFAULT_MEMORY_BUDGET"]
@@ -169,7 +188,8 @@ class SweepResult:
 def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop=0.04,
                        ranking_data=None, poisoned_validation_data=None, target=None,
                        stopping_rule="largest_within", ranking=None, steps=None, batch_size=256,
-                       memory_budget=DEFAULT_MEMORY_BUDGET, layer=None, poisoned_data=None):
+                       memory_budget=DEFAULT_MEMORY_BUDGET, strategy=None, layer=None,
+                       poisoned_data=None):
     """Prune the channels of ``layers`` by mean activation until clean accuracy drops.
 
     The channels of each layer are ranked by increasing mean activation on
@@ -222,6 +242,14 @@ def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop
         whole. 0 keeps nothing. The results do not depend on it. The lab's
         face network keeps 4.8 kB per example (``conv_3`` pooled to 5x4x60
         in float32, and the label), so 256 MiB holds about 55,000 examples.
+        Under a strategy, each replica of a worker keeps its share of it.
+    strategy : tf.distribute.Strategy, default=None
+        Runs the statistics and the evaluation of every level on the
+        strategy's replicas and workers (each takes its rows of every batch)
+        and adds their channel sums and counts with ``strategy.reduce``;
+        every worker must pass the same data. The history, levels and masks
+        are those of one device. Default: ``model.distribute_strategy`` (the
+        strategy whose ``scope()`` the call runs in, else one device).
     layer, poisoned_data : deprecated
         The old names of ``layers`` and ``poisoned_validation_data``; they
         still work in this release, with a ``DeprecationWarning``.
@@ -277,24 +305,44 @@ def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop
     elif target is not None:
         raise InputError("The 'target' parameter needs `poisoned_validation_data`.")
 
+    strategy = resolve_strategy(strategy, model)
+
+    def shard(data, replica, replicas):
+        return data if replicas == 1 else ReplicaShard(data, batch_size, replica, replicas)
+
     started = time.perf_counter()
-    evaluator = cache = None
+    evaluator = None
+    caches = {}  # {replica: (PrefixCache, its shard of validation)}
     if len(names) == 1:
         evaluator = level_evaluator(model, found[names[0]], max_rows=max(8192, batch_size))
-    if ranking is None and ranking_data is None and evaluator is not None:
-        # One pass over the network before the layer: statistics and sweep inputs.
-        cache = PrefixCache(evaluator, memory_budget)
-        name = names[0]
-        base = {name: base_mask(found[name])}
-        means = {name: cache.channel_means(validation, batch_size)}
-        rankings = {name: pruned_first(rank_channels(means[name]), base[name])}
-    elif ranking is None:
+    base = {name: base_mask(found[name]) for name in names}
+    if ranking is None:
+        # One layer ranked on validation_data: one pass over the network before the layer
+        # gives the statistics and the sweep's inputs.
+        one_pass = ranking_data is None and evaluator is not None
         stats_data = validation if ranking_data is None else check_data(
             ranking_data, "ranking_data", model=model)
-        rankings, means, base = layer_rankings(model, names, stats_data, batch_size)
+        budget = memory_budget // local_replica_count(strategy)
+
+        def statistics(replica, replicas):
+            part = shard(stats_data, replica, replicas)
+            if one_pass:
+                cache = PrefixCache(evaluator, budget)
+                caches[replica] = (cache, part)
+                sums = {names[0]: cache.channel_sums(part, batch_size)}
+            else:
+                sums = {name: total_channel_sums(part.batches(batch_size),
+                                                 _stats_fn(model, found[name])) for name in names}
+            return {name: (np.zeros(base[name].size) if totals is None else totals, count)
+                    for name, (totals, count) in sums.items()}
+
+        summed = sum_over_local_replicas(strategy, statistics)
+        if any(float(count) == 0 for _, count in summed.values()):
+            raise ValueError("`data` is empty: it has no examples.")
+        means = {name: totals / float(count) for name, (totals, count) in summed.items()}
+        rankings = {name: pruned_first(rank_channels(means[name]), base[name]) for name in names}
     else:
         orders = _check_rankings(ranking, found)
-        base = {name: base_mask(found[name]) for name in names}
         rankings = {name: pruned_first(orders[name], base[name]) for name in names}
         means = {name: np.full(orders[name].size, np.nan) for name in names}
     channels = {name: int(order.size) for name, order in rankings.items()}
@@ -309,17 +357,30 @@ def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop
     else:
         predict = _MaskedLevels(model, names, base, level_masks)
     accuracy_counts = lambda p, y: (int(np.sum(p == y)), y.size)  # noqa: E731
-    if cache is None:
-        correct, total = _tally(predict, validation, batch_size, accuracy_counts)
-    else:
-        correct, total = _count(((predict.from_prefix(outputs), y)
-                                 for outputs, y in cache.outputs(validation, batch_size)),
-                                accuracy_counts)
+
+    def counts(replica, replicas):
+        if replica in caches:
+            cache, part = caches.pop(replica)
+            found_counts = {"clean": _count(((predict.from_prefix(outputs), y)
+                                             for outputs, y in cache.outputs(part, batch_size)),
+                                            accuracy_counts)}
+        else:
+            found_counts = {"clean": _tally(predict, shard(validation, replica, replicas),
+                                            batch_size, accuracy_counts)}
+        if poisoned is not None:
+            found_counts["poisoned"] = _tally(predict, shard(poisoned, replica, replicas),
+                                              batch_size,
+                                              lambda p, y: count_attack_successes(p, y, target))
+        return {key: (np.zeros(steps + 1, np.int64) if hits is None else hits, size)
+                for key, (hits, size) in found_counts.items()}
+
+    summed = {key: (np.rint(hits).astype(np.int64), int(np.rint(size)))
+              for key, (hits, size) in sum_over_local_replicas(strategy, counts).items()}
+    correct, total = summed["clean"]
     accuracy = correct / total
     asr = np.full(steps + 1, np.nan)
     if poisoned is not None:
-        success, attacked = _tally(predict, poisoned, batch_size,
-                                   lambda p, y: count_attack_successes(p, y, target))
+        success, attacked = summed["poisoned"]
         if attacked == 0:
             raise InputError("No input of `poisoned_validation_data` is attacked: every true "
                              "label equals its target.")

@@ -13,7 +13,7 @@ from tf_backdoor_defense._validation import check_data, check_model, renamed_arg
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["mean_channel_activations", "layer_names", "resolve_layer", "activation_tensor", "channel_sum_fn",
-           "average_channel_sums"]
+           "average_channel_sums", "total_channel_sums"]
 
 # {model: {layer key: compiled statistics}}. A value holds the feature extractor built
 # from the model's layers, never the model itself, so the entry dies with the model
@@ -128,15 +128,25 @@ def average_channel_sums(batches, step):
     ``batches`` yields ``(x, y)``; the totals are accumulated in float64 in
     batch order. Raises ``ValueError`` when there is no batch.
     """
+    totals, count = total_channel_sums(batches, step)
+    if totals is None:
+        raise ValueError("`data` is empty: it has no examples.")
+    return totals / count
+
+
+def total_channel_sums(batches, step):
+    """``(totals, count)`` behind :func:`average_channel_sums`: its mean is ``totals / count``.
+
+    ``totals`` is None when there is no batch (``count`` is then 0). Sums of
+    several shards of the data add up to the totals of the whole.
+    """
     totals, count = None, 0.0
     for x, _ in batches:
         sums, size = step(x)
         sums = np.asarray(sums.numpy(), dtype=np.float64)
         totals = sums if totals is None else totals + sums
         count += float(size.numpy()) / sums.shape[0]
-    if totals is None:
-        raise ValueError("`data` is empty: it has no examples.")
-    return totals / count
+    return totals, count
 
 
 def _stats_fn(model, layer):
