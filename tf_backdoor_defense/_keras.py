@@ -48,9 +48,9 @@ def check_keras2_model(model, name="model"):
             f"The `{name}` argument is a Keras 3 model ({type(model).__module__}."
             f"{type(model).__name__}), but tf_backdoor_defense and "
             "tensorflow-model-optimization need a tf-keras (Keras 2) model. "
-            "Load or build it with tf-keras instead: "
-            "`import tf_keras as keras; model = keras.models.load_model(path, compile=False)` "
-            "(or set TF_USE_LEGACY_KERAS=1 before importing TensorFlow)."
+            "The public functions convert Keras 3 models themselves; here, convert it with "
+            "`tf_backdoor_defense.keras3.to_tf_keras(model)`, or load its file with "
+            "`tf_backdoor_defense.load_model(path)` (which checks it before building it)."
         )
     raise InputTypeError(
         f"Expected `{name}` to be a tf_keras.Model. Received: {name}={model!r} "

@@ -469,6 +469,15 @@ class FinePruning(keras.callbacks.Callback):
         return clean_accuracy(self.model, self.validation_data, batch_size=self.batch_size)
 
     # -- Keras hooks -----------------------------------------------------
+    def set_model(self, model):
+        from tf_backdoor_defense.keras3._backend import is_keras3_model
+
+        if is_keras3_model(model):
+            raise InputTypeError(
+                "This FinePruning is the tf-keras callback, but model.fit runs a Keras 3 model: "
+                "use tf_backdoor_defense.keras3.FinePruning in a Keras 3 training script.")
+        super().set_model(model)
+
     def on_train_begin(self, logs=None):
         self._resolve()
         status, step, baseline = _read_state(self._wrappers)
