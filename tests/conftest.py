@@ -20,6 +20,15 @@ def _lab3_dir():
     return REPO.parent / "shared" / "data" / "lab3"
 
 
+
+def write_model_and_clean_data(root):
+    """``root/model.h5`` (the tiny conv model) and ``root/clean.npz`` (40 inputs, its labels)."""
+    model = tiny_conv_model()
+    model.save(root / "model.h5")
+    x = np.random.default_rng(0).random((40, 8, 8, 1), dtype=np.float32)
+    np.savez(root / "clean.npz", x=x, y=np.argmax(model.predict(x, verbose=0), axis=1))
+    return root
+
 @pytest.fixture(scope="session")
 def lab3_dir():
     """Folder with the lab BadNet (bd_net.h5) and faces; skips the test when absent."""

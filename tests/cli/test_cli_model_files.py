@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import tiny_conv_model
+from conftest import write_model_and_clean_data
 from tf_backdoor_defense.cli import _main as cli
 from tf_backdoor_defense.io._loading import load_model
 from tf_backdoor_defense.masks._wrapper import masked_layers
@@ -56,12 +56,7 @@ def _load_plainly(x, paths, folder):
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model_files_lab")
-    model = tiny_conv_model()
-    model.save(root / "model.h5")
-    x = np.random.default_rng(0).random((40, 8, 8, 1), dtype=np.float32)
-    np.savez(root / "clean.npz", x=x, y=np.argmax(model.predict(x, verbose=0), axis=1))
-    return root
+    return write_model_and_clean_data(tmp_path_factory.mktemp("model_files_lab"))
 
 
 def test_default_model_files_load_with_plain_tf_keras_and_wrappers_only_on_request(lab,

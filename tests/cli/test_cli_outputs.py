@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import tiny_conv_model
+from conftest import tiny_conv_model, write_model_and_clean_data
 from tf_backdoor_defense.cli import _main as cli
 from tf_backdoor_defense.io import _loading
 from tf_backdoor_defense.io._data import OUTPUT_MARKER
@@ -21,12 +21,7 @@ from tf_backdoor_defense.io._data import OUTPUT_MARKER
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("outputs_lab")
-    model = tiny_conv_model()
-    model.save(root / "model.h5")
-    x = np.random.default_rng(0).random((40, 8, 8, 1), dtype=np.float32)
-    np.savez(root / "clean.npz", x=x, y=np.argmax(model.predict(x, verbose=0), axis=1))
-    return root
+    return write_model_and_clean_data(tmp_path_factory.mktemp("outputs_lab"))
 
 
 def _fake_demo(lab):

@@ -5,10 +5,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from conftest import tiny_conv_model
+from conftest import write_model_and_clean_data
 from tf_backdoor_defense._errors import InputError, OutputExistsError
 from tf_backdoor_defense.io._data import OUTPUT_MARKER, check_output_dir, output_directory
 
@@ -51,12 +50,7 @@ def test_force_refuses_foreign_folders_files_and_the_current_folder(tmp_path, mo
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lab")
-    model = tiny_conv_model()
-    model.save(root / "model.h5")
-    x = np.random.default_rng(0).random((40, 8, 8, 1), dtype=np.float32)
-    np.savez(root / "clean.npz", x=x, y=np.argmax(model.predict(x, verbose=0), axis=1))
-    return root
+    return write_model_and_clean_data(tmp_path_factory.mktemp("lab"))
 
 
 def _prune(lab, out, *extra):

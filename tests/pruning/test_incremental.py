@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import tiny_conv_model
+from test_sweep import _branched_model as branched_model_of_the_sweep_tests
 from tf_backdoor_defense import wrap_layers
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras, tf
@@ -30,17 +31,9 @@ BATCH = 16
 
 
 def _branched_model():
-    """The lab BadNet's shape: conv -> pool -> [flatten -> fc] + [conv -> flatten -> fc]."""
-    keras.utils.set_random_seed(3)
-    inputs = keras.Input((10, 10, 2))
-    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv_1")(inputs)
-    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv_3")(x)
-    x = keras.layers.MaxPooling2D(name="pool_3")(x)
-    a = keras.layers.Dense(8, name="fc_1")(keras.layers.Flatten()(x))
-    b = keras.layers.Conv2D(5, 2, activation="relu", name="conv_4")(x)
-    b = keras.layers.Dense(8, name="fc_2")(keras.layers.Flatten()(b))
-    x = keras.layers.Activation("relu")(keras.layers.Add()([a, b]))
-    return keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x)), "conv_3"
+    """The lab BadNet's shape in miniature (the sweep tests' model) and its pruned layer."""
+    model, _, layer = branched_model_of_the_sweep_tests()
+    return model, layer
 
 
 def _residual_model():

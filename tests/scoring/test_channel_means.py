@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from tf_backdoor_defense import InputTypeError
+from tf_backdoor_defense import InputError, InputTypeError
 from tf_backdoor_defense.scoring._activations import mean_channel_activations
 from tf_backdoor_defense.scoring._distributed import distributed_channel_means
 
@@ -47,9 +47,12 @@ def test_both_names_at_once_is_refused(tiny_model, tiny_data):
         mean_channel_activations(tiny_model, tiny_data, layers="conv_a", layer="conv_a")
 
 
-@pytest.mark.parametrize("layers", [3, [], ["conv_a", 1]])
-def test_bad_layers_are_named(layers, tiny_model, tiny_data):
-    with pytest.raises(InputTypeError, match="'layers' parameter must be a layer name"):
+@pytest.mark.parametrize("layers, error, message", [
+    (3, InputTypeError, "'layers' parameter must be a layer name or a list"),
+    ([], InputError, "'layers' parameter must name at least one layer"),
+    (["conv_a", 1], InputTypeError, "'layers' parameter must hold layer names")])
+def test_bad_layers_are_named(layers, error, message, tiny_model, tiny_data):
+    with pytest.raises(error, match=message):
         mean_channel_activations(tiny_model, tiny_data, layers)
 
 

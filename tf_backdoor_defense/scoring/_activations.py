@@ -7,12 +7,13 @@ import numpy as np
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.masks._registry import (ACTIVATION_LAYER_TYPES, IDENTITY_AT_INFERENCE,
                                                  PRUNABLE_LAYER_TYPES)
-from tf_backdoor_defense.masks._wrapper import PruneByActivation, channel_axis, find_layer, last_conv_layer
+from tf_backdoor_defense.masks._wrapper import (PruneByActivation, channel_axis, find_layer,
+                                                last_conv_layer, layer_names)
 from tf_backdoor_defense._errors import InputTypeError
 from tf_backdoor_defense._validation import check_data, check_model, renamed_argument
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
-__all__ = ["mean_channel_activations", "layer_names", "resolve_layer", "activation_tensor", "channel_sum_fn",
+__all__ = ["mean_channel_activations", "resolve_layer", "activation_tensor", "channel_sum_fn",
            "average_channel_sums", "total_channel_sums"]
 
 # {model: {layer key: compiled statistics}}. A value holds the feature extractor built
@@ -158,21 +159,6 @@ def _stats_fn(model, layer):
     return cache[key]
 
 
-def layer_names(model, layers):
-    """``layers`` as a list of names and whether one name (or None) was given.
-
-    ``None`` means the last convolutional layer.
-    """
-    if layers is None:
-        return [last_conv_layer(model)], True
-    if isinstance(layers, str):
-        return [layers], True
-    if isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers):
-        return list(layers), False
-    raise InputTypeError("The 'layers' parameter must be a layer name or a non-empty list of "
-                         f"layer names. Got {layers!r} instead.")
-
-
 def _as_data(data):
     """``x`` alone becomes ``(x, zeros)``: statistics need no labels."""
     if not isinstance(data, (tuple, list)) and not isinstance(data, tf.data.Dataset) and \
@@ -226,7 +212,8 @@ def mean_channel_activations(model, ranking_data=None, layers=None, batch_size=2
     check_model(model)
     if ranking_data is None:
         raise InputTypeError("mean_channel_activations() needs 'ranking_data': clean inputs.")
-    names, single = layer_names(model, layers)
+    single = layers is None or isinstance(layers, str)
+    names = layer_names(model, layers)
     found = [resolve_layer(model, name) for name in names]
     checked = check_data(_as_data(ranking_data), "ranking_data", model=model, num_classes=None)
     means = {layer.name: average_channel_sums(checked.batches(batch_size), _stats_fn(model, layer))

@@ -12,10 +12,10 @@ and equal the single-device result (up to the order of float64 additions).
 import weakref
 
 from tf_backdoor_defense._keras import tf
+from tf_backdoor_defense.masks._wrapper import layer_names
 from tf_backdoor_defense.scoring._activations import (
     average_channel_sums,
     channel_sum_fn,
-    layer_names,
     mean_channel_activations,
     resolve_layer,
 )
@@ -117,7 +117,8 @@ def distributed_channel_means(model, ranking_data=None, layers=None, strategy=No
         return mean_channel_activations(model, ranking_data, layers, batch_size=batch_size)
     if ranking_data is None:
         raise InputTypeError("distributed_channel_means() needs 'ranking_data': clean inputs.")
-    names, single = layer_names(model, layers)
+    single = layers is None or isinstance(layers, str)
+    names = layer_names(model, layers)
     found = [resolve_layer(model, name) for name in names]
     checked = check_data(ranking_data, "ranking_data", model=model, num_classes=None)
     means = {}
