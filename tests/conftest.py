@@ -29,6 +29,18 @@ def write_model_and_clean_data(root):
     np.savez(root / "clean.npz", x=x, y=np.argmax(model.predict(x, verbose=0), axis=1))
     return root
 
+
+def distributed_harness():
+    """tests/scoring/test_distributed.py as a module: the tf.distribute tests' process
+    environment, runner, free ports and worker header, for the other distributed tests."""
+    import importlib.util
+
+    path = REPO / "tests" / "scoring" / "test_distributed.py"
+    spec = importlib.util.spec_from_file_location("distributed_harness", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 @pytest.fixture(scope="session")
 def lab3_dir():
     """Folder with the lab BadNet (bd_net.h5) and faces; skips the test when absent."""

@@ -12,7 +12,6 @@ device's itself. The quick test checks that no strategy and the default strategy
 code and result.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_conv_model
+from conftest import REPO, distributed_harness, tiny_conv_model
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense.pruning._sweep import prune_to_threshold
 
@@ -35,15 +34,6 @@ CASES = {
     "one_layer_ranked_apart": dict(layers="conv_b", max_accuracy_drop=0.2, ranking_data=True),
     "two_layers": dict(layers=["conv_b", "fc"], steps=4, max_accuracy_drop=[0.05, 0.2]),
 }
-
-
-def _harness():
-    """tests/scoring/test_distributed.py: its process environment, runner, free ports, header."""
-    path = REPO / "tests" / "scoring" / "test_distributed.py"
-    spec = importlib.util.spec_from_file_location("distributed_harness", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _sweeps(model, x, y, px, py, **options):
@@ -95,7 +85,7 @@ def _data():
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The single-device sweeps, and the worker script with its saved weights and data."""
-    harness = _harness()
+    harness = distributed_harness()
     model, x, y, px, py = _data()
     tmp = tmp_path_factory.mktemp("sweep_distributed")
     weights = model.get_weights()
@@ -157,7 +147,7 @@ def test_two_workers_sweeps_match_one_device_and_each_other(reference, tmp_path)
 
 @pytest.mark.slow
 def test_the_multi_worker_sweep_example_gives_one_devices_table(tmp_path):
-    harness = _harness()
+    harness = distributed_harness()
     log = tmp_path / "example.log"
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--workers", "2", "--badnet-epochs", "1",
                            "--examples", "400"], env=harness._env(), capture_output=True,

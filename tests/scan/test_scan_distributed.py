@@ -7,7 +7,6 @@ argument) and MultiWorkerMirroredStrategy with 2 workers on 127.0.0.1 (``strateg
 The quick tests check that no strategy and the default strategy are the same code and result.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_conv_model
+from conftest import REPO, distributed_harness, tiny_conv_model
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense.defenses._ibau import ibau
 from tf_backdoor_defense.defenses._unlearning import unlearn_triggers
@@ -25,15 +24,6 @@ from tf_backdoor_defense.scan import scan_model
 
 SCAN = dict(steps=150, init_cost=1e-2, seed=1)
 UNLEARN = dict(epochs=2, batch_size=25, seed=3)
-
-
-def _harness():
-    """tests/scoring/test_distributed.py: its process environment, runner and free ports."""
-    path = REPO / "tests" / "scoring" / "test_distributed.py"
-    spec = importlib.util.spec_from_file_location("distributed_harness", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _trigger():
@@ -117,7 +107,7 @@ def _script(tmp_path):
 
 @pytest.mark.slow
 def test_mirrored_strategy_scan_and_unlearning_match_one_device(reference, tmp_path):
-    harness = _harness()
+    harness = distributed_harness()
     out, log = tmp_path / "mirrored.json", tmp_path / "mirrored.log"
     proc = subprocess.Popen([sys.executable, str(_script(tmp_path)), "mirrored", str(out)],
                             env=harness._env(), stdout=subprocess.DEVNULL, stderr=log.open("wb"))
@@ -127,7 +117,7 @@ def test_mirrored_strategy_scan_and_unlearning_match_one_device(reference, tmp_p
 
 @pytest.mark.slow
 def test_two_workers_scan_and_unlearning_match_one_device_and_each_other(reference, tmp_path):
-    harness = _harness()
+    harness = distributed_harness()
     ports = harness._load_example().free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     script = _script(tmp_path)

@@ -356,7 +356,8 @@ def remove_stale_temporaries(target):
 def _temp_name(target, directory=False, kind="tmp"):
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
+    if kind == "tmp":  # once per write: the trash of the final swap needs no second look
+        remove_stale_temporaries(target)
     if directory:
         return pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-",
                                              dir=folder))
