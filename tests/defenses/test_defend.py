@@ -186,16 +186,22 @@ def test_without_poisoned_data_the_first_method_within_budget_wins(monkeypatch):
         "ft-cosine"
 
 
-def test_no_method_within_budget_returns_the_smallest_drop_with_a_note(monkeypatch):
+def test_no_method_within_budget_returns_the_model_as_received_with_a_note(monkeypatch):
     specs = {"reinit-head": (0.7, 0.0), "ft-sam": (0.8, 0.0), "ft-cosine": (0.75, 0.0),
              "clp": (0.8, 0.0)}
     FakeMethods(monkeypatch, specs)
-    result = _defend(_backdoored(), list(specs), poisoned_validation_data=POISONED)
-    assert result.method == "ft-sam"  # smallest drop; ties: first in order
+    received = _backdoored()
+    with pytest.warns(BackdoorStillActiveWarning):
+        result = _defend(received, list(specs), poisoned_validation_data=POISONED)
+    assert result.method is None
     assert not result.table["within_budget"].any()
-    assert result.table.loc[result.table["chosen"], "method"].tolist() == ["ft-sam"]
-    assert any("no method stayed within the accuracy budget" in w for w in result.warnings)
-    assert not result.backdoor_still_active
+    assert not result.table["chosen"].any()
+    assert set(result.candidates) == set(specs)  # every repair kept for the defender
+    note = next(w for w in result.warnings if "no method stayed within the accuracy budget" in w)
+    assert "smallest bound: ft-sam" in note  # smallest drop; ties: first in order
+    assert "returned unchanged" in result.verdict
+    assert result.backdoor_still_active  # the received model's ASR stays
+    assert result.model is not received
 
 
 def test_budget_is_measured_against_the_model_as_received(monkeypatch):

@@ -26,7 +26,7 @@ training part and a held-apart validation part, then:
    clears the signal and the best one does not at least halve it
    (``MIN_SIGNAL_REDUCTION``): a repair that costs accuracy and leaves the
    backdoor (or a natural weakness that the scan mistook for one) is not
-   shipped. The result warns.
+   shipped; nor is a candidate when none is within the budget. The result warns.
 
 Methods (``METHODS``), in the default order, which is the order of preference:
 
@@ -79,8 +79,10 @@ hundred inputs, while a drop that validation noise could hide is not passed.
 most ``asr_tolerance``, the first in ``methods`` order. When none clears the
 signal, the lowest signal within budget wins (ties: higher accuracy, then
 order) and the result warns (:class:`BackdoorStillActiveWarning`,
-``result.backdoor_still_active``). When none is within budget, the smallest
-bound of the drop wins, with a warning. ``defend`` never sees evaluation data.
+``result.backdoor_still_active``). When none is within budget, nothing is
+shipped: the model as received is returned (a copy) with a note naming the
+smallest bound, and the repairs stay in ``result.candidates`` for a defender
+who accepts a larger drop. ``defend`` never sees evaluation data.
 
 Progress (one line per method tried) goes to the ``logging`` logger of this
 module, ``tf_backdoor_defense.defenses._defend``.
@@ -765,9 +767,11 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
             chosen, kept = None, True
     elif len(table) == 0 or not table["within_budget"].any():
         if len(table):
-            chosen = table.sort_values("drop_bound", kind="stable")["method"].iloc[0]
-            notes.append(f"no method stayed within the accuracy budget of {budget:g}; "
-                         f"returning {chosen}, the smallest drop")
+            nearest = table.sort_values("drop_bound", kind="stable").iloc[0]
+            notes.append(f"no method stayed within the accuracy budget of {budget:g} (smallest "
+                         f"bound: {nearest['method']}, {nearest['drop_bound']:+.4f}); returning "
+                         "the model as received (result.candidates holds every repair)")
+            kept = True
         else:
             notes.append("no method ran; returning the model as received")
     if chosen is not None:
@@ -804,7 +808,9 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     if chosen is not None:
         verdict += f"; repaired with {chosen}" + ("; backdoor may still be active" if active else "")
     elif kept:
-        verdict += "; no repair within the budget removed it, model returned unchanged"
+        verdict += ("; no repair within the budget removed it, model returned unchanged"
+                    if table["within_budget"].any() else
+                    "; no repair stayed within the accuracy budget, model returned unchanged")
     return DefenseResult(final, chosen, table, baseline, candidates, notes, settings,
                          backdoor_still_active=active,
                          validation_asr=None if poisoned is None else float(final_asr),
