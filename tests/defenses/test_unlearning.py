@@ -14,7 +14,7 @@ from tf_backdoor_defense._keras import keras
 from tf_backdoor_defense.defenses._unlearning import anchor_loss, check_triggers, \
     default_epochs, stamp_triggers, target_loss, teacher_function, unlearn_triggers
 from tf_backdoor_defense.masks._wrapper import PruneByActivation, wrap_layers
-from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
+from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy, predict_labels
 
 SPOTS = [(0, 0), (0, 4), (4, 0)]
 MASK = np.zeros((8, 8, 1), np.float32)
@@ -261,6 +261,39 @@ def test_a_logit_output_model_is_repaired_too(defender):
     assert asr <= 0.05 and accuracy >= 0.95
 
 
+def _agreement_with(model, reference, x):
+    return float(np.mean(predict_labels(model, x) == predict_labels(reference, x)))
+
+
+def test_a_diverging_rate_is_caught_and_retried_at_a_third(badnet, defender, caplog):
+    x = defender[0]
+    unguarded = unlearn_triggers(badnet, defender, [(MASK, PATTERN)], epochs=8,
+                                 learning_rate=30.0, min_agreement=None)
+    assert _agreement_with(unguarded, badnet, x) < 0.95  # the rate breaks the net
+    with caplog.at_level("INFO", logger="tf_backdoor_defense.defenses._unlearning"):
+        guarded = unlearn_triggers(badnet, defender, [(MASK, PATTERN)], epochs=8,
+                                   learning_rate=30.0, backoffs=8)
+    restarts = [r.getMessage() for r in caplog.records if "diverged at learning rate" in r.getMessage()]
+    assert restarts and "restarting at 10" in restarts[0]
+    assert _agreement_with(guarded, badnet, x) >= 0.95
+
+
+def test_a_healthy_run_is_not_restarted_and_the_guard_changes_nothing(badnet, defender, caplog):
+    with caplog.at_level("INFO", logger="tf_backdoor_defense.defenses._unlearning"):
+        guarded = unlearn_triggers(badnet, defender, [(MASK, PATTERN)], epochs=4)
+    assert not any("diverged" in r.getMessage() for r in caplog.records)
+    unguarded = unlearn_triggers(badnet, defender, [(MASK, PATTERN)], epochs=4, min_agreement=None)
+    assert _same(guarded.get_weights(), unguarded.get_weights())
+
+
+def test_backoffs_zero_returns_the_diverged_attempt_with_a_warning(badnet, defender, caplog):
+    with caplog.at_level("INFO", logger="tf_backdoor_defense.defenses._unlearning"):
+        unlearn_triggers(badnet, defender, [(MASK, PATTERN)], epochs=8, learning_rate=30.0,
+                         backoffs=0)
+    warned = [r for r in caplog.records if "returning the last attempt" in r.getMessage()]
+    assert warned and warned[0].levelname == "WARNING"
+
+
 @pytest.mark.parametrize("option, value, error, match", [
     ("epochs", -1, ValueError, "'epochs'"),
     ("epochs", 1.5, TypeError, "'epochs'"),
@@ -273,6 +306,8 @@ def test_a_logit_output_model_is_repaired_too(defender):
     ("batch_size", 0, ValueError, "'batch_size'"),
     ("seed", -1, ValueError, "'seed'"),
     ("seed", "0", TypeError, "'seed'"),
+    ("min_agreement", 1.5, ValueError, "'min_agreement'"),
+    ("backoffs", -1, ValueError, "'backoffs'"),
 ])
 def test_bad_options_raise_clear_errors(badnet, defender, option, value, error, match):
     with pytest.raises(error, match=match):

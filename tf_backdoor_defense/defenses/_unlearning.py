@@ -56,6 +56,7 @@ from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._validation import check_fraction, check_model, check_number
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
 from tf_backdoor_defense.keras3._caller import with_caller_keras
+from tf_backdoor_defense.metrics import predict_labels
 
 __all__ = ["unlearn_triggers", "check_triggers", "stamp_triggers"]
 
@@ -373,7 +374,8 @@ def check_flag(value, name):
 @with_caller_keras
 def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=0.003,
                      stamp_fraction=0.2, jitter=0, distill=True, anchor_weight=1.0,
-                     momentum=0.9, batch_size=64, seed=0, strategy=None):
+                     momentum=0.9, batch_size=64, seed=0, strategy=None,
+                     min_agreement=0.95, backoffs=2):
     """Fine-tune a copy of ``model`` to ignore reversed triggers (Neural Cleanse's unlearning).
 
     Every epoch a fresh random ``stamp_fraction`` of the clean inputs is
@@ -427,6 +429,17 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
         runs in, else one device). Against one device the stamped inputs,
         batches and mixtures are the same, and the weights agree within
         float32 tolerance (the gradients are summed in another order).
+    min_agreement : float in [0, 1] or None, default=0.95
+        Divergence guard. After a quarter of the epochs and at the end, the
+        tuned copy must still give the received model's answer on this share
+        of the (unstamped) training inputs. Below it the training has diverged
+        (a rate too large for the network: measured on BatchNormalization
+        nets, where 0.003 sent every input to one class): it starts again
+        from the received weights at a third of the rate, at most
+        ``backoffs`` times, and the last attempt is returned (logged as a
+        warning when it still disagrees). ``None`` turns the guard off.
+    backoffs : int, default=2
+        Restarts the guard may make.
 
     Returns
     -------
@@ -465,13 +478,54 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
     anchor_weight = float(check_number(anchor_weight, "anchor_weight"))
     seed = check_seed(seed)
 
+    if min_agreement is not None:
+        min_agreement = check_fraction(min_agreement, "min_agreement")
+    backoffs = int(check_number(backoffs, "backoffs", 0, integer=True))
+
     started = time.perf_counter()
+    if epochs == 0:
+        keras.utils.set_random_seed(seed)
+        with strategy.scope():
+            return copy_model(model)
+    targets = training_targets(model, x, y, distill)
+    answers = (predict_labels(model, x) if min_agreement is not None else None)
+    run = dict(model=model, x=x, targets=targets, masks=masks, patterns=patterns,
+               epochs=epochs, batch_size=batch_size, momentum=momentum, fraction=fraction,
+               jitter=jitter, distill=distill, anchor_weight=anchor_weight, seed=seed,
+               strategy=strategy, answers=answers, min_agreement=min_agreement)
+    rate = learning_rate
+    for attempt in range(backoffs + 1):
+        tuned, agreement = _unlearn_once(rate, **run)
+        if agreement is None or agreement >= min_agreement:
+            break
+        level = logging.INFO if attempt < backoffs else logging.WARNING
+        logger.log(level, "unlearn_triggers: diverged at learning rate %g (agrees with the "
+                   "received model on %.1f%% of the clean inputs, below %.1f%%)%s", rate,
+                   100 * agreement, 100 * min_agreement,
+                   f"; restarting at {rate / 3:g}" if attempt < backoffs else
+                   "; returning the last attempt")
+        rate /= 3
+    logger.info("unlearn_triggers: %d trigger(s), %d epochs at learning rate %g in %.1f s",
+                masks.shape[0], epochs, rate, time.perf_counter() - started)
+    return tuned
+
+
+def _agreement(model, x, answers):
+    return float(np.mean(predict_labels(model, x) == answers))
+
+
+def _unlearn_once(learning_rate, *, model, x, targets, masks, patterns, epochs, batch_size,
+                  momentum, fraction, jitter, distill, anchor_weight, seed, strategy, answers,
+                  min_agreement):
+    """One training run from the received weights: ``(tuned, agreement or None)``.
+
+    The agreement with the received model's answers is measured after a
+    quarter of the epochs (the run stops there when it is already below
+    ``min_agreement``) and at the end; None without a guard.
+    """
     keras.utils.set_random_seed(seed)
     with strategy.scope():
         tuned = copy_model(model)
-    if epochs == 0:
-        return tuned
-    targets = training_targets(model, x, y, distill)
     rng = np.random.default_rng(seed)
     steps = epochs * int(np.ceil(x.shape[0] / batch_size))
     with strategy.scope():
@@ -480,6 +534,7 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
     step = inference_mode_step(tuned, target_loss(tuned, distill), optimizer, x, targets,
                                teacher_function(model), anchor_weight, strategy)
     stamped_count = int(round(fraction * x.shape[0]))
+    checkpoint = max(1, -(-epochs // 4))
     loss = float("nan")
     for epoch in range(epochs):
         which = np.full(x.shape[0], -1, np.int64)
@@ -492,6 +547,8 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
                               tf.constant(x[index]), *mixup_pairs(rng, index.size)))
         logger.debug("unlearn_triggers epoch %d/%d: last batch loss %.4f", epoch + 1, epochs,
                      loss)
-    logger.info("unlearn_triggers: %d trigger(s), %d epochs (%d steps) in %.1f s",
-                masks.shape[0], epochs, steps, time.perf_counter() - started)
-    return tuned
+        if answers is not None and epoch + 1 == checkpoint < epochs:
+            agreement = _agreement(tuned, x, answers)
+            if agreement < min_agreement:
+                return tuned, agreement
+    return tuned, (None if answers is None else _agreement(tuned, x, answers))
