@@ -29,6 +29,7 @@ setup(
         "tf-keras>=2.21,<2.22",
         "tensorflow-model-optimization==0.8.1",
         "numpy>=1.23",
+        "scipy>=1.9",
         "pandas>=1.5",
         "h5py>=3.8",
         "matplotlib>=3.7",

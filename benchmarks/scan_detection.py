@@ -152,6 +152,7 @@ def scan_row(name, seed, model, defender, size, evaluation, **scan_options):
     row["a2a_statistic"] = result.untargeted["statistic"]
     row["dominant_share"] = result.untargeted["dominant_share"]
     row["dominant_class"] = result.untargeted["dominant_class"]
+    row["matching_share"] = result.untargeted["matching_share"]
     row["untargeted_l1"] = result.untargeted["mask_l1"]
     row["success_rates"] = [round(v, 3) for v in result.table["attack_success_rate"].tolist()]
     row["mask_l1"] = [round(v, 2) for v in result.table["mask_l1"].tolist()]

@@ -22,10 +22,13 @@ _NOTES = textwrap.dedent("""\
     For every class the scan reverses the smallest trigger (mask and pattern) that sends
     clean inputs to it, and one untargeted trigger that moves clean inputs off their class.
     A class whose trigger is far smaller than the others' (anomaly index above
-    --anomaly-threshold) is a suspected all-to-one target; an untargeted trigger far
-    smaller than the median targeted one (ratio below --all-to-all-threshold) suggests an
-    all-to-all backdoor. Models with more than --screen-above classes are screened first
-    and only the most promising classes are refined.
+    --anomaly-threshold) is a suspected all-to-one target. An untargeted trigger far
+    smaller than the median targeted one (ratio below --all-to-all-threshold) is a
+    backdoor when the inputs it moves land in one class (all-to-one) or each class in a
+    class of its own (all-to-all: a one-to-one class map explains --all-to-all-matching of
+    them); a natural universal perturbation sends many classes to the same few. Models
+    with more than --screen-above classes are screened first and only the most promising
+    classes are refined.
 
     exit codes: 0 done, 3 --fail-if-found and a backdoor was found (outputs are written all
     the same), 2 bad input or existing outputs without --force, 1 unexpected error.""")
@@ -77,8 +80,11 @@ def add_scan_parser(commands, common, formatter_class=argparse.RawDescriptionHel
     group.add_argument("--max-relative-size", type=float, default=0.2, metavar="RATIO",
                        help="a suspected target's trigger is at most RATIO x the median one")
     group.add_argument("--all-to-all-threshold", type=float, default=0.35, metavar="RATIO",
-                       help="untargeted/median targeted trigger size below which an all-to-all "
-                            "backdoor is suspected")
+                       help="untargeted/median targeted trigger size below which the "
+                            "untargeted trigger counts as small")
+    group.add_argument("--all-to-all-matching", type=float, default=0.5, metavar="SHARE",
+                       help="share of a small untargeted trigger's moved inputs that a "
+                            "one-to-one class map must explain to suspect all-to-all")
     group.add_argument("--value-range", type=_range, metavar="LOW,HIGH",
                        help="range of the reversed patterns (default: inferred from the data)")
     group.add_argument("--holdout", type=float, default=0.2, metavar="FRACTION",
@@ -117,7 +123,10 @@ def _lines(result, top):
     lines += ["", f"untargeted trigger: mask L1 {info['mask_l1']:.2f} = {info['statistic']:.3f} x "
                   f"the median targeted {info['median_targeted_l1']:.2f} (threshold "
                   f"{info['threshold']:g}); moves {100 * info['flip_rate']:.1f}% of inputs off "
-                  f"their class"]
+                  f"their class; a one-to-one class map explains "
+                  f"{100 * info['matching_share']:.1f}% of them (all-to-all at "
+                  f"{100 * info['matching_threshold']:g}%), class {info['dominant_class']} "
+                  f"receives {100 * info['dominant_share']:.1f}%"]
     return lines
 
 
@@ -157,6 +166,7 @@ def cmd_scan(args, console):
                             anomaly_threshold=args.anomaly_threshold,
                             max_relative_size=args.max_relative_size,
                             all_to_all_threshold=args.all_to_all_threshold,
+                            all_to_all_matching=args.all_to_all_matching,
                             screen_above=args.screen_above, refine=args.refine, seed=args.seed)
     payload = result.as_dict()
     payload.update({"model": str(args.model), "clean_data": str(args.clean),

@@ -20,13 +20,19 @@ Two tests on reversed triggers, both from clean labelled data only:
   classes to the same target, so no class stands out in the targeted test,
   but its trigger is such a mask and a small one. The statistic is the
   untargeted mask's L1 norm divided by the median targeted one (scale-free);
-  the test fires below ``all_to_all_threshold`` when the trigger also moves
-  at least half of the held-apart inputs. When the inputs it moves land
-  mostly (half or more) in one class it is an all-to-one trigger: that class
-  is suspected if the targeted test named none; otherwise the moved inputs
-  are spread over the classes and an all-to-all backdoor is suspected. With
-  fewer than 50 examples nothing is held apart and the untargeted test is
-  not run: a handful of inputs can be moved off their class by a small
+  the trigger is *small* below ``all_to_all_threshold`` when it also moves
+  at least half of the held-apart inputs. Size alone does not tell a
+  backdoor from a natural universal perturbation (BatchNormalization nets
+  with global pooling have small ones), but where the moved inputs land
+  does. When ``ALL_TO_ONE_SHARE`` (80%) of them land in one class it is an
+  all-to-one trigger: that class is suspected if the targeted test named
+  none. An all-to-all backdoor sends each class to a class of its own: an
+  all-to-all backdoor is suspected when one one-to-one map from true to new
+  class explains at least ``all_to_all_matching`` of the moved inputs
+  (:func:`~tf_backdoor_defense.scan._statistics.matching_share`). A natural
+  perturbation sends many classes to the same few classes and fires neither.
+  With fewer than 50 examples nothing is held apart and the untargeted test
+  is not run: a handful of inputs can be moved off their class by a small
   patch on any model.
 
 Many classes: with more than ``screen_above`` candidate classes, all of
@@ -51,12 +57,16 @@ from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_number, num_classes_of
 from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slots, TriggerOptimizer,
                                                infer_value_range, stamp)
-from tf_backdoor_defense.scan._statistics import anomaly_index
+from tf_backdoor_defense.scan._statistics import anomaly_index, matching_share
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["ScanResult", "scan_model"]
 
 _LOG = logging.getLogger(__name__)
+
+#: Share of the moved inputs one class must receive for the untargeted trigger to count as an
+#: all-to-one trigger. Natural "sink" classes of clean MNIST nets took 0.58-0.72.
+ALL_TO_ONE_SHARE = 0.8
 
 #: Below this many examples nothing is held apart: success rates are measured on the
 #: optimisation data (see ``ScanResult.success_data``).
@@ -107,7 +117,10 @@ class ScanResult:
         reached ``untargeted_success`` during optimisation), ``flip_rate``
         (share of held-apart inputs it moves off their class),
         ``dominant_class`` and ``dominant_share`` (where the moved inputs go),
-        ``tested`` (False without held-apart data) and ``fired``.
+        ``matching_share`` and ``matching_threshold`` (the share a one-to-one
+        class map explains, and the bar for all-to-all), ``tested`` (False
+        without held-apart data), ``small`` (the size test), ``fired``
+        (small, and moved to one class or one-to-one) and ``all_to_all``.
     untargeted_mask, untargeted_pattern : float32 arrays
         The untargeted trigger.
     value_range : (float, float)
@@ -260,24 +273,37 @@ class _Counter:
         self.batch_size = int(batch_size)
         spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
 
-        def replica_counts(x, y):
-            x, y = replica_rows(x), replica_rows(y)
+        def predicted_classes(x):
             outputs = model(x, training=False)
             if outputs.shape[-1] == 1:
-                predicted = tf.cast(outputs[..., 0] > 0.5, tf.int64)
-            else:
-                predicted = tf.argmax(outputs, axis=-1)
+                return tf.cast(outputs[..., 0] > 0.5, tf.int64)
+            return tf.argmax(outputs, axis=-1)
+
+        def replica_counts(x, y):
+            x, y = replica_rows(x), replica_rows(y)
+            predicted = predicted_classes(x)
             moved = tf.boolean_mask(predicted, predicted != y)
             return (tf.math.bincount(predicted, minlength=num_classes, maxlength=num_classes,
                                      dtype=tf.float32),
                     tf.math.bincount(moved, minlength=num_classes, maxlength=num_classes,
                                      dtype=tf.float32))
 
+        def replica_pairs(x, y):
+            x, y = replica_rows(x), replica_rows(y)
+            cells = y * num_classes + predicted_classes(x)
+            return tf.math.bincount(cells, minlength=num_classes ** 2,
+                                    maxlength=num_classes ** 2, dtype=tf.float32)
+
         @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int64)])
         def step(x, y):
             return sum_over_replicas(strategy, strategy.run(replica_counts, args=(x, y)))
 
+        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int64)])
+        def pair_step(x, y):
+            return sum_over_replicas(strategy, strategy.run(replica_pairs, args=(x, y)))
+
         self._step = step
+        self._pair_step = pair_step
 
     def counts(self, x, y):
         predicted = np.zeros(self.num_classes, np.int64)
@@ -289,18 +315,63 @@ class _Counter:
             moved += np.rint(away.numpy()).astype(np.int64)
         return predicted, moved
 
+    def pairs(self, x, y):
+        """``(K, K)`` counts of (true class, predicted class) over ``x``."""
+        k = self.num_classes
+        total = np.zeros(k * k, np.int64)
+        for start in range(0, len(x), self.batch_size):
+            part = self._pair_step(tf.constant(x[start:start + self.batch_size], tf.float32),
+                                   tf.constant(y[start:start + self.batch_size], tf.int64))
+            total += np.rint(part.numpy()).astype(np.int64)
+        return total.reshape(k, k)
+
+
+def untargeted_test(pairs, flip_rate, statistic, *, tested, threshold, matching_threshold):
+    """The untargeted (all-to-all) test's decision from where the trigger sent inputs.
+
+    ``pairs[i, j]`` counts held-apart inputs of class ``i`` the untargeted
+    trigger sent to ``j`` (diagonal ignored); ``flip_rate`` is the share it
+    moved; ``statistic`` its size over the median targeted size. Returns the
+    ``untargeted`` dict's decision entries: ``statistic``, ``threshold``,
+    ``flip_rate``, ``dominant_class``, ``dominant_share``, ``matching_share``,
+    ``matching_threshold``, ``tested``, ``small``, ``fired`` and ``all_to_all``
+    (see :func:`scan_model`).
+    """
+    pairs = np.array(pairs, dtype=np.int64)
+    np.fill_diagonal(pairs, 0)
+    counts = pairs.sum(axis=0)
+    moved = int(counts.sum())
+    dominant_share = float(counts.max() / moved) if moved else float("nan")
+    matching = matching_share(pairs) if moved else float("nan")
+    # The untargeted trigger must move held-apart inputs too: with nothing held apart a
+    # handful of inputs can be moved by an adversarial patch of any model.
+    small = bool(tested and np.isfinite(statistic) and statistic < threshold
+                 and flip_rate >= 0.5)
+    # Where the moved inputs land tells a backdoor from a natural universal perturbation:
+    # almost all in one class (all-to-one), or each class in a class of its own (all-to-all).
+    # A natural perturbation sends many classes to the same few "sink" classes.
+    concentrated = small and dominant_share >= ALL_TO_ONE_SHARE
+    all_to_all = bool(small and not concentrated and matching >= matching_threshold)
+    return {"statistic": float(statistic), "threshold": float(threshold),
+            "flip_rate": float(flip_rate),
+            "dominant_class": int(np.argmax(counts)) if moved else None,
+            "dominant_share": dominant_share, "matching_share": matching,
+            "matching_threshold": float(matching_threshold), "tested": bool(tested),
+            "small": small, "fired": bool(concentrated or all_to_all), "all_to_all": all_to_all}
+
 
 def _success(counter, x, y, mask, pattern, target):
-    """(rate, moved) of a trigger on ``x``: to ``target``, or off their class.
+    """(rate, pairs) of a trigger on ``x``: to ``target``, or off their class.
 
-    ``moved`` counts, per class, the stamped inputs predicted off their class
-    (None for a targeted trigger).
+    ``pairs[i, j]`` counts the stamped inputs of class ``i`` predicted as
+    ``j != i`` (None for a targeted trigger).
     """
     if target == UNTARGETED:
         if not len(y):
-            return float("nan"), np.zeros(counter.num_classes, np.int64)
-        _, moved = counter.counts(stamp(x, mask, pattern), y)
-        return float(moved.sum() / len(y)), moved
+            return float("nan"), np.zeros((counter.num_classes,) * 2, np.int64)
+        pairs = counter.pairs(stamp(x, mask, pattern), y)
+        np.fill_diagonal(pairs, 0)
+        return float(pairs.sum() / len(y)), pairs
     keep = y != target
     if not np.any(keep):
         return float("nan"), None
@@ -312,7 +383,7 @@ def _success(counter, x, y, mask, pattern, target):
 def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_size=16,
                learning_rate=0.1, init_cost=1e-3, success_threshold=0.99, untargeted_success=0.8,
                anomaly_threshold=2.0, max_relative_size=0.2, all_to_all_threshold=0.35,
-               candidates=None, screen_above=64,
+               all_to_all_matching=0.5, candidates=None, screen_above=64,
                screen_steps=10, refine=16, reference=16, max_images_per_step=512, seed=0,
                strategy=None):
     """Scan a model for a backdoor using clean labelled data only (no trigger).
@@ -355,8 +426,18 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     max_relative_size : float, default=0.2
         See ``anomaly_threshold``.
     all_to_all_threshold : float, default=0.35
-        The untargeted test fires when the untargeted mask's L1 norm is below
-        this fraction of the median targeted one.
+        The untargeted trigger is small when its mask's L1 norm is below this
+        fraction of the median targeted one (and it moves at least half of
+        the held-apart inputs).
+    all_to_all_matching : float in (0, 1], default=0.5
+        A small untargeted trigger whose moved inputs spread over the classes
+        flags an all-to-all backdoor only when one one-to-one map from true
+        class to new class explains at least this share of them
+        (:func:`~tf_backdoor_defense.scan._statistics.matching_share`): each
+        class sent to a class of its own. Measured on MNIST nets (held-apart
+        defender digits): 0.79-0.98 on all-to-all BadNets, 0.21-0.25 on clean
+        nets, whose small universal perturbations send inputs to one to three
+        "sink" classes.
     candidates : sequence of int, default=None
         Classes to test as targets (default: all).
     screen_above : int, default=64
@@ -418,6 +499,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
                         ("max_relative_size", max_relative_size),
                         ("all_to_all_threshold", all_to_all_threshold)):
         check_number(value, name, positive=True)
+    check_number(all_to_all_matching, "all_to_all_matching", positive=True, maximum=1.0)
     check_number(success_threshold, "success_threshold", positive=True, maximum=1.0)
     check_number(untargeted_success, "untargeted_success", positive=True, maximum=1.0)
     num_classes = num_classes_of(model)
@@ -427,7 +509,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
                     success_threshold=success_threshold, untargeted_success=untargeted_success,
                     anomaly_threshold=anomaly_threshold, max_relative_size=max_relative_size,
                     all_to_all_threshold=all_to_all_threshold,
-                    candidates=None if len(candidates) == num_classes else candidates.tolist(),
+                    all_to_all_matching=all_to_all_matching, candidates=None if len(candidates) == num_classes else candidates.tolist(),
                     screen_above=screen_above, screen_steps=screen_steps, refine=refine,
                     reference=reference, max_images_per_step=max_images_per_step, seed=seed)
 
@@ -484,8 +566,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     counter = _Counter(model, strategy, num_classes)
     rates = np.array([_success(counter, x_held, y_held, masks[i], patterns[i], int(t))[0]
                       for i, t in enumerate(refined)])
-    flip_rate, counts = _success(counter, x_held, y_held, masks[-1], patterns[-1], UNTARGETED)
-    moved = int(counts.sum())
+    flip_rate, pairs = _success(counter, x_held, y_held, masks[-1], patterns[-1], UNTARGETED)
     timings["evaluate"] = time.perf_counter() - began
 
     l1 = out["l1"][:-1]
@@ -501,23 +582,15 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
                 and sizes[i] <= max_relative_size * median and rates[i] >= 0.5]
     targeted_fired = bool(suspects)
     statistic = float(out["l1"][-1] / median) if median > 0 else float("nan")
-    untargeted = {
-        "mask_l1": float(out["l1"][-1]), "median_targeted_l1": median, "statistic": statistic,
-        "threshold": float(all_to_all_threshold), "reached": bool(out["reached"][-1]),
-        "flip_rate": flip_rate,
-        "dominant_class": int(np.argmax(counts)) if moved else None,
-        "dominant_share": float(counts.max() / moved) if moved else float("nan"),
-    }
-    # The untargeted trigger must move held-apart inputs too: with nothing held apart a
-    # handful of inputs can be moved by an adversarial patch of any model.
-    tested = success_data == "held-apart"
-    fired = bool(tested and np.isfinite(statistic) and statistic < all_to_all_threshold
-                 and flip_rate >= 0.5)
-    concentrated = fired and untargeted["dominant_share"] >= 0.5
-    untargeted.update(tested=tested, fired=fired)
-    all_to_all = fired and not concentrated
+    untargeted = untargeted_test(
+        pairs, flip_rate, statistic, tested=success_data == "held-apart",
+        threshold=all_to_all_threshold, matching_threshold=all_to_all_matching)
+    untargeted.update(mask_l1=float(out["l1"][-1]), median_targeted_l1=median,
+                      reached=bool(out["reached"][-1]))
+    fired, all_to_all = untargeted["fired"], untargeted["all_to_all"]
+    concentrated = fired and not all_to_all
     if concentrated and not suspects:
-        # Moved inputs mostly land in one class: an all-to-one trigger the targeted test missed.
+        # Moved inputs land in one class: an all-to-one trigger the targeted test missed.
         suspects.append(untargeted["dominant_class"])
     table = _table(num_classes, candidates, refined, l1, index, rates, out["reached"][:-1],
                    suspects, screened)

@@ -1,8 +1,9 @@
-"""The anomaly index of reversed-trigger sizes (median absolute deviation)."""
+"""Statistics of reversed triggers: the anomaly index of their sizes (median absolute
+deviation) and the matching share of where an untargeted trigger sends inputs."""
 
 import numpy as np
 
-__all__ = ["MAD_CONSISTENCY", "anomaly_index"]
+__all__ = ["MAD_CONSISTENCY", "anomaly_index", "matching_share"]
 
 #: Makes the median absolute deviation estimate the standard deviation of normal data.
 MAD_CONSISTENCY = 1.4826
@@ -46,3 +47,47 @@ def anomaly_index(values, *, log=True):
         return out
     out[finite] = (median - scaled) / deviation
     return out
+
+
+def matching_share(pairs):
+    """Share of moved inputs that one one-to-one map from true class to new class explains.
+
+    ``pairs[i, j]`` counts inputs of class ``i`` that a trigger sent to class
+    ``j`` (the diagonal, inputs kept in their class, is ignored). The share
+    is the largest total of counts on cells with no two in one row or one
+    column (an assignment, solved exactly), over all moved inputs. An
+    all-to-all backdoor maps every class to its own target, so its trigger
+    scores near 1; a natural universal perturbation sends inputs of many
+    classes to the same few "sink" classes, and scores low (with ``k`` sinks,
+    at most the share of the ``k`` best source-to-sink cells).
+
+    Parameters
+    ----------
+    pairs : (K, K) array of non-negative counts
+
+    Returns
+    -------
+    float in [0, 1]; NaN when nothing moved.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> shifted = 10 * np.roll(np.eye(4), 1, axis=1)  # class c -> c + 1
+    >>> float(matching_share(shifted))
+    1.0
+    >>> sink = np.zeros((4, 4)); sink[1:, 0] = 10; sink[0, 1] = 10  # all to class 0
+    >>> float(matching_share(sink))
+    0.5
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    pairs = np.array(pairs, dtype=np.float64)
+    if pairs.ndim != 2 or pairs.shape[0] != pairs.shape[1]:
+        raise ValueError(f"matching_share needs a square (K, K) count matrix. Got shape "
+                         f"{pairs.shape}.")
+    np.fill_diagonal(pairs, 0.0)
+    moved = pairs.sum()
+    if moved <= 0:
+        return float("nan")
+    rows, cols = linear_sum_assignment(pairs, maximize=True)
+    return float(pairs[rows, cols].sum() / moved)
