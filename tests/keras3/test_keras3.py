@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import subprocess
+import tempfile
 import sys
 import warnings
 
@@ -22,8 +23,10 @@ HERE = pathlib.Path(__file__).parent
 def run_script(name, timeout=600):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("TF_USE_LEGACY_KERAS", None)  # the user's process: Keras 3 is `keras`
-    done = subprocess.run([sys.executable, str(HERE / name)], capture_output=True, text=True,
-                          env=env, timeout=timeout, check=False)
+    with tempfile.TemporaryDirectory() as tmp:  # the scripts' temporary files go with it
+        env["TMPDIR"] = tmp
+        done = subprocess.run([sys.executable, str(HERE / name)], capture_output=True,
+                              text=True, env=env, timeout=timeout, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

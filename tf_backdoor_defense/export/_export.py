@@ -629,12 +629,11 @@ def export_saved_model(model, path, *, shrink=False, version=None, overwrite=Fal
     --------
     >>> import tempfile, numpy as np, tf_keras as keras, tensorflow as tf
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="fc")])
-    >>> folder = export_saved_model(model, tempfile.mkdtemp() + "/served", version=1)
-    >>> folder.name
-    '1'
-    >>> serve = tf.saved_model.load(str(folder)).signatures["serving_default"]
-    >>> list(serve(tf.zeros((1, 3)))) == ["fc"]
-    True
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     folder = export_saved_model(model, tmp + "/served", version=1)
+    ...     serve = tf.saved_model.load(str(folder)).signatures["serving_default"]
+    ...     folder.name, list(serve(tf.zeros((1, 3)))) == ["fc"]
+    ('1', True)
     """
     check_graph_model(model)
     if version is not None:
@@ -678,8 +677,9 @@ def export_keras(model, path, *, shrink=False, overwrite=False):
     --------
     >>> import tempfile, tf_keras as keras
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> path = export_keras(model, tempfile.mkdtemp() + "/model.keras")
-    >>> keras.models.load_model(path).output_shape
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = export_keras(model, tmp + "/model.keras")
+    ...     keras.models.load_model(path).output_shape
     (None, 2)
     """
     check_graph_model(model)

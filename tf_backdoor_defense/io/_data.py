@@ -249,9 +249,9 @@ def load_data(path, *, scale=None, input_shape=None):
     Examples
     --------
     >>> import tempfile, numpy as np
-    >>> path = tempfile.mkdtemp() + "/set.npz"
-    >>> np.savez(path, x=np.full((2, 3, 4, 4), 255.0), y=[0, 1])
-    >>> x, y = load_data(path, scale=255)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     np.savez(folder + "/set.npz", x=np.full((2, 3, 4, 4), 255.0), y=[0, 1])
+    ...     x, y = load_data(folder + "/set.npz", scale=255)
     >>> x.shape, float(x.max()), y.tolist()
     ((2, 4, 4, 3), 1.0, [0, 1])
     """
@@ -328,10 +328,11 @@ def remove_stale_temporaries(target):
     is put back first when nothing took its place. Returns the paths removed.
 
     >>> import os, pathlib, tempfile
-    >>> folder = pathlib.Path(tempfile.mkdtemp())
-    >>> (folder / ".report.tmp-999999999-abc").mkdir()
-    >>> (folder / f".report.tmp-{os.getpid()}-xyz").mkdir()   # a live writer: kept
-    >>> [p.name for p in remove_stale_temporaries(folder / "report")]
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     folder = pathlib.Path(tmp)
+    ...     (folder / ".report.tmp-999999999-abc").mkdir()
+    ...     (folder / f".report.tmp-{os.getpid()}-xyz").mkdir()   # a live writer: kept
+    ...     [p.name for p in remove_stale_temporaries(folder / "report")]
     ['.report.tmp-999999999-abc']
     """
     target = pathlib.Path(target)
@@ -397,10 +398,11 @@ def atomic_path(path, *, directory=False, overwrite=True):
     Examples
     --------
     >>> import tempfile, pathlib
-    >>> target = pathlib.Path(tempfile.mkdtemp()) / "out.txt"
-    >>> with atomic_path(target) as temp:
-    ...     _ = temp.write_text("done")
-    >>> target.read_text(), sorted(p.name for p in target.parent.iterdir())
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     target = pathlib.Path(folder) / "out.txt"
+    ...     with atomic_path(target) as temp:
+    ...         _ = temp.write_text("done")
+    ...     target.read_text(), sorted(p.name for p in target.parent.iterdir())
     ('done', ['out.txt'])
     """
     target = pathlib.Path(path)
@@ -436,10 +438,11 @@ def atomic_write(path, mode="w", *, encoding="utf-8", overwrite=True):
     Examples
     --------
     >>> import tempfile, pathlib
-    >>> target = pathlib.Path(tempfile.mkdtemp()) / "table.csv"
-    >>> with atomic_write(target) as handle:
-    ...     _ = handle.write("a,b\\n")
-    >>> target.read_text()
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     target = pathlib.Path(tmp) / "table.csv"
+    ...     with atomic_write(target) as handle:
+    ...         _ = handle.write("a,b\\n")
+    ...     target.read_text()
     'a,b\\n'
     """
     if mode not in ("w", "wb"):
@@ -506,12 +509,13 @@ def check_outputs_free(paths, overwrite=False, *, force=None):
     Examples
     --------
     >>> import tempfile, pathlib
-    >>> folder = pathlib.Path(tempfile.mkdtemp())
-    >>> _ = (folder / "a.csv").write_text("kept")
-    >>> try:
-    ...     check_outputs_free([folder / "a.csv", folder / "b.csv"])
-    ... except FileExistsError as error:
-    ...     print([pathlib.Path(p).name for p in error.paths])
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     folder = pathlib.Path(tmp)
+    ...     _ = (folder / "a.csv").write_text("kept")
+    ...     try:
+    ...         check_outputs_free([folder / "a.csv", folder / "b.csv"])
+    ...     except FileExistsError as error:
+    ...         print([pathlib.Path(p).name for p in error.paths])
     ['a.csv']
     """
     if force is not None:
@@ -546,12 +550,13 @@ def check_output_dir(path, *, overwrite=False):
     Examples
     --------
     >>> import tempfile, pathlib
-    >>> folder = pathlib.Path(tempfile.mkdtemp())
-    >>> _ = (folder / "notes.txt").write_text("mine")
-    >>> try:
-    ...     check_output_dir(folder, overwrite=True)
-    ... except ValueError as error:
-    ...     print("refused")
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     folder = pathlib.Path(tmp)
+    ...     _ = (folder / "notes.txt").write_text("mine")
+    ...     try:
+    ...         check_output_dir(folder, overwrite=True)
+    ...     except ValueError as error:
+    ...         print("refused")
     refused
     """
     if not isinstance(path, (str, os.PathLike)):
@@ -588,10 +593,11 @@ def output_directory(path, *, overwrite=False):
     Examples
     --------
     >>> import tempfile, pathlib
-    >>> target = pathlib.Path(tempfile.mkdtemp()) / "report"
-    >>> with output_directory(target) as staging:
-    ...     _ = (staging / "summary.json").write_text("{}")
-    >>> sorted(p.name for p in target.iterdir())
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     target = pathlib.Path(tmp) / "report"
+    ...     with output_directory(target) as staging:
+    ...         _ = (staging / "summary.json").write_text("{}")
+    ...     sorted(p.name for p in target.iterdir())
     ['.tf-backdoor-defense-output', 'summary.json']
     """
     target = check_output_dir(path, overwrite=overwrite)
@@ -670,12 +676,13 @@ def check_output_file(path, *, overwrite=False):
     Examples
     --------
     >>> import tempfile, pathlib
-    >>> target = pathlib.Path(tempfile.mkdtemp()) / "model.h5"
-    >>> _ = target.write_text("someone's notes")
-    >>> try:
-    ...     check_output_file(target, overwrite=True)
-    ... except ValueError as error:
-    ...     print("refused")
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     target = pathlib.Path(tmp) / "model.h5"
+    ...     _ = target.write_text("someone's notes")
+    ...     try:
+    ...         check_output_file(target, overwrite=True)
+    ...     except ValueError as error:
+    ...         print("refused")
     refused
     """
     if not isinstance(path, (str, os.PathLike)):
@@ -707,10 +714,11 @@ def output_file(path, *, overwrite=False):
     Examples
     --------
     >>> import tempfile, pathlib, zipfile
-    >>> target = pathlib.Path(tempfile.mkdtemp()) / "model.keras"
-    >>> with output_file(target) as temp:
-    ...     zipfile.ZipFile(temp, "w").close()
-    >>> zipfile.ZipFile(target).namelist()
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     target = pathlib.Path(tmp) / "model.keras"
+    ...     with output_file(target) as temp:
+    ...         zipfile.ZipFile(temp, "w").close()
+    ...     zipfile.ZipFile(target).namelist()
     ['.tf-backdoor-defense-output']
     """
     target = check_output_file(path, overwrite=overwrite)

@@ -638,10 +638,11 @@ def read_model_config(path):
     Examples
     --------
     >>> import tempfile, tf_keras as keras
-    >>> path = tempfile.mkdtemp() + "/net.keras"
-    >>> keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(path)
-    >>> info = read_model_config(path)
-    >>> info["format"], info["config"]["class_name"]
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = tmp + "/net.keras"
+    ...     keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(path)
+    ...     info = read_model_config(path)
+    ...     info["format"], info["config"]["class_name"]
     ('keras', 'Sequential')
     """
     if not isinstance(path, (str, os.PathLike)):
@@ -744,9 +745,10 @@ def load_model(path, *, trust_model_code=False, weights=None, custom_objects=Non
     Examples
     --------
     >>> import tempfile, tf_keras as keras
-    >>> path = tempfile.mkdtemp() + "/net.h5"
-    >>> keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(path)
-    >>> load_model(path).output_shape
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = tmp + "/net.h5"
+    ...     keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(path)
+    ...     load_model(path).output_shape
     (None, 2)
     """
     if not isinstance(path, (str, os.PathLike)):

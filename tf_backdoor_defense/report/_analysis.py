@@ -186,9 +186,10 @@ def save_figure(figure, path, overwrite=True):
     """Write ``figure`` atomically (format from the extension, PNG when none).
 
     >>> import pathlib, tempfile
-    >>> path = pathlib.Path(tempfile.mkdtemp()) / "empty.png"
-    >>> save_figure(new_figure(1.0, 1.0), path)
-    >>> path.read_bytes()[:4]
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = pathlib.Path(folder) / "empty.png"
+    ...     save_figure(new_figure(1.0, 1.0), path)
+    ...     path.read_bytes()[:4]
     b'\\x89PNG'
     """
     suffix = pathlib.Path(path).suffix.lstrip(".").lower() or "png"

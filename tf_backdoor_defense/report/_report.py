@@ -268,7 +268,8 @@ def write_sweep_report(result, outdir, *, poisoned_means=None, evaluation=None, 
     ...                           keras.layers.Dense(2, activation="softmax")])
     >>> x = np.random.default_rng(0).random((20, 4), dtype=np.float32)
     >>> result = prune_to_threshold(model, (x, np.zeros(20, int)), layers=model.layers[0].name)
-    >>> sorted(write_sweep_report(result, tempfile.mkdtemp(), plots=False))
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     sorted(write_sweep_report(result, folder, plots=False))
     ['summary.json', 'sweep.csv']
     """
     outdir = pathlib.Path(outdir)
