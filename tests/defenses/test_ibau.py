@@ -25,12 +25,12 @@ def defender():
     return toy_digits(120, 2)
 
 
-def _solver(model, norm="l2", radius=1.0, hypergradient=False):
+def _solver(model, norm="l2", radius=1.0, hypergradient=False, targeted=False):
     return _Minimax(model, loss_fn=loss_for(model), radius=radius, norm=norm, inner_steps=3,
                     step_size=2.5 * radius / 3, low=0.0, high=1.0,
                     optimizer=keras.optimizers.Adam(1e-3), hypergradient=hypergradient,
                     neumann_steps=3, x_spec=tf.TensorSpec((None, 8, 8, 1)),
-                    target_spec=tf.TensorSpec((None,), tf.int64))
+                    target_spec=tf.TensorSpec((None,), tf.int64), targeted=targeted)
 
 
 # -- the inner maximisation ------------------------------------------------------------
@@ -45,6 +45,32 @@ def test_the_perturbation_stays_in_its_ball_and_raises_the_loss(badnet, defender
     size = np.linalg.norm(delta) if norm == "l2" else np.abs(delta).max()
     assert 0.0 < size <= 0.5 + 1e-5
     assert float(solver._loss(solver._perturb(x, solver.delta), y)) > clean_loss + 0.1
+
+
+def test_a_targeted_perturbation_sends_inputs_to_the_target(badnet, defender):
+    solver = _solver(copy_model(badnet), radius=1.8, targeted=True)
+    x, y = defender
+    others = y != 0
+    towards = tf.constant(np.zeros(int(others.sum()), np.int64))
+    before = float(np.mean(np.argmax(badnet(x[others]), -1) == 0))
+    for _ in range(5):
+        solver.ascend(tf.constant(x[others]), towards)
+    moved = solver._perturb(tf.constant(x[others]), solver.delta)
+    assert before < 0.1
+    assert float(np.mean(np.argmax(badnet(moved), -1) == 0)) > 0.8  # the backdoor, found
+
+
+def test_targeted_ibau_removes_the_toy_backdoor(badnet, defender):
+    accuracy_before, _ = toy_scores(badnet)
+    repaired = ibau(badnet, defender, rounds=40, radius=1.8, learning_rate=0.02, target=0)
+    accuracy, asr = toy_scores(repaired)
+    assert asr <= 0.1 and accuracy >= accuracy_before - 0.05
+
+
+def test_target_none_is_the_untargeted_repair(badnet, defender):
+    plain = ibau(badnet, defender, rounds=2)
+    assert _same(plain.get_weights(), ibau(badnet, defender, rounds=2, target=None).get_weights())
+    assert not _same(plain.get_weights(), ibau(badnet, defender, rounds=2, target=0).get_weights())
 
 
 def test_perturbed_inputs_are_clipped_to_the_data_range(badnet):
@@ -153,10 +179,18 @@ def test_a_logit_output_model_runs_and_changes(defender):
     ("neumann_steps", 1.5, TypeError, "'neumann_steps'"),
     ("batch_size", 0, ValueError, "'batch_size'"),
     ("seed", None, TypeError, "'seed'"),
+    ("target", 3, ValueError, "'target' parameter must be a class index in \\[0, 2\\]"),
+    ("target", True, ValueError, "'target'"),
+    ("target", "0", ValueError, "'target'"),
 ])
 def test_bad_options_raise_clear_errors(badnet, defender, option, value, error, match):
     with pytest.raises(error, match=match):
         ibau(badnet, defender, **{option: value})
+
+
+def test_target_with_the_hypergradient_is_refused(badnet, defender):
+    with pytest.raises(ValueError, match="'target' parameter needs hypergradient=False"):
+        ibau(badnet, defender, target=0, hypergradient=True)
 
 
 def test_bad_model_and_data_raise_clear_errors(badnet, defender):

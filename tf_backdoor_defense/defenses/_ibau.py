@@ -107,8 +107,11 @@ class _Minimax:
 
     def __init__(self, model, *, loss_fn, radius, norm, inner_steps, step_size, low, high,
                  optimizer, hypergradient, neumann_steps, x_spec, target_spec, teacher=None,
-                 anchor_weight=0.0, strategy=None):
+                 anchor_weight=0.0, strategy=None, targeted=False):
         self.model = model
+        # targeted: the inner step descends the loss towards the targets it is given (a
+        # class), instead of ascending the loss of the true ones.
+        self.targeted = bool(targeted)
         self.strategy = resolve_strategy(strategy, model)
         self.loss_fn = summed_loss(loss_fn)
         self.variables = model.trainable_variables
@@ -159,6 +162,8 @@ class _Minimax:
         for _ in range(self.inner_steps):  # unrolled: every step sums over the replicas
             loss, grad = sum_over_replicas(self.strategy, self.strategy.run(
                 self._ascent_gradient, args=(xb, yb, delta)))
+            if self.targeted:
+                grad = -grad
             if self.norm == "l2":
                 direction = grad / (tf.norm(grad) + 1e-12)
             else:
@@ -249,7 +254,8 @@ class _Minimax:
 @with_caller_keras
 def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5,
          perturbed_fraction=0.5, learning_rate=2e-3, distill=True, anchor_weight=3.0,
-         hypergradient=False, neumann_steps=5, batch_size=64, seed=0, strategy=None):
+         hypergradient=False, neumann_steps=5, batch_size=64, seed=0, strategy=None,
+         target=None):
     """Repair a copy of ``model`` by adversarial unlearning of a universal perturbation (I-BAU).
 
     Needs clean data only (the paper uses about 5% of the training set) and no
@@ -314,6 +320,14 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
         perturbed inputs chosen are the same; the perturbation and the
         weights agree within float32 tolerance. ``hypergradient=True`` needs
         a single replica.
+    target : int, default=None
+        A suspected target class (from a scan): the inner step then looks
+        for the universal perturbation that sends the inputs of the other
+        classes *to it* (descending their loss towards ``target``) rather
+        than any perturbation that raises the loss. A dense trigger such as a
+        blend, which a scan's small mask does not reproduce, is found this way
+        without the detour through natural perturbations; the outer step is
+        unchanged (perturbed inputs keep their clean targets).
 
     Returns
     -------
@@ -348,6 +362,18 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
     hypergradient = check_flag(hypergradient, "hypergradient")
     neumann_steps = int(check_number(neumann_steps, "neumann_steps", 0, integer=True))
     seed = check_seed(seed)
+    if target is not None:
+        from tf_backdoor_defense._validation import num_classes_of
+
+        classes = num_classes_of(model)
+        if (isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer))
+                or not 0 <= int(target) < max(classes, 2)):
+            raise ValueError(f"The 'target' parameter must be a class index in [0, "
+                             f"{max(classes, 2) - 1}] or None. Got {target!r} instead.")
+        if hypergradient:
+            raise ValueError("The 'target' parameter needs hypergradient=False (the implicit "
+                             "term is derived for the untargeted inner objective).")
+        target = int(target)
     if hypergradient and strategy.num_replicas_in_sync > 1:
         raise ValueError(f"The 'hypergradient' parameter must be False under a strategy with "
                          f"several replicas (its Neumann series runs on one replica). Got "
@@ -364,6 +390,14 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
     if rounds == 0:
         return tuned
     targets = training_targets(model, x, y, distill)
+    inner_targets = targets
+    if target is not None:  # every row pushed towards the target class
+        inner_targets = np.empty_like(targets)
+        if targets.ndim == 2 and targets.shape[1] > 1:
+            inner_targets[:] = 0
+            inner_targets[:, target] = 1
+        else:
+            inner_targets[:] = target
     scaled = radius * (high - low)
     with strategy.scope():  # the optimiser's and the perturbation's variables
         solver = _Minimax(
@@ -373,7 +407,8 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
                 learning_rate, rounds * int(np.ceil(x.shape[0] / batch_size)))),
             hypergradient=hypergradient, neumann_steps=neumann_steps,
             x_spec=batch_spec(x), target_spec=batch_spec(targets),
-            teacher=teacher_function(model), anchor_weight=anchor_weight, strategy=strategy)
+            teacher=teacher_function(model), anchor_weight=anchor_weight, strategy=strategy,
+            targeted=target is not None)
     rng = np.random.default_rng(seed)
     inner = outer = float("nan")
     for round_ in range(rounds):
@@ -381,7 +416,7 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
         for index in batch_order(x.shape[0], batch_size, rng):
             xb, yb = tf.constant(x[index]), tf.constant(targets[index])
             chosen = (rng.random(index.size) < fraction).astype(np.float32)
-            inner = float(solver.ascend(xb, yb))
+            inner = float(solver.ascend(xb, tf.constant(inner_targets[index])))
             outer = float(solver.descend(xb, yb, tf.constant(chosen),
                                          *mixup_pairs(rng, index.size)))
         logger.debug("ibau round %d/%d: perturbed loss %.4f, outer loss %.4f, |delta| %.3f",
