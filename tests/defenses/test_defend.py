@@ -723,3 +723,29 @@ def test_unlearn_unlearns_what_the_rescan_of_its_result_finds(monkeypatch):
     assert result.table["verified"].tolist() == [True] and result.model is second
     without = _defend(_backdoored(), ["unlearn"], scan=True, verify=False)
     assert "rounds" not in without.table["note"].iloc[0]
+
+
+# -- the ibau method and the scan's target ----------------------------------------------------
+@pytest.mark.parametrize("targets, all_to_all, expected", [
+    ((3, 5), False, 3),   # the most anomalous suspected class
+    ((), True, None),     # all-to-all: no single target
+    ((3,), True, None),   # both suspicions: the untargeted search covers both
+    ((), False, None),
+])
+def test_ibau_searches_towards_the_scans_first_target(monkeypatch, targets, all_to_all, expected):
+    import types
+
+    from tf_backdoor_defense.defenses import _defend, _ibau
+
+    seen = {}
+
+    def fake_ibau(model, train, **kwargs):
+        seen.update(kwargs)
+        return model
+
+    monkeypatch.setattr(_ibau, "ibau", fake_ibau)
+    scan = types.SimpleNamespace(suspected_targets=targets, all_to_all_suspected=all_to_all)
+    context = {"scan": scan, "fine_tune": {"batch_size": 8}, "seed": 0, "strategy": None}
+    _, note = _defend._ibau(object(), None, context)
+    assert seen["target"] == expected
+    assert (f"towards class {expected}" in note) == (expected is not None)

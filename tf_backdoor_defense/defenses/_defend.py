@@ -37,6 +37,10 @@ Methods (``METHODS``), in the default order, which is the order of preference:
 ``"ibau"``
     Adversarial unlearning of a universal perturbation (I-BAU, Zeng et al.,
     ICLR 2022; :func:`~tf_backdoor_defense.defenses._ibau.ibau`). Needs no trigger.
+    When the scan names an all-to-one target, the perturbation is searched
+    towards that class (``target=``): on the zoo's blend all-to-one BadNets
+    (seeds 0 and 1) this left 0.68% and 0.44% ASR against 2.03% and 1.98%
+    untargeted, with a smaller validation drop.
 ``"reinit-head"``
     Draw the dense layers after the last convolution afresh and train the
     whole network on clean data (:func:`~tf_backdoor_defense.finetune._training.train_clean`).
@@ -434,9 +438,14 @@ def _rescan(model, train, context):
 def _ibau(model, train, context):
     from tf_backdoor_defense.defenses._ibau import ibau
 
+    scan = context.get("scan")
+    target = None
+    if scan is not None and scan.suspected_targets and not scan.all_to_all_suspected:
+        target = int(scan.suspected_targets[0])  # the most anomalous class
     repaired = ibau(model, train, batch_size=context["fine_tune"]["batch_size"], seed=context["seed"],
-                    strategy=context["strategy"])
-    return repaired, "universal perturbation unlearnt"
+                    strategy=context["strategy"], target=target)
+    return repaired, ("universal perturbation unlearnt" if target is None else
+                      f"universal perturbation towards class {target} unlearnt")
 
 
 def _fine_pruning(model, train, context):
