@@ -749,3 +749,29 @@ def test_ibau_searches_towards_the_scans_first_target(monkeypatch, targets, all_
     _, note = _defend._ibau(object(), None, context)
     assert seen["target"] == expected
     assert (f"towards class {expected}" in note) == (expected is not None)
+
+
+@pytest.mark.parametrize("targets, all_to_all, order", [
+    ((0,), False, ["ibau", "unlearn", "clp"]),    # an all-to-one target: TARGETED_METHODS
+    ((), True, ["unlearn", "ibau", "clp"]),       # all-to-all: DEFAULT_METHODS
+    ((0,), True, ["unlearn", "ibau", "clp"]),     # both: DEFAULT_METHODS
+])
+def test_the_default_order_follows_the_scan(monkeypatch, targets, all_to_all, order):
+    import tf_backdoor_defense.scan._scan as scan_module
+
+    monkeypatch.setattr(scan_module, "scan_model", lambda model, data, **kw: _scan_stub(
+        True, targets=targets, all_to_all=all_to_all))
+    fakes = FakeMethods(monkeypatch, {name: (1.0, 0.0) for name in order})
+    result = _defend(_backdoored(), None, scan=True, verify=False)
+    assert [name for name, *_ in fakes.calls] == order
+    assert result.settings["methods"] == order
+
+
+def test_methods_given_keep_their_order_whatever_the_scan(monkeypatch):
+    import tf_backdoor_defense.scan._scan as scan_module
+
+    monkeypatch.setattr(scan_module, "scan_model",
+                        lambda model, data, **kw: _scan_stub(True, targets=(0,)))
+    fakes = FakeMethods(monkeypatch, {"unlearn": (1.0, 0.0), "ibau": (1.0, 0.0)})
+    _defend(_backdoored(), ["unlearn", "ibau"], scan=True, verify=False)
+    assert [name for name, *_ in fakes.calls] == ["unlearn", "ibau"]

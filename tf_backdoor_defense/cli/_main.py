@@ -56,8 +56,10 @@ PROG = "tf-backdoor-defense"
 # checks they agree): the parser is built without importing TensorFlow.
 DEFENSE_METHODS = ("unlearn", "ibau", "reinit-head", "prune-search", "clp", "ft-sam", "anp",
                    "ft-cosine", "fine-pruning")
-# tf_backdoor_defense.defenses._defend.DEFAULT_METHODS (the same test checks it)
+# tf_backdoor_defense.defenses._defend.DEFAULT_METHODS and TARGETED_METHODS (the same test
+# checks them)
 DEFAULT_DEFENSE_METHODS = ("unlearn", "ibau", "clp")
+TARGETED_DEFENSE_METHODS = ("ibau", "unlearn", "clp")
 
 _EPILOG = textwrap.dedent(f"""\
     examples:
@@ -489,8 +491,11 @@ def cmd_defend(args, console):
     validation = _load_data(args, args.validation, model) if args.validation else None
     poisoned = _load_data(args, args.poisoned, model) if args.poisoned else None
     target = _target(args, classes) if poisoned is not None else None
-    methods = list(dict.fromkeys(args.methods))
-    console.note(f"defend: {'' if args.no_scan else 'scanning, then '}trying {', '.join(methods)} "
+    methods = None if args.methods is None else list(dict.fromkeys(args.methods))
+    shown = (", ".join(methods) if methods is not None else
+             f"{', '.join(TARGETED_DEFENSE_METHODS)} for an all-to-one target, else "
+             f"{', '.join(DEFAULT_DEFENSE_METHODS)}")
+    console.note(f"defend: {'' if args.no_scan else 'scanning, then '}trying {shown} "
                  f"on {len(clean[1])} clean examples"
                  + (f", validating on {len(validation[1])}" if validation is not None else
                     f" ({args.validation_split:g} held out for validation)")
@@ -942,9 +947,11 @@ def build_parser():
     group.add_argument("--max-accuracy-drop", type=_fraction, default=0.01, metavar="DROP",
                        help="allowed drop of validation accuracy against MODEL (absolute)")
     group.add_argument("--methods", nargs="+", choices=list(DEFENSE_METHODS),
-                       default=list(DEFAULT_DEFENSE_METHODS), metavar="METHOD",
+                       default=None, metavar="METHOD",
                        help="repairs to try, in order of preference, among: "
-                            + ", ".join(DEFENSE_METHODS))
+                            + ", ".join(DEFENSE_METHODS) + " (default: "
+                            + " ".join(TARGETED_DEFENSE_METHODS) + " when the scan names an "
+                            "all-to-one target, else " + " ".join(DEFAULT_DEFENSE_METHODS) + ")")
     group.add_argument("--no-scan", action="store_true",
                        help="do not scan first: run every method whatever the model, and judge "
                             "by accuracy (and --poisoned) only")
