@@ -117,20 +117,7 @@ def test_mirrored_strategy_scan_and_unlearning_match_one_device(reference, tmp_p
 
 @pytest.mark.slow
 def test_two_workers_scan_and_unlearning_match_one_device_and_each_other(reference, tmp_path):
-    harness = distributed_harness()
-    ports = harness._load_example().free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    script = _script(tmp_path)
-    procs, outs, logs = [], [], []
-    for index in range(2):
-        outs.append(tmp_path / f"worker{index}.json")
-        logs.append(tmp_path / f"worker{index}.log")
-        config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        procs.append(subprocess.Popen([sys.executable, str(script), "multi_worker", str(outs[-1])],
-                                      env=harness._env(TF_CONFIG=config),
-                                      stdout=subprocess.DEVNULL, stderr=logs[-1].open("wb")))
-    harness._run(procs, logs)
-    results = [json.loads(out.read_text()) for out in outs]
+    results = distributed_harness().run_two_workers(_script(tmp_path), [], tmp_path)
     for result in results:
         _check(result, reference)
     assert results[0] == results[1]  # every worker ends with the same triggers and weights

@@ -165,22 +165,30 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_single_device(setup):
     _check(result, setup, replicas=2)
 
 
-@pytest.mark.slow
-def test_multi_worker_mirrored_strategy_two_workers_agree_with_single_device(setup):
+def run_two_workers(script, args, folder):
+    """Run ``script multi_worker *args OUT`` as two workers on 127.0.0.1; their JSON results.
+
+    Each worker gets its own free port in TF_CONFIG and writes ``folder/worker<i>.json``
+    (its stderr goes to ``worker<i>.log``, shown when it fails).
+    """
     ports = _load_example().free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     procs, outs, logs = [], [], []
     for index in range(2):
-        out = setup["tmp"] / f"worker{index}.json"
-        logs.append(setup["tmp"] / f"worker{index}.log")
+        outs.append(folder / f"worker{index}.json")
+        logs.append(folder / f"worker{index}.log")
         config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         procs.append(subprocess.Popen(
-            [sys.executable, str(setup["script"]), "multi_worker", str(setup["npz"]), str(out)],
+            [sys.executable, str(script), "multi_worker", *map(str, args), str(outs[-1])],
             env=_env(TF_CONFIG=config), stdout=subprocess.DEVNULL,
             stderr=logs[-1].open("wb")))
-        outs.append(out)
     _run(procs, logs)
-    results = [json.loads(out.read_text()) for out in outs]
+    return [json.loads(out.read_text()) for out in outs]
+
+
+@pytest.mark.slow
+def test_multi_worker_mirrored_strategy_two_workers_agree_with_single_device(setup):
+    results = run_two_workers(setup["script"], [setup["npz"]], setup["tmp"])
     for result in results:
         _check(result, setup, replicas=2)
     assert results[0]["replica_masks"] == results[1]["replica_masks"]

@@ -70,7 +70,8 @@ from tf_backdoor_defense._distribute import (batch_mean, replica_count, replica_
                                              resolve_strategy, sum_over_replicas,
                                              summed_gradients, summed_loss)
 from tf_backdoor_defense._keras import keras, tf
-from tf_backdoor_defense._validation import check_fraction, check_model, check_number
+from tf_backdoor_defense._validation import check_fraction, check_model, check_number, \
+    num_classes_of
 from tf_backdoor_defense.defenses._unlearning import batch_order, batch_spec, \
     check_flag, check_seed, default_epochs, mixup_pairs, replica_anchor_loss, target_loss, \
     teacher_function, training_targets
@@ -363,8 +364,6 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
     neumann_steps = int(check_number(neumann_steps, "neumann_steps", 0, integer=True))
     seed = check_seed(seed)
     if target is not None:
-        from tf_backdoor_defense._validation import num_classes_of
-
         classes = num_classes_of(model)
         if (isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer))
                 or not 0 <= int(target) < max(classes, 2)):

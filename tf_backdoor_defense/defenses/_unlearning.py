@@ -56,7 +56,7 @@ from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._validation import check_fraction, check_model, check_number
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
 from tf_backdoor_defense.keras3._caller import with_caller_keras
-from tf_backdoor_defense.metrics import predict_labels
+from tf_backdoor_defense.metrics import labels_from_outputs, predict_labels
 
 __all__ = ["unlearn_triggers", "check_triggers", "stamp_triggers"]
 
@@ -488,7 +488,9 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
         with strategy.scope():
             return copy_model(model)
     targets = training_targets(model, x, y, distill)
-    answers = (predict_labels(model, x) if min_agreement is not None else None)
+    answers = None  # the received model's answers, which the guard compares against
+    if min_agreement is not None:
+        answers = labels_from_outputs(targets) if distill else predict_labels(model, x)
     run = dict(model=model, x=x, targets=targets, masks=masks, patterns=patterns,
                epochs=epochs, batch_size=batch_size, momentum=momentum, fraction=fraction,
                jitter=jitter, distill=distill, anchor_weight=anchor_weight, seed=seed,

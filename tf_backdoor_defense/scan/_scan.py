@@ -261,9 +261,9 @@ def _split(y, holdout, rng):
 class _Counter:
     """Per-class counts of a model's predictions, computed under a strategy and summed.
 
-    ``counts(x, y)`` gives ``(predicted, moved)``: how many inputs of ``x``
-    each class received, and the same over the inputs predicted off their
-    class ``y``. Predictions are those of
+    ``counts(x, y)`` gives how many inputs of ``x`` each class received;
+    ``pairs(x, y)`` the ``(K, K)`` counts of (true class ``y``, predicted
+    class). Predictions are those of
     :func:`~tf_backdoor_defense.metrics.predict_labels` (argmax, or > 0.5 for
     one sigmoid unit); the counts are exact under any strategy.
     """
@@ -280,13 +280,8 @@ class _Counter:
             return tf.argmax(outputs, axis=-1)
 
         def replica_counts(x, y):
-            x, y = replica_rows(x), replica_rows(y)
-            predicted = predicted_classes(x)
-            moved = tf.boolean_mask(predicted, predicted != y)
-            return (tf.math.bincount(predicted, minlength=num_classes, maxlength=num_classes,
-                                     dtype=tf.float32),
-                    tf.math.bincount(moved, minlength=num_classes, maxlength=num_classes,
-                                     dtype=tf.float32))
+            return tf.math.bincount(predicted_classes(replica_rows(x)), minlength=num_classes,
+                                    maxlength=num_classes, dtype=tf.float32)
 
         def replica_pairs(x, y):
             x, y = replica_rows(x), replica_rows(y)
@@ -305,25 +300,22 @@ class _Counter:
         self._step = step
         self._pair_step = pair_step
 
-    def counts(self, x, y):
-        predicted = np.zeros(self.num_classes, np.int64)
-        moved = np.zeros(self.num_classes, np.int64)
+    def _total(self, step, x, y, size):
+        total = np.zeros(size, np.int64)
         for start in range(0, len(x), self.batch_size):
-            part, away = self._step(tf.constant(x[start:start + self.batch_size], tf.float32),
-                                    tf.constant(y[start:start + self.batch_size], tf.int64))
-            predicted += np.rint(part.numpy()).astype(np.int64)
-            moved += np.rint(away.numpy()).astype(np.int64)
-        return predicted, moved
+            part = step(tf.constant(x[start:start + self.batch_size], tf.float32),
+                        tf.constant(y[start:start + self.batch_size], tf.int64))
+            total += np.rint(part.numpy()).astype(np.int64)
+        return total
+
+    def counts(self, x, y):
+        """How many inputs of ``x`` each class received."""
+        return self._total(self._step, x, y, self.num_classes)
 
     def pairs(self, x, y):
         """``(K, K)`` counts of (true class, predicted class) over ``x``."""
         k = self.num_classes
-        total = np.zeros(k * k, np.int64)
-        for start in range(0, len(x), self.batch_size):
-            part = self._pair_step(tf.constant(x[start:start + self.batch_size], tf.float32),
-                                   tf.constant(y[start:start + self.batch_size], tf.int64))
-            total += np.rint(part.numpy()).astype(np.int64)
-        return total.reshape(k, k)
+        return self._total(self._pair_step, x, y, k * k).reshape(k, k)
 
 
 def untargeted_test(pairs, flip_rate, statistic, *, tested, threshold, matching_threshold):
@@ -375,7 +367,7 @@ def _success(counter, x, y, mask, pattern, target):
     keep = y != target
     if not np.any(keep):
         return float("nan"), None
-    predicted, _ = counter.counts(stamp(x[keep], mask, pattern), y[keep])
+    predicted = counter.counts(stamp(x[keep], mask, pattern), y[keep])
     return float(predicted[target] / np.sum(keep)), None
 
 
