@@ -605,13 +605,15 @@ def test_paired_drop_bound_rejects_a_drop_that_noise_could_hide():
     assert drop < 0 and bound < 0.01  # a repair that only fixes inputs
 
 
-def _scan_stub(found, targets=(), all_to_all=False):
+def _scan_stub(found, targets=(), all_to_all=False, class_map=None):
     """A stand-in ScanResult: stamps nothing and reports ``found``."""
     class Stub:
         backdoor_found = found
         verdict = "backdoor found" if found else "no backdoor found"
         suspected_targets = tuple(targets)
         all_to_all_suspected = all_to_all
+        all_to_all_map = (None if class_map is None or not all_to_all
+                          else np.asarray(class_map, np.int64))
         seconds = 0.0
 
         def apply(self, x, target):
@@ -726,15 +728,19 @@ def test_unlearn_unlearns_what_the_rescan_of_its_result_finds(monkeypatch):
 
 
 # -- the ibau method and the scan's target ----------------------------------------------------
-@pytest.mark.parametrize("targets, all_to_all, expected", [
-    ((3, 5), False, 3),   # the most anomalous suspected class
-    ((), True, None),     # all-to-all: no single target
-    ((3,), True, None),   # both suspicions: the untargeted search covers both
-    ((), False, None),
-])
-def test_ibau_searches_towards_the_scans_first_target(monkeypatch, targets, all_to_all, expected):
-    import types
+SHIFT = [1, 2, 0]  # an all-to-all class map of three classes: c -> c + 1
 
+
+@pytest.mark.parametrize("targets, all_to_all, class_map, expected", [
+    ((3, 5), False, None, 3),      # the most anomalous suspected class
+    ((), True, SHIFT, SHIFT),      # all-to-all: along the scan's class map
+    ((3,), True, SHIFT, SHIFT),    # both suspicions: the map, which covers every class
+    ((), True, None, None),        # all-to-all without a map (nothing moved): untargeted
+    ((3,), True, None, None),
+    ((), False, None, None),
+])
+def test_ibau_searches_towards_the_scans_target_or_class_map(monkeypatch, targets, all_to_all,
+                                                             class_map, expected):
     from tf_backdoor_defense.defenses import _defend, _ibau
 
     seen = {}
@@ -744,23 +750,29 @@ def test_ibau_searches_towards_the_scans_first_target(monkeypatch, targets, all_
         return model
 
     monkeypatch.setattr(_ibau, "ibau", fake_ibau)
-    scan = types.SimpleNamespace(suspected_targets=targets, all_to_all_suspected=all_to_all)
+    scan = _scan_stub(True, targets=targets, all_to_all=all_to_all, class_map=class_map)
     context = {"scan": scan, "fine_tune": {"batch_size": 8}, "seed": 0, "strategy": None}
     _, note = _defend._ibau(object(), None, context)
-    assert seen["target"] == expected
-    assert (f"towards class {expected}" in note) == (expected is not None)
+    if isinstance(expected, list):
+        assert seen["target"].tolist() == expected
+        assert "along the class map 0->1, 1->2, 2->0" in note
+    else:
+        assert seen["target"] == expected
+        assert (f"towards class {expected}" in note) == (expected is not None)
 
 
-@pytest.mark.parametrize("targets, all_to_all, order", [
-    ((0,), False, ["ibau", "unlearn", "clp"]),    # an all-to-one target: TARGETED_METHODS
-    ((), True, ["unlearn", "ibau", "clp"]),       # all-to-all: DEFAULT_METHODS
-    ((0,), True, ["unlearn", "ibau", "clp"]),     # both: DEFAULT_METHODS
+@pytest.mark.parametrize("targets, all_to_all, class_map, order", [
+    ((0,), False, None, ["ibau", "unlearn", "clp"]),   # an all-to-one target: TARGETED_METHODS
+    ((), True, SHIFT, ["ibau", "unlearn", "clp"]),     # all-to-all with its map: the same
+    ((0,), True, SHIFT, ["ibau", "unlearn", "clp"]),
+    ((), True, None, ["unlearn", "ibau", "clp"]),      # nothing to search along: DEFAULT_METHODS
+    ((0,), True, None, ["unlearn", "ibau", "clp"]),
 ])
-def test_the_default_order_follows_the_scan(monkeypatch, targets, all_to_all, order):
+def test_the_default_order_follows_the_scan(monkeypatch, targets, all_to_all, class_map, order):
     import tf_backdoor_defense.scan._scan as scan_module
 
     monkeypatch.setattr(scan_module, "scan_model", lambda model, data, **kw: _scan_stub(
-        True, targets=targets, all_to_all=all_to_all))
+        True, targets=targets, all_to_all=all_to_all, class_map=class_map))
     fakes = FakeMethods(monkeypatch, {name: (1.0, 0.0) for name in order})
     result = _defend(_backdoored(), None, scan=True, verify=False)
     assert [name for name, *_ in fakes.calls] == order

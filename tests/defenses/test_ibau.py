@@ -73,6 +73,27 @@ def test_target_none_is_the_untargeted_repair(badnet, defender):
     assert not _same(plain.get_weights(), ibau(badnet, defender, rounds=2, target=0).get_weights())
 
 
+def test_a_class_map_target_pushes_each_class_along_the_map():
+    from tf_backdoor_defense.defenses._ibau import _inner_targets
+
+    shift = np.array([1, 2, 0])
+    labels = np.array([0, 1, 2, 2])
+    np.testing.assert_array_equal(_inner_targets(labels, shift), [1, 2, 0, 0])
+    soft = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)  # distilled predictions
+    np.testing.assert_array_equal(_inner_targets(soft, shift), [[0, 1, 0], [1, 0, 0]])
+    sigmoid = np.array([[0.9], [0.2]], np.float32)  # one column: class 1, then class 0
+    np.testing.assert_array_equal(_inner_targets(sigmoid, np.array([1, 0])), [[0], [1]])
+    np.testing.assert_array_equal(_inner_targets(labels, 2), [2, 2, 2, 2])
+
+
+def test_a_class_map_that_sends_everything_to_one_class_equals_that_target(badnet, defender):
+    towards_zero = ibau(badnet, defender, rounds=2, target=0)
+    mapped = ibau(badnet, defender, rounds=2, target=[0, 0, 0])
+    assert _same(towards_zero.get_weights(), mapped.get_weights())
+    shifted = ibau(badnet, defender, rounds=2, target=np.array([1, 2, 0]))
+    assert not _same(towards_zero.get_weights(), shifted.get_weights())
+
+
 def test_perturbed_inputs_are_clipped_to_the_data_range(badnet):
     solver = _solver(copy_model(badnet))
     solver.delta.assign(tf.fill((8, 8, 1), 5.0))
@@ -182,6 +203,11 @@ def test_a_logit_output_model_runs_and_changes(defender):
     ("target", 3, ValueError, "'target' parameter must be a class index in \\[0, 2\\]"),
     ("target", True, ValueError, "'target'"),
     ("target", "0", ValueError, "'target'"),
+    ("target", [1, 2], ValueError, "a sequence of 3 such indices"),
+    ("target", [1, 2, 3], ValueError, "'target'"),
+    ("target", [1, -1, 0], ValueError, "'target'"),
+    ("target", [1.0, 2.0, 0.0], ValueError, "'target'"),
+    ("target", [[1, 2, 0]], ValueError, "'target'"),
 ])
 def test_bad_options_raise_clear_errors(badnet, defender, option, value, error, match):
     with pytest.raises(error, match=match):

@@ -79,3 +79,51 @@ def test_nothing_moved_gives_nan_shares_and_no_verdict():
 def test_matching_share_rejects_a_non_square_matrix():
     with pytest.raises(ValueError, match="square"):
         matching_share(np.ones((3, 4)))
+
+
+# -- the class map an all-to-all repair searches along -----------------------------------
+def test_the_blend_all_to_all_map_is_recovered_from_its_measured_matrix():
+    from tf_backdoor_defense.scan._statistics import matching_map
+
+    assert matching_map(BLEND_ALL_TO_ALL).tolist() == [(c + 1) % 10 for c in range(10)]
+    found = untargeted_test(BLEND_ALL_TO_ALL, 0.74, 0.33, **SETTINGS)
+    assert found["class_map"] == [(c + 1) % 10 for c in range(10)]
+
+
+def test_the_map_never_sends_a_class_to_itself():
+    from tf_backdoor_defense.scan._statistics import matching_map
+
+    for pairs in (CLEAN_SINKS, _one_target(4), np.eye(10, dtype=np.int64)):
+        found = matching_map(pairs)
+        assert found.dtype == np.int64 and found.shape == (10,)
+        assert np.all(found != np.arange(10)) and found.min() >= 0 and found.max() <= 9
+    # All to class 4: class 4 itself goes where the others' moved inputs went most, after 4.
+    assert matching_map(_one_target(4))[4] != 4
+
+
+def test_nothing_moved_gives_no_map():
+    found = untargeted_test(np.eye(10, dtype=np.int64) * 5, 0.0, 0.1, **SETTINGS)
+    assert found["class_map"] is None
+
+
+def test_matching_map_refuses_a_matrix_that_is_not_square():
+    from tf_backdoor_defense.scan._statistics import matching_map
+
+    with pytest.raises(ValueError, match="square"):
+        matching_map(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        matching_map(np.zeros((1, 1)))
+
+
+@pytest.mark.parametrize("all_to_all, class_map, expected", [
+    (True, [1, 2, 0], [1, 2, 0]), (False, [1, 2, 0], None), (True, None, None)])
+def test_scan_result_gives_the_map_only_for_an_all_to_all_suspicion(all_to_all, class_map,
+                                                                   expected):
+    import dataclasses
+
+    from tf_backdoor_defense.scan._scan import ScanResult
+
+    values = {field.name: None for field in dataclasses.fields(ScanResult)}
+    values.update(all_to_all_suspected=all_to_all, untargeted={"class_map": class_map})
+    found = ScanResult(**values).all_to_all_map
+    assert (found is None) if expected is None else (found.tolist() == expected)

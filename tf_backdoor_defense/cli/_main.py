@@ -493,7 +493,8 @@ def cmd_defend(args, console):
     target = _target(args, classes) if poisoned is not None else None
     methods = None if args.methods is None else list(dict.fromkeys(args.methods))
     shown = (", ".join(methods) if methods is not None else
-             f"{', '.join(TARGETED_DEFENSE_METHODS)} for an all-to-one target, else "
+             f"{', '.join(TARGETED_DEFENSE_METHODS)} for an all-to-one target or all-to-all "
+             f"class map, else "
              f"{', '.join(DEFAULT_DEFENSE_METHODS)}")
     console.note(f"defend: {'' if args.no_scan else 'scanning, then '}trying {shown} "
                  f"on {len(clean[1])} clean examples"
@@ -951,7 +952,7 @@ def build_parser():
                        help="repairs to try, in order of preference, among: "
                             + ", ".join(DEFENSE_METHODS) + " (default: "
                             + " ".join(TARGETED_DEFENSE_METHODS) + " when the scan names an "
-                            "all-to-one target, else " + " ".join(DEFAULT_DEFENSE_METHODS) + ")")
+                            "all-to-one target or an all-to-all class map, else " + " ".join(DEFAULT_DEFENSE_METHODS) + ")")
     group.add_argument("--no-scan", action="store_true",
                        help="do not scan first: run every method whatever the model, and judge "
                             "by accuracy (and --poisoned) only")

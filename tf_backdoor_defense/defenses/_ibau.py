@@ -252,6 +252,55 @@ class _Minimax:
             self._replica_descend, args=(xb, yb, chosen, partner, weight, delta)))
 
 
+def _check_target(target, model, hypergradient):
+    """``target`` as None, an int class or an int64 array mapping each class to its target."""
+    if target is None:
+        return None
+    classes = max(num_classes_of(model), 2)
+    what = (f"The 'target' parameter must be a class index in [0, {classes - 1}], a sequence "
+            f"of {classes} such indices (one target per class) or None. Got {target!r} instead.")
+    if isinstance(target, (bool, np.bool_)):
+        raise ValueError(what)
+    if isinstance(target, (int, np.integer)):
+        if not 0 <= int(target) < classes:
+            raise ValueError(what)
+        checked = int(target)
+    else:
+        try:
+            mapping = np.asarray(target)
+        except (TypeError, ValueError):
+            raise ValueError(what) from None
+        if (mapping.shape != (classes,) or mapping.dtype.kind not in "iu"
+                or mapping.min() < 0 or mapping.max() >= classes):
+            raise ValueError(what)
+        checked = mapping.astype(np.int64)
+    if hypergradient:
+        raise ValueError("The 'target' parameter needs hypergradient=False (the implicit "
+                         "term is derived for the untargeted inner objective).")
+    return checked
+
+
+def _inner_targets(targets, target):
+    """The inner step's targets: ``target`` for every row, or ``target[c]`` for a row of class
+    ``c`` (its training target's class, a one-hot/soft row's largest entry)."""
+    soft = targets.ndim == 2 and targets.shape[1] > 1
+    if isinstance(target, int):
+        chosen = np.full(len(targets), target, dtype=np.int64)
+    else:
+        if soft:
+            classes = np.argmax(targets, axis=1)
+        elif targets.ndim == 2:  # one sigmoid column: probability of class 1
+            classes = (targets[:, 0] > 0.5).astype(np.int64)
+        else:
+            classes = np.rint(targets).astype(np.int64)
+        chosen = target[classes]
+    if soft:
+        inner = np.zeros_like(targets)
+        inner[np.arange(len(targets)), chosen] = 1
+        return inner
+    return chosen.reshape(targets.shape).astype(targets.dtype)
+
+
 @with_caller_keras
 def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5,
          perturbed_fraction=0.5, learning_rate=2e-3, distill=True, anchor_weight=3.0,
@@ -321,14 +370,18 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
         perturbed inputs chosen are the same; the perturbation and the
         weights agree within float32 tolerance. ``hypergradient=True`` needs
         a single replica.
-    target : int, default=None
+    target : int or sequence of int, default=None
         A suspected target class (from a scan): the inner step then looks
         for the universal perturbation that sends the inputs of the other
         classes *to it* (descending their loss towards ``target``) rather
         than any perturbation that raises the loss. A dense trigger such as a
         blend, which a scan's small mask does not reproduce, is found this way
         without the detour through natural perturbations; the outer step is
-        unchanged (perturbed inputs keep their clean targets).
+        unchanged (perturbed inputs keep their clean targets). A sequence
+        with one class per class (``target[c]`` for inputs of class ``c``,
+        their training target's class) searches for an all-to-all trigger
+        along that map, such as the one-to-one map a scan's untargeted
+        trigger follows (``ScanResult.all_to_all_map``).
 
     Returns
     -------
@@ -363,16 +416,7 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
     hypergradient = check_flag(hypergradient, "hypergradient")
     neumann_steps = int(check_number(neumann_steps, "neumann_steps", 0, integer=True))
     seed = check_seed(seed)
-    if target is not None:
-        classes = num_classes_of(model)
-        if (isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer))
-                or not 0 <= int(target) < max(classes, 2)):
-            raise ValueError(f"The 'target' parameter must be a class index in [0, "
-                             f"{max(classes, 2) - 1}] or None. Got {target!r} instead.")
-        if hypergradient:
-            raise ValueError("The 'target' parameter needs hypergradient=False (the implicit "
-                             "term is derived for the untargeted inner objective).")
-        target = int(target)
+    target = _check_target(target, model, hypergradient)
     if hypergradient and strategy.num_replicas_in_sync > 1:
         raise ValueError(f"The 'hypergradient' parameter must be False under a strategy with "
                          f"several replicas (its Neumann series runs on one replica). Got "
@@ -389,14 +433,7 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
     if rounds == 0:
         return tuned
     targets = training_targets(model, x, y, distill)
-    inner_targets = targets
-    if target is not None:  # every row pushed towards the target class
-        inner_targets = np.empty_like(targets)
-        if targets.ndim == 2 and targets.shape[1] > 1:
-            inner_targets[:] = 0
-            inner_targets[:, target] = 1
-        else:
-            inner_targets[:] = target
+    inner_targets = targets if target is None else _inner_targets(targets, target)
     scaled = radius * (high - low)
     with strategy.scope():  # the optimiser's and the perturbation's variables
         solver = _Minimax(

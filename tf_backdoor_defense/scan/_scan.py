@@ -57,7 +57,7 @@ from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_number, num_classes_of
 from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slots, TriggerOptimizer,
                                                infer_value_range, stamp)
-from tf_backdoor_defense.scan._statistics import anomaly_index, matching_share
+from tf_backdoor_defense.scan._statistics import anomaly_index, matching_map, matching_share
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["ScanResult", "scan_model"]
@@ -118,7 +118,9 @@ class ScanResult:
         (share of held-apart inputs it moves off their class),
         ``dominant_class`` and ``dominant_share`` (where the moved inputs go),
         ``matching_share`` and ``matching_threshold`` (the share a one-to-one
-        class map explains, and the bar for all-to-all), ``tested`` (False
+        class map explains, and the bar for all-to-all), ``class_map`` (that
+        map: ``class_map[c]`` is where inputs of class ``c`` went; None when
+        nothing moved), ``tested`` (False
         without held-apart data), ``small`` (the size test), ``fired``
         (small, and moved to one class or one-to-one) and ``all_to_all``.
     untargeted_mask, untargeted_pattern : float32 arrays
@@ -191,6 +193,16 @@ class ScanResult:
             raise InputError(f"The 'x' parameter must be images of shape (N, "
                              f"{', '.join(str(d) for d in pattern.shape)}). Got shape {x.shape}.")
         return stamp(x, mask, pattern)
+
+    @property
+    def all_to_all_map(self):
+        """The suspected all-to-all backdoor's class map (int array, ``map[c]`` the target of
+        class ``c``), estimated from where the untargeted trigger sent the held-apart inputs;
+        None unless ``all_to_all_suspected``."""
+        class_map = self.untargeted.get("class_map")
+        if not self.all_to_all_suspected or class_map is None:
+            return None
+        return np.asarray(class_map, dtype=np.int64)
 
     def suspected_triggers(self):
         """``[(mask, pattern), ...]``: the suspected targets' triggers, then the untargeted one
@@ -326,7 +338,9 @@ def untargeted_test(pairs, flip_rate, statistic, *, tested, threshold, matching_
     moved; ``statistic`` its size over the median targeted size. Returns the
     ``untargeted`` dict's decision entries: ``statistic``, ``threshold``,
     ``flip_rate``, ``dominant_class``, ``dominant_share``, ``matching_share``,
-    ``matching_threshold``, ``tested``, ``small``, ``fired`` and ``all_to_all``
+    ``class_map`` (:func:`~tf_backdoor_defense.scan._statistics.matching_map`
+    as a list, None when nothing moved), ``matching_threshold``, ``tested``,
+    ``small``, ``fired`` and ``all_to_all``
     (see :func:`scan_model`).
     """
     pairs = np.array(pairs, dtype=np.int64)
@@ -335,6 +349,7 @@ def untargeted_test(pairs, flip_rate, statistic, *, tested, threshold, matching_
     moved = int(counts.sum())
     dominant_share = float(counts.max() / moved) if moved else float("nan")
     matching = matching_share(pairs) if moved else float("nan")
+    class_map = matching_map(pairs).tolist() if moved and len(pairs) > 1 else None
     # The untargeted trigger must move held-apart inputs too: with nothing held apart a
     # handful of inputs can be moved by an adversarial patch of any model.
     small = bool(tested and np.isfinite(statistic) and statistic < threshold
@@ -348,6 +363,7 @@ def untargeted_test(pairs, flip_rate, statistic, *, tested, threshold, matching_
             "flip_rate": float(flip_rate),
             "dominant_class": int(np.argmax(counts)) if moved else None,
             "dominant_share": dominant_share, "matching_share": matching,
+            "class_map": class_map,
             "matching_threshold": float(matching_threshold), "tested": bool(tested),
             "small": small, "fired": bool(concentrated or all_to_all), "all_to_all": all_to_all}
 

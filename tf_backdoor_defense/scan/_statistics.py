@@ -3,7 +3,7 @@ deviation) and the matching share of where an untargeted trigger sends inputs.""
 
 import numpy as np
 
-__all__ = ["MAD_CONSISTENCY", "anomaly_index", "matching_share"]
+__all__ = ["MAD_CONSISTENCY", "anomaly_index", "matching_map", "matching_share"]
 
 #: Makes the median absolute deviation estimate the standard deviation of normal data.
 MAD_CONSISTENCY = 1.4826
@@ -49,17 +49,77 @@ def anomaly_index(values, *, log=True):
     return out
 
 
+def _moved_pairs(pairs, name):
+    pairs = np.array(pairs, dtype=np.float64)
+    if pairs.ndim != 2 or pairs.shape[0] != pairs.shape[1]:
+        raise ValueError(f"{name} needs a square (K, K) count matrix. Got shape "
+                         f"{pairs.shape}.")
+    np.fill_diagonal(pairs, 0.0)
+    return pairs
+
+
+def _assignment(pairs):
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment(pairs, maximize=True)
+
+
+def matching_map(pairs):
+    """The one-to-one class map that explains the most moved inputs of ``pairs``.
+
+    ``result[i]`` is the class that inputs of class ``i`` are sent to: the
+    assignment :func:`matching_share` scores. A class the assignment leaves
+    on itself (none of its inputs moved along the map) is sent where most of
+    its moved inputs went, or, when none moved, where most moved inputs of
+    all classes went; no class is sent to itself. For an all-to-all backdoor
+    this is its estimated target map, which a repair can search along
+    (``ibau(target=...)``).
+
+    Parameters
+    ----------
+    pairs : (K, K) array of non-negative counts, K >= 2
+
+    Returns
+    -------
+    int64 array (K,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> shifted = 10 * np.roll(np.eye(4), 1, axis=1)  # class c -> c + 1
+    >>> matching_map(shifted).tolist()
+    [1, 2, 3, 0]
+    >>> swapped = np.zeros((3, 3)); swapped[0, 1] = swapped[1, 0] = 10; swapped[2, 0] = 1
+    >>> matching_map(swapped).tolist()  # class 2: where its one moved input went
+    [1, 0, 0]
+    """
+    pairs = _moved_pairs(pairs, "matching_map")
+    if len(pairs) < 2:
+        raise ValueError("matching_map needs at least 2 classes.")
+    rows, cols = _assignment(pairs)
+    result = np.empty(len(pairs), dtype=np.int64)
+    result[rows] = cols
+    overall = pairs.sum(axis=0)
+    for source in np.flatnonzero(result == np.arange(len(pairs))):
+        scores = pairs[source] if pairs[source].sum() > 0 else overall.copy()
+        scores = np.array(scores, dtype=np.float64)
+        scores[source] = -1.0
+        result[source] = int(np.argmax(scores))
+    return result
+
+
 def matching_share(pairs):
     """Share of moved inputs that one one-to-one map from true class to new class explains.
 
     ``pairs[i, j]`` counts inputs of class ``i`` that a trigger sent to class
     ``j`` (the diagonal, inputs kept in their class, is ignored). The share
     is the largest total of counts on cells with no two in one row or one
-    column (an assignment, solved exactly), over all moved inputs. An
-    all-to-all backdoor maps every class to its own target, so its trigger
-    scores near 1; a natural universal perturbation sends inputs of many
-    classes to the same few "sink" classes, and scores low (with ``k`` sinks,
-    at most the share of the ``k`` best source-to-sink cells).
+    column (an assignment, solved exactly; :func:`matching_map` gives it),
+    over all moved inputs. An all-to-all backdoor maps every class to its own
+    target, so its trigger scores near 1; a natural universal perturbation
+    sends inputs of many classes to the same few "sink" classes, and scores
+    low (with ``k`` sinks, at most the share of the ``k`` best source-to-sink
+    cells).
 
     Parameters
     ----------
@@ -79,15 +139,9 @@ def matching_share(pairs):
     >>> float(matching_share(sink))
     0.5
     """
-    from scipy.optimize import linear_sum_assignment
-
-    pairs = np.array(pairs, dtype=np.float64)
-    if pairs.ndim != 2 or pairs.shape[0] != pairs.shape[1]:
-        raise ValueError(f"matching_share needs a square (K, K) count matrix. Got shape "
-                         f"{pairs.shape}.")
-    np.fill_diagonal(pairs, 0.0)
+    pairs = _moved_pairs(pairs, "matching_share")
     moved = pairs.sum()
     if moved <= 0:
         return float("nan")
-    rows, cols = linear_sum_assignment(pairs, maximize=True)
+    rows, cols = _assignment(pairs)
     return float(pairs[rows, cols].sum() / moved)
