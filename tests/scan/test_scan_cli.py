@@ -87,3 +87,15 @@ def test_bad_value_range_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["scan", "m.h5", "--clean", "c.npz", "--value-range", "1,0"])
     assert "LOW < HIGH" in capsys.readouterr().err
+
+
+def test_an_all_to_all_scan_prints_the_class_map(files, capsys):
+    planted_model("all-to-all").save(files / "all_to_all.h5")
+    code, text = _run(["scan", str(files / "all_to_all.h5"), "--clean", str(files / "clean.npz")]
+                      + FAST + ["--init-cost", "0.01"], capsys)
+    assert code == 0 and "all-to-all" in text.splitlines()[0]
+    (line,) = [l for l in text.splitlines() if l.startswith("suspected all-to-all map")]
+    assert line.endswith(": 0->1, 1->2, 2->3, 3->4, 4->5, 5->0")
+    _, one = _run(["scan", str(files / "net.h5"), "--clean", str(files / "clean.npz")] + FAST
+                  + ["--init-cost", "0.01"], capsys)
+    assert "all-to-all map" not in one

@@ -37,6 +37,10 @@ def test_all_to_all_is_flagged_by_the_untargeted_test(scans):
     assert result.untargeted["statistic"] < result.untargeted["threshold"]
     assert result.untargeted["dominant_share"] < 0.5  # moved inputs spread over the classes
     assert "all-to-all" in result.verdict
+    # The planted map sends class c to c + 1: the map a repair searches along.
+    classes = len(result.table)
+    assert result.all_to_all_map.tolist() == [(c + 1) % classes for c in range(classes)]
+    assert scans["all-to-one"].all_to_all_map is None and scans["clean"].all_to_all_map is None
 
 
 def test_clean_net_is_clean(scans):

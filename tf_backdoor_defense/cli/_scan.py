@@ -127,6 +127,9 @@ def _lines(result, top):
                   f"{100 * info['matching_share']:.1f}% of them (all-to-all at "
                   f"{100 * info['matching_threshold']:g}%), class {info['dominant_class']} "
                   f"receives {100 * info['dominant_share']:.1f}%"]
+    if result.all_to_all_map is not None:
+        lines.append("suspected all-to-all map (where each class's moved inputs went): "
+                     + ", ".join(f"{c}->{t}" for c, t in enumerate(result.all_to_all_map)))
     return lines
 
 
