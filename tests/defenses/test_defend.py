@@ -780,24 +780,29 @@ def test_the_default_order_follows_the_scan(monkeypatch, targets, all_to_all, cl
     assert result.settings["methods"] == order
 
 
-@pytest.mark.parametrize("ibau_accuracy, targets, expected", [
-    (0.8, (0,), True),     # ibau towards the target over the budget, unlearn shipped: noted
-    (1.0, (0,), False),    # ibau within budget: it ships, nothing to note
-    (0.8, (), False),      # no target or map: ibau did not search a dense trigger
+@pytest.mark.parametrize("ibau_accuracy, ibau_residual, targets, expected", [
+    (0.8, 0.0, (0,), "was over the budget (bound +0.2000 against 0.1)"),  # unlearn shipped
+    (1.0, 0.3, (0,), "left a reversed-trigger residual of 30.0% (tolerance 2.0%)"),
+    (1.0, 0.0, (0,), None),     # ibau qualifies: it ships, nothing to note
+    (0.8, 0.0, (), None),       # no target or map: ibau did not search a dense trigger
 ])
-def test_a_dense_repair_over_the_budget_is_noted(monkeypatch, ibau_accuracy, targets, expected):
+def test_a_dense_repair_not_chosen_is_noted(monkeypatch, ibau_accuracy, ibau_residual, targets,
+                                            expected):
     import tf_backdoor_defense.scan._scan as scan_module
 
     monkeypatch.setattr(scan_module, "scan_model", lambda model, data, **kw: _scan_stub(
         True, targets=targets))
-    FakeMethods(monkeypatch, {"ibau": (ibau_accuracy, 0.0), "unlearn": (1.0, 0.0),
-                              "clp": (1.0, 0.0)})
+    fakes = FakeMethods(monkeypatch, {"ibau": (ibau_accuracy, 0.0), "unlearn": (1.0, 0.0),
+                                      "clp": (1.0, 0.0)})
+    residuals = {id(fakes.models["ibau"]): ibau_residual}
+    monkeypatch.setattr(defend_module, "_residual",
+                        lambda model, context: residuals.get(id(model), 0.0))
     result = _defend(_backdoored(), ["ibau", "unlearn", "clp"], scan=True, verify=False,
                      try_all=False)
     noted = [n for n in result.warnings if n.startswith("ibau, which also unlearns dense")]
-    assert bool(noted) == expected
+    assert bool(noted) == (expected is not None)
     if expected:
-        assert result.method == "unlearn" and "bound +0.2000 against 0.1" in noted[0]
+        assert result.method == "unlearn" and expected in noted[0]
         assert "result.candidates['ibau']" in noted[0] and "ibau" in result.candidates
 
 
