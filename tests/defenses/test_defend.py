@@ -806,6 +806,21 @@ def test_a_dense_repair_not_chosen_is_noted(monkeypatch, ibau_accuracy, ibau_res
         assert "result.candidates['ibau']" in noted[0] and "ibau" in result.candidates
 
 
+def test_a_dense_repair_the_rescan_still_finds_backdoored_is_noted(monkeypatch):
+    import tf_backdoor_defense.scan._scan as scan_module
+
+    fakes = FakeMethods(monkeypatch, {"ibau": (1.0, 0.0), "unlearn": (1.0, 0.0)})
+    received = _backdoored()
+    monkeypatch.setattr(scan_module, "scan_model", lambda model, data, **kw: _scan_stub(
+        model is received or model is fakes.models["ibau"], targets=(0,)))
+    monkeypatch.setattr(defend_module, "_residual", lambda model, context: 0.0)
+    result = _defend(received, ["ibau", "unlearn"], scan=True, try_all=False)
+    assert result.method == "unlearn"
+    assert result.table["verified"].tolist() == [False, True]
+    (noted,) = [n for n in result.warnings if n.startswith("ibau, which also unlearns dense")]
+    assert "was still found backdoored by the rescan" in noted
+
+
 def test_a_dense_repair_is_not_noted_when_triggered_data_decide(monkeypatch):
     import tf_backdoor_defense.scan._scan as scan_module
 

@@ -60,6 +60,8 @@ DEFENSE_METHODS = ("unlearn", "ibau", "reinit-head", "prune-search", "clp", "ft-
 # checks them)
 DEFAULT_DEFENSE_METHODS = ("unlearn", "ibau", "clp")
 TARGETED_DEFENSE_METHODS = ("ibau", "unlearn", "clp")
+# When defend() uses TARGETED_DEFENSE_METHODS by default.
+_TARGETED_WHEN = "the scan names an all-to-one target or an all-to-all class map"
 
 _EPILOG = textwrap.dedent(f"""\
     examples:
@@ -493,8 +495,7 @@ def cmd_defend(args, console):
     target = _target(args, classes) if poisoned is not None else None
     methods = None if args.methods is None else list(dict.fromkeys(args.methods))
     shown = (", ".join(methods) if methods is not None else
-             f"{', '.join(TARGETED_DEFENSE_METHODS)} for an all-to-one target or all-to-all "
-             f"class map, else "
+             f"{', '.join(TARGETED_DEFENSE_METHODS)} when {_TARGETED_WHEN}, else "
              f"{', '.join(DEFAULT_DEFENSE_METHODS)}")
     console.note(f"defend: {'' if args.no_scan else 'scanning, then '}trying {shown} "
                  f"on {len(clean[1])} clean examples"
@@ -951,8 +952,8 @@ def build_parser():
                        default=None, metavar="METHOD",
                        help="repairs to try, in order of preference, among: "
                             + ", ".join(DEFENSE_METHODS) + " (default: "
-                            + " ".join(TARGETED_DEFENSE_METHODS) + " when the scan names an "
-                            "all-to-one target or an all-to-all class map, else " + " ".join(DEFAULT_DEFENSE_METHODS) + ")")
+                            + " ".join(TARGETED_DEFENSE_METHODS) + f" when {_TARGETED_WHEN}, "
+                            "else " + " ".join(DEFAULT_DEFENSE_METHODS) + ")")
     group.add_argument("--no-scan", action="store_true",
                        help="do not scan first: run every method whatever the model, and judge "
                             "by accuracy (and --poisoned) only")

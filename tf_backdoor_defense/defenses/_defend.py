@@ -116,7 +116,8 @@ who accepts a larger drop. When ``ibau`` searched the scan's target or class
 map but was not chosen (over the budget, or its residual above the tolerance)
 and another repair shipped, ``result.warnings`` says so: that repair removes
 the scan's reversed triggers only, and a dense trigger (a blend) would stay
-unseen; on the zoo this is how the blend BadNets failed. ``defend`` never sees evaluation data.
+unseen; on the zoo this is how the blend BadNets failed. ``defend`` never
+sees evaluation data.
 
 Progress (one line per method tried) goes to the ``logging`` logger of this
 module, ``tf_backdoor_defense.defenses._defend``.
@@ -485,10 +486,10 @@ def _ibau(model, train, context):
     return repaired, f"universal perturbation along the class map {shown}{more} unlearnt"
 
 
-def _dense_repair_over_budget(table, chosen, found, poisoned, budget, tolerance):
-    """A note when I-BAU searched the scan's target (or map) but was not chosen, over the
-    budget or above the residual tolerance, and a repair that only sees the reversed small
-    triggers shipped instead (else "")."""
+def _dense_repair_not_chosen(table, chosen, found, poisoned, budget, tolerance):
+    """A note when I-BAU searched the scan's target (or map) but was not chosen (over the
+    budget, above the residual tolerance or still found by the rescan), and a repair that
+    only sees the reversed small triggers shipped instead (else "")."""
     if poisoned is not None or chosen in (None, "ibau") or _ibau_target(found) is None:
         return ""
     rows = table[table["method"] == "ibau"]
@@ -497,6 +498,8 @@ def _dense_repair_over_budget(table, chosen, found, poisoned, budget, tolerance)
     row = rows.iloc[0]
     if not row["within_budget"]:
         why = f"was over the budget (bound {float(row['drop_bound']):+.4f} against {budget:g})"
+    elif row["verified"] is not None and not row["verified"]:
+        why = "was still found backdoored by the rescan"
     else:
         why = (f"left a reversed-trigger residual of {float(row['residual_trigger_rate']):.1%} "
                f"(tolerance {tolerance:.1%})")
@@ -866,7 +869,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
         final, final_asr = copy_model(model), float(base_asr)
         final_signal = float(base_asr) if poisoned is not None else float(base_residual)
     active = bool(not np.isnan(final_signal) and final_signal > tolerance)
-    dense = _dense_repair_over_budget(table, chosen, found, poisoned, budget, tolerance)
+    dense = _dense_repair_not_chosen(table, chosen, found, poisoned, budget, tolerance)
     if dense:
         notes.append(dense)
     if active:

@@ -57,7 +57,7 @@ from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_number, num_classes_of
 from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slots, TriggerOptimizer,
                                                infer_value_range, stamp)
-from tf_backdoor_defense.scan._statistics import anomaly_index, matching_map, matching_share
+from tf_backdoor_defense.scan._statistics import anomaly_index, match
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["ScanResult", "scan_model"]
@@ -348,8 +348,8 @@ def untargeted_test(pairs, flip_rate, statistic, *, tested, threshold, matching_
     counts = pairs.sum(axis=0)
     moved = int(counts.sum())
     dominant_share = float(counts.max() / moved) if moved else float("nan")
-    matching = matching_share(pairs) if moved else float("nan")
-    class_map = matching_map(pairs).tolist() if moved and len(pairs) > 1 else None
+    matching, class_map = match(pairs)
+    class_map = class_map.tolist() if moved and class_map is not None else None
     # The untargeted trigger must move held-apart inputs too: with nothing held apart a
     # handful of inputs can be moved by an adversarial patch of any model.
     small = bool(tested and np.isfinite(statistic) and statistic < threshold

@@ -3,7 +3,7 @@ deviation) and the matching share of where an untargeted trigger sends inputs.""
 
 import numpy as np
 
-__all__ = ["MAD_CONSISTENCY", "anomaly_index", "matching_map", "matching_share"]
+__all__ = ["MAD_CONSISTENCY", "anomaly_index", "match", "matching_map", "matching_share"]
 
 #: Makes the median absolute deviation estimate the standard deviation of normal data.
 MAD_CONSISTENCY = 1.4826
@@ -58,10 +58,31 @@ def _moved_pairs(pairs, name):
     return pairs
 
 
-def _assignment(pairs):
+def match(pairs):
+    """``(matching_share(pairs), matching_map(pairs))`` from one assignment (the map is None
+    with one class).
+
+    >>> import numpy as np
+    >>> share, found = match(10 * np.roll(np.eye(3), 1, axis=1))
+    >>> share, found.tolist()
+    (1.0, [1, 2, 0])
+    """
     from scipy.optimize import linear_sum_assignment
 
-    return linear_sum_assignment(pairs, maximize=True)
+    pairs = _moved_pairs(pairs, "match")
+    moved = pairs.sum()
+    rows, cols = linear_sum_assignment(pairs, maximize=True)
+    share = float(pairs[rows, cols].sum() / moved) if moved > 0 else float("nan")
+    if len(pairs) < 2:
+        return share, None
+    result = np.empty(len(pairs), dtype=np.int64)
+    result[rows] = cols
+    overall = pairs.sum(axis=0)
+    for source in np.flatnonzero(result == np.arange(len(pairs))):
+        scores = (pairs[source] if pairs[source].sum() > 0 else overall).copy()
+        scores[source] = -1.0
+        result[source] = int(np.argmax(scores))
+    return share, result
 
 
 def matching_map(pairs):
@@ -93,18 +114,9 @@ def matching_map(pairs):
     >>> matching_map(swapped).tolist()  # class 2: where its one moved input went
     [1, 0, 0]
     """
-    pairs = _moved_pairs(pairs, "matching_map")
-    if len(pairs) < 2:
+    _, result = match(_moved_pairs(pairs, "matching_map"))
+    if result is None:
         raise ValueError("matching_map needs at least 2 classes.")
-    rows, cols = _assignment(pairs)
-    result = np.empty(len(pairs), dtype=np.int64)
-    result[rows] = cols
-    overall = pairs.sum(axis=0)
-    for source in np.flatnonzero(result == np.arange(len(pairs))):
-        scores = pairs[source] if pairs[source].sum() > 0 else overall.copy()
-        scores = np.array(scores, dtype=np.float64)
-        scores[source] = -1.0
-        result[source] = int(np.argmax(scores))
     return result
 
 
@@ -139,9 +151,4 @@ def matching_share(pairs):
     >>> float(matching_share(sink))
     0.5
     """
-    pairs = _moved_pairs(pairs, "matching_share")
-    moved = pairs.sum()
-    if moved <= 0:
-        return float("nan")
-    rows, cols = _assignment(pairs)
-    return float(pairs[rows, cols].sum() / moved)
+    return match(_moved_pairs(pairs, "matching_share"))[0]
