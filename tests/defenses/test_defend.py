@@ -841,3 +841,40 @@ def test_methods_given_keep_their_order_whatever_the_scan(monkeypatch):
     fakes = FakeMethods(monkeypatch, {"unlearn": (1.0, 0.0), "ibau": (1.0, 0.0)})
     _defend(_backdoored(), ["unlearn", "ibau"], scan=True, verify=False)
     assert [name for name, *_ in fakes.calls] == ["unlearn", "ibau"]
+
+
+def _stamping_scan(class_map):
+    """An all-to-all scan stub whose untargeted trigger turns input e_i into e_(i + n)."""
+    class Stamping:
+        backdoor_found = True
+        suspected_targets = ()
+        all_to_all_suspected = True
+        all_to_all_map = None if class_map is None else np.asarray(class_map, np.int64)
+
+        def apply(self, x, target):
+            assert target == "untargeted"
+            return np.roll(np.asarray(x), x.shape[1] // 2, axis=1)
+    return Stamping()
+
+
+@pytest.mark.parametrize("class_map, expected", [
+    ([1, 2, 0], 3 / 8),  # rows 0, 2 and 4 (below)
+    (None, 4 / 8),       # no map: 6 of 8 moved off their class, beyond the 2 of 8 clean errors
+])
+def test_the_all_to_all_residual_counts_moves_along_the_scans_map(class_map, expected):
+    labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    clean = np.array([0, 0, 1, 2, 2, 2, 1, 1])   # two errors: 1 -> 2 (row 3), 0 -> 1 (row 6)
+    stamped = np.array([1, 2, 2, 2, 0, 2, 1, 1])
+    # row 0: 0 -> 1 along the map (counted); row 1: 0 -> 2, a natural flip (not counted with a
+    # map); row 2: 1 -> 2 along the map (counted); row 3: 1 -> 2 but already 2 unstamped (not);
+    # row 4: 2 -> 0 along the map (counted); row 6: 0 -> 1, already 1 unstamped (not).
+    n = labels.size
+    predictions = np.concatenate([clean, stamped])
+    model = keras.Sequential([keras.Input((2 * n,)),
+                              keras.layers.Dense(3, activation="softmax", name="out")])
+    model.get_layer("out").set_weights([10.0 * np.eye(3, dtype=np.float32)[predictions],
+                                        np.zeros(3, np.float32)])
+    x = np.eye(2 * n, dtype=np.float32)[:n]
+    context = {"scan": _stamping_scan(class_map), "validation": (x, labels),
+               "validation_labels": labels, "predictions_of": {}}
+    assert defend_module._residual(model, context) == pytest.approx(expected)

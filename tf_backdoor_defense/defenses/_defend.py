@@ -13,8 +13,8 @@ training part and a held-apart validation part, then:
    the ASR on ``poisoned_validation_data`` when the defender has triggered data,
    otherwise the *residual* of the reversed triggers (the share of stamped
    validation inputs still sent to a suspected target; for an all-to-all
-   suspicion, the share the untargeted trigger still moves off their class,
-   beyond the candidate's clean error).
+   suspicion, the share the untargeted trigger still sends along the class map
+   the scan traced, each class to its suspected target; see ``_all_to_all_residual``).
 4. **Verifies** by scanning again (``verify=True``): a candidate that
    clears the signal is scanned, and one in which the scan still finds a
    backdoor does not end the search (the next method runs; among candidates
@@ -338,11 +338,39 @@ def _residual(model, context):
         stamped = scan.apply(x[keep], int(target))
         rates.append(float(np.mean(predict_labels(model, stamped) == int(target))))
     if scan.all_to_all_suspected:
-        stamped = scan.apply(x, "untargeted")
-        flipped = float(np.mean(predict_labels(model, stamped) != y))
-        error = 1.0 - _validation_accuracy(model, context)
-        rates.append(max(flipped - error, 0.0))
+        stamped = predict_labels(model, scan.apply(x, "untargeted"))
+        rates.append(_all_to_all_residual(stamped, _predictions(model, context), y,
+                                          scan.all_to_all_map))
     return max(rates) if rates else np.nan
+
+
+def _all_to_all_residual(stamped, clean, labels, class_map=None):
+    """Share of inputs the untargeted trigger sends along the suspected class map.
+
+    ``stamped`` and ``clean`` are the candidate's predictions on the stamped and
+    the unstamped inputs, ``labels`` their true classes. With a ``class_map``
+    (:attr:`~tf_backdoor_defense.scan.ScanResult.all_to_all_map`) the signal is
+    the share of inputs of class ``c`` that the trigger sends to
+    ``class_map[c]`` and that the candidate does not already put there
+    unstamped: a small untargeted trigger also moves a few inputs of any
+    network to other classes (a natural adversarial perturbation), which is
+    not the backdoor the scan suspects. Without a map, the share moved off
+    their class beyond the candidate's clean error.
+
+    >>> import numpy as np
+    >>> labels = np.array([0, 1, 2, 0])
+    >>> clean = labels.copy()
+    >>> stamped = np.array([1, 2, 1, 0])  # 0 -> 1 and 1 -> 2 follow the map, 2 -> 1 does not
+    >>> float(_all_to_all_residual(stamped, clean, labels, np.array([1, 2, 0])))
+    0.5
+    >>> float(_all_to_all_residual(stamped, clean, labels))
+    0.75
+    """
+    stamped, clean, labels = (np.asarray(a) for a in (stamped, clean, labels))
+    if class_map is None:
+        return max(float(np.mean(stamped != labels)) - float(np.mean(clean != labels)), 0.0)
+    sent = np.asarray(class_map)[labels]
+    return float(np.mean((stamped == sent) & (clean != sent)))
 
 
 # -- the methods -----------------------------------------------------------------------
