@@ -128,8 +128,10 @@ def _lines(result, top):
                   f"{100 * info['matching_threshold']:g}%), class {info['dominant_class']} "
                   f"receives {100 * info['dominant_share']:.1f}%"]
     if result.all_to_all_map is not None:
+        from tf_backdoor_defense.scan._statistics import describe_map
+
         lines.append("suspected all-to-all map (where each class's moved inputs went): "
-                     + ", ".join(f"{c}->{t}" for c, t in enumerate(result.all_to_all_map)))
+                     + describe_map(result.all_to_all_map))
     return lines
 
 

@@ -513,9 +513,10 @@ def _ibau(model, train, context):
         return repaired, "universal perturbation unlearnt"
     if isinstance(target, int):
         return repaired, f"universal perturbation towards class {target} unlearnt"
-    shown = ", ".join(f"{c}->{t}" for c, t in enumerate(target.tolist()[:10]))
-    more = ", ..." if len(target) > 10 else ""
-    return repaired, f"universal perturbation along the class map {shown}{more} unlearnt"
+    from tf_backdoor_defense.scan._statistics import describe_map
+
+    return repaired, (f"universal perturbation along the class map "
+                      f"{describe_map(target, limit=10)} unlearnt")
 
 
 def _dense_repair_not_chosen(table, chosen, found, poisoned, budget, tolerance):
@@ -530,7 +531,7 @@ def _dense_repair_not_chosen(table, chosen, found, poisoned, budget, tolerance):
     row = rows.iloc[0]
     if not row["within_budget"]:
         why = f"was over the budget (bound {float(row['drop_bound']):+.4f} against {budget:g})"
-    elif row["verified"] is not None and not row["verified"]:
+    elif _failed(row["verified"]):
         why = "was still found backdoored by the rescan"
     else:
         why = (f"left a reversed-trigger residual of {float(row['residual_trigger_rate']):.1%} "

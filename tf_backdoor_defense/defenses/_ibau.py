@@ -70,6 +70,7 @@ from tf_backdoor_defense._distribute import (batch_mean, replica_count, replica_
                                              resolve_strategy, sum_over_replicas,
                                              summed_gradients, summed_loss)
 from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense._labels import class_indices
 from tf_backdoor_defense._validation import check_fraction, check_model, check_number, \
     num_classes_of
 from tf_backdoor_defense.defenses._unlearning import batch_order, batch_spec, \
@@ -287,12 +288,10 @@ def _inner_targets(targets, target):
     if isinstance(target, int):
         chosen = np.full(len(targets), target, dtype=np.int64)
     else:
-        if soft:
-            classes = np.argmax(targets, axis=1)
-        elif targets.ndim == 2:  # one sigmoid column: probability of class 1
+        if targets.ndim == 2 and not soft:  # one sigmoid column: probability of class 1
             classes = (targets[:, 0] > 0.5).astype(np.int64)
         else:
-            classes = np.rint(targets).astype(np.int64)
+            classes = class_indices(targets, "The training targets")
         chosen = target[classes]
     if soft:
         inner = np.zeros_like(targets)

@@ -3,7 +3,8 @@ deviation) and the matching share of where an untargeted trigger sends inputs.""
 
 import numpy as np
 
-__all__ = ["MAD_CONSISTENCY", "anomaly_index", "match", "matching_map", "matching_share"]
+__all__ = ["MAD_CONSISTENCY", "anomaly_index", "describe_map", "match", "matching_map",
+           "matching_share"]
 
 #: Makes the median absolute deviation estimate the standard deviation of normal data.
 MAD_CONSISTENCY = 1.4826
@@ -58,9 +59,9 @@ def _moved_pairs(pairs, name):
     return pairs
 
 
-def match(pairs):
+def match(pairs, name="match"):
     """``(matching_share(pairs), matching_map(pairs))`` from one assignment (the map is None
-    with one class).
+    with one class). ``name`` starts the error message for a bad ``pairs``.
 
     >>> import numpy as np
     >>> share, found = match(10 * np.roll(np.eye(3), 1, axis=1))
@@ -69,7 +70,7 @@ def match(pairs):
     """
     from scipy.optimize import linear_sum_assignment
 
-    pairs = _moved_pairs(pairs, "match")
+    pairs = _moved_pairs(pairs, name)
     moved = pairs.sum()
     rows, cols = linear_sum_assignment(pairs, maximize=True)
     share = float(pairs[rows, cols].sum() / moved) if moved > 0 else float("nan")
@@ -114,7 +115,7 @@ def matching_map(pairs):
     >>> matching_map(swapped).tolist()  # class 2: where its one moved input went
     [1, 0, 0]
     """
-    _, result = match(_moved_pairs(pairs, "matching_map"))
+    _, result = match(pairs, "matching_map")
     if result is None:
         raise ValueError("matching_map needs at least 2 classes.")
     return result
@@ -151,4 +152,16 @@ def matching_share(pairs):
     >>> float(matching_share(sink))
     0.5
     """
-    return match(_moved_pairs(pairs, "matching_share"))[0]
+    return match(pairs, "matching_share")[0]
+
+
+def describe_map(class_map, limit=None):
+    """A class map as ``"0->1, 1->2, ..."``, cut after ``limit`` classes (``", ..."``).
+
+    >>> describe_map([1, 2, 0]), describe_map([1, 2, 0], limit=2)
+    ('0->1, 1->2, 2->0', '0->1, 1->2, ...')
+    """
+    pairs = [f"{c}->{int(t)}" for c, t in enumerate(class_map)]
+    if limit is not None and len(pairs) > limit:
+        return ", ".join(pairs[:limit]) + ", ..."
+    return ", ".join(pairs)
