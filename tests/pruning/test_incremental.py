@@ -224,3 +224,73 @@ def test_sweeps_of_a_model_reuse_its_evaluator_and_the_model_still_dies(tiny_dat
         del model, first, again, evaluator
     gc.collect()
     assert [ref() is None for ref in refs] == [True, True]
+
+
+def _sparse_model():
+    """Channels that switch on with the input's brightness: dim inputs have few active ones,
+    a black input none (positive kernels, negative biases, ReLU)."""
+    keras.utils.set_random_seed(11)
+    inputs = keras.Input((6, 6, 1))
+    x = keras.layers.Conv2D(5, 3, activation="relu", name="gate")(inputs)
+    x = keras.layers.MaxPooling2D(name="gate_pool")(x)
+    x = keras.layers.Flatten()(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x))
+    rng = np.random.default_rng(11)
+    model.get_layer("gate").set_weights([rng.uniform(0.0, 0.2, (3, 3, 1, 5)).astype(np.float32),
+                                         -np.linspace(0.05, 0.4, 5).astype(np.float32)])
+    return model
+
+
+def _masked_labels(model, layer, ranking, x):
+    """Predicted labels of explicitly masked copies at levels 0..len(ranking)."""
+    labels = []
+    channels = model.get_layer(layer).filters
+    for level in range(len(ranking) + 1):
+        mask = np.ones(channels, np.float32)
+        mask[np.asarray(ranking[:level], dtype=np.int64)] = 0.0
+        labels.append(predict_labels(wrap_layers(model, layer, masks={layer: mask}), x))
+    return np.stack(labels)
+
+
+@pytest.mark.parametrize("ranking", [[4, 0, 3, 1, 2], [2, 0, 4]])
+def test_an_all_zero_frontier_is_evaluated_once_per_batch(ranking):
+    """After an example's last active channel is pruned the suffix reads only zeros: one
+    shared row gives its prediction. Labels equal explicitly masked models' at every level,
+    with every channel ranked or only some (an unranked active channel keeps the example's
+    own rows), for black, dim and bright inputs."""
+    model = _sparse_model()
+    rng = np.random.default_rng(3)
+    x = rng.random((24, 6, 6, 1), dtype=np.float32) * np.linspace(0, 1, 24)[:, None, None, None]
+    evaluator = LevelEvaluator(model, model.get_layer("gate"))
+    frontier = evaluator.prefix_outputs(x)[0].numpy().reshape(24, -1, 5)
+    active = np.any(frontier != 0, axis=1)
+    assert not active[0].any() and active.sum(axis=1).max() == 5  # black and bright inputs
+    labels = evaluator.predictions(x, ranking)
+    np.testing.assert_array_equal(labels, _masked_labels(model, "gate", ranking, x))
+    needed = 24 + int(active[:, ranking].sum())  # level 0, and each active ranked channel
+    unranked = np.setdiff1d(np.arange(5), ranking)
+    shared = int(np.sum(~active[:, unranked].any(axis=1)))  # every active channel is ranked
+    assert shared > 0
+    assert evaluator.rows_evaluated == needed - shared + 1
+
+
+def test_side_inputs_and_non_finite_values_keep_their_own_rows():
+    """The shared row holds only when the suffix reads the layer alone and the values are
+    finite: with a side input, or an infinite value (0 * inf is NaN), nothing is shared."""
+    model, layer = _residual_model()
+    x = np.random.default_rng(5).random((8, 6, 6, 3), dtype=np.float32)
+    evaluator = LevelEvaluator(model, model.get_layer(layer))
+    ranking = np.arange(5)
+    labels = evaluator.predictions(x, ranking)
+    np.testing.assert_array_equal(labels, _masked_labels(model, layer, ranking, x))
+    frontier = evaluator.prefix_outputs(x)[0].numpy().reshape(8, -1, 5)
+    assert evaluator.rows_evaluated == 8 + int(np.any(frontier != 0, axis=1).sum())
+
+    sparse_model = _sparse_model()
+    sparse = LevelEvaluator(sparse_model, sparse_model.get_layer("gate"))
+    flat = np.zeros((2, 4, 5), np.float32)
+    flat[:, 0, 1] = [1.0, np.inf]
+    active = np.any(flat != 0, axis=1)
+    evaluate = np.ones((6, 2), dtype=bool)
+    zeroed = sparse._zeroed_rows(tf.constant(flat), active, np.arange(5), evaluate)
+    np.testing.assert_array_equal(np.argwhere(zeroed), [[2, 0]])  # channel 1 at level 2

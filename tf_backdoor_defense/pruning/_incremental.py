@@ -13,6 +13,9 @@ the graph at the pruned layer instead:
    for that example: its prediction at that level is the previous level's.
    Only the (level, example) pairs where the newly pruned channel is active
    are evaluated; dormant channels, which pruning removes first, cost nothing.
+   Once an example's last active channel is pruned, the suffix reads only
+   zeros from the layer: when it reads nothing else, that prediction is the
+   same for every example and is computed once per batch.
 4. The *suffix* runs for all those pairs at once, stacked along the batch
    axis, so each call is one large, efficient batch.
 5. The statistics that rank the channels can come from the same pass over
@@ -227,7 +230,9 @@ class LevelEvaluator:
         evaluate = np.zeros((ranking.size + 1, batch), dtype=bool)
         evaluate[0] = True
         evaluate[1:] = active[:, ranking].T
-        levels, examples = np.nonzero(evaluate)
+        zeroed = self._zeroed_rows(flat, active, ranking, evaluate)
+        run = evaluate & ~zeroed
+        levels, examples = np.nonzero(run)
         masks = np.ones((ranking.size + 1, self.channels), dtype=np.float32)
         for k in range(1, ranking.size + 1):
             masks[k] = masks[k - 1]
@@ -239,10 +244,43 @@ class LevelEvaluator:
                                           tf.constant(masks[levels[part]])).numpy()
         result = np.empty((ranking.size + 1, batch), dtype=np.int64)
         result[levels, examples] = labels
+        if zeroed.any():
+            result[zeroed] = self._zero_frontier_label(frontier)
         for level in range(1, ranking.size + 1):
             result[level] = np.where(evaluate[level], result[level], result[level - 1])
-        self.rows_evaluated = int(levels.size)
+        self.rows_evaluated = int(levels.size + bool(zeroed.any()))
         return result
+
+    def _zeroed_rows(self, flat, active, ranking, evaluate):
+        """The (level, example) rows of ``evaluate`` at which the masked frontier is all zero.
+
+        Once the last of an example's active channels is pruned, every value the
+        suffix reads from the layer is 0, whatever the example: its prediction
+        there is the one prediction of an all-zero frontier, computed once per
+        batch instead of once per example. That holds only when the suffix reads
+        nothing else (no side inputs) and the example's values are finite
+        (``0 * inf`` is NaN, not 0).
+        """
+        zeroed = np.zeros_like(evaluate)
+        if self._sides or not evaluate.size:
+            return zeroed
+        finite = tf.reduce_all(tf.math.is_finite(flat), axis=[1, 2]).numpy()
+        unranked = np.ones(self.channels, dtype=bool)
+        unranked[ranking] = False
+        # The level at which each example's last active channel is pruned (0: none active).
+        pruned_at = np.zeros(self.channels, dtype=np.int64)
+        pruned_at[ranking] = np.arange(1, ranking.size + 1)
+        last = np.max(np.where(active, pruned_at, 0), axis=1)
+        shared = finite & ~np.any(active & unranked, axis=1)
+        examples = np.flatnonzero(shared)
+        zeroed[last[examples], examples] = True
+        return zeroed & evaluate
+
+    def _zero_frontier_label(self, frontier):
+        """The predicted label of the suffix on an all-zero frontier (no side inputs)."""
+        zero = tf.zeros_like(frontier[:1])
+        return int(self._run_rows(zero, [], tf.constant([0], tf.int32),
+                                  tf.zeros([1, self.channels], tf.float32)).numpy()[0])
 
 
 def level_evaluator(model, layer, max_rows=8192):
