@@ -102,6 +102,10 @@ def planted():
     (One conftest for the whole tree: a second ``conftest.py`` would shadow this module for
     ``from conftest import ...``.)
     """
+    import sys
+
+    if str(REPO / "tests" / "scan") not in sys.path:  # for tests outside tests/scan
+        sys.path.append(str(REPO / "tests" / "scan"))
     from planted import planted_data, planted_model  # tests/scan/planted.py
 
     return {"clean": planted_model("clean"), "all-to-one": planted_model("all-to-one"),

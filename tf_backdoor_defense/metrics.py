@@ -62,8 +62,20 @@ def labels_from_outputs(outputs):
     return np.argmax(outputs, axis=-1).astype(np.int64)
 
 
-def predict_labels(model, x, batch_size=256):
+def predict_labels(model, x, batch_size=256, strategy=None):
     """Predicted class of each input in ``x``, computed in compiled batches.
+
+    Parameters
+    ----------
+    model : tf_keras.Model
+    x : array
+    batch_size : int, default=256
+    strategy : tf.distribute.Strategy, default=None
+        With several replicas, replica ``r`` of ``R`` predicts rows
+        ``r, r + R, ...`` of every batch and ``strategy.reduce`` gathers the
+        labels, so every worker (each calling with the same ``x``) gets all
+        of them: the same labels as one device. None, or one replica: this
+        device alone.
 
     Examples
     --------
@@ -71,11 +83,36 @@ def predict_labels(model, x, batch_size=256):
     >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, kernel_initializer="identity")])
     >>> predict_labels(model, np.array([[1., 0.], [0., 1.]])).tolist()
     [0, 1]
+    >>> predict_labels(model, np.array([[0., 1.]]), strategy=tf.distribute.get_strategy()).tolist()
+    [1]
     """
     x = np.asarray(x, dtype=np.float32)
     fn = _predict_fn(model)
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        return _replicated_labels(fn, x, batch_size, strategy)
     out = [labels_from_outputs(fn(x[s:s + batch_size]).numpy()) for s in range(0, len(x), batch_size)]
     return np.concatenate(out) if out else np.zeros((0,), np.int64)
+
+
+def _replicated_labels(fn, x, batch_size, strategy):
+    """:func:`predict_labels` split over ``strategy``'s replicas, every label on every worker.
+
+    Each replica writes ``label + 1`` at its own rows of a zero vector; the
+    sum over all replicas (exact in float64) holds every label once.
+    """
+    from tf_backdoor_defense._distribute import sum_over_local_replicas
+
+    size = len(x)
+
+    def compute(replica, replicas):
+        labels = np.zeros(size, np.float64)
+        for start in range(0, size, batch_size):
+            rows = np.arange(start + replica, min(start + batch_size, size), replicas)
+            if rows.size:
+                labels[rows] = labels_from_outputs(fn(x[rows]).numpy()) + 1
+        return labels
+
+    return sum_over_local_replicas(strategy, compute).astype(np.int64) - 1
 
 
 def count_attack_successes(predictions, labels, target=None, abstain_class=None):
@@ -100,8 +137,10 @@ def count_attack_successes(predictions, labels, target=None, abstain_class=None)
     return int(np.sum(predictions[attacked] == wanted[attacked])), int(np.sum(attacked))
 
 
-def clean_accuracy(model, data, batch_size=256):
+def clean_accuracy(model, data, batch_size=256, strategy=None):
     """Fraction of ``data`` (``(x, y)`` or a dataset) that ``model`` classifies right.
+
+    ``strategy`` splits each batch over its replicas (see :func:`predict_labels`).
 
     Examples
     --------
@@ -114,12 +153,13 @@ def clean_accuracy(model, data, batch_size=256):
     data = check_data(data, "data", model=model)
     correct = total = 0
     for x, y in data.batches(batch_size):
-        correct += int(np.sum(predict_labels(model, x, batch_size) == y))
+        correct += int(np.sum(predict_labels(model, x, batch_size, strategy) == y))
         total += y.size
     return correct / total
 
 
-def attack_success_rate(model, poisoned_data, *, target=None, abstain_class=None, batch_size=256):
+def attack_success_rate(model, poisoned_data, *, target=None, abstain_class=None, batch_size=256,
+                        strategy=None):
     """Attack success rate of ``model`` on poisoned inputs (see the module doc).
 
     Parameters
@@ -130,6 +170,8 @@ def attack_success_rate(model, poisoned_data, *, target=None, abstain_class=None
     target : None, int, "untargeted", array, dict or callable, default=None
     abstain_class : int, default=None
         A class that means "backdoor suspected" (the repaired network's class N).
+    strategy : tf.distribute.Strategy, default=None
+        Splits each batch over its replicas (see :func:`predict_labels`).
 
     Examples
     --------
@@ -149,7 +191,8 @@ def attack_success_rate(model, poisoned_data, *, target=None, abstain_class=None
     data = check_data(poisoned_data, "poisoned_data", model=model, num_classes=classes)
     success = attacked = 0
     for x, y in data.batches(batch_size):
-        s, n = count_attack_successes(predict_labels(model, x, batch_size), y, target, abstain_class)
+        predictions = predict_labels(model, x, batch_size, strategy)
+        s, n = count_attack_successes(predictions, y, target, abstain_class)
         success += s
         attacked += n
     if attacked == 0:

@@ -876,5 +876,5 @@ def test_the_all_to_all_residual_counts_moves_along_the_scans_map(class_map, exp
                                         np.zeros(3, np.float32)])
     x = np.eye(2 * n, dtype=np.float32)[:n]
     context = {"scan": _stamping_scan(class_map), "validation": (x, labels),
-               "validation_labels": labels, "predictions_of": {}}
+               "validation_labels": labels, "predictions_of": {}, "strategy": None}
     assert defend_module._residual(model, context) == pytest.approx(expected)

@@ -319,7 +319,8 @@ def _predictions(model, context):
     """Validation predictions of ``model``, computed once per model object."""
     known = context["predictions_of"]
     if id(model) not in known:
-        known[id(model)] = (model, predict_labels(model, context["validation"][0]))
+        known[id(model)] = (model, predict_labels(model, context["validation"][0],
+                                                  strategy=context["strategy"]))
     return known[id(model)][1]
 
 
@@ -340,9 +341,10 @@ def _residual(model, context):
         if not keep.any():
             continue
         stamped = scan.apply(x[keep], int(target))
-        rates.append(float(np.mean(predict_labels(model, stamped) == int(target))))
+        predicted = predict_labels(model, stamped, strategy=context["strategy"])
+        rates.append(float(np.mean(predicted == int(target))))
     if scan.all_to_all_suspected:
-        stamped = predict_labels(model, scan.apply(x, "untargeted"))
+        stamped = predict_labels(model, scan.apply(x, "untargeted"), strategy=context["strategy"])
         rates.append(_all_to_all_residual(stamped, _predictions(model, context), y,
                                           scan.all_to_all_map))
     return max(rates) if rates else np.nan
@@ -714,8 +716,11 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
         the clean training of the ``train_clean`` methods, ``unlearn`` and
         ``ibau``; ``fine-pruning`` runs in its scope. Default:
         ``model.distribute_strategy`` (the strategy whose ``scope()`` the call
-        runs in, else one device). The judging of the candidates (validation
-        predictions) and ``anp``'s and ``clp``'s scores run on one device.
+        runs in, else one device). The judging of the candidates (the
+        validation predictions, plain and stamped, and the ASR on
+        ``poisoned_validation_data``) splits each batch over the replicas
+        (:func:`~tf_backdoor_defense.metrics.predict_labels`); ``anp``'s and
+        ``clp``'s scores run on one device.
 
     Returns
     -------
@@ -804,11 +809,12 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     def measure(candidate):
         correct = _predictions(candidate, context) == context["validation_labels"]
         drop, bound = paired_drop(base_correct, correct, confidence)
-        asr = (attack_success_rate(candidate, poisoned, target=target) if poisoned is not None
-               else np.nan)
+        asr = (attack_success_rate(candidate, poisoned, target=target, strategy=strategy)
+               if poisoned is not None else np.nan)
         return float(correct.mean()), drop, bound, asr, _residual(candidate, context)
 
-    base_asr = attack_success_rate(model, poisoned, target=target) if poisoned is not None else np.nan
+    base_asr = (attack_success_rate(model, poisoned, target=target, strategy=strategy)
+                if poisoned is not None else np.nan)
     base_residual = _residual(model, context)
     baseline = {"validation_accuracy": base_accuracy,
                 "validation_asr": None if poisoned is None else float(base_asr),

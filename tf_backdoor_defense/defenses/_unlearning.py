@@ -490,7 +490,8 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
     targets = training_targets(model, x, y, distill)
     answers = None  # the received model's answers, which the guard compares against
     if min_agreement is not None:
-        answers = labels_from_outputs(targets) if distill else predict_labels(model, x)
+        answers = (labels_from_outputs(targets) if distill
+                   else predict_labels(model, x, strategy=strategy))
     run = dict(model=model, x=x, targets=targets, masks=masks, patterns=patterns,
                epochs=epochs, batch_size=batch_size, momentum=momentum, fraction=fraction,
                jitter=jitter, distill=distill, anchor_weight=anchor_weight, seed=seed,
@@ -512,8 +513,8 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
     return tuned
 
 
-def _agreement(model, x, answers):
-    return float(np.mean(predict_labels(model, x) == answers))
+def _agreement(model, x, answers, strategy=None):
+    return float(np.mean(predict_labels(model, x, strategy=strategy) == answers))
 
 
 def _unlearn_once(learning_rate, *, model, x, targets, masks, patterns, epochs, batch_size,
@@ -550,7 +551,7 @@ def _unlearn_once(learning_rate, *, model, x, targets, masks, patterns, epochs, 
         logger.debug("unlearn_triggers epoch %d/%d: last batch loss %.4f", epoch + 1, epochs,
                      loss)
         if answers is not None and epoch + 1 == checkpoint < epochs:
-            agreement = _agreement(tuned, x, answers)
+            agreement = _agreement(tuned, x, answers, strategy)
             if agreement < min_agreement:
                 return tuned, agreement
-    return tuned, (None if answers is None else _agreement(tuned, x, answers))
+    return tuned, (None if answers is None else _agreement(tuned, x, answers, strategy))

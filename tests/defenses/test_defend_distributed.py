@@ -1,0 +1,129 @@
+"""defend()'s judging under tf.distribute, against one device.
+
+The judging passes over the validation data (plain, stamped with the reversed triggers, and
+triggered data when given) split across the replicas with ``predict_labels(strategy=)``. The
+slow tests run ``defend`` on the planted all-to-one net (tests/scan/planted.py) in fresh
+processes, with the harness of tests/scoring/test_distributed.py: MirroredStrategy on 2 logical
+CPUs (the model built in ``strategy.scope()``, no ``strategy=`` argument) and
+MultiWorkerMirroredStrategy with 2 workers on 127.0.0.1 (``strategy=`` passed). Predicted
+labels, accuracies and ASRs are exact under any strategy; the verdict, the choice and the table
+must be those of one device. The quick test checks that the default strategy is the one-device
+code.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import REPO, distributed_harness
+from tf_backdoor_defense import defend
+from tf_backdoor_defense._keras import tf
+from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy, predict_labels
+
+DEFEND = dict(methods=["unlearn"], scan_options=dict(steps=150, init_cost=1e-2), seed=1)
+BATCH = 7  # uneven: 240 inputs, the last batch of 2 leaves one replica a single row
+
+
+def _poisoned(x, y):
+    """The planted trigger (a bright bottom-right pixel) on inputs not of the target, 2."""
+    from planted import TRIGGER  # tests/scan/planted.py
+
+    keep = y != 2
+    stamped = x[keep].copy()
+    stamped[:, TRIGGER[0], TRIGGER[1], 0] = 1.0
+    return stamped, np.full(int(keep.sum()), 2, np.int64)
+
+
+def _summary(model, x, y, **options):
+    """Labels and rates under ``options`` (a strategy or none), and defend()'s result."""
+    strategy = options.get("strategy", model.distribute_strategy)
+    poisoned = _poisoned(x, y)
+    result = defend(model, (x[:180], y[:180]), validation_data=(x[180:], y[180:]),
+                    poisoned_validation_data=(poisoned[0][150:], poisoned[1][150:]),
+                    **DEFEND, **options)
+    table = result.table.drop(columns=["seconds"])
+    return {"labels": predict_labels(model, x, BATCH, strategy=strategy).tolist(),
+            "stamped_labels": predict_labels(model, poisoned[0], BATCH, strategy=strategy).tolist(),
+            "accuracy": clean_accuracy(model, (x, y), BATCH, strategy=strategy),
+            "asr": attack_success_rate(model, poisoned, batch_size=BATCH, strategy=strategy),
+            "verdict": result.verdict, "method": result.method,
+            "table": json.loads(table.to_json(orient="records")),
+            "shipped_labels": predict_labels(result.model, x).tolist()}
+
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    sys.path[:0] = [{tests!r}, {scan_tests!r}, {defense_tests!r}]
+    from tf_backdoor_defense._keras import tf
+    mode, out = sys.argv[1:3]
+    if mode == "mirrored":
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    else:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    from planted import planted_data, planted_model
+    from test_defend_distributed import _summary
+    x, y = planted_data()
+    if mode == "mirrored":  # built in the scope: the strategy is found from the model
+        with strategy.scope():
+            model = planted_model("all-to-one")
+        options = {{}}
+    else:
+        model = planted_model("all-to-one")
+        options = {{"strategy": strategy}}
+    result = _summary(model, x, y, **options)
+    result["replicas"] = strategy.num_replicas_in_sync
+    with open(out, "w") as handle:
+        json.dump(result, handle)
+""")
+
+
+@pytest.fixture(scope="module")
+def reference(planted):
+    x, y = planted["data"]
+    return _summary(planted["all-to-one"], x, y)
+
+
+def _check(result, reference):
+    assert result.pop("replicas") == 2
+    assert "target class 2; repaired with unlearn" in reference["verdict"]
+    assert reference["asr"] == 1.0 and reference["accuracy"] == 1.0
+    assert result == reference
+
+
+def _script(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(REPO / "tests"),
+                                    scan_tests=str(REPO / "tests" / "scan"),
+                                    defense_tests=str(REPO / "tests" / "defenses")))
+    return script
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_judges_as_one_device(reference, tmp_path):
+    harness = distributed_harness()
+    out, log = tmp_path / "mirrored.json", tmp_path / "mirrored.log"
+    proc = subprocess.Popen([sys.executable, str(_script(tmp_path)), "mirrored", str(out)],
+                            env=harness._env(), stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    harness._run([proc], [log])
+    _check(json.loads(out.read_text()), reference)
+
+
+@pytest.mark.slow
+def test_two_workers_judge_as_one_device_and_each_other(reference, tmp_path):
+    results = distributed_harness().run_two_workers(_script(tmp_path), [], tmp_path)
+    for result in results:
+        _check(result, reference)
+
+
+def test_the_default_strategy_predicts_as_one_device(planted):
+    x, _ = planted["data"]
+    model = planted["all-to-one"]
+    default = tf.distribute.get_strategy()
+    np.testing.assert_array_equal(predict_labels(model, x, BATCH),
+                                  predict_labels(model, x, BATCH, strategy=default))
