@@ -12,8 +12,6 @@ code.
 """
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -58,14 +56,8 @@ def _summary(model, x, y, **options):
 WORKER = textwrap.dedent("""
     import json, sys
     sys.path[:0] = [{tests!r}, {scan_tests!r}, {defense_tests!r}]
-    from tf_backdoor_defense._keras import tf
     mode, out = sys.argv[1:3]
-    if mode == "mirrored":
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    else:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+""") + distributed_harness().STRATEGY + textwrap.dedent("""
     from planted import planted_data, planted_model
     from test_defend_distributed import _summary
     x, y = planted_data()
@@ -106,12 +98,7 @@ def _script(tmp_path):
 
 @pytest.mark.slow
 def test_mirrored_strategy_judges_as_one_device(reference, tmp_path):
-    harness = distributed_harness()
-    out, log = tmp_path / "mirrored.json", tmp_path / "mirrored.log"
-    proc = subprocess.Popen([sys.executable, str(_script(tmp_path)), "mirrored", str(out)],
-                            env=harness._env(), stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-    harness._run([proc], [log])
-    _check(json.loads(out.read_text()), reference)
+    _check(distributed_harness().run_mirrored(_script(tmp_path), [], tmp_path), reference)
 
 
 @pytest.mark.slow

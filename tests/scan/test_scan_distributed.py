@@ -7,9 +7,6 @@ argument) and MultiWorkerMirroredStrategy with 2 workers on 127.0.0.1 (``strateg
 The quick tests check that no strategy and the default strategy are the same code and result.
 """
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -47,14 +44,8 @@ WORKER = textwrap.dedent("""
     import json, sys
     import numpy as np
     sys.path[:0] = [{tests!r}, {scan_tests!r}]
-    from tf_backdoor_defense._keras import tf
     mode, out = sys.argv[1:3]
-    if mode == "mirrored":
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    else:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+""") + distributed_harness().STRATEGY + textwrap.dedent("""
     from planted import planted_data, planted_model
     from test_scan_distributed import SCAN, UNLEARN, _summary, _trigger
     from tf_backdoor_defense.defenses._unlearning import unlearn_triggers
@@ -107,12 +98,7 @@ def _script(tmp_path):
 
 @pytest.mark.slow
 def test_mirrored_strategy_scan_and_unlearning_match_one_device(reference, tmp_path):
-    harness = distributed_harness()
-    out, log = tmp_path / "mirrored.json", tmp_path / "mirrored.log"
-    proc = subprocess.Popen([sys.executable, str(_script(tmp_path)), "mirrored", str(out)],
-                            env=harness._env(), stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-    harness._run([proc], [log])
-    _check(json.loads(out.read_text()), reference)
+    _check(distributed_harness().run_mirrored(_script(tmp_path), [], tmp_path), reference)
 
 
 @pytest.mark.slow

@@ -38,20 +38,26 @@ def _load_example():
     return module
 
 
-# Each worker runs the example's fine_prune_in_scope on the tiny model and saves what it saw.
-# HEADER sets up the strategy, the example module, the data and build(); a body follows.
-HEADER = textwrap.dedent("""
-    import importlib.util, json, sys
-    import numpy as np
-    sys.path.insert(0, {tests!r})
+# The strategy of a worker script, from its `mode` argument: "mirrored" (2 logical CPUs of
+# one process, run_mirrored) or "multi_worker" (one of two workers, run_two_workers).
+STRATEGY = textwrap.dedent("""
     from tf_backdoor_defense._keras import tf
-    mode, npz, out = sys.argv[1:4]
     if mode == "mirrored":
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     else:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
+""")
+
+# Each worker runs the example's fine_prune_in_scope on the tiny model and saves what it saw.
+# HEADER sets up the strategy, the example module, the data and build(); a body follows.
+HEADER = textwrap.dedent("""
+    import importlib.util, json, sys
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    mode, npz, out = sys.argv[1:4]
+""") + STRATEGY + textwrap.dedent("""
     from conftest import tiny_conv_model
     spec = importlib.util.spec_from_file_location("multi_worker_fine_pruning", {example!r})
     example = importlib.util.module_from_spec(spec)
@@ -154,15 +160,21 @@ def _check(result, setup, replicas):
 
 @pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus_matches_single_device(setup):
-    out = setup["tmp"] / "mirrored.json"
-    log = setup["tmp"] / "mirrored.log"
-    proc = subprocess.Popen([sys.executable, str(setup["script"]), "mirrored", str(setup["npz"]),
-                             str(out)], env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=log.open("wb"))
-    _run([proc], [log])
-    result = json.loads(out.read_text())
+    result = run_mirrored(setup["script"], [setup["npz"]], setup["tmp"])
     assert len(result["replica_masks"]) == 2
     _check(result, setup, replicas=2)
+
+
+def run_mirrored(script, args, folder):
+    """Run ``script mirrored *args OUT`` in a fresh process; its JSON result.
+
+    OUT is ``folder/mirrored.json`` (stderr goes to ``mirrored.log``, shown when it fails).
+    """
+    out, log = folder / "mirrored.json", folder / "mirrored.log"
+    proc = subprocess.Popen([sys.executable, str(script), "mirrored", *map(str, args), str(out)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    _run([proc], [log])
+    return json.loads(out.read_text())
 
 
 def run_two_workers(script, args, folder):
