@@ -154,6 +154,8 @@ def main():
     prefix_only()
     prefix_wall, prefix_cpu, _ = best_of(prefix_only, args.repeats)
     random_active = active_channels(evaluator, clean_x[:512])
+    evaluator.predictions(clean_x[:args.batch_size], result.rankings["conv_3"])
+    rows_per_image = evaluator.rows_evaluated / args.batch_size
     faces = face_images(folder)
     face_active = None if faces is None else active_channels(evaluator, faces)
 
@@ -175,10 +177,11 @@ def main():
           f"pass, CPU time {prefix_cpu / full_cpu:.2f}x; the rest of the sweep (the levels after "
           f"conv_3, ranking, tables, pruned models): CPU time "
           f"{(sweep_cpu - prefix_cpu) / full_cpu:.2f}x")
-    print(f"  the levels re-evaluate {random_active + 1:.1f} (level, image) pairs per image: "
+    print(f"  the levels re-evaluate {rows_per_image:.1f} (level, image) pairs per image: "
           f"level 0 and the level of each of its {random_active:.1f} active conv_3 channels "
           f"(of {channels}; the lab's real clean faces: "
-          f"{'not found' if face_active is None else f'{face_active:.1f}'})")
+          f"{'not found' if face_active is None else f'{face_active:.1f}'}), less the last, "
+          f"whose all-zero output is one shared pair per batch")
     print(f"the same sweep with the statistics as a separate pass (ranking_data): "
           f"{before_total:.2f} s = {before_total / full_pass:.2f}x one pass; CPU time "
           f"{before_cpu / full_cpu:.2f}x; identical history, means, levels and masks: {identical}")

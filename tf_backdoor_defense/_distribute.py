@@ -36,7 +36,7 @@ from tf_backdoor_defense._keras import keras, tf
 
 __all__ = ["resolve_strategy", "replica_rows", "batch_mean", "replica_count", "sum_over_replicas",
            "summed_loss", "summed_gradients", "shift_variables", "ReplicaShard",
-           "sum_over_local_replicas", "local_replica_count"]
+           "sum_over_local_replicas", "local_replica_count", "rows_over_replicas"]
 
 
 def resolve_strategy(strategy, model):
@@ -208,3 +208,27 @@ def sum_over_local_replicas(strategy, compute):
     values = strategy.experimental_distribute_values_from_function(value_fn)
     return tf.nest.map_structure(lambda value: np.asarray(value.numpy()),
                                  sum_over_replicas(strategy, values))
+
+
+def rows_over_replicas(strategy, size, batch_size, compute, row_shape=()):
+    """A per-row computation over ``size`` rows split across ``strategy``'s replicas.
+
+    Replica ``r`` of ``R`` computes rows ``r, r + R, ...`` of every batch of
+    ``batch_size`` (``compute(rows)`` gets their indices and returns one
+    value of ``row_shape`` per row) and writes them into a zero float64
+    array; :func:`sum_over_local_replicas` adds the replicas' arrays. Each
+    row is written by one replica only, so the sum is the values themselves
+    (exact for float32 values and integers), the same on every worker.
+
+    >>> rows_over_replicas(tf.distribute.get_strategy(), 5, 2, lambda rows: rows * 10).tolist()
+    [0.0, 10.0, 20.0, 30.0, 40.0]
+    """
+    def compute_replica(replica, replicas):
+        values = np.zeros((size,) + tuple(row_shape), np.float64)
+        for start in range(0, size, batch_size):
+            rows = np.arange(start + replica, min(start + batch_size, size), replicas)
+            if rows.size:
+                values[rows] = compute(rows)
+        return values
+
+    return sum_over_local_replicas(strategy, compute_replica)

@@ -19,6 +19,7 @@ import weakref
 
 import numpy as np
 
+from tf_backdoor_defense._distribute import rows_over_replicas
 from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_target, num_classes_of
@@ -95,24 +96,10 @@ def predict_labels(model, x, batch_size=256, strategy=None):
 
 
 def _replicated_labels(fn, x, batch_size, strategy):
-    """:func:`predict_labels` split over ``strategy``'s replicas, every label on every worker.
-
-    Each replica writes ``label + 1`` at its own rows of a zero vector; the
-    sum over all replicas (exact in float64) holds every label once.
-    """
-    from tf_backdoor_defense._distribute import sum_over_local_replicas
-
-    size = len(x)
-
-    def compute(replica, replicas):
-        labels = np.zeros(size, np.float64)
-        for start in range(0, size, batch_size):
-            rows = np.arange(start + replica, min(start + batch_size, size), replicas)
-            if rows.size:
-                labels[rows] = labels_from_outputs(fn(x[rows]).numpy()) + 1
-        return labels
-
-    return sum_over_local_replicas(strategy, compute).astype(np.int64) - 1
+    """:func:`predict_labels` split over ``strategy``'s replicas, every label on every worker."""
+    labels = rows_over_replicas(strategy, len(x), batch_size,
+                                lambda rows: labels_from_outputs(fn(x[rows]).numpy()))
+    return labels.astype(np.int64)
 
 
 def count_attack_successes(predictions, labels, target=None, abstain_class=None):

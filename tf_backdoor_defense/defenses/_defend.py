@@ -719,8 +719,8 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
         runs in, else one device). The judging of the candidates (the
         validation predictions, plain and stamped, and the ASR on
         ``poisoned_validation_data``) splits each batch over the replicas
-        (:func:`~tf_backdoor_defense.metrics.predict_labels`); ``anp``'s and
-        ``clp``'s scores run on one device.
+        (:func:`~tf_backdoor_defense.metrics.predict_labels`); ``anp``'s
+        scores run on one device (``clp``'s read the weights only).
 
     Returns
     -------

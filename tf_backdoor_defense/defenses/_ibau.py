@@ -431,7 +431,7 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
         tuned = copy_model(model)
     if rounds == 0:
         return tuned
-    targets = training_targets(model, x, y, distill)
+    targets = training_targets(model, x, y, distill, strategy=strategy)
     inner_targets = targets if target is None else _inner_targets(targets, target)
     scaled = radius * (high - low)
     with strategy.scope():  # the optimiser's and the perturbation's variables

@@ -50,8 +50,8 @@ import time
 import numpy as np
 
 from tf_backdoor_defense._distribute import (batch_mean, replica_count, replica_rows,
-                                             resolve_strategy, sum_over_replicas,
-                                             summed_gradients, summed_loss)
+                                             resolve_strategy, rows_over_replicas,
+                                             sum_over_replicas, summed_gradients, summed_loss)
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._validation import check_fraction, check_model, check_number
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
@@ -322,11 +322,14 @@ def _from_logits(model):
     return bool(loss_for(model).get_config().get("from_logits", False))
 
 
-def training_targets(model, x, y, distill, batch_size=256):
+def training_targets(model, x, y, distill, batch_size=256, strategy=None):
     """What the repairs fit: ``y`` itself, or the model's probabilities on ``x`` (``distill``).
 
     Probabilities are float32 rows (one column for a single sigmoid unit),
-    computed in inference mode before any training.
+    computed in inference mode before any training. With a ``strategy`` of
+    several replicas each replica computes its rows of every batch and every
+    worker gets all of them (:func:`~tf_backdoor_defense._distribute.rows_over_replicas`):
+    the same values as one device.
 
     >>> import numpy as np, tf_keras as keras
     >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(
@@ -337,12 +340,19 @@ def training_targets(model, x, y, distill, batch_size=256):
     if not distill:
         return y
     logits = _from_logits(model)
-    parts = []
-    for start in range(0, x.shape[0], batch_size):
-        out = model(x[start:start + batch_size], training=False)
+
+    def probabilities(part):
+        out = model(part, training=False)
         if logits:
             out = tf.sigmoid(out) if out.shape[-1] == 1 else tf.nn.softmax(out, axis=-1)
-        parts.append(np.asarray(out, dtype=np.float32))
+        return np.asarray(out, dtype=np.float32)
+
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        columns = int(model.output_shape[-1])
+        return rows_over_replicas(strategy, x.shape[0], batch_size,
+                                  lambda rows: probabilities(x[rows]),
+                                  row_shape=(columns,)).astype(np.float32)
+    parts = [probabilities(x[start:start + batch_size]) for start in range(0, x.shape[0], batch_size)]
     return np.concatenate(parts)
 
 
@@ -487,7 +497,7 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
         keras.utils.set_random_seed(seed)
         with strategy.scope():
             return copy_model(model)
-    targets = training_targets(model, x, y, distill)
+    targets = training_targets(model, x, y, distill, strategy=strategy)
     answers = None  # the received model's answers, which the guard compares against
     if min_agreement is not None:
         answers = (labels_from_outputs(targets) if distill
