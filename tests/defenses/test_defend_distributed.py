@@ -66,13 +66,8 @@ WORKER = textwrap.dedent("""
     from planted import planted_data, planted_model
     from test_defend_distributed import _summary
     x, y = planted_data()
-    if mode == "mirrored":  # built in the scope: the strategy is found from the model
-        with strategy.scope():
-            model = planted_model("all-to-one")
-        options = {{}}
-    else:
-        model = planted_model("all-to-one")
-        options = {{"strategy": strategy}}
+    build = lambda: planted_model("all-to-one")  # noqa: E731
+""") + distributed_harness().MODEL + textwrap.dedent("""
     result = _summary(model, x, y, **options)
     result["replicas"] = strategy.num_replicas_in_sync
     with open(out, "w") as handle:

@@ -59,13 +59,7 @@ def _sweeps(model, x, y, px, py, **options):
 WORKER = textwrap.dedent("""
     sys.path.insert(0, {pruning_tests!r})
     from test_sweep_distributed import _sweeps
-    if mode == "mirrored":  # built in the scope: the strategy is found from the model
-        with strategy.scope():
-            model = build()
-        options = {{}}
-    else:
-        model = build()
-        options = {{"strategy": strategy}}
+""") + distributed_harness().MODEL + textwrap.dedent("""
     result = _sweeps(model, x, y, saved["px"], saved["py"], **options)
     result["replicas"] = strategy.num_replicas_in_sync
     with open(out, "w") as handle:

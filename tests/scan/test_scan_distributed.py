@@ -51,13 +51,8 @@ WORKER = textwrap.dedent("""
     from tf_backdoor_defense.defenses._unlearning import unlearn_triggers
     from tf_backdoor_defense.scan import scan_model
     x, y = planted_data()
-    if mode == "mirrored":  # built in the scope: the strategy is found from the model
-        with strategy.scope():
-            model = planted_model("all-to-one")
-        options = {{}}
-    else:
-        model = planted_model("all-to-one")
-        options = {{"strategy": strategy}}
+    build = lambda: planted_model("all-to-one")  # noqa: E731
+""") + distributed_harness().MODEL + textwrap.dedent("""
     scan = scan_model(model, (x, y), **SCAN, **options)
     repaired = unlearn_triggers(model, (x, y), [_trigger()], **UNLEARN, **options)
     result = _summary(scan, repaired, x)

@@ -52,6 +52,19 @@ STRATEGY = textwrap.dedent("""
 
 # Each worker runs the example's fine_prune_in_scope on the tiny model and saves what it saw.
 # HEADER sets up the strategy, the example module, the data and build(); a body follows.
+# The model of a worker script, from build() (which the script defines first): built in the
+# mirrored strategy's scope, where the library finds the strategy from the model (no strategy=
+# argument), or for the workers outside any scope, with strategy= passed in `options`.
+MODEL = textwrap.dedent("""
+    if mode == "mirrored":
+        with strategy.scope():
+            model = build()
+        options = dict()
+    else:
+        model = build()
+        options = dict(strategy=strategy)
+""")
+
 HEADER = textwrap.dedent("""
     import importlib.util, json, sys
     import numpy as np

@@ -457,7 +457,7 @@ def _anp(model, train, context):
     from tf_backdoor_defense.scoring._anp import anp_prune
 
     result = anp_prune(model, train, threshold=0.2, iterations=context["anp_iterations"],
-                       seed=context["seed"])
+                       seed=context["seed"], strategy=context["strategy"])
     tuned, rate = _tune(result.model, train, context)
     return tuned, _with_rate("threshold 0.2", rate, context)
 
@@ -713,14 +713,14 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
         with 1, ``logging.DEBUG`` with 0. Nothing is printed.
     strategy : tf.distribute.Strategy, default=None
         Passed to the scans (:func:`~tf_backdoor_defense.scan.scan_model`),
-        the clean training of the ``train_clean`` methods, ``unlearn`` and
-        ``ibau``; ``fine-pruning`` runs in its scope. Default:
+        the clean training of the ``train_clean`` methods, ``unlearn``,
+        ``ibau`` and ``anp``'s masks; ``fine-pruning`` runs in its scope. Default:
         ``model.distribute_strategy`` (the strategy whose ``scope()`` the call
         runs in, else one device). The judging of the candidates (the
         validation predictions, plain and stamped, and the ASR on
         ``poisoned_validation_data``) splits each batch over the replicas
-        (:func:`~tf_backdoor_defense.metrics.predict_labels`); ``anp``'s
-        scores run on one device (``clp``'s read the weights only).
+        (:func:`~tf_backdoor_defense.metrics.predict_labels`); ``clp``'s
+        scores read the weights only.
 
     Returns
     -------

@@ -52,6 +52,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tf_backdoor_defense._distribute import (batch_mean, replica_rows, resolve_strategy,
+                                             sum_over_replicas, summed_loss)
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.masks._registry import is_prunable
@@ -206,8 +208,10 @@ def _noisy_copy(model, names, switch):
     return copy, [states[name] for name in names]
 
 
-def _loss_fn(model):
-    loss = loss_for(model)
+def _loss_fn(model, summed=False):
+    """ANP's loss of ``model``'s outputs (one sigmoid unit: labels reshaped); ``summed``: the
+    sum over the batch instead of the mean."""
+    loss = summed_loss(loss_for(model)) if summed else loss_for(model)
     if int(model.outputs[0].shape[-1]) == 1:
         return lambda y, out: loss(tf.cast(tf.reshape(y, [-1, 1]), out.dtype), out)
     return loss
@@ -215,7 +219,7 @@ def _loss_fn(model):
 
 @with_caller_keras
 def anp_mask_scores(model, train_data, *, layers=None, eps=0.4, steps=1, alpha=0.2, iterations=2000,
-                    batch_size=128, learning_rate=0.2, momentum=0.9, seed=0):
+                    batch_size=128, learning_rate=0.2, momentum=0.9, seed=0, strategy=None):
     """Learn ANP's per-channel masks on clean data (low value = backdoor suspect).
 
     Parameters
@@ -244,6 +248,14 @@ def anp_mask_scores(model, train_data, *, layers=None, eps=0.4, steps=1, alpha=0
         SGD momentum of the masks (PyTorch convention).
     seed : int, default=0
         Seeds the batches and the noise; the same seed gives the same masks.
+    strategy : tf.distribute.Strategy, default=None
+        With several replicas, every replica takes its rows of each batch
+        (the same batches as one device), the gradients of the noise and of
+        the masks are summed over the replicas with ``strategy.reduce``, and
+        every worker applies the same updates: the masks agree with one
+        device's within float32 rounding (a sign step can amplify it).
+        Default: ``model.distribute_strategy`` (one device outside any
+        ``strategy.scope()``).
 
     Returns
     -------
@@ -327,8 +339,90 @@ def anp_mask_scores(model, train_data, *, layers=None, eps=0.4, steps=1, alpha=0
                     m.assign(tf.clip_by_value(m - learning_rate * v, 0.0, 1.0))
         return tf.constant(0)
 
-    optimise(tf.constant(x, tf.float32), tf.constant(y, tf.int64), tf.constant(iterations, tf.int32))
+    strategy = resolve_strategy(strategy, model)
+    if strategy.num_replicas_in_sync > 1:
+        _optimise_replicated(strategy, noisy, switch, _loss_fn(model, summed=True), states,
+                             x, y, settings=dict(eps=eps, steps=steps, alpha=alpha,
+                                                 iterations=iterations, batch_size=batch_size,
+                                                 learning_rate=learning_rate,
+                                                 momentum=momentum, seed=seed))
+    else:
+        optimise(tf.constant(x, tf.float32), tf.constant(y, tf.int64),
+                 tf.constant(iterations, tf.int32))
     return {name: state.mask.numpy().astype(np.float32) for name, state in zip(names, states)}
+
+
+def _optimise_replicated(strategy, noisy, switch, summed, states, x, y, settings):
+    """ANP's optimisation with each batch split over ``strategy``'s replicas.
+
+    The same batches and noise draws as one device; each replica computes the
+    gradients of its rows' share of the mean loss, ``strategy.reduce`` adds
+    them, and every worker applies the same updates to its own variables.
+    """
+    eps, steps, alpha = settings["eps"], settings["steps"], settings["alpha"]
+    batch_size, seed = settings["batch_size"], settings["seed"]
+    masks = [state.mask for state in states]
+    velocities = [state.velocity for state in states]
+    noise = [v for state in states for v in state.noise]
+    step_size = eps / steps
+    x, y = tf.constant(x, tf.float32), tf.constant(y, tf.int64)
+
+    def share(xb, yb, perturbed):
+        """This replica's rows' share of the batch's mean loss."""
+        switch.on = perturbed
+        try:
+            loss = summed(replica_rows(yb), noisy(replica_rows(xb), training=False))
+        finally:
+            switch.on = False
+        return batch_mean(loss, batch_size)
+
+    def gradients(loss, variables, tape):
+        return [tf.zeros_like(v) if g is None else g for v, g in
+                zip(variables, tape.gradient(loss, variables))]
+
+    @tf.function
+    def noise_gradients(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = share(xb, yb, True)
+        return gradients(loss, noise, tape)
+
+    @tf.function
+    def mask_gradients(xb, yb):
+        with tf.GradientTape() as tape:
+            natural = share(xb, yb, False)
+            robust = share(xb, yb, True) if eps > 0 else natural
+            loss = alpha * natural + (1.0 - alpha) * robust
+        return gradients(loss, masks, tape)
+
+    @tf.function
+    def draw(i):
+        base = tf.cast(i, tf.int64) * (len(noise) + 1)
+        index = tf.random.stateless_uniform([batch_size], seed=tf.stack([tf.constant(seed, tf.int64), base]),
+                                            minval=0, maxval=tf.shape(x)[0], dtype=tf.int32)
+        if eps > 0:
+            for j, v in enumerate(noise):
+                v.assign(tf.random.stateless_uniform(
+                    v.shape, seed=tf.stack([tf.constant(seed, tf.int64), base + j + 1]),
+                    minval=-eps, maxval=eps))
+        return tf.gather(x, index), tf.gather(y, index)
+
+    @tf.function
+    def ascend(grads):
+        for v, g in zip(noise, grads):
+            v.assign(tf.clip_by_value(v + step_size * tf.sign(g), -eps, eps))
+
+    @tf.function
+    def descend(grads):
+        for m, v, g in zip(masks, velocities, grads):
+            v.assign(settings["momentum"] * v + g)
+            m.assign(tf.clip_by_value(m - settings["learning_rate"] * v, 0.0, 1.0))
+
+    for i in range(settings["iterations"]):
+        xb, yb = draw(tf.constant(i, tf.int32))
+        if eps > 0:
+            for _ in range(steps):
+                ascend(sum_over_replicas(strategy, strategy.run(noise_gradients, args=(xb, yb))))
+        descend(sum_over_replicas(strategy, strategy.run(mask_gradients, args=(xb, yb))))
 
 
 def anp_masks(scores, threshold=0.2, *, fraction=None, count=None):
