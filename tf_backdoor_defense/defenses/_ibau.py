@@ -40,7 +40,9 @@ first-order step and did not help in our measurements (see :func:`ibau`).
 Both steps run under a ``tf.distribute`` strategy (``strategy=``): every
 replica takes its rows of each batch; the inner step sums the replicas'
 gradients in the perturbation before each ascent step, the outer step sums
-their gradients in the weights. The hypergradient runs on one replica only.
+their gradients in the weights. The hypergradient sums the replicas'
+gradients and Hessian products in the perturbation at every step of its
+power iteration and Neumann series.
 
 Differences from the paper: the perturbation is refined on every batch
 (warm-started) rather than once per round; only a share of each batch is
@@ -174,22 +176,24 @@ class _Minimax:
         self.delta.assign(delta)
         return loss
 
-    def _inner_gradient(self, xb, yb, delta, multiplier):
-        """Gradient in ``delta`` of the inner objective ``-L + multiplier / 2 * ||delta||^2``."""
+    def _inner_gradient(self, xb, yb, delta, multiplier, count):
+        """This replica's share of the gradient in ``delta`` of the inner objective
+        ``-L + multiplier / 2 * ||delta||^2`` over a batch of ``count`` rows."""
         with tf.GradientTape() as tape:
             tape.watch(delta)
-            objective = (-self._loss(self._perturb(xb, delta), yb)
-                         + 0.5 * multiplier * tf.reduce_sum(tf.square(delta)))
+            objective = (-self._loss(self._perturb(xb, delta), yb, count)
+                         + 0.5 * multiplier * tf.reduce_sum(tf.square(delta)) / replica_count())
         return tape.gradient(objective, delta)
 
-    def _hessian_product(self, xb, yb, delta, multiplier, vector):
+    def _hessian_product(self, xb, yb, delta, multiplier, vector, count):
+        """The inner objective's Hessian in ``delta`` times ``vector``, summed over the replicas."""
         with tf.GradientTape() as tape:
             tape.watch(delta)
-            product = tf.reduce_sum(self._inner_gradient(xb, yb, delta, multiplier)
+            product = tf.reduce_sum(self._inner_gradient(xb, yb, delta, multiplier, count)
                                     * tf.stop_gradient(vector))
-        return tape.gradient(product, delta)
+        return _all_replicas(tape.gradient(product, delta))
 
-    def _implicit_term(self, xb, yb, delta, outer_delta_grad):
+    def _implicit_term(self, xb, yb, delta, outer_delta_grad, count):
         """``(d delta*/d theta)^T dL/d delta`` by a truncated Neumann series (fixed-point map).
 
         ``delta*`` is treated as a stationary point of ``-L + mu / 2 ||delta||^2``
@@ -197,27 +201,34 @@ class _Minimax:
         perturbation on the sphere is a fixed point too), and the step ``eta``
         of the map ``Phi = delta - eta * grad`` is one over the largest
         curvature, estimated by power iteration.
+
+        ``xb`` are this replica's rows of a batch of ``count``; the gradients
+        and Hessian products in ``delta`` are summed over the replicas (the
+        loops are unrolled, so that every step sums), and the mixed term
+        returned is this replica's share, which the outer step sums.
         """
+        outer_delta_grad = _all_replicas(outer_delta_grad)
         with tf.GradientTape() as tape:
             tape.watch(delta)
-            loss = self._loss(self._perturb(xb, delta), yb)
-        loss_grad = tape.gradient(loss, delta)
+            loss = self._loss(self._perturb(xb, delta), yb, count)
+        loss_grad = _all_replicas(tape.gradient(loss, delta))
         multiplier = (tf.nn.relu(tf.reduce_sum(loss_grad * delta))
                       / (tf.reduce_sum(tf.square(delta)) + 1e-12) + _PENALTY)
         size = tf.norm(outer_delta_grad) + 1e-12
         probe, curvature = outer_delta_grad / size, multiplier
-        for _ in tf.range(_POWER_STEPS):
-            image = self._hessian_product(xb, yb, delta, multiplier, probe)
+        for _ in range(_POWER_STEPS):
+            image = self._hessian_product(xb, yb, delta, multiplier, probe, count)
             curvature = tf.norm(image) + 1e-12
             probe = image / curvature
         eta = 1.0 / curvature
         cap = (self.neumann_steps + 1.0) * size  # what a contraction can reach at most
         v = outer_delta_grad
-        for _ in tf.range(self.neumann_steps):
-            v = outer_delta_grad + v - eta * self._hessian_product(xb, yb, delta, multiplier, v)
+        for _ in range(self.neumann_steps):
+            v = outer_delta_grad + v - eta * self._hessian_product(xb, yb, delta, multiplier, v,
+                                                                   count)
             v = v * tf.minimum(1.0, cap / (tf.norm(v) + 1e-12))
         with tf.GradientTape() as tape:
-            product = tf.reduce_sum(self._inner_gradient(xb, yb, delta, multiplier)
+            product = tf.reduce_sum(self._inner_gradient(xb, yb, delta, multiplier, count)
                                     * tf.stop_gradient(v))
         mixed = tape.gradient(product, self.variables)
         return [None if m is None else -eta * m for m in mixed]
@@ -234,10 +245,10 @@ class _Minimax:
                 loss = loss + self.anchor_weight * replica_anchor_loss(
                     self.model, self.teacher, self.soft_loss, clean, partner, weight)
         grads = tape.gradient(loss, self.variables)
-        if self.hypergradient:  # one replica only (checked by ibau())
+        if self.hypergradient:
             delta_grad = tape.gradient(loss, delta)
             del tape
-            extra = self._implicit_term(xb, yb, delta, delta_grad)
+            extra = self._implicit_term(xb, yb, delta, delta_grad, count)
             grads = [g if e is None else (e if g is None else g + e)
                      for g, e in zip(grads, extra)]
         grads = summed_gradients(grads)
@@ -251,6 +262,11 @@ class _Minimax:
         delta = self.delta.read_value()
         return sum_over_replicas(self.strategy, self.strategy.run(
             self._replica_descend, args=(xb, yb, chosen, partner, weight, delta)))
+
+
+def _all_replicas(value):
+    """Inside a replica: ``value`` summed over every replica (itself with one replica)."""
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
 def _check_target(target, model, hypergradient):
@@ -367,8 +383,8 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
         ``model.distribute_strategy`` (the strategy whose ``scope()`` the call
         runs in, else one device). Against one device the batches and the
         perturbed inputs chosen are the same; the perturbation and the
-        weights agree within float32 tolerance. ``hypergradient=True`` needs
-        a single replica.
+        weights agree within float32 tolerance, with ``hypergradient=True``
+        too.
     target : int or sequence of int, default=None
         A suspected target class (from a scan): the inner step then looks
         for the universal perturbation that sends the inputs of the other
@@ -416,10 +432,6 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
     neumann_steps = int(check_number(neumann_steps, "neumann_steps", 0, integer=True))
     seed = check_seed(seed)
     target = _check_target(target, model, hypergradient)
-    if hypergradient and strategy.num_replicas_in_sync > 1:
-        raise ValueError(f"The 'hypergradient' parameter must be False under a strategy with "
-                         f"several replicas (its Neumann series runs on one replica). Got "
-                         f"hypergradient=True with {strategy.num_replicas_in_sync} replicas.")
     low, high = float(np.min(x)), float(np.max(x))
     if high <= low:
         raise ValueError(f"The inputs of `train_data` are all equal ({low:g}); the "
