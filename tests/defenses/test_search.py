@@ -14,7 +14,8 @@ import pytest
 
 import tf_backdoor_defense.pruning._ranking as ranking_module
 import tf_backdoor_defense.defenses._search as search_module
-from tf_backdoor_defense._keras import keras
+from tf_backdoor_defense._errors import InputError
+from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.scoring._activations import mean_channel_activations
 from tf_backdoor_defense.masks._wrapper import PruneByActivation, masked_layers, wrap_layers
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
@@ -60,7 +61,7 @@ class FakeProfile:
         self.trained.append((_pruned(model), data, kwargs))
         return model
 
-    def clean_accuracy(self, model, data, batch_size=256):
+    def clean_accuracy(self, model, data, batch_size=256, strategy=None):
         if model is self.baseline:
             return 1.0
         return self.accuracy_of_count(sum(_pruned(model).values()))
@@ -275,14 +276,25 @@ def test_fine_tune_settings_and_seed_are_passed_to_train_clean(monkeypatch):
     fake = FakeProfile(monkeypatch, model, _monotone)
     search_pruning_level(model, train, validation, fractions=[0.5], max_accuracy_drop=1.0, seed=7,
                          fine_tune={"epochs": 2, "learning_rate": 0.01})
-    assert fake.trained and all(kw == {"epochs": 2, "learning_rate": 0.01, "seed": 7}
-                                for _, _, kw in fake.trained)
+    default = tf.distribute.get_strategy()  # the model's: no strategy given, no scope
+    assert fake.trained and all(
+        kw == {"epochs": 2, "learning_rate": 0.01, "seed": 7, "strategy": default}
+        for _, _, kw in fake.trained)
     for _, data, _ in fake.trained:
         assert np.array_equal(np.asarray(data.x), train[0])  # never the validation data
     fake.trained.clear()
     search_pruning_level(model, train, validation, fractions=[0.5], max_accuracy_drop=1.0, seed=7,
                          fine_tune={"seed": 3})
-    assert all(kw == {"seed": 3} for _, _, kw in fake.trained)
+    assert all(kw == {"seed": 3, "strategy": default} for _, _, kw in fake.trained)
+
+
+def test_two_different_distribute_strategies_are_refused(monkeypatch):
+    model, train, validation = _model(), _data(24, seed=0), _data(12, seed=1)
+    FakeProfile(monkeypatch, model, _monotone)
+    other = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with pytest.raises(InputError, match="name different strategies"):
+        search_pruning_level(model, train, validation, fractions=[0.5], fine_tune={"strategy": other},
+                             distribute_strategy=tf.distribute.get_strategy())
 
 
 def test_fine_tune_dict_of_the_caller_is_not_modified(monkeypatch):

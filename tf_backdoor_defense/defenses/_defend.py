@@ -424,7 +424,7 @@ def _prune_search(model, train, context):
                                   max_accuracy_drop=context["budget"],
                                   fine_tune=dict(context["fine_tune"],
                                                  learning_rate=context["learning_rates"][0]),
-                                  seed=context["seed"])
+                                  seed=context["seed"], distribute_strategy=context["strategy"])
     return result.model, (f"pruned {result.fraction:.0%} of {', '.join(layers)} "
                           f"({len(result.table)} levels fine-tuned)")
 
@@ -720,7 +720,8 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
         validation predictions, plain and stamped, and the ASR on
         ``poisoned_validation_data``) splits each batch over the replicas
         (:func:`~tf_backdoor_defense.metrics.predict_labels`); ``clp``'s
-        scores read the weights only; ``prune-search`` runs on one device.
+        scores read the weights only; ``prune-search`` ranks its channels on
+        one device.
 
     Returns
     -------

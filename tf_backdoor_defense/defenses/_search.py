@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from tf_backdoor_defense._distribute import resolve_strategy
 from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense.pruning._ranking import fraction_masks, layer_rankings
 from tf_backdoor_defense.masks._results import MasksResult
@@ -94,7 +95,7 @@ def _fractions(fractions, largest):
 def search_pruning_level(model, train_data, validation_data, *, layers=None, max_accuracy_drop=0.01,
                          strategy="bisection", fractions=None, fine_tune=None, ranking_data=None,
                          poisoned_validation_data=None, target=None, batch_size=256, seed=0,
-                         poisoned_validation=None):
+                         poisoned_validation=None, distribute_strategy=None):
     """Prune ``layers`` as far as fine-tuning can repair, within an accuracy budget.
 
     ``model`` is never modified.
@@ -132,6 +133,13 @@ def search_pruning_level(model, train_data, validation_data, *, layers=None, max
     poisoned_validation : deprecated
         The old name of ``poisoned_validation_data``; it still works in this
         release, with a ``DeprecationWarning``.
+    distribute_strategy : tf.distribute.Strategy, default=None
+        The ``tf.distribute`` strategy (``strategy`` names the search order):
+        every level's clean training and its validation passes run on the
+        strategy's replicas and workers (every worker needs the same data
+        and seed); the channel ranking runs on one device. Default:
+        ``fine_tune["strategy"]`` if given, else ``model.distribute_strategy``
+        (the strategy whose ``scope()`` the call runs in, else one device).
 
     Returns
     -------
@@ -170,12 +178,18 @@ def search_pruning_level(model, train_data, validation_data, *, layers=None, max
         raise InputError("The 'target' parameter needs `poisoned_validation_data`.")
     settings = dict(fine_tune or {})
     settings.setdefault("seed", seed)
+    given = settings.get("strategy")
+    if given is not None and distribute_strategy is not None and given is not distribute_strategy:
+        raise InputError("`fine_tune['strategy']` and `distribute_strategy` name different "
+                         "strategies; give one.")
+    distribute_strategy = resolve_strategy(distribute_strategy or given, model)
+    settings["strategy"] = distribute_strategy
 
     ranking_set = train if ranking_data is None else check_data(ranking_data, "ranking_data",
                                                                 model=model)
     rankings, _, base_masks = layer_rankings(model, names, ranking_set, batch_size)
     grid = _fractions(fractions, max(order.size for order in rankings.values()))
-    baseline = clean_accuracy(model, validation, batch_size)
+    baseline = clean_accuracy(model, validation, batch_size, strategy=distribute_strategy)
 
     rows, models = [], {}
 
@@ -187,8 +201,9 @@ def search_pruning_level(model, train_data, validation_data, *, layers=None, max
         started = time.perf_counter()
         masks = masks_at(fraction)
         tuned = train_clean(wrap_layers(model, names, masks), train, **settings)
-        accuracy = clean_accuracy(tuned, validation, batch_size)
-        asr = (attack_success_rate(tuned, poisoned, target=target, batch_size=batch_size)
+        accuracy = clean_accuracy(tuned, validation, batch_size, strategy=distribute_strategy)
+        asr = (attack_success_rate(tuned, poisoned, target=target, batch_size=batch_size,
+                                   strategy=distribute_strategy)
                if poisoned is not None else np.nan)
         ok = bool(baseline - accuracy <= budget + _EPS)
         rows.append({"fraction": fraction,

@@ -1,11 +1,14 @@
-"""ANP's mask optimisation under tf.distribute, against one device.
+"""The pruning repairs under tf.distribute, against one device: ANP's masks and prune-search.
 
-The slow tests learn the tiny conv model's ANP masks in fresh processes, with the harness of
+The slow tests learn the tiny conv model's ANP masks and run ``search_pruning_level`` on it
+(the training of every level and its validation passes on the replicas) in fresh processes,
+with the harness of
 tests/scoring/test_distributed.py: MirroredStrategy on 2 logical CPUs (the model built in
 ``strategy.scope()``, no ``strategy=`` argument) and MultiWorkerMirroredStrategy with 2 workers
 on 127.0.0.1 (``strategy=`` passed). The batches and noise draws are those of one device; the
 gradients are summed over the replicas in another order, so the masks agree within float32
-rounding, and the channels ANP prunes are the same. The quick test checks that the default
+rounding, and the channels ANP prunes are the same. The search must try the same levels, with
+the same validation accuracies, and choose the same one. The quick test checks that the default
 strategy is the one-device code.
 """
 
@@ -16,9 +19,11 @@ import pytest
 
 from conftest import REPO, distributed_harness, tiny_conv_model
 from tf_backdoor_defense._keras import tf
+from tf_backdoor_defense.defenses._search import search_pruning_level
 from tf_backdoor_defense.scoring._anp import anp_mask_scores, anp_masks
 
-OPTIONS = dict(iterations=60, batch_size=10, seed=3)  # 10 rows: 5 per replica
+BATCH = 10  # 5 rows per replica
+OPTIONS = dict(iterations=60, batch_size=BATCH, seed=3)
 
 
 def _data():
@@ -30,17 +35,24 @@ def _data():
 def _summary(model, **options):
     scores = anp_mask_scores(model, _data(), **OPTIONS, **options)
     pruned = anp_masks(scores, 0.2)
+    x, y = _data()
+    search = search_pruning_level(model, (x[:36], y[:36]), (x[36:], y[36:]), layers="conv_b",
+                                  max_accuracy_drop=0.1, batch_size=BATCH,
+                                  fine_tune=dict(epochs=2, batch_size=BATCH),
+                                  distribute_strategy=options.get("strategy"))
     return {"scores": {name: values.tolist() for name, values in scores.items()},
-            "pruned": {name: mask.tolist() for name, mask in pruned.items()}}
+            "pruned": {name: mask.tolist() for name, mask in pruned.items()},
+            "search": search.table[["fraction", "validation_accuracy", "within_budget"]]
+            .to_dict(orient="list"), "search_fraction": search.fraction}
 
 
 WORKER = textwrap.dedent("""
     import json, sys
-    sys.path[:0] = [{tests!r}, {scoring_tests!r}]
+    sys.path[:0] = [{tests!r}, {defense_tests!r}]
     mode, out = sys.argv[1:3]
 """) + distributed_harness().STRATEGY + textwrap.dedent("""
     from conftest import tiny_conv_model
-    from test_anp_distributed import _summary
+    from test_pruning_repairs_distributed import _summary
     build = lambda: tiny_conv_model()  # noqa: E731
 """) + distributed_harness().MODEL + textwrap.dedent("""
     result = _summary(model, **options)
@@ -58,6 +70,8 @@ def reference():
 def _check(result, reference):
     assert result["replicas"] == 2
     assert result["pruned"] == reference["pruned"]
+    assert result["search"] == reference["search"] and len(reference["search"]["fraction"]) > 2
+    assert result["search_fraction"] == reference["search_fraction"] > 0
     assert any(0 in mask for mask in reference["pruned"].values())  # ANP prunes something
     for name, values in reference["scores"].items():
         np.testing.assert_allclose(result["scores"][name], values, rtol=0, atol=1e-6)
@@ -66,7 +80,7 @@ def _check(result, reference):
 def _script(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(REPO / "tests"),
-                                    scoring_tests=str(REPO / "tests" / "scoring")))
+                                    defense_tests=str(REPO / "tests" / "defenses")))
     return script
 
 
