@@ -308,19 +308,23 @@ def anp_mask_scores(model, train_data, *, layers=None, eps=0.4, steps=1, alpha=0
         finally:
             switch.on = False
 
+    def draw(i, x, y):
+        """Iteration ``i``'s batch, with fresh noise: the same draws on any device."""
+        base = tf.cast(i, tf.int64) * (len(noise) + 1)
+        index = tf.random.stateless_uniform([batch_size], seed=tf.stack([tf.constant(seed, tf.int64), base]),
+                                            minval=0, maxval=tf.shape(x)[0], dtype=tf.int32)
+        if eps > 0:
+            for j, v in enumerate(noise):
+                v.assign(tf.random.stateless_uniform(
+                    v.shape, seed=tf.stack([tf.constant(seed, tf.int64), base + j + 1]),
+                    minval=-eps, maxval=eps))
+        return tf.gather(x, index), tf.gather(y, index)
+
     @tf.function
     def optimise(x, y, iterations):
-        n = tf.shape(x)[0]
         for i in tf.range(iterations):
-            base = tf.cast(i, tf.int64) * (len(noise) + 1)
-            index = tf.random.stateless_uniform([batch_size], seed=tf.stack([tf.constant(seed, tf.int64), base]),
-                                                minval=0, maxval=n, dtype=tf.int32)
-            xb, yb = tf.gather(x, index), tf.gather(y, index)
+            xb, yb = draw(i, x, y)
             if eps > 0:
-                for j, v in enumerate(noise):
-                    v.assign(tf.random.stateless_uniform(
-                        v.shape, seed=tf.stack([tf.constant(seed, tf.int64), base + j + 1]),
-                        minval=-eps, maxval=eps))
                 for _ in range(steps):
                     with tf.GradientTape() as tape:
                         loss_adv = forward_loss(xb, yb, True)
@@ -342,25 +346,27 @@ def anp_mask_scores(model, train_data, *, layers=None, eps=0.4, steps=1, alpha=0
     strategy = resolve_strategy(strategy, model)
     if strategy.num_replicas_in_sync > 1:
         _optimise_replicated(strategy, noisy, switch, _loss_fn(model, summed=True), states,
-                             x, y, settings=dict(eps=eps, steps=steps, alpha=alpha,
-                                                 iterations=iterations, batch_size=batch_size,
-                                                 learning_rate=learning_rate,
-                                                 momentum=momentum, seed=seed))
+                             draw, x, y, settings=dict(eps=eps, steps=steps, alpha=alpha,
+                                                       iterations=iterations,
+                                                       batch_size=batch_size,
+                                                       learning_rate=learning_rate,
+                                                       momentum=momentum))
     else:
         optimise(tf.constant(x, tf.float32), tf.constant(y, tf.int64),
                  tf.constant(iterations, tf.int32))
     return {name: state.mask.numpy().astype(np.float32) for name, state in zip(names, states)}
 
 
-def _optimise_replicated(strategy, noisy, switch, summed, states, x, y, settings):
+def _optimise_replicated(strategy, noisy, switch, summed, states, draw, x, y, settings):
     """ANP's optimisation with each batch split over ``strategy``'s replicas.
 
-    The same batches and noise draws as one device; each replica computes the
+    ``draw(i, x, y)`` gives iteration ``i``'s batch and noise, as on one
+    device; each replica computes the
     gradients of its rows' share of the mean loss, ``strategy.reduce`` adds
     them, and every worker applies the same updates to its own variables.
     """
     eps, steps, alpha = settings["eps"], settings["steps"], settings["alpha"]
-    batch_size, seed = settings["batch_size"], settings["seed"]
+    batch_size = settings["batch_size"]
     masks = [state.mask for state in states]
     velocities = [state.velocity for state in states]
     noise = [v for state in states for v in state.noise]
@@ -394,17 +400,7 @@ def _optimise_replicated(strategy, noisy, switch, summed, states, x, y, settings
             loss = alpha * natural + (1.0 - alpha) * robust
         return gradients(loss, masks, tape)
 
-    @tf.function
-    def draw(i):
-        base = tf.cast(i, tf.int64) * (len(noise) + 1)
-        index = tf.random.stateless_uniform([batch_size], seed=tf.stack([tf.constant(seed, tf.int64), base]),
-                                            minval=0, maxval=tf.shape(x)[0], dtype=tf.int32)
-        if eps > 0:
-            for j, v in enumerate(noise):
-                v.assign(tf.random.stateless_uniform(
-                    v.shape, seed=tf.stack([tf.constant(seed, tf.int64), base + j + 1]),
-                    minval=-eps, maxval=eps))
-        return tf.gather(x, index), tf.gather(y, index)
+    batch = tf.function(lambda i: draw(i, x, y))
 
     @tf.function
     def ascend(grads):
@@ -418,7 +414,7 @@ def _optimise_replicated(strategy, noisy, switch, summed, states, x, y, settings
             m.assign(tf.clip_by_value(m - settings["learning_rate"] * v, 0.0, 1.0))
 
     for i in range(settings["iterations"]):
-        xb, yb = draw(tf.constant(i, tf.int32))
+        xb, yb = batch(tf.constant(i, tf.int32))
         if eps > 0:
             for _ in range(steps):
                 ascend(sum_over_replicas(strategy, strategy.run(noise_gradients, args=(xb, yb))))
