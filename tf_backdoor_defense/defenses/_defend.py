@@ -720,8 +720,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
         validation predictions, plain and stamped, and the ASR on
         ``poisoned_validation_data``) splits each batch over the replicas
         (:func:`~tf_backdoor_defense.metrics.predict_labels`); ``clp``'s
-        scores read the weights only; ``prune-search`` ranks its channels on
-        one device.
+        scores read the weights only.
 
     Returns
     -------

@@ -135,9 +135,9 @@ def search_pruning_level(model, train_data, validation_data, *, layers=None, max
         release, with a ``DeprecationWarning``.
     distribute_strategy : tf.distribute.Strategy, default=None
         The ``tf.distribute`` strategy (``strategy`` names the search order):
-        every level's clean training and its validation passes run on the
-        strategy's replicas and workers (every worker needs the same data
-        and seed); the channel ranking runs on one device. Default:
+        the channel statistics, every level's clean training and its
+        validation passes run on the strategy's replicas and workers (every
+        worker needs the same data and seed). Default:
         ``fine_tune["strategy"]`` if given, else ``model.distribute_strategy``
         (the strategy whose ``scope()`` the call runs in, else one device).
 
@@ -187,7 +187,8 @@ def search_pruning_level(model, train_data, validation_data, *, layers=None, max
 
     ranking_set = train if ranking_data is None else check_data(ranking_data, "ranking_data",
                                                                 model=model)
-    rankings, _, base_masks = layer_rankings(model, names, ranking_set, batch_size)
+    rankings, _, base_masks = layer_rankings(model, names, ranking_set, batch_size,
+                                             strategy=distribute_strategy)
     grid = _fractions(fractions, max(order.size for order in rankings.values()))
     baseline = clean_accuracy(model, validation, batch_size, strategy=distribute_strategy)
 

@@ -11,6 +11,7 @@ import numpy as np
 from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense.masks._wrapper import PruneByActivation, channel_count
 from tf_backdoor_defense.scoring._activations import mean_channel_activations, resolve_layer
+from tf_backdoor_defense.scoring._distributed import distributed_channel_means, is_distributed
 
 __all__ = ["rank_channels", "level_mask", "layer_rankings", "fraction_masks"]
 
@@ -62,7 +63,7 @@ def pruned_first(order, mask):
     return np.concatenate([order[already], order[~already]])
 
 
-def layer_rankings(model, layers, ranking_data, batch_size=256):
+def layer_rankings(model, layers, ranking_data, batch_size=256, strategy=None):
     """Per-layer pruning orders on ``ranking_data``, with the channels already pruned first.
 
     Parameters
@@ -73,6 +74,11 @@ def layer_rankings(model, layers, ranking_data, batch_size=256):
     ranking_data : LabeledData, (x, y) arrays, x alone or tf.data.Dataset
         Clean data on which the mean activations are computed.
     batch_size : int, default=256
+    strategy : tf.distribute.Strategy, default=None
+        With several replicas or workers the mean activations are computed on
+        all of them and reduced
+        (:func:`~tf_backdoor_defense.scoring._distributed.distributed_channel_means`);
+        None or one replica: this device.
 
     Returns
     -------
@@ -95,8 +101,12 @@ def layer_rankings(model, layers, ranking_data, batch_size=256):
     rankings, means, base_masks = {}, {}, {}
     for name in layers:
         base_masks[name] = base_mask(resolve_layer(model, name))
-        means[name] = np.asarray(mean_channel_activations(model, ranking_data, name,
-                                                          batch_size=batch_size))
+        if not is_distributed(strategy):
+            means[name] = np.asarray(mean_channel_activations(model, ranking_data, name,
+                                                              batch_size=batch_size))
+        else:
+            means[name] = np.asarray(distributed_channel_means(
+                model, ranking_data, name, strategy=strategy, batch_size=batch_size))
         rankings[name] = pruned_first(rank_channels(means[name]), base_masks[name])
     return rankings, means, base_masks
 
