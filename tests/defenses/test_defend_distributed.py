@@ -19,7 +19,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import REPO, distributed_harness
+from conftest import distributed_harness
 from tf_backdoor_defense import defend
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.defenses._ibau import _Minimax, ibau
@@ -80,7 +80,7 @@ def _outer_step(model, x, y, strategy):
 
 WORKER = textwrap.dedent("""
     import json, sys
-    sys.path[:0] = [{tests!r}, {scan_tests!r}, {defense_tests!r}]
+    sys.path[:0] = {paths!r}
     mode, out = sys.argv[1:3]
 """) + distributed_harness().STRATEGY + textwrap.dedent("""
     from planted import planted_data, planted_model
@@ -117,11 +117,7 @@ def _check(result, reference):
 
 
 def _script(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(REPO / "tests"),
-                                    scan_tests=str(REPO / "tests" / "scan"),
-                                    defense_tests=str(REPO / "tests" / "defenses")))
-    return script
+    return distributed_harness().worker_script(WORKER, tmp_path, 'scan', 'defenses')
 
 
 @pytest.mark.slow

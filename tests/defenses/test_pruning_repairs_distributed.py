@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import REPO, distributed_harness, tiny_conv_model
+from conftest import distributed_harness, tiny_conv_model
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense.defenses._search import search_pruning_level
 from tf_backdoor_defense.scoring._anp import anp_mask_scores, anp_masks
@@ -48,7 +48,7 @@ def _summary(model, **options):
 
 WORKER = textwrap.dedent("""
     import json, sys
-    sys.path[:0] = [{tests!r}, {defense_tests!r}]
+    sys.path[:0] = {paths!r}
     mode, out = sys.argv[1:3]
 """) + distributed_harness().STRATEGY + textwrap.dedent("""
     from conftest import tiny_conv_model
@@ -78,10 +78,7 @@ def _check(result, reference):
 
 
 def _script(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(REPO / "tests"),
-                                    defense_tests=str(REPO / "tests" / "defenses")))
-    return script
+    return distributed_harness().worker_script(WORKER, tmp_path, 'defenses')
 
 
 @pytest.mark.slow

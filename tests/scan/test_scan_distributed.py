@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import REPO, distributed_harness, tiny_conv_model
+from conftest import distributed_harness, tiny_conv_model
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense.defenses._ibau import ibau
 from tf_backdoor_defense.defenses._unlearning import unlearn_triggers
@@ -43,7 +43,7 @@ def _summary(scan, repaired, x):
 WORKER = textwrap.dedent("""
     import json, sys
     import numpy as np
-    sys.path[:0] = [{tests!r}, {scan_tests!r}]
+    sys.path[:0] = {paths!r}
     mode, out = sys.argv[1:3]
 """) + distributed_harness().STRATEGY + textwrap.dedent("""
     from planted import planted_data, planted_model
@@ -86,9 +86,7 @@ def _check(result, reference):
 
 
 def _script(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(REPO / "tests"), scan_tests=str(REPO / "tests" / "scan")))
-    return script
+    return distributed_harness().worker_script(WORKER, tmp_path, 'scan')
 
 
 @pytest.mark.slow

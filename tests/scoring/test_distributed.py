@@ -178,6 +178,15 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_single_device(setup):
     _check(result, setup, replicas=2)
 
 
+def worker_script(template, folder, *test_folders):
+    """``folder/worker.py`` from ``template``, whose ``{paths!r}`` becomes the list of ``tests``
+    and its ``test_folders`` (for ``sys.path[:0] = {paths!r}``)."""
+    paths = [str(REPO / "tests")] + [str(REPO / "tests" / name) for name in test_folders]
+    script = folder / "worker.py"
+    script.write_text(template.format(paths=paths))
+    return script
+
+
 def run_mirrored(script, args, folder):
     """Run ``script mirrored *args OUT`` in a fresh process; its JSON result.
 
