@@ -36,7 +36,8 @@ from tf_backdoor_defense._keras import keras, tf
 
 __all__ = ["resolve_strategy", "replica_rows", "batch_mean", "replica_count", "sum_over_replicas",
            "summed_loss", "summed_gradients", "shift_variables", "ReplicaShard",
-           "sum_over_local_replicas", "local_replica_count", "rows_over_replicas"]
+           "sum_over_local_replicas", "local_replica_count", "rows_over_replicas",
+           "is_distributed"]
 
 
 def resolve_strategy(strategy, model):
@@ -53,6 +54,20 @@ def resolve_strategy(strategy, model):
         raise TypeError(f"The 'strategy' parameter must be a tf.distribute.Strategy or None. "
                         f"Got {type(strategy).__name__}.")
     return strategy
+
+
+def is_distributed(strategy):
+    """True for a strategy with several replicas or several workers (False for None).
+
+    >>> is_distributed(None), is_distributed(tf.distribute.get_strategy())
+    (False, False)
+    """
+    if strategy is None:
+        return False
+    if strategy.num_replicas_in_sync > 1:
+        return True
+    extended = getattr(strategy, "extended", None)
+    return bool(getattr(extended, "_num_workers", 1) > 1)
 
 
 def replica_count():

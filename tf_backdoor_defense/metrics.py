@@ -19,7 +19,7 @@ import weakref
 
 import numpy as np
 
-from tf_backdoor_defense._distribute import rows_over_replicas
+from tf_backdoor_defense._distribute import is_distributed, rows_over_replicas
 from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_target, num_classes_of
@@ -89,7 +89,7 @@ def predict_labels(model, x, batch_size=256, strategy=None):
     """
     x = np.asarray(x, dtype=np.float32)
     fn = _predict_fn(model)
-    if strategy is not None and strategy.num_replicas_in_sync > 1:
+    if is_distributed(strategy):
         return _replicated_labels(fn, x, batch_size, strategy)
     out = [labels_from_outputs(fn(x[s:s + batch_size]).numpy()) for s in range(0, len(x), batch_size)]
     return np.concatenate(out) if out else np.zeros((0,), np.int64)

@@ -49,8 +49,8 @@ import time
 
 import numpy as np
 
-from tf_backdoor_defense._distribute import (batch_mean, replica_count, replica_rows,
-                                             resolve_strategy, rows_over_replicas,
+from tf_backdoor_defense._distribute import (batch_mean, is_distributed, replica_count,
+                                             replica_rows, resolve_strategy, rows_over_replicas,
                                              sum_over_replicas, summed_gradients, summed_loss)
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._validation import check_fraction, check_model, check_number
@@ -347,7 +347,7 @@ def training_targets(model, x, y, distill, batch_size=256, strategy=None):
             out = tf.sigmoid(out) if out.shape[-1] == 1 else tf.nn.softmax(out, axis=-1)
         return np.asarray(out, dtype=np.float32)
 
-    if strategy is not None and strategy.num_replicas_in_sync > 1:
+    if is_distributed(strategy):
         columns = int(model.output_shape[-1])
         return rows_over_replicas(strategy, x.shape[0], batch_size,
                                   lambda rows: probabilities(x[rows]),

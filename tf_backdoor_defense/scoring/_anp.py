@@ -52,8 +52,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tf_backdoor_defense._distribute import (batch_mean, replica_rows, resolve_strategy,
-                                             sum_over_replicas, summed_loss)
+from tf_backdoor_defense._distribute import (batch_mean, is_distributed, replica_rows,
+                                             resolve_strategy, sum_over_replicas, summed_loss)
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.masks._registry import is_prunable
@@ -344,7 +344,7 @@ def anp_mask_scores(model, train_data, *, layers=None, eps=0.4, steps=1, alpha=0
         return tf.constant(0)
 
     strategy = resolve_strategy(strategy, model)
-    if strategy.num_replicas_in_sync > 1:
+    if is_distributed(strategy):
         _optimise_replicated(strategy, noisy, switch, _loss_fn(model, summed=True), states,
                              draw, x, y, settings=dict(eps=eps, steps=steps, alpha=alpha,
                                                        iterations=iterations,

@@ -11,6 +11,7 @@ and equal the single-device result (up to the order of float64 additions).
 
 import weakref
 
+from tf_backdoor_defense._distribute import is_distributed
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense.masks._wrapper import layer_names
 from tf_backdoor_defense.scoring._activations import (
@@ -28,16 +29,6 @@ __all__ = ["distributed_channel_means", "is_distributed"]
 # {model: {(layer, strategy) ids: compiled step}}. A value holds the feature extractor and
 # the strategy, never the model itself, so the entry dies with the model.
 _FNS = weakref.WeakKeyDictionary()
-
-
-def is_distributed(strategy):
-    """True for a strategy with several replicas or several workers."""
-    if strategy is None:
-        return False
-    if strategy.num_replicas_in_sync > 1:
-        return True
-    extended = getattr(strategy, "extended", None)
-    return bool(getattr(extended, "_num_workers", 1) > 1)
 
 
 def _step_fn(model, layer, strategy):
