@@ -94,6 +94,7 @@ def _defend(model, methods, **kwargs):
     kwargs.setdefault("scan", False)  # these tests pin the choice rule, not the scan
     kwargs.setdefault("budget_confidence", None)  # point estimates: exact fractions of 20 inputs
     kwargs.setdefault("try_all", True)  # the table of every method
+    kwargs.setdefault("interpolate", ())  # one row per method (interpolation has its own tests)
     return defend(model, TRAIN, methods=methods, **kwargs)
 
 
