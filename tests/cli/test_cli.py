@@ -504,6 +504,7 @@ def test_defend_help_documents_the_example_and_exit_code_3(capsys):
     assert "examples:" in text and "defend bd_net.h5 --clean" in text
     assert "--fail-if-active" in text and "--trust-model-code" in text and "--target" in text
     assert "exit code is still 0" in text and "3 --fail-if-active" in text
+    assert "--interpolate" in text and "0.8 of the way" in text
     for method in ("reinit-head", "prune-search", "ft-cosine"):
         assert method in text
     assert cli.main(["--help"]) == 0
@@ -576,6 +577,23 @@ def test_defend_text_table_and_existing_outputs_need_force(defense_files, tmp_pa
     assert captured.err == ""  # --quiet: no notes, and no warning to give
     assert json.loads((out / "defense.json").read_text())["settings"]["seed"] == 1
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_defend_interpolate_option_reaches_defend(defense_files, tmp_path, capsys):
+    base = ["defend", str(defense_files / "model.h5"), "--clean", str(defense_files / "train.npz"),
+            *FAST, "--max-accuracy-drop", "1"]
+    for extra, expected in (([], [0.8]), (["--interpolate"], []),
+                            (["--interpolate", "0.9", "0.7"], [0.9, 0.7])):
+        out = tmp_path / f"out{len(expected)}{len(extra)}"
+        assert cli.main(base + extra + ["--output", str(out), "--quiet"]) == 0
+        settings = json.loads((out / "defense.json").read_text())["settings"]
+        assert settings["interpolate"] == expected
+    capsys.readouterr()
+    out = tmp_path / "refused"
+    assert cli.main(base + ["--interpolate", "1.5", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "interpolate" in err and "Traceback" not in err
+    assert not out.exists() or not any(p.suffix == ".h5" for p in out.iterdir())
 
 
 def test_defend_bad_data_exits_2_naming_the_file_and_writes_nothing(defense_files, tmp_path,
@@ -669,8 +687,9 @@ def test_prune_help_shows_each_default_once(capsys):
 def test_defense_methods_of_the_parser_are_the_library_s():
     from tf_backdoor_defense.defenses._defend import METHODS
 
-    from tf_backdoor_defense.defenses._defend import DEFAULT_METHODS, TARGETED_METHODS
+    from tf_backdoor_defense.defenses._defend import DEFAULT_METHODS, INTERPOLATE, TARGETED_METHODS
 
+    assert cli.DEFENSE_INTERPOLATE == tuple(INTERPOLATE)
     assert cli.DEFENSE_METHODS == tuple(METHODS)
     assert cli.DEFAULT_DEFENSE_METHODS == tuple(DEFAULT_METHODS)
     assert cli.TARGETED_DEFENSE_METHODS == tuple(TARGETED_METHODS)

@@ -9,7 +9,8 @@ MultiWorkerMirroredStrategy with 2 workers on 127.0.0.1 (``strategy=`` passed). 
 labels, accuracies and ASRs are exact under any strategy; the verdict, the choice and the table
 must be those of one device; I-BAU's weights agree within 1e-4 and its predictions exactly,
 and one outer step with the implicit hypergradient gives one device's update within float32
-rounding.
+rounding; the interpolation of I-BAU's repair with the received model (defend's ``@0.8``
+candidates) predicts exactly as on one device.
 The quick test checks that the default strategy is the one-device code.
 """
 
@@ -22,6 +23,7 @@ import pytest
 from conftest import distributed_harness
 from tf_backdoor_defense import defend
 from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.defenses._defend import interpolate_weights
 from tf_backdoor_defense.defenses._ibau import _Minimax, ibau
 from tf_backdoor_defense.finetune._training import copy_model, loss_for
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy, predict_labels
@@ -59,6 +61,8 @@ def _summary(model, x, y, **options):
             "shipped_labels": predict_labels(result.model, x).tolist(),
             "ibau_weights": [w.tolist() for w in adversarial.get_weights()],
             "ibau_labels": predict_labels(adversarial, x).tolist(),
+            # defend()'s interpolated candidate, made under the repair's strategy
+            "blend_labels": predict_labels(interpolate_weights(model, adversarial, 0.8), x).tolist(),
             "step_weights": [w.tolist() for w in _outer_step(model, x[:28], y[:28], strategy)]}
 
 

@@ -60,6 +60,8 @@ DEFENSE_METHODS = ("unlearn", "ibau", "reinit-head", "prune-search", "clp", "ft-
 # checks them)
 DEFAULT_DEFENSE_METHODS = ("unlearn", "ibau", "clp")
 TARGETED_DEFENSE_METHODS = ("ibau", "unlearn", "clp")
+# tf_backdoor_defense.defenses._defend.INTERPOLATE (the same test checks it)
+DEFENSE_INTERPOLATE = (0.8,)
 # When defend() uses TARGETED_DEFENSE_METHODS by default.
 _TARGETED_WHEN = "the scan names an all-to-one target or an all-to-all class map"
 
@@ -511,7 +513,7 @@ def cmd_defend(args, console):
                         max_accuracy_drop=args.max_accuracy_drop,
                         poisoned_validation_data=poisoned, target=target, methods=methods,
                         scan=not args.no_scan, repair_if_clean=args.repair_if_clean,
-                        try_all=args.try_all,
+                        try_all=args.try_all, interpolate=tuple(args.interpolate),
                         budget_confidence=args.budget_confidence, time_budget=args.time_budget,
                         epochs=args.epochs, learning_rate=list(args.learning_rate),
                         batch_size=args.batch_size, asr_tolerance=args.asr_tolerance,
@@ -921,6 +923,9 @@ def build_parser():
                     "otherwise\n   MODEL is written back unchanged. Both with a warning. "
                     "When no repair is within the\n   budget, MODEL is written back unchanged "
                     "too.\n"
+                    "   A repair over the budget is judged again with its weights 0.8 of the way "
+                    "from MODEL's\n   to its own (--interpolate), as a candidate of its own "
+                    "right after it.\n"
                     "4. Verify: a backdoor the scan still finds in the chosen model is a "
                     "warning.\n\n"
                     "When the backdoor may still be active a warning is printed (stderr, the "
@@ -963,6 +968,11 @@ def build_parser():
                             "them all)")
     group.add_argument("--repair-if-clean", action="store_true",
                        help="repair even when the scan finds no backdoor")
+    group.add_argument("--interpolate", type=float, nargs="*", default=list(DEFENSE_INTERPOLATE),
+                       metavar="FRACTION",
+                       help="a repair over the budget is judged again with its weights each "
+                            "FRACTION of the way from MODEL's to its own, until one qualifies "
+                            "(default: %(default)s; none: off)")
     group.add_argument("--budget-confidence", type=float, default=0.8, metavar="P",
                        help="one-sided confidence of the bound on the paired accuracy drop that "
                             "must stay within --max-accuracy-drop")

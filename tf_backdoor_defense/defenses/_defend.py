@@ -422,9 +422,10 @@ def interpolate_weights(received, repaired, alpha):
     """A copy of ``repaired`` whose weights lie ``alpha`` of the way from ``received``'s to its own.
 
     Every variable, BatchNorm statistics included, becomes
-    ``received + alpha * (repaired - received)``. None when the two models do
-    not hold the same variables (a pruned repair wraps layers in masks).
-    Neither model is modified.
+    ``received + alpha * (repaired - received)``; the copy is made under the
+    repair's distribution strategy. None when the two models do not hold the
+    same variables (a pruned repair wraps layers in masks). Neither model is
+    modified.
 
     >>> import numpy as np, tf_keras as keras
     >>> a = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, kernel_initializer="ones")])
@@ -437,7 +438,8 @@ def interpolate_weights(received, repaired, alpha):
     if type(received) is not type(repaired) or len(start) != len(end) or any(
             a.shape != b.shape or a.dtype != b.dtype for a, b in zip(start, end)):
         return None
-    blended = copy_model(repaired)
+    with repaired.distribute_strategy.scope():  # the copy lives where the repair does
+        blended = copy_model(repaired)
     blended.set_weights([a + alpha * (b - a) if np.issubdtype(a.dtype, np.floating) else b
                          for a, b in zip(start, end)])
     return blended
