@@ -122,7 +122,9 @@ lost 1 (bound 0.98 point), left a residual of 0.45% and, on evaluation
 digits, 0.0% ASR at no accuracy drop. Nearer the received model the backdoor
 comes back faster than the residual shows (at 0.6, I-BAU's repairs of that
 net and of pattern all-to-all seed 1 kept residuals of 0.45% and 0.8% and
-5.3% and 6.2% ASR), so only 0.8 is tried by default.
+5.3% and 6.2% ASR), so only 0.8 is tried by default. Each fraction is one
+more look at the same validation data, which the bound does not correct
+for: keep the list short.
 
 **The choice.** Among candidates within budget whose backdoor signal is at
 most ``asr_tolerance``, the first in ``methods`` order. When none clears the
@@ -202,8 +204,9 @@ class DefenseResult:
         The chosen method (None: nothing was repaired); ``"<method>@<fraction>"``
         for an interpolated repair (``interpolate``).
     table : pandas.DataFrame
-        One row per method tried (and per interpolation of one): ``method``, ``validation_accuracy``,
-        ``accuracy_drop`` (paired, vs. the model as received), ``drop_bound``
+        One row per method tried (and per interpolation of one): ``method``,
+        ``validation_accuracy``, ``accuracy_drop`` (paired, vs. the model as
+        received), ``drop_bound``
         (its upper confidence bound), ``validation_asr`` (NaN without
         triggered data), ``residual_trigger_rate`` (NaN without a scan that
         found something), ``within_budget``, ``verified`` (True/False: whether
@@ -577,7 +580,8 @@ def _dense_repair_not_chosen(table, chosen, found, poisoned, budget, tolerance):
     """A note when I-BAU searched the scan's target (or map) but was not chosen (over the
     budget, above the residual tolerance or still found by the rescan), and a repair that
     only sees the reversed small triggers shipped instead (else "")."""
-    if poisoned is not None or _base_method(chosen) in (None, "ibau") or _ibau_target(found) is None:
+    if (poisoned is not None or _base_method(chosen) in (None, "ibau")
+            or _ibau_target(found) is None):
         return ""
     rows = table[table["method"] == "ibau"]
     if rows.empty:
