@@ -162,3 +162,18 @@ def test_interpolate_weights_needs_the_same_variables():
                                0.5) is None
     assert interpolate_weights(a, keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
                                                     keras.layers.Dense(3)]), 0.5) is None
+
+
+@pytest.mark.parametrize("chosen, noted", [("ibau@0.8", False), ("unlearn@0.8", True),
+                                           ("unlearn", True), (None, False)])
+def test_the_dense_repair_note_treats_an_interpolated_ibau_as_ibau(chosen, noted):
+    import pandas as pd
+    from types import SimpleNamespace
+
+    scan = SimpleNamespace(all_to_all_map=None, suspected_targets=(0,), all_to_all_suspected=False)
+    table = pd.DataFrame([{"method": "ibau", "within_budget": False, "drop_bound": 0.02,
+                           "verified": None, "residual_trigger_rate": 0.0}])
+    note = defend_module._dense_repair_not_chosen(table, chosen, scan, None, 0.01, 0.02)
+    assert bool(note) == noted
+    if noted:
+        assert f"{chosen} removes the scan's reversed triggers only" in note
