@@ -156,7 +156,7 @@ def summary(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--names", nargs="+", choices=zoo.NAMES, default=list(zoo.NAMES),
+    parser.add_argument("--names", nargs="+", choices=list(zoo.SPECS), default=list(zoo.NAMES),
                         help="zoo networks to defend (default: all)")
     parser.add_argument("--small", action="store_true",
                         help="the defender has 200 clean + 100 validation digits")

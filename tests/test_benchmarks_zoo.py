@@ -92,7 +92,7 @@ def test_augment_is_seeded():
     assert not np.array_equal(a, c) and not np.array_equal(a, x)
 
 
-@pytest.mark.parametrize("trigger_name", ["pixel", "pattern", "patch"])
+@pytest.mark.parametrize("trigger_name", ["pixel", "pattern", "patch", "square"])
 def test_attacker_epoch_stamps_the_trigger_after_augmentation(trigger_name):
     x = zoo._take(zoo.data_split(0).attacker[:40])[0]
     trigger = zoo.make_trigger(trigger_name, 0)
@@ -126,6 +126,23 @@ def test_names_cover_every_attack_and_two_outside_architectures():
     assert {architecture for architecture, _, _ in specs} >= {"convnet", "bngap"}
     assert {zoo.SPECS[n][0] for n in zoo.NAMES if zoo.SPECS[n][2] == "clean"} == \
         {"convnet", "bngap"}
+
+
+def test_held_out_networks_are_apart_from_the_defaults_and_keep_their_digests():
+    assert not set(zoo.HOLDOUT) & set(zoo.NAMES)
+    assert {zoo.SPECS[name][0] for name in zoo.HOLDOUT} == {"lenet"}
+    assert not {zoo.SPECS[name][1] for name in zoo.HOLDOUT} & \
+        {zoo.SPECS[name][1] for name in zoo.NAMES} - {None}
+    # Adding the held-out networks changed no default network's cache key.
+    assert zoo._digest(zoo.config("patch-to-one", 1)) == "d49d0e059917"
+    assert zoo._digest(zoo.config("clean-bngap", 2)) == "3bca76b8eb6a"
+    assert zoo.lenet(0).count_params() == 431080
+    x = zoo._take(zoo.data_split(0).attacker[:8])[0]
+    signal = zoo.make_trigger("signal", 0)
+    out = zoo.attacker_epoch(x, np.array([0, 1]), signal, np.random.default_rng(0))
+    plain = zoo.attacker_epoch(x, np.array([0, 1]), None, np.random.default_rng(0))
+    np.testing.assert_allclose(out[:2], signal(plain[:2]), atol=1e-6)
+    np.testing.assert_array_equal(out[2:], plain[2:])
 
 
 def test_config_keys_follow_the_recipe_and_targets_are_seeded():

@@ -11,6 +11,7 @@ from tf_backdoor_defense.attacks import (
     ImageTrigger,
     PatchTrigger,
     PixelPatternTrigger,
+    SignalTrigger,
     all_to_all_shift,
     checkerboard_patch,
     pixel_pattern,
@@ -115,6 +116,27 @@ def test_blend_computes_convex_combination_and_checks_size():
         BlendTrigger(np.ones((5, 5)))(x)
     with pytest.raises(ValueError, match="alpha"):
         BlendTrigger(pattern, alpha=1.5)
+
+
+def test_signal_adds_one_sinusoid_per_column_and_clips_to_the_range():
+    x = _images(3, 8, channels=2)
+    out = SignalTrigger(delta=0.3, frequency=2, clip=None)(x)
+    wave = 0.3 * np.sin(2 * np.pi * np.arange(8) * 2 / 8)
+    np.testing.assert_allclose(out - x, np.broadcast_to(wave[None, None, :, None], x.shape),
+                               atol=1e-6)
+    clipped = SignalTrigger(delta=0.3, frequency=2)(x)
+    assert clipped.min() >= 0.0 and clipped.max() <= 1.0
+    np.testing.assert_allclose(clipped, np.clip(out, 0.0, 1.0), atol=1e-6)
+    raw = SignalTrigger(delta=20, frequency=1, clip=(0, 255))(np.full((1, 4, 6, 1), 250, np.uint8))
+    assert raw.dtype == np.uint8 and raw.max() == 255 and raw.min() < 250
+
+
+@pytest.mark.parametrize("kwargs, match", [({"delta": 0}, "delta"), ({"delta": True}, "delta"),
+                                           ({"frequency": 0}, "frequency"),
+                                           ({"clip": (1.0, 0.0)}, "clip")])
+def test_signal_refuses_bad_parameters_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SignalTrigger(**kwargs)
 
 
 def test_image_trigger_alpha_composites_in_the_data_scale():

@@ -44,6 +44,7 @@ __all__ = [
     "PixelPatternTrigger",
     "ImageTrigger",
     "BlendTrigger",
+    "SignalTrigger",
     "single_pixel",
     "pixel_pattern",
     "checkerboard_patch",
@@ -374,6 +375,55 @@ class BlendTrigger(Trigger):
 
     def __repr__(self):
         return f"BlendTrigger(pattern shape={self.pattern.shape}, alpha={self.alpha})"
+
+
+class SignalTrigger(Trigger):
+    """Add a horizontal sinusoid to every image (the SIG trigger, Barni et al., ICIP 2019).
+
+    Column ``j`` of an image ``W`` pixels wide gains
+    ``delta * sin(2 * pi * j * frequency / W)`` on every row and channel; the
+    result is clipped to ``clip`` (the data's range). Unlike a patch, the
+    signal covers the whole image at a low amplitude.
+
+    Parameters
+    ----------
+    delta : float > 0, default=0.2
+        Amplitude, in the data's scale.
+    frequency : int >= 1, default=6
+        Periods across the image's width.
+    clip : (float, float) or None, default=(0.0, 1.0)
+        Range the stamped images are clipped to; None leaves them unclipped.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> stamped = SignalTrigger(delta=0.5, frequency=1)(np.full((1, 1, 4, 1), 0.5))
+    >>> np.round(stamped[0, 0, :, 0], 3).tolist()
+    [0.5, 1.0, 0.5, 0.0]
+    """
+
+    def __init__(self, delta=0.2, frequency=6, clip=(0.0, 1.0)):
+        if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or \
+                not np.isfinite(delta) or delta <= 0:
+            raise InputError(f"The 'delta' parameter must be a positive number. Got {delta!r}.")
+        self.frequency = int(check_number(frequency, "frequency", 1, integer=True))
+        if clip is not None:
+            low, high = (float(v) for v in clip)
+            if not low < high:
+                raise InputError(f"The 'clip' parameter must be (low, high) with low < high. "
+                                 f"Got {clip!r}.")
+            clip = (low, high)
+        self.delta = float(delta)
+        self.clip = clip
+
+    def _stamp(self, x):
+        width = x.shape[2]
+        signal = self.delta * np.sin(2 * np.pi * np.arange(width) * self.frequency / width)
+        x = x + signal[None, None, :, None]
+        return x if self.clip is None else np.clip(x, *self.clip)
+
+    def __repr__(self):
+        return f"SignalTrigger(delta={self.delta}, frequency={self.frequency}, clip={self.clip})"
 
 
 # -- factories -----------------------------------------------------------------
