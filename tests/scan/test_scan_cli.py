@@ -79,7 +79,8 @@ def test_help_lists_the_options(capsys):
         _parser().parse_args(["scan", "--help"])
     help_text = capsys.readouterr().out
     for option in ("--clean", "--output", "--anomaly-threshold", "--all-to-all-threshold",
-                   "--fail-if-found", "--value-range", "--init-cost"):
+                   "--fail-if-found", "--value-range", "--init-cost",
+                   "--strong-anomaly-threshold", "--strong-max-relative-size"):
         assert option in help_text
 
 

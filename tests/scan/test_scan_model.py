@@ -170,6 +170,9 @@ def test_trigger_of_the_real_backdoor_matches(scans, planted):
     (dict(candidates=["a"]), TypeError, "'candidates'"),
     (dict(success_threshold=1.5), ValueError, "'success_threshold'"),
     (dict(all_to_all_threshold=0), ValueError, "'all_to_all_threshold'"),
+    (dict(strong_anomaly_threshold=-1.0), ValueError, "'strong_anomaly_threshold'"),
+    (dict(strong_anomaly_threshold="3"), TypeError, "'strong_anomaly_threshold'"),
+    (dict(strong_max_relative_size=0), ValueError, "'strong_max_relative_size'"),
 ])
 def test_bad_arguments_are_refused(planted, kwargs, error, match):
     with pytest.raises(error, match=match):

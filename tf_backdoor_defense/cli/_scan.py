@@ -22,7 +22,9 @@ _NOTES = textwrap.dedent("""\
     For every class the scan reverses the smallest trigger (mask and pattern) that sends
     clean inputs to it, and one untargeted trigger that moves clean inputs off their class.
     A class whose trigger is far smaller than the others' (anomaly index above
-    --anomaly-threshold) is a suspected all-to-one target. An untargeted trigger far
+    --anomaly-threshold, at most --max-relative-size x the median; or above
+    --strong-anomaly-threshold, at most --strong-max-relative-size x) is a suspected
+    all-to-one target. An untargeted trigger far
     smaller than the median targeted one (ratio below --all-to-all-threshold) is a
     backdoor when the inputs it moves land in one class (all-to-one) or each class in a
     class of its own (all-to-all: a one-to-one class map explains --all-to-all-matching of
@@ -79,6 +81,11 @@ def add_scan_parser(commands, common, formatter_class=argparse.RawDescriptionHel
                        help="anomaly index above which a class is a suspected target")
     group.add_argument("--max-relative-size", type=float, default=0.2, metavar="RATIO",
                        help="a suspected target's trigger is at most RATIO x the median one")
+    group.add_argument("--strong-anomaly-threshold", type=float, default=3.0, metavar="INDEX",
+                       help="a second tier: above this index a class is suspected with a "
+                            "trigger up to --strong-max-relative-size x the median")
+    group.add_argument("--strong-max-relative-size", type=float, default=0.35,
+                       metavar="RATIO", help="see --strong-anomaly-threshold")
     group.add_argument("--all-to-all-threshold", type=float, default=0.35, metavar="RATIO",
                        help="untargeted/median targeted trigger size below which the "
                             "untargeted trigger counts as small")
@@ -170,6 +177,8 @@ def cmd_scan(args, console):
                             steps=args.steps, batch_size=args.batch_size, init_cost=args.init_cost,
                             anomaly_threshold=args.anomaly_threshold,
                             max_relative_size=args.max_relative_size,
+                            strong_anomaly_threshold=args.strong_anomaly_threshold,
+                            strong_max_relative_size=args.strong_max_relative_size,
                             all_to_all_threshold=args.all_to_all_threshold,
                             all_to_all_matching=args.all_to_all_matching,
                             screen_above=args.screen_above, refine=args.refine, seed=args.seed)

@@ -13,7 +13,14 @@ Two tests on reversed triggers, both from clean labelled data only:
   because with ten classes the deviation is small enough for a naturally
   easy class (a 3 or a 2 in MNIST) to pass the index alone: on clean MNIST
   nets the index reached 3.5, while the smallest clean class needed 0.43 x
-  the median and every backdoor target at most 0.13 x.
+  the median and every backdoor target at most 0.13 x. A second, stricter
+  tier catches triggers that cover more of the image: an index above
+  ``strong_anomaly_threshold`` (3) with a mask of at most
+  ``strong_max_relative_size`` (0.35) x the median. A sinusoidal signal
+  over the whole image and a blend needed 0.22-0.32 x at indices 3.1-10.0
+  (held-out LeNet and BatchNorm nets, 750 defender digits), where clean
+  nets' easiest classes stayed at 0.62-0.76 x below index 2.1, and the
+  BatchNorm nets' natural sink (class 8) at 0.25 x had index 2.7.
 - **untargeted** (all-to-all): one mask and pattern that move at least
   ``untargeted_success`` of the clean inputs off their true class, wherever
   they go. An all-to-all backdoor (class ``c`` to ``c + 1``) sends no two
@@ -330,6 +337,32 @@ class _Counter:
         return self._total(self._pair_step, x, y, k * k).reshape(k, k)
 
 
+def targeted_suspects(classes, sizes, index, rates, tiers):
+    """The suspected targets of the targeted test, most anomalous first.
+
+    A class is suspected when, for one ``(threshold, max_relative)`` of
+    ``tiers`` (``threshold`` None: tier off), its anomaly index exceeds
+    ``threshold`` and its mask size is at most ``max_relative`` times the
+    median size, and its trigger moves at least half of the held-apart inputs
+    (``rates``). Neural Cleanse's index alone is not enough: with ten classes
+    the median absolute deviation is small enough for an easy class to pass it.
+
+    >>> targeted_suspects([0, 1, 2, 3, 4], [10, 30, 100, 110, 120], [9.0, 3.5, 0.1, 0, -0.2],
+    ...                   [1.0, 0.9, 1.0, 1.0, 1.0], tiers=[(2.0, 0.2), (3.0, 0.35)])
+    [0, 1]
+    >>> targeted_suspects([0, 1, 2, 3, 4], [10, 30, 100, 110, 120], [9.0, 3.5, 0.1, 0, -0.2],
+    ...                   [1.0, 0.9, 1.0, 1.0, 1.0], tiers=[(2.0, 0.2), (None, 0.35)])
+    [0]
+    """
+    sizes, index, rates = (np.asarray(v, dtype=np.float64) for v in (sizes, index, rates))
+    median = float(np.median(sizes)) if sizes.size else float("nan")
+    order = sorted(range(len(classes)), key=lambda i: -index[i])
+    return [int(classes[i]) for i in order
+            if np.isfinite(index[i]) and rates[i] >= 0.5
+            and any(threshold is not None and index[i] > threshold
+                    and sizes[i] <= relative * median for threshold, relative in tiers)]
+
+
 def untargeted_test(pairs, flip_rate, statistic, *, tested, threshold, matching_threshold):
     """The untargeted (all-to-all) test's decision from where the trigger sent inputs.
 
@@ -390,7 +423,8 @@ def _success(counter, x, y, mask, pattern, target):
 @with_caller_keras
 def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_size=16,
                learning_rate=0.1, init_cost=1e-3, success_threshold=0.99, untargeted_success=0.8,
-               anomaly_threshold=2.0, max_relative_size=0.2, all_to_all_threshold=0.35,
+               anomaly_threshold=2.0, max_relative_size=0.2, strong_anomaly_threshold=3.0,
+               strong_max_relative_size=0.35, all_to_all_threshold=0.35,
                all_to_all_matching=0.5, candidates=None, screen_above=64,
                screen_steps=10, refine=16, reference=16, max_images_per_step=512, seed=0,
                strategy=None):
@@ -433,6 +467,13 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
         ``max_relative_size`` times the median one, is a suspected target.
     max_relative_size : float, default=0.2
         See ``anomaly_threshold``.
+    strong_anomaly_threshold : float or None, default=3.0
+        A class whose anomaly index exceeds this and whose mask is at most
+        ``strong_max_relative_size`` times the median one is a suspected
+        target too (triggers that cover more of the image, such as blends and
+        signals); None turns this tier off.
+    strong_max_relative_size : float, default=0.35
+        See ``strong_anomaly_threshold``.
     all_to_all_threshold : float, default=0.35
         The untargeted trigger is small when its mask's L1 norm is below this
         fraction of the median targeted one (and it moves at least half of
@@ -505,8 +546,11 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     for name, value in (("learning_rate", learning_rate), ("init_cost", init_cost),
                         ("anomaly_threshold", anomaly_threshold),
                         ("max_relative_size", max_relative_size),
+                        ("strong_max_relative_size", strong_max_relative_size),
                         ("all_to_all_threshold", all_to_all_threshold)):
         check_number(value, name, positive=True)
+    if strong_anomaly_threshold is not None:
+        check_number(strong_anomaly_threshold, "strong_anomaly_threshold", positive=True)
     check_number(all_to_all_matching, "all_to_all_matching", positive=True, maximum=1.0)
     check_number(success_threshold, "success_threshold", positive=True, maximum=1.0)
     check_number(untargeted_success, "untargeted_success", positive=True, maximum=1.0)
@@ -516,6 +560,8 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
                     batch_size=batch_size, learning_rate=learning_rate, init_cost=init_cost,
                     success_threshold=success_threshold, untargeted_success=untargeted_success,
                     anomaly_threshold=anomaly_threshold, max_relative_size=max_relative_size,
+                    strong_anomaly_threshold=strong_anomaly_threshold,
+                    strong_max_relative_size=strong_max_relative_size,
                     all_to_all_threshold=all_to_all_threshold,
                     all_to_all_matching=all_to_all_matching, candidates=None if len(candidates) == num_classes else candidates.tolist(),
                     screen_above=screen_above, screen_steps=screen_steps, refine=refine,
@@ -582,12 +628,10 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     sizes = np.where(out["reached"][:-1], l1, float(np.prod(x.shape[1:3])))
     index = anomaly_index(sizes)
     median = float(np.median(sizes)) if len(sizes) else float("nan")
-    # Neural Cleanse's index, and a trigger far smaller than the typical class's: with ten
-    # classes the median absolute deviation is small enough for an easy class to pass the
-    # index alone. A trigger that fails on the held-apart inputs is no backdoor.
-    suspects = [int(c) for i, c in sorted(enumerate(refined), key=lambda p: -index[p[0]])
-                if np.isfinite(index[i]) and index[i] > anomaly_threshold
-                and sizes[i] <= max_relative_size * median and rates[i] >= 0.5]
+    suspects = targeted_suspects(
+        refined, sizes, index, rates,
+        tiers=[(anomaly_threshold, max_relative_size),
+               (strong_anomaly_threshold, strong_max_relative_size)])
     targeted_fired = bool(suspects)
     statistic = float(out["l1"][-1] / median) if median > 0 else float("nan")
     untargeted = untargeted_test(
