@@ -92,7 +92,7 @@ def test_augment_is_seeded():
     assert not np.array_equal(a, c) and not np.array_equal(a, x)
 
 
-@pytest.mark.parametrize("trigger_name", ["pixel", "pattern", "patch", "square"])
+@pytest.mark.parametrize("trigger_name", ["pixel", "pattern", "patch", "square", "line", "noise"])
 def test_attacker_epoch_stamps_the_trigger_after_augmentation(trigger_name):
     x = zoo._take(zoo.data_split(0).attacker[:40])[0]
     trigger = zoo.make_trigger(trigger_name, 0)
@@ -130,7 +130,7 @@ def test_names_cover_every_attack_and_two_outside_architectures():
 
 def test_held_out_networks_are_apart_from_the_defaults_and_keep_their_digests():
     assert not set(zoo.HOLDOUT) & set(zoo.NAMES)
-    assert {zoo.SPECS[name][0] for name in zoo.HOLDOUT} == {"lenet"}
+    assert {zoo.SPECS[name][0] for name in zoo.HOLDOUT} == {"lenet", "resnet"}
     assert not {zoo.SPECS[name][1] for name in zoo.HOLDOUT} & \
         {zoo.SPECS[name][1] for name in zoo.NAMES} - {None}
     # Adding the held-out networks changed no default network's cache key.
