@@ -55,5 +55,21 @@ def test_a_trigger_that_fails_on_held_apart_inputs_is_no_suspect():
 
 
 def test_suspects_come_most_anomalous_first():
-    sizes = [30.0, 10, 100, 104, 98, 101, 99, 103, 97, 102]
+    sizes = [15.0, 10, 100, 104, 98, 101, 99, 103, 97, 102]
     assert _suspects(sizes) == [1, 0]
+
+
+def test_the_second_tier_adds_nothing_beside_a_first_tier_target():
+    # Blend all-to-one BadNet (seed 0): target 4 far below the rest; the natural sink 8 at
+    # 0.3 x with index above 3 passes the second tier alone.
+    sizes = [100.0, 104, 98, 101, 6, 99, 103, 97, 30, 102]
+    assert anomaly_index(sizes)[8] > 3 and sizes[8] / np.median(sizes) < 0.35
+    assert _suspects(sizes) == [4]
+    assert _suspects(sizes, tiers=[(3.0, 0.35)]) == [4, 8]
+
+
+def test_the_second_tier_names_one_class_at_most():
+    sizes = [30.0, 100, 104, 98, 101, 99, 103, 97, 33, 102]
+    index = anomaly_index(sizes)
+    assert index[0] > index[8] > 3
+    assert _suspects(sizes) == [0]
