@@ -755,6 +755,7 @@ def test_ibau_searches_towards_the_scans_target_or_class_map(monkeypatch, target
     context = {"scan": scan, "fine_tune": {"batch_size": 8}, "seed": 0, "strategy": None}
     _, note = _defend._ibau(object(), None, context)
     assert seen["learning_rate"] == _defend.IBAU_LEARNING_RATE == 1e-3
+    assert seen["radius"] == _defend.IBAU_RADIUS == 4.0
     if isinstance(expected, list):
         assert seen["target"].tolist() == expected
         assert "along the class map 0->1, 1->2, 2->0" in note

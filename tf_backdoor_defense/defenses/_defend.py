@@ -180,6 +180,10 @@ UNLEARN_ROUNDS = 3
 # The rate of defend()'s I-BAU (ibau() itself defaults to 2e-3): half as fast, it lost fewer
 # validation digits on the zoo's BatchNorm blend BadNets (see the module docs).
 IBAU_LEARNING_RATE = 1e-3
+# The L2 radius of defend()'s I-BAU perturbation, in units of the data's value range (ibau()
+# itself defaults to 3): triggers at or near the ball's surface are only partly unlearnt (see
+# the module docs).
+IBAU_RADIUS = 4.0
 # Without a cleared candidate, one is shipped only if it at least halves the backdoor signal.
 MIN_SIGNAL_REDUCTION = 0.5
 # A repair over the budget is also judged with its weights this far from the received model's
@@ -565,7 +569,8 @@ def _ibau(model, train, context):
 
     target = _ibau_target(context.get("scan"))
     repaired = ibau(model, train, batch_size=context["fine_tune"]["batch_size"], seed=context["seed"],
-                    strategy=context["strategy"], target=target, learning_rate=IBAU_LEARNING_RATE)
+                    strategy=context["strategy"], target=target, learning_rate=IBAU_LEARNING_RATE,
+                    radius=IBAU_RADIUS)
     if target is None:
         return repaired, "universal perturbation unlearnt"
     if isinstance(target, int):
