@@ -131,11 +131,13 @@ def test_signal_adds_one_sinusoid_per_column_and_clips_to_the_range():
     assert raw.dtype == np.uint8 and raw.max() == 255 and raw.min() < 250
 
 
-@pytest.mark.parametrize("kwargs, match", [({"delta": 0}, "delta"), ({"delta": True}, "delta"),
-                                           ({"frequency": 0}, "frequency"),
-                                           ({"clip": (1.0, 0.0)}, "clip")])
-def test_signal_refuses_bad_parameters_by_name(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"delta": 0}, ValueError, "'delta' parameter must be a finite number > 0"),
+    ({"delta": float("nan")}, ValueError, "'delta'"),
+    ({"delta": True}, TypeError, "'delta'"), ({"delta": "0.2"}, TypeError, "'delta'"),
+    ({"frequency": 0}, ValueError, "frequency"), ({"clip": (1.0, 0.0)}, ValueError, "clip")])
+def test_signal_refuses_bad_parameters_by_name(kwargs, error, match):
+    with pytest.raises(error, match=match):
         SignalTrigger(**kwargs)
 
 

@@ -403,9 +403,7 @@ class SignalTrigger(Trigger):
     """
 
     def __init__(self, delta=0.2, frequency=6, clip=(0.0, 1.0)):
-        if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or \
-                not np.isfinite(delta) or delta <= 0:
-            raise InputError(f"The 'delta' parameter must be a positive number. Got {delta!r}.")
+        delta = check_number(delta, "delta", positive=True)
         self.frequency = int(check_number(frequency, "frequency", 1, integer=True))
         if clip is not None:
             low, high = (float(v) for v in clip)
