@@ -687,9 +687,11 @@ def test_prune_help_shows_each_default_once(capsys):
 def test_defense_methods_of_the_parser_are_the_library_s():
     from tf_backdoor_defense.defenses._defend import METHODS
 
-    from tf_backdoor_defense.defenses._defend import DEFAULT_METHODS, INTERPOLATE, TARGETED_METHODS
+    from tf_backdoor_defense.defenses._defend import DEFAULT_METHODS, IBAU_RADIUS, INTERPOLATE, \
+        TARGETED_METHODS
 
     assert cli.DEFENSE_INTERPOLATE == tuple(INTERPOLATE)
+    assert cli.DEFENSE_IBAU_RADIUS == IBAU_RADIUS
     assert cli.DEFENSE_METHODS == tuple(METHODS)
     assert cli.DEFAULT_DEFENSE_METHODS == tuple(DEFAULT_METHODS)
     assert cli.TARGETED_DEFENSE_METHODS == tuple(TARGETED_METHODS)

@@ -463,6 +463,8 @@ def test_verbose_logs_one_line_per_method_and_prints_nothing(monkeypatch, capsys
     ({"budget_confidence": "high"}, TypeError, "budget_confidence"),
     ({"scan": "yes"}, TypeError, "scan"),
     ({"verify": 1}, TypeError, "verify"),
+    ({"ibau_radius": 0}, ValueError, "'ibau_radius' parameter must be a finite number > 0"),
+    ({"ibau_radius": "4"}, TypeError, "ibau_radius"),
 ])
 def test_bad_arguments_raise(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -755,7 +757,9 @@ def test_ibau_searches_towards_the_scans_target_or_class_map(monkeypatch, target
     context = {"scan": scan, "fine_tune": {"batch_size": 8}, "seed": 0, "strategy": None}
     _, note = _defend._ibau(object(), None, context)
     assert seen["learning_rate"] == _defend.IBAU_LEARNING_RATE == 1e-3
-    assert seen["radius"] == _defend.IBAU_RADIUS == 4.0
+    assert seen["radius"] == _defend.IBAU_RADIUS == 3.0
+    _defend._ibau(object(), None, dict(context, ibau_radius=2.5))
+    assert seen["radius"] == 2.5
     if isinstance(expected, list):
         assert seen["target"].tolist() == expected
         assert "along the class map 0->1, 1->2, 2->0" in note
@@ -880,3 +884,19 @@ def test_the_all_to_all_residual_counts_moves_along_the_scans_map(class_map, exp
     context = {"scan": _stamping_scan(class_map), "validation": (x, labels),
                "validation_labels": labels, "predictions_of": {}, "strategy": None}
     assert defend_module._residual(model, context) == pytest.approx(expected)
+
+
+def test_ibau_radius_reaches_ibau_and_the_settings(monkeypatch):
+    from tf_backdoor_defense.defenses import _ibau
+
+    seen = []
+
+    def fake_ibau(model, train, **kwargs):
+        seen.append(kwargs["radius"])
+        return copy_model(model)
+
+    monkeypatch.setattr(_ibau, "ibau", fake_ibau)
+    result = defend(_backdoored(), TRAIN, methods=["ibau"], scan=False, ibau_radius=2.5,
+                    max_accuracy_drop=1.0)
+    assert seen == [2.5]
+    assert result.settings["ibau_radius"] == 2.5 and result.summary()["settings"]["ibau_radius"] == 2.5

@@ -62,6 +62,8 @@ DEFAULT_DEFENSE_METHODS = ("unlearn", "ibau", "clp")
 TARGETED_DEFENSE_METHODS = ("ibau", "unlearn", "clp")
 # tf_backdoor_defense.defenses._defend.INTERPOLATE (the same test checks it)
 DEFENSE_INTERPOLATE = (0.8,)
+# tf_backdoor_defense.defenses._defend.IBAU_RADIUS (the same test checks it)
+DEFENSE_IBAU_RADIUS = 3.0
 # When defend() uses TARGETED_DEFENSE_METHODS by default.
 _TARGETED_WHEN = "the scan names an all-to-one target or an all-to-all class map"
 
@@ -517,7 +519,7 @@ def cmd_defend(args, console):
                         budget_confidence=args.budget_confidence, time_budget=args.time_budget,
                         epochs=args.epochs, learning_rate=list(args.learning_rate),
                         batch_size=args.batch_size, asr_tolerance=args.asr_tolerance,
-                        seed=args.seed, verbose=0 if args.quiet else 1)
+                        ibau_radius=args.ibau_radius, seed=args.seed, verbose=0 if args.quiet else 1)
     for warning in caught:  # anything else the methods warned about, shown as usual
         if not issubclass(warning.category, BackdoorStillActiveWarning):
             warnings.showwarning(warning.message, warning.category, warning.filename,
@@ -986,6 +988,10 @@ def build_parser():
                             "the one with the best validation accuracy")
     group.add_argument("--asr-tolerance", type=_fraction, default=0.02, metavar="ASR",
                        help="validation ASR above which the backdoor counts as still active")
+    group.add_argument("--ibau-radius", type=_positive(float), default=DEFENSE_IBAU_RADIUS,
+                       metavar="R",
+                       help="L2 radius of ibau's universal perturbation, in units of the data's "
+                            "value range: a prior on the trigger's size (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0,
                        help="seed of the validation split, the initialisations and shuffling")
     _common(sub, data=True, attack=True, batch_size=64, batch_help="fine-tuning batch size")
