@@ -754,7 +754,8 @@ def test_ibau_searches_towards_the_scans_target_or_class_map(monkeypatch, target
 
     monkeypatch.setattr(_ibau, "ibau", fake_ibau)
     scan = _scan_stub(True, targets=targets, all_to_all=all_to_all, class_map=class_map)
-    context = {"scan": scan, "fine_tune": {"batch_size": 8}, "seed": 0, "strategy": None}
+    context = {"scan": scan, "fine_tune": {"batch_size": 8}, "seed": 0, "strategy": None,
+               "ibau_radius": _defend.IBAU_RADIUS}
     _, note = _defend._ibau(object(), None, context)
     assert seen["learning_rate"] == _defend.IBAU_LEARNING_RATE == 1e-3
     assert seen["radius"] == _defend.IBAU_RADIUS == 3.0

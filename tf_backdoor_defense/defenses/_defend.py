@@ -582,7 +582,7 @@ def _ibau(model, train, context):
     target = _ibau_target(context.get("scan"))
     repaired = ibau(model, train, batch_size=context["fine_tune"]["batch_size"], seed=context["seed"],
                     strategy=context["strategy"], target=target, learning_rate=IBAU_LEARNING_RATE,
-                    radius=context.get("ibau_radius", IBAU_RADIUS))
+                    radius=context["ibau_radius"])
     if target is None:
         return repaired, "universal perturbation unlearnt"
     if isinstance(target, int):
