@@ -730,6 +730,33 @@ def test_unlearn_unlearns_what_the_rescan_of_its_result_finds(monkeypatch):
     assert "rounds" not in without.table["note"].iloc[0]
 
 
+@pytest.mark.parametrize("scan_options, first_targets, rescan_classes", [
+    (None, (3,), (3,)),        # the rescan's second tier may name the first scan's target only
+    (None, (), ()),            # an all-to-all suspicion: a new class needs the first tier
+    ({"second_tier_classes": None}, (3,), None),   # the caller's setting wins
+])
+def test_rescans_limit_the_second_tier_to_the_first_scans_targets(monkeypatch, scan_options,
+                                                                   first_targets, rescan_classes):
+    import tf_backdoor_defense.scan._scan as scan_module
+
+    FakeMethods(monkeypatch, {"ft-cosine": (1.0, 0.0)})
+    received = _backdoored()
+    calls = []
+
+    def scan(model, data, **kw):
+        calls.append((model is received, kw))
+        return _scan_stub(model is received, targets=first_targets,
+                          all_to_all=not first_targets)
+
+    monkeypatch.setattr(scan_module, "scan_model", scan)
+    result = _defend(received, ["ft-cosine"], scan=True, scan_options=scan_options)
+    assert [first for first, _ in calls] == [True, False]
+    first, rescan = calls[0][1], calls[1][1]
+    assert first.get("second_tier_classes") is None
+    assert rescan["second_tier_classes"] == rescan_classes
+    assert result.table["verified"].tolist() == [True]
+
+
 # -- the ibau method and the scan's target ----------------------------------------------------
 SHIFT = [1, 2, 0]  # an all-to-all class map of three classes: c -> c + 1
 

@@ -137,6 +137,14 @@ def test_candidates_limit_the_classes(planted):
     assert (result.table["stage"] == "not tested").sum() == 3
 
 
+def test_second_tier_classes_leave_the_first_tier_alone(planted, scans):
+    """The planted target passes the first tier: a rescan's limit on the second does not hide it."""
+    result = scan_model(planted["all-to-one"], planted["data"], second_tier_classes=(), **FAST)
+    assert result.suspected_targets == scans["all-to-one"].suspected_targets == (2,)
+    assert result.settings["second_tier_classes"] == []
+    assert scans["all-to-one"].settings["second_tier_classes"] is None
+
+
 def test_few_examples_are_not_held_apart(planted):
     x, y = planted["data"]
     result = scan_model(planted["all-to-one"], (x[:30], y[:30]), steps=10)
@@ -168,6 +176,10 @@ def test_trigger_of_the_real_backdoor_matches(scans, planted):
     (dict(value_range="0-1"), ValueError, "'value_range'"),
     (dict(candidates=[0, 9]), ValueError, "'candidates'"),
     (dict(candidates=["a"]), TypeError, "'candidates'"),
+    (dict(second_tier_classes=[6]), ValueError, "'second_tier_classes'"),
+    (dict(second_tier_classes=[1, 1]), ValueError, "'second_tier_classes'"),
+    (dict(second_tier_classes=[0.5]), TypeError, "'second_tier_classes'"),
+    (dict(second_tier_classes=3), TypeError, "'second_tier_classes'"),
     (dict(success_threshold=1.5), ValueError, "'success_threshold'"),
     (dict(all_to_all_threshold=0), ValueError, "'all_to_all_threshold'"),
     (dict(strong_anomaly_threshold=-1.0), ValueError, "'strong_anomaly_threshold'"),

@@ -571,7 +571,11 @@ def _trigger_names(scan):
 def _rescan(model, train, context):
     from tf_backdoor_defense.scan._scan import scan_model
 
-    found = scan_model(model, train, **context["scan_kwargs"])
+    # A rescan verifies the repair of what the first scan found: its second tier names only
+    # the first scan's targets (a new class needs the first tier's evidence).
+    options = dict(context["scan_kwargs"])
+    options.setdefault("second_tier_classes", context["scan"].suspected_targets)
+    found = scan_model(model, train, **options)
     logger.log(context["log_level"], "rescan: %s (%.1f s)", found.verdict, found.seconds)
     return found
 

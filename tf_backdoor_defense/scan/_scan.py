@@ -343,7 +343,7 @@ class _Counter:
         return self._total(self._pair_step, x, y, k * k).reshape(k, k)
 
 
-def targeted_suspects(classes, sizes, index, rates, tiers):
+def targeted_suspects(classes, sizes, index, rates, tiers, later_tier_classes=None):
     """The suspected targets of the targeted test, most anomalous first.
 
     ``tiers`` is a list of ``(threshold, max_relative)`` pairs (``threshold``
@@ -356,7 +356,8 @@ def targeted_suspects(classes, sizes, index, rates, tiers):
     covers more of the image, and must not add a network's natural "sink"
     class beside a target already found. Neural Cleanse's index alone is not
     enough: with ten classes the median absolute deviation is small enough
-    for an easy class to pass it.
+    for an easy class to pass it. ``later_tier_classes`` (default: every
+    class) limits the classes a later tier may name.
 
     >>> sizes, index = [10, 30, 100, 110, 120], [9.0, 3.5, 0.1, 0, -0.2]
     >>> targeted_suspects([0, 1, 2, 3, 4], sizes, index, [1.0] * 5, [(2.0, 0.2), (3.0, 0.35)])
@@ -366,6 +367,9 @@ def targeted_suspects(classes, sizes, index, rates, tiers):
     [1]
     >>> targeted_suspects([0, 1, 2, 3, 4], sizes, index, [0.1, 1, 1, 1, 1],
     ...                   [(2.0, 0.2), (None, 0.35)])
+    []
+    >>> targeted_suspects([0, 1, 2, 3, 4], sizes, index, [0.1, 1, 1, 1, 1],
+    ...                   [(2.0, 0.2), (3.0, 0.35)], later_tier_classes=[0])
     []
     """
     sizes, index, rates = (np.asarray(v, dtype=np.float64) for v in (sizes, index, rates))
@@ -377,6 +381,8 @@ def targeted_suspects(classes, sizes, index, rates, tiers):
         found = [int(classes[i]) for i in order
                  if np.isfinite(index[i]) and rates[i] >= 0.5 and index[i] > threshold
                  and sizes[i] <= relative * median]
+        if tier and later_tier_classes is not None:
+            found = [c for c in found if c in later_tier_classes]
         if found:
             return found if tier == 0 else found[:1]
     return []
@@ -443,7 +449,7 @@ def _success(counter, x, y, mask, pattern, target):
 def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_size=16,
                learning_rate=0.1, init_cost=1e-3, success_threshold=0.99, untargeted_success=0.8,
                anomaly_threshold=2.0, max_relative_size=0.2, strong_anomaly_threshold=3.0,
-               strong_max_relative_size=0.35, all_to_all_threshold=0.35,
+               strong_max_relative_size=0.35, second_tier_classes=None, all_to_all_threshold=0.35,
                all_to_all_matching=0.5, candidates=None, screen_above=64,
                screen_steps=10, refine=16, reference=16, max_images_per_step=512, seed=0,
                strategy=None):
@@ -494,6 +500,15 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
         None turns this tier off.
     strong_max_relative_size : float, default=0.35
         See ``strong_anomaly_threshold``.
+    second_tier_classes : sequence of int, default=None
+        The classes the second tier may name (default: every class); the
+        first tier names any class. ``defend()`` rescans its repairs with
+        the first scan's suspected targets here: a repair that removes a
+        target can leave a natural sink whose mask falls into the second
+        tier's range (on a patch BadNet, class 8 went from 0.40 x the median
+        and index 2.0 before unlearning the target to the second tier after
+        it), and a rescan should name a new class only on the first tier's
+        stronger evidence.
     all_to_all_threshold : float, default=0.35
         The untargeted trigger is small when its mask's L1 norm is below this
         fraction of the median targeted one (and it moves at least half of
@@ -576,12 +591,16 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     check_number(untargeted_success, "untargeted_success", positive=True, maximum=1.0)
     num_classes = num_classes_of(model)
     candidates = _check_candidates(candidates, num_classes)
+    if second_tier_classes is not None:
+        second_tier_classes = _check_classes(second_tier_classes, num_classes,
+                                             "second_tier_classes", empty=True).tolist()
     settings = dict(holdout=holdout, value_range=list(value_range), steps=steps,
                     batch_size=batch_size, learning_rate=learning_rate, init_cost=init_cost,
                     success_threshold=success_threshold, untargeted_success=untargeted_success,
                     anomaly_threshold=anomaly_threshold, max_relative_size=max_relative_size,
                     strong_anomaly_threshold=strong_anomaly_threshold,
                     strong_max_relative_size=strong_max_relative_size,
+                    second_tier_classes=second_tier_classes,
                     all_to_all_threshold=all_to_all_threshold,
                     all_to_all_matching=all_to_all_matching, candidates=None if len(candidates) == num_classes else candidates.tolist(),
                     screen_above=screen_above, screen_steps=screen_steps, refine=refine,
@@ -651,7 +670,8 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     suspects = targeted_suspects(
         refined, sizes, index, rates,
         tiers=[(anomaly_threshold, max_relative_size),
-               (strong_anomaly_threshold, strong_max_relative_size)])
+               (strong_anomaly_threshold, strong_max_relative_size)],
+        later_tier_classes=second_tier_classes)
     targeted_fired = bool(suspects)
     statistic = float(out["l1"][-1] / median) if median > 0 else float("nan")
     untargeted = untargeted_test(
@@ -682,12 +702,20 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
 def _check_candidates(candidates, num_classes):
     if candidates is None:
         return np.arange(num_classes, dtype=np.int64)
-    values = np.asarray(candidates)
+    return _check_classes(candidates, num_classes, "candidates")
+
+
+def _check_classes(classes, num_classes, name, empty=False):
+    """``classes`` as a sorted int64 array of distinct classes in [0, num_classes)."""
+    values = np.asarray(classes)
+    if values.size == 0 and empty and values.ndim == 1:
+        return values.astype(np.int64)
     if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer):
-        raise InputTypeError(f"The 'candidates' parameter must be a non-empty sequence of class "
-                        f"indices or None. Got {candidates!r}.")
+        kind = "sequence" if empty else "non-empty sequence"
+        raise InputTypeError(f"The '{name}' parameter must be a {kind} of class "
+                             f"indices or None. Got {classes!r}.")
     if values.min() < 0 or values.max() >= num_classes or len(set(values.tolist())) != len(values):
-        raise InputError(f"The 'candidates' parameter must hold distinct classes in "
+        raise InputError(f"The '{name}' parameter must hold distinct classes in "
                          f"[0, {num_classes - 1}]. Got {_short_list(values.tolist())}.")
     return np.sort(values.astype(np.int64))
 
