@@ -21,7 +21,14 @@ training part and a held-apart validation part, then:
    that clear the signal, verified ones are chosen first). ``unlearn``
    repeats itself: it rescans its result and unlearns what the rescan finds,
    up to ``UNLEARN_ROUNDS`` rounds in all. If the chosen model's scan still
-   finds a backdoor, the result says so and warns.
+   finds a backdoor, the result says so and warns. A rescan verifies the
+   repair of what the first scan found: its second tier (a larger trigger's
+   weaker evidence) names only the first scan's suspected targets
+   (``scan_model(second_tier_classes=)``), and a new class must pass the
+   first tier. Once a repair removes a target, a natural sink can fall into
+   the second tier's range: after unlearning the zoo's patch target (seed 0),
+   class 8 went from 0.42 x the median mask and index 2.0 to the second
+   tier, and ``unlearn`` spent a second round and a rescan on it.
 5. **Keeps the model as received** when no candidate within the budget
    clears the signal and the best one does not at least halve it
    (``MIN_SIGNAL_REDUCTION``): a repair that costs accuracy and leaves the

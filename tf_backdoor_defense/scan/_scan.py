@@ -505,7 +505,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
         first tier names any class. ``defend()`` rescans its repairs with
         the first scan's suspected targets here: a repair that removes a
         target can leave a natural sink whose mask falls into the second
-        tier's range (on a patch BadNet, class 8 went from 0.40 x the median
+        tier's range (on a patch BadNet, class 8 went from 0.42 x the median
         and index 2.0 before unlearning the target to the second tier after
         it), and a rescan should name a new class only on the first tier's
         stronger evidence.
