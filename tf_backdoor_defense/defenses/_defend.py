@@ -810,7 +810,9 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
         ball's surface is only partly unlearnt; a larger ball costs more clean
         accuracy (the module docs give the measurements).
     scan_options : dict, default=None
-        Keyword arguments for :func:`~tf_backdoor_defense.scan.scan_model`.
+        Keyword arguments for :func:`~tf_backdoor_defense.scan.scan_model`,
+        for the first scan and the rescans. Rescans get the first scan's
+        suspected targets as ``second_tier_classes`` unless it is given here.
     seed : int, default=0
     verbose : int, default=0
         The level of the lines logged on this module's logger: ``logging.INFO``
