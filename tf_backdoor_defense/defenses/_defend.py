@@ -62,12 +62,13 @@ Methods (``METHODS``), in the default order, which is the order of preference:
     value range (``ibau_radius``, ``IBAU_RADIUS``). The held-out nets'
     triggers measure 2.94-3.05 (a sinusoidal signal, a 3x3 square, a 5x5
     noise patch), at the ball's surface, and I-BAU's repairs left 2.48%
-    (square seed 0) and 5.8% (square all-to-all seed 2). A radius of 4 was measured over the 41 BadNets of the zoo and
-    the held-out nets (750 + 250 digits, no triggered data) and not kept: 33
-    repaired against 36. It removed more of the large triggers (the line of
-    seed 0: 3.6% to 0.45%; the signal of seed 2: 1.12%, where radius 3 lost
-    the budget and ``unlearn`` shipped 8.7%; square all-to-all seed 2: 5.8%
-    to 2.4%), but lost five nets to accuracy: 1.4 evaluation points that
+    (square seed 0) and 5.8% (square all-to-all seed 2). A radius of 4 was
+    measured over the 41 BadNets of the zoo and the held-out nets (750 + 250
+    digits, no triggered data) and not kept: 33 repaired against 36. It
+    removed more of the large triggers (the line of seed 0: 3.6% to 0.45%;
+    the signal of seed 2: 1.12%, where radius 3 lost the budget and
+    ``unlearn`` shipped 8.7%; square all-to-all seed 2: 5.8% to 2.4%), but
+    lost five nets to accuracy: 1.4 evaluation points that
     validation did not see (pixel all-to-one seed 0), every repair over the
     budget (pruning-aware seed 1, noise all-to-one seed 2), and interpolated
     repairs that left 2.2% (blend all-to-one seed 2, square seed 2). A
