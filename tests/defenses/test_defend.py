@@ -771,21 +771,35 @@ SHIFT = [1, 2, 0]  # an all-to-all class map of three classes: c -> c + 1
 ])
 def test_ibau_searches_towards_the_scans_target_or_class_map(monkeypatch, targets, all_to_all,
                                                              class_map, expected):
-    from tf_backdoor_defense.defenses import _defend, _ibau
+    from tf_backdoor_defense.defenses import _defend, _ibau, _unlearning
 
-    seen = {}
+    seen, unlearnt = {}, []
+    after_ibau = object()
 
     def fake_ibau(model, train, **kwargs):
         seen.update(kwargs)
+        return after_ibau
+
+    def fake_unlearn(model, train, triggers, **kwargs):
+        unlearnt.append((model, triggers, kwargs))
         return model
 
     monkeypatch.setattr(_ibau, "ibau", fake_ibau)
+    monkeypatch.setattr(_unlearning, "unlearn_triggers", fake_unlearn)
     scan = _scan_stub(True, targets=targets, all_to_all=all_to_all, class_map=class_map)
-    context = {"scan": scan, "fine_tune": {"batch_size": 8}, "seed": 0, "strategy": None,
-               "ibau_radius": _defend.IBAU_RADIUS}
-    _, note = _defend._ibau(object(), None, context)
+    context = {"scan": scan, "fine_tune": {"batch_size": 8}, "seed": 3, "strategy": None,
+               "ibau_radius": _defend.IBAU_RADIUS, "first_stages": {}}
+    repaired, note = _defend._ibau(object(), None, context)
     assert seen["learning_rate"] == _defend.IBAU_LEARNING_RATE == 1e-3
     assert seen["radius"] == _defend.IBAU_RADIUS == 3.0
+    # then the scan's reversed triggers are unlearnt from I-BAU's repair, once
+    assert repaired is after_ibau and len(unlearnt) == 1
+    model, triggers, options = unlearnt[0]
+    assert model is after_ibau and triggers == scan.suspected_triggers()
+    assert options["seed"] == 3 and options["batch_size"] == 8
+    assert "then 0 reversed trigger(s) unlearnt" in note
+    name, first, first_note = context["first_stages"]["ibau"]  # I-BAU alone, judged if needed
+    assert name == "ibau-alone" and first is after_ibau and "reversed" not in first_note
     _defend._ibau(object(), None, dict(context, ibau_radius=2.5))
     assert seen["radius"] == 2.5
     if isinstance(expected, list):
@@ -794,6 +808,39 @@ def test_ibau_searches_towards_the_scans_target_or_class_map(monkeypatch, target
     else:
         assert seen["target"] == expected
         assert (f"towards class {expected}" in note) == (expected is not None)
+
+
+@pytest.mark.parametrize("whole_accuracy, expected_rows, chosen", [
+    (0.8, ["ibau", "ibau-alone"], "ibau-alone"),   # the whole over the budget: its first stage
+    (1.0, ["ibau"], "ibau"),                        # within the budget: nothing more is judged
+])
+def test_a_repair_in_stages_over_the_budget_is_judged_at_its_first_stage(
+        monkeypatch, whole_accuracy, expected_rows, chosen):
+    alone, whole = _fake_model(1.0, 0.0), _fake_model(whole_accuracy, 0.0)
+
+    def staged(model, train, context):
+        context["first_stages"]["ibau"] = ("ibau-alone", alone, "first stage")
+        return whole, "both stages"
+
+    monkeypatch.setitem(defend_module._RUNNERS, "ibau", staged)
+    result = _defend(_backdoored(), ["ibau"], poisoned_validation_data=POISONED)
+    assert result.table["method"].tolist() == expected_rows
+    assert result.method == chosen
+    assert result.model is (alone if chosen == "ibau-alone" else whole)
+
+
+@pytest.mark.parametrize("scan", [None, _scan_stub(False)])
+def test_ibau_unlearns_nothing_more_without_a_scan_finding(monkeypatch, scan):
+    from tf_backdoor_defense.defenses import _defend, _ibau, _unlearning
+
+    monkeypatch.setattr(_ibau, "ibau", lambda model, train, **kwargs: "repaired")
+    monkeypatch.setattr(_unlearning, "unlearn_triggers",
+                        lambda *args, **kwargs: pytest.fail("nothing to unlearn"))
+    context = {"scan": scan, "fine_tune": {"batch_size": 8}, "seed": 0, "strategy": None,
+               "ibau_radius": _defend.IBAU_RADIUS, "first_stages": {}}
+    repaired, note = _defend._ibau(object(), None, context)
+    assert repaired == "repaired" and note == "universal perturbation unlearnt"
+    assert context["first_stages"] == {}
 
 
 @pytest.mark.parametrize("targets, all_to_all, class_map, order", [
