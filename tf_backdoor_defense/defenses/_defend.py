@@ -247,7 +247,8 @@ class DefenseResult:
         The chosen method (None: nothing was repaired); ``"<method>@<fraction>"``
         for an interpolated repair (``interpolate``).
     table : pandas.DataFrame
-        One row per method tried (and per interpolation of one): ``method``,
+        One row per method tried (and per interpolation of one, and
+        ``ibau-alone`` when it was judged): ``method``,
         ``validation_accuracy``, ``accuracy_drop`` (paired, vs. the model as
         received), ``drop_bound``
         (its upper confidence bound), ``validation_asr`` (NaN without
@@ -261,7 +262,7 @@ class DefenseResult:
         ``residual_trigger_rate``.
     candidates : dict
         ``{method: repaired model}`` for every method that ran (and every
-        interpolated row).
+        interpolated or ``ibau-alone`` row).
     warnings : list of str
         Why the result may not be trusted.
     settings : dict
