@@ -810,23 +810,30 @@ def test_ibau_searches_towards_the_scans_target_or_class_map(monkeypatch, target
         assert (f"towards class {expected}" in note) == (expected is not None)
 
 
-@pytest.mark.parametrize("whole_accuracy, expected_rows, chosen", [
-    (0.8, ["ibau", "ibau-alone"], "ibau-alone"),   # the whole over the budget: its first stage
-    (1.0, ["ibau"], "ibau"),                        # within the budget: nothing more is judged
+@pytest.mark.parametrize("whole_accuracy, alone_accuracy, interpolate, expected_rows, chosen", [
+    # the whole over the budget: its first stage
+    (0.8, 1.0, (0.8,), ["ibau", "ibau-alone"], "ibau-alone"),
+    # within the budget: nothing more is judged
+    (1.0, 1.0, (0.8,), ["ibau"], "ibau"),
+    # both over: the first stage and its interpolation, then the whole's interpolation
+    (0.8, 0.8, (0.8,), ["ibau", "ibau-alone", "ibau-alone@0.8", "ibau@0.8"], None),
+    (0.8, 0.8, (), ["ibau", "ibau-alone"], None),
 ])
 def test_a_repair_in_stages_over_the_budget_is_judged_at_its_first_stage(
-        monkeypatch, whole_accuracy, expected_rows, chosen):
-    alone, whole = _fake_model(1.0, 0.0), _fake_model(whole_accuracy, 0.0)
+        monkeypatch, whole_accuracy, alone_accuracy, interpolate, expected_rows, chosen):
+    alone, whole = _fake_model(alone_accuracy, 0.0), _fake_model(whole_accuracy, 0.0)
 
     def staged(model, train, context):
         context["first_stages"]["ibau"] = ("ibau-alone", alone, "first stage")
         return whole, "both stages"
 
     monkeypatch.setitem(defend_module._RUNNERS, "ibau", staged)
-    result = _defend(_backdoored(), ["ibau"], poisoned_validation_data=POISONED)
+    result = _defend(_backdoored(), ["ibau"], poisoned_validation_data=POISONED,
+                     interpolate=interpolate)
     assert result.table["method"].tolist() == expected_rows
     assert result.method == chosen
-    assert result.model is (alone if chosen == "ibau-alone" else whole)
+    if chosen is not None:
+        assert result.model is (alone if chosen == "ibau-alone" else whole)
 
 
 @pytest.mark.parametrize("scan", [None, _scan_stub(False)])
