@@ -87,8 +87,8 @@ Methods (``METHODS``), in the default order, which is the order of preference:
     ``defend`` judged before the pass existed come first (judged the other
     way round, the whole's interpolation shipped on blend all-to-one seed 2
     with 3.81% ASR). Measured over the 41 BadNets of the zoo and the
-    held-out nets (750 + 250 digits, no triggered data; patch all-to-one
-    seed 2 not rerun): 38 repaired against 36. Gained: square seed 0 (2.48%
+    held-out nets (750 + 250 digits, no triggered data): 38 repaired
+    against 36. Gained: square seed 0 (2.48%
     to 0.90%), line seed 0 (3.60% to 0.45%), signal seed 2 (where I-BAU
     alone lost the budget and ``unlearn`` shipped 8.7%: 1.34%, warned, its
     residual 2.6%); square all-to-all seed 2 went from 5.8% to 3.4%, still
