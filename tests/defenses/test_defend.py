@@ -836,6 +836,13 @@ def test_a_repair_in_stages_over_the_budget_is_judged_at_its_first_stage(
         assert result.model is (alone if chosen == "ibau-alone" else whole)
 
 
+@pytest.mark.parametrize("name, base", [
+    ("ibau", "ibau"), ("ibau@0.8", "ibau"), ("ibau-alone", "ibau"), ("ibau-alone@0.8", "ibau"),
+    ("unlearn@0.8", "unlearn"), (None, None)])
+def test_rows_are_read_as_the_method_they_came_from(name, base):
+    assert defend_module._base_method(name) == base
+
+
 @pytest.mark.parametrize("scan", [None, _scan_stub(False)])
 def test_ibau_unlearns_nothing_more_without_a_scan_finding(monkeypatch, scan):
     from tf_backdoor_defense.defenses import _defend, _ibau, _unlearning
