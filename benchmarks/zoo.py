@@ -36,7 +36,13 @@ triggers it was never tuned on. The scan's second tier was then set with
 the help of those, so a second group followed it: a residual net
 (``resnet``, 30 epochs) clean, with a 6-pixel vertical line at the left
 edge all-to-one, and with a seeded 5x5 noise patch in the top-right corner
-all-to-one and all-to-all.
+all-to-one and all-to-all. A third group is of networks that do not read
+(28, 28, 1) images: a multilayer perceptron (``mlp``, dense 1024 -> 512, 60
+epochs) on flat (784,) digits, clean, with the checkerboard patch all-to-one
+and the 3x3 square all-to-all, and a convnet (``gray``, 30 epochs) that reads
+(28, 28) digits and adds the channel axis itself, clean, with the blend
+all-to-one and the noise patch all-to-all. Triggers are stamped on the images
+and the digits then reshaped to the network's inputs (:func:`as_inputs`).
 
 Attacks: single pixel, the 6-pixel pattern, a 4x4 checkerboard patch and a
 blend of seeded uniform noise at alpha 0.15; all-to-one (target 0 for the
@@ -100,7 +106,10 @@ SMALL_SPLIT = (200, 100)      # the small variant: a subset of each of the above
 MIN_CLEAN_ACCURACY = 0.98
 MIN_ATTACK_SUCCESS = 0.90
 
-EPOCHS = {"convnet": 40, "bngap": 50, "lenet": 30, "resnet": 30}
+EPOCHS = {"convnet": 40, "bngap": 50, "lenet": 30, "resnet": 30, "mlp": 60, "gray": 30}
+#: Architectures that do not read (28, 28, 1) images: the shape of their inputs. Their digits
+#: are reshaped to it after the trigger is stamped on the image (:func:`as_inputs`).
+INPUT_SHAPES = {"mlp": (784,), "gray": (28, 28)}
 TRAINING = {"batch_size": 64, "learning_rate": 2e-3, "poison_rate": 0.1,
             "max_shift": 2, "max_degrees": 10.0}
 PRUNING_AWARE = {"prune_fraction": 0.3, "epochs": 3, "augmented_copies": 4,
@@ -141,6 +150,17 @@ HOLDOUT_SPECS.update({
     "line-to-one": ("resnet", "line", "all-to-one"),
     "noise-to-one": ("resnet", "noise", "all-to-one"),
     "noise-all-to-all": ("resnet", "noise", "all-to-all"),
+})
+#: A third held-out group, for inputs that are not (H, W, C) images: a multilayer perceptron
+#: on flat (784,) inputs, and a convnet that reads (28, 28) digits without a channel axis (as
+#: ``keras.datasets.mnist`` gives them) and adds one itself.
+HOLDOUT_SPECS.update({
+    "clean-mlp": ("mlp", None, "clean"),
+    "patch-to-one-mlp": ("mlp", "patch", "all-to-one"),
+    "square-all-to-all-mlp": ("mlp", "square", "all-to-all"),
+    "clean-gray": ("gray", None, "clean"),
+    "blend-to-one-gray": ("gray", "blend", "all-to-one"),
+    "noise-all-to-all-gray": ("gray", "noise", "all-to-all"),
 })
 HOLDOUT = tuple(HOLDOUT_SPECS)
 SPECS.update(HOLDOUT_SPECS)
@@ -199,9 +219,24 @@ def data_split(seed, total=5000):
                  validation[:SMALL_SPLIT[1]], evaluation)
 
 
-def _take(index):
+def _take(index, architecture=None):
     x, y = digits()
-    return x[index], y[index]
+    return as_inputs(x[index], architecture), y[index]
+
+
+def as_inputs(x, architecture):
+    """Images ``x`` (N, 28, 28, 1) in the input shape of ``architecture`` (:data:`INPUT_SHAPES`).
+
+    >>> as_inputs(np.zeros((2, 28, 28, 1)), "mlp").shape, as_inputs(np.zeros((2, 28, 28, 1)), "convnet").shape
+    ((2, 784), (2, 28, 28, 1))
+    """
+    shape = INPUT_SHAPES.get(architecture)
+    return x if shape is None else np.reshape(x, (len(x),) + shape)
+
+
+def as_images(x):
+    """Inputs of any architecture back as (N, 28, 28, 1) images."""
+    return np.reshape(x, (len(x), 28, 28, 1))
 
 
 # -- triggers and targets --------------------------------------------------------------
@@ -377,7 +412,38 @@ def resnet(seed):
     return keras.Model(inputs, outputs, name="resnet")
 
 
-ARCHITECTURES = {"convnet": convnet, "bngap": bngap, "lenet": lenet, "resnet": resnet}
+def mlp(seed):
+    """Flat (784,) inputs -> dense 1024 -> dropout 0.3 -> dense 512 -> softmax (held out:
+    see :data:`HOLDOUT`)."""
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    inputs = keras.Input((784,))
+    x = L.Dense(1024, activation="relu", name="fc_1")(inputs)
+    x = L.Dropout(0.3, name="dropout")(x)
+    x = L.Dense(512, activation="relu", name="fc_2")(x)
+    outputs = L.Dense(10, activation="softmax", name="output")(x)
+    return keras.Model(inputs, outputs, name="mlp")
+
+
+def gray(seed):
+    """(28, 28) inputs -> a channel axis (Reshape) -> conv 32 -> pool -> conv 64 -> pool ->
+    flatten -> dense 128 -> softmax, "valid" padding (held out: see :data:`HOLDOUT`)."""
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    inputs = keras.Input((28, 28))
+    x = L.Reshape((28, 28, 1), name="channel")(inputs)
+    x = L.Conv2D(32, 3, activation="relu", name="conv_1")(x)
+    x = L.MaxPooling2D(name="pool_1")(x)
+    x = L.Conv2D(64, 3, activation="relu", name="conv_2")(x)
+    x = L.MaxPooling2D(name="pool_2")(x)
+    x = L.Flatten(name="flatten")(x)
+    x = L.Dense(128, activation="relu", name="fc")(x)
+    outputs = L.Dense(10, activation="softmax", name="output")(x)
+    return keras.Model(inputs, outputs, name="gray")
+
+
+ARCHITECTURES = {"convnet": convnet, "bngap": bngap, "lenet": lenet, "resnet": resnet,
+                 "mlp": mlp, "gray": gray}
 
 
 # -- recipe ----------------------------------------------------------------------------
@@ -457,7 +523,8 @@ def _train(name, seed, cfg, trigger, target, cache_dir, log):
     for _ in range(epochs):
         x_epoch = attacker_epoch(x, index, trigger, rng, TRAINING["max_shift"],
                                  TRAINING["max_degrees"])
-        model.fit(x_epoch, y_train, batch_size=batch_size, epochs=1, shuffle=True, verbose=0)
+        model.fit(as_inputs(x_epoch, cfg["architecture"]), y_train, batch_size=batch_size,
+                  epochs=1, shuffle=True, verbose=0)
     return model
 
 
@@ -530,16 +597,19 @@ class Net:
     def defender_data(self, small=False):
         """``(clean, validation)``: the defender's 750 + 250 digits, or 200 + 100 with
         ``small=True``; each an ``(x, y)`` pair."""
+        arch = self.architecture
         if small:
-            return _take(self.split.small_clean), _take(self.split.small_validation)
-        return _take(self.split.defender_clean), _take(self.split.defender_validation)
+            return _take(self.split.small_clean, arch), _take(self.split.small_validation, arch)
+        return _take(self.split.defender_clean, arch), _take(self.split.defender_validation, arch)
 
     def poisoned(self, data):
         """Triggered copies of ``data`` with the attacker's labels (as ``poisoned_evaluation``)."""
         if not self.backdoored:
             raise ValueError(f"Network {self.name!r} is clean: it has no trigger.")
-        x_t, y_attacker, _ = poisoned_evaluation_set(*data, self.trigger, target=self.target)
-        return x_t, y_attacker
+        x, y = data
+        x_t, y_attacker, _ = poisoned_evaluation_set(as_images(x), y, self.trigger,
+                                                     target=self.target)
+        return as_inputs(x_t, self.architecture), y_attacker
 
     def asr(self, model):
         """Attack success rate of ``model`` on the triggered evaluation digits (NaN if clean)."""
@@ -592,11 +662,12 @@ def build(name, seed, *, check=True, rebuild=False, cache_dir=None, log=None):
         write_json(meta_path, {"config": cfg, "seconds": seconds})
     model = load_model(path)  # every caller gets its own copy, the same one a rerun gets
     split_ = data_split(seed)
-    evaluation = _take(split_.evaluation)
+    images = _take(split_.evaluation)
+    evaluation = (as_inputs(images[0], cfg["architecture"]), images[1])
     poisoned = None
     if trigger is not None:
-        x_t, y_attacker, _ = poisoned_evaluation_set(*evaluation, trigger, target=target)
-        poisoned = (x_t, y_attacker)
+        x_t, y_attacker, _ = poisoned_evaluation_set(*images, trigger, target=target)
+        poisoned = (as_inputs(x_t, cfg["architecture"]), y_attacker)
     accuracy = float(clean_accuracy(model, evaluation))
     asr = float(attack_success_rate(model, poisoned)) if poisoned else float("nan")
     attack = "clean" if kind == "clean" else (

@@ -989,3 +989,40 @@ def test_ibau_radius_reaches_ibau_and_the_settings(monkeypatch):
                     max_accuracy_drop=1.0)
     assert seen == [2.5]
     assert result.settings["ibau_radius"] == 2.5 and result.summary()["settings"]["ibau_radius"] == 2.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("input_shape", [(784,), (28, 28)])
+def test_defend_scans_and_repairs_a_badnet_that_does_not_read_channel_last_images(input_shape):
+    """A multilayer perceptron on flat digits, or a net reading (28, 28) digits, trained on
+    data the defender never has: defend() with its defaults and no triggered data names the
+    target and ships a repair."""
+    from tf_backdoor_defense.attacks import checkerboard_patch, poison_dataset, \
+        poisoned_evaluation_set
+    from tf_backdoor_defense.experiments._datasets import load_mnist_digits, split
+
+    x, y = load_mnist_digits()
+    attacker, defender, test = split(x, y, [3000, 1000, 1000], seed=0)
+    trigger = checkerboard_patch(4, 1.0)
+    x_bad, y_bad, _ = poison_dataset(*attacker, trigger, rate=0.1, target=3, seed=0)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),
+                              keras.layers.Dense(512, activation="relu"),
+                              keras.layers.Dense(10, activation="softmax")])
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    model.fit(x_bad.reshape((-1,) + input_shape), y_bad, epochs=15, batch_size=64, verbose=0)
+    flat = lambda images: images.reshape((len(images),) + input_shape)  # noqa: E731
+    x_poison, y_attacker, _ = poisoned_evaluation_set(*test, trigger, target=3)
+    poisoned = (flat(x_poison), y_attacker)
+    asr_before = attack_success_rate(model, poisoned)
+    accuracy_before = clean_accuracy(model, (flat(test[0]), test[1]))
+    assert asr_before > 0.9 and accuracy_before > 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackdoorStillActiveWarning)
+        result = defend(model, (flat(defender[0]), defender[1]), max_accuracy_drop=0.02)
+    assert result.scan.suspected_targets == (3,) and result.scan.input_shape == input_shape
+    assert result.scan.masks.shape[1:] == (28, 28, 1)
+    assert result.method is not None
+    assert attack_success_rate(result.model, poisoned) < 0.1
+    assert clean_accuracy(result.model, (flat(test[0]), test[1])) >= accuracy_before - 0.03
+    assert attack_success_rate(model, poisoned) == asr_before  # the user's model untouched

@@ -31,11 +31,15 @@ def planted_data(n=240, seed=1, templates=None):
     return np.clip(x, 0.0, 1.0).astype(np.float32)[..., None], y.astype(np.int64)
 
 
-def planted_model(kind="all-to-one", target=2, templates=None):
-    """A classifier of the template images, with a one-pixel backdoor (or none: kind="clean")."""
+def planted_model(kind="all-to-one", target=2, templates=None, input_shape=(SIZE, SIZE, 1)):
+    """A classifier of the template images, with a one-pixel backdoor (or none: kind="clean").
+
+    ``input_shape`` may also be ``(8, 8)`` or ``(64,)``: the same classifier of the images
+    without a channel axis, or flattened (a multilayer perceptron's inputs).
+    """
     templates = _templates() if templates is None else templates
     flat = (2.0 * templates - 1.0).reshape(CLASSES, -1).T * 0.5
-    inputs = keras.Input((SIZE, SIZE, 1))
+    inputs = keras.Input(input_shape)
     features = keras.layers.Flatten()(inputs)
     clean = keras.layers.Dense(CLASSES, name="clean_logits")
     logits = clean(features)

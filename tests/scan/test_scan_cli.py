@@ -100,3 +100,17 @@ def test_an_all_to_all_scan_prints_the_class_map(files, capsys):
     _, one = _run(["scan", str(files / "net.h5"), "--clean", str(files / "clean.npz")] + FAST
                   + ["--init-cost", "0.01"], capsys)
     assert "all-to-all map" not in one
+
+
+def test_a_model_of_flat_inputs_is_scanned_and_drawn_as_images(tmp_path, capsys):
+    planted_model("all-to-one", input_shape=(64,)).save(tmp_path / "mlp.h5")
+    x, y = planted_data()
+    np.savez(tmp_path / "clean.npz", x=x.reshape(len(x), 64), y=y)
+    out = tmp_path / "report"
+    code, text = _run(["scan", str(tmp_path / "mlp.h5"), "--clean", str(tmp_path / "clean.npz"),
+                       "--output", str(out)] + FAST + ["--init-cost", "0.01"], capsys)
+    assert code == 0 and text.splitlines()[0] == "backdoor found: all-to-one, target class 2"
+    assert json.loads((out / "scan.json").read_text())["input_shape"] == [64]
+    assert (out / "triggers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with np.load(out / "triggers.npz") as saved:
+        assert saved["masks"].shape == (6, 8, 8, 1)

@@ -86,6 +86,47 @@ def test_suspected_triggers_feed_unlearning(scans):
     np.testing.assert_array_equal(pairs[-1][0], scans["all-to-all"].untargeted_mask)
 
 
+@pytest.mark.parametrize("input_shape", [(8, 8), (64,)])
+def test_inputs_without_a_channel_axis_are_scanned_as_images(scans, input_shape):
+    """A model reading (8, 8) or flat (64,) inputs is scanned in the (8, 8, 1) image view:
+    the same optimisation, so the same table as the model reading images."""
+    from planted import planted_model
+
+    model = planted_model("all-to-one", input_shape=input_shape)
+    x, y = planted_data()
+    result = scan_model(model, (x.reshape((len(x),) + input_shape), y), **FAST)
+    images = scans["all-to-one"]
+    assert result.suspected_targets == (2,) and result.input_shape == input_shape
+    assert result.masks.shape == (6, 8, 8, 1) and result.patterns.shape == (6, 8, 8, 1)
+    np.testing.assert_allclose(result.table["mask_l1"], images.table["mask_l1"], rtol=1e-4)
+    np.testing.assert_allclose(result.success_rates, images.success_rates)
+    mask, pattern = result.suspected_triggers()[0]
+    assert mask.shape == input_shape and pattern.shape == input_shape
+    np.testing.assert_array_equal(mask, result.trigger(2)[0].reshape(input_shape))
+    x_new, y_new = planted_data(60, seed=7)
+    flat = x_new.reshape((60,) + input_shape)
+    stamped = result.apply(flat, 2)
+    assert stamped.shape == flat.shape
+    np.testing.assert_array_equal(stamped.reshape(x_new.shape), result.apply(x_new, 2))
+    assert np.mean(predict_labels(model, stamped)[y_new != 2] == 2) > 0.95
+    assert json.loads(json.dumps(result.as_dict(), default=float))["input_shape"] == list(
+        input_shape)
+    with pytest.raises(ValueError, match=r"'x' parameter must be inputs of shape"):
+        result.apply(flat[..., :3], 2)
+
+
+def test_inputs_of_other_ranks_are_refused_by_name():
+    from tf_backdoor_defense._keras import keras
+    from tf_backdoor_defense.scan._reverse import image_view
+
+    model = keras.Sequential([keras.Input((2, 4, 4, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])
+    x = np.zeros((12, 2, 4, 4, 1), np.float32)
+    with pytest.raises(ValueError, match=r"inputs of shape \(2, 4, 4, 1\)"):
+        scan_model(model, (x, np.arange(12) % 3), steps=2)
+    assert image_view((49,)) == (7, 7, 1) and image_view((1,)) == (1, 1, 1)
+
+
 def test_result_is_frozen_and_json_ready(scans):
     result = scans["all-to-one"]
     with pytest.raises(Exception):

@@ -27,15 +27,18 @@ agree with one device within float32 tolerance.
 """
 
 import dataclasses
+import math
 
 import numpy as np
 
 from tf_backdoor_defense._distribute import (batch_mean, replica_count, replica_rows,
                                              resolve_strategy, sum_over_replicas)
+from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.masks._wrapper import PruneByActivation
 
-__all__ = ["ReverseSettings", "Slots", "TriggerOptimizer", "infer_value_range", "stamp"]
+__all__ = ["ReverseSettings", "Slots", "TriggerOptimizer", "image_view", "infer_value_range",
+           "stamp"]
 
 UNTARGETED = -1
 #: Bound of the tanh-parametrised variables (masks in [0.0003, 0.9997]).
@@ -87,6 +90,32 @@ def infer_value_range(x):
         if candidate[0] <= low and high <= candidate[1]:
             return candidate
     return low, high
+
+
+def image_view(input_shape):
+    """The image shape ``(H, W, C)`` in which triggers are reversed for inputs of ``input_shape``.
+
+    An image ``(H, W, C)`` is its own view. Inputs ``(H, W)`` (grayscale
+    images without a channel axis, as ``keras.datasets.mnist`` gives them)
+    get one channel. Flat inputs ``(D,)`` (a multilayer perceptron's) become
+    a square ``(k, k, 1)`` when ``D = k * k`` (a flattened grayscale image),
+    else one row ``(1, D, 1)``: either way every input value is one pixel of
+    the mask, whose L1 norm is the same in any view. Inputs of other ranks
+    raise :class:`~tf_backdoor_defense.InputError`.
+
+    >>> image_view((32, 32, 3)), image_view((28, 28)), image_view((784,)), image_view((10,))
+    ((32, 32, 3), (28, 28, 1), (28, 28, 1), (1, 10, 1))
+    """
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) == 3:
+        return shape
+    if len(shape) == 2:
+        return shape + (1,)
+    if len(shape) == 1:
+        side = math.isqrt(shape[0])
+        return (side, side, 1) if side > 1 and side * side == shape[0] else (1, shape[0], 1)
+    raise InputError(f"Triggers are reversed over images (H, W, C), grayscale images (H, W) or "
+                     f"flat inputs (D,). The model takes inputs of shape {shape}.")
 
 
 def stamp(x, mask, pattern):
@@ -149,12 +178,22 @@ class TriggerOptimizer:
     seed : int
     strategy : tf.distribute.Strategy, default=None
         Default: ``model.distribute_strategy``.
+    input_shape : tuple of int, default=None
+        The model's input shape, when ``x`` holds its inputs in an
+        :func:`image_view` of another shape (stamped images are reshaped to
+        it before the model reads them). Default: ``x.shape[1:]``.
     """
 
-    def __init__(self, model, x, y, value_range, settings, seed, strategy=None):
+    def __init__(self, model, x, y, value_range, settings, seed, strategy=None,
+                 input_shape=None):
         self.model = model
         self.strategy = resolve_strategy(strategy, model)
         self.x = np.asarray(x, dtype=np.float32)
+        self.input_shape = (tuple(self.x.shape[1:]) if input_shape is None
+                            else tuple(int(d) for d in input_shape))
+        if math.prod(self.input_shape) != math.prod(self.x.shape[1:]):
+            raise ValueError(f"Inputs of shape {self.x.shape[1:]} cannot be viewed as the "
+                             f"model's input shape {self.input_shape}.")
         self.y = np.asarray(y, dtype=np.int64)
         self.low, self.high = (float(v) for v in value_range)
         self.settings = settings
@@ -197,6 +236,7 @@ class TriggerOptimizer:
         classes = 2 if classes == 1 else int(classes)
 
         strategy = self.strategy
+        input_shape = self.input_shape
 
         def images(mask_w, pattern_w):
             return (tf.tanh(mask_w) + 1.0) / 2.0, low + span * (tf.tanh(pattern_w) + 1.0) / 2.0
@@ -205,7 +245,7 @@ class TriggerOptimizer:
             """Log probabilities (slots, rows, classes) of this replica's stamped rows of ``x``."""
             stamped = x * (1.0 - mask[:, None]) + (mask * pattern)[:, None]
             rows = tf.shape(x)[1]
-            scores = log_probs(tf.reshape(stamped, (slots * rows, h, w, c)))
+            scores = log_probs(tf.reshape(stamped, (slots * rows,) + input_shape))
             return tf.reshape(scores, (slots, rows, classes))
 
         def successes(scores, labels, targets):

@@ -54,6 +54,14 @@ weight (an early screen in the spirit of K-Arm, Shen et al., ICML 2021); the
 ``refine`` classes with the lowest objective (cross-entropy plus weighted L1
 norm), and ``reference`` others drawn at random as an unbiased sample of the
 rest, are then optimised fully. The tests use the refined classes.
+
+Inputs that are not images ``(H, W, C)`` are scanned in an image view
+(:func:`~tf_backdoor_defense.scan._reverse.image_view`): grayscale images
+``(H, W)`` get a channel axis, and a multilayer perceptron's flat inputs
+``(D,)`` become a square ``(k, k, 1)`` when ``D = k * k`` (one row
+otherwise). The model reads the stamped inputs in its own shape; the masks
+and patterns of the result are images of the view, and
+:meth:`ScanResult.suspected_triggers` gives them in the model's shape.
 """
 
 import dataclasses
@@ -69,7 +77,7 @@ from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_number, num_classes_of
 from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slots, TriggerOptimizer,
-                                               infer_value_range, stamp)
+                                               image_view, infer_value_range, stamp)
 from tf_backdoor_defense.scan._statistics import anomaly_index, match
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
@@ -119,9 +127,12 @@ class ScanResult:
         The refined classes, the order of ``masks``, ``patterns`` and
         ``success_rates``.
     masks : float32 array (R, H, W, 1)
-        Reversed masks in [0, 1].
+        Reversed masks in [0, 1], in the inputs' image view ``(H, W, C)``
+        (:func:`~tf_backdoor_defense.scan._reverse.image_view`: the inputs'
+        own shape for images; ``(28, 28, 1)`` for inputs of shape
+        ``(28, 28)`` or ``(784,)``).
     patterns : float32 array (R, H, W, C)
-        Reversed patterns within ``value_range``.
+        Reversed patterns within ``value_range``, in the same view.
     success_rates : float array (R,)
         Attack success rate of each reversed trigger on the held-apart data.
     untargeted : dict
@@ -148,6 +159,10 @@ class ScanResult:
         Seconds per stage (``screen``, ``refine``, ``evaluate``), class and slot counts.
     settings : dict
         The arguments the scan ran with.
+    input_shape : tuple of int
+        The model's input shape (None: that of ``patterns``).
+        :meth:`apply` takes inputs of this shape and
+        :meth:`suspected_triggers` returns triggers in it.
     """
 
     backdoor_found: bool
@@ -168,9 +183,11 @@ class ScanResult:
     seconds: float
     timings: dict
     settings: dict
+    input_shape: tuple = None
 
     def trigger(self, target):
-        """``(mask, pattern)`` reversed for class ``target``, or ``"untargeted"``.
+        """``(mask, pattern)`` reversed for class ``target``, or ``"untargeted"``, in the
+        image view of the inputs (the shape of ``masks`` and ``patterns``).
 
         Raises ``ValueError`` for a class that was screened out (not refined).
         """
@@ -189,23 +206,40 @@ class ScanResult:
         return self.masks[row], self.patterns[row]
 
     def apply(self, x, target):
-        """Stamp the trigger reversed for ``target`` onto the images ``x`` (a new array).
+        """Stamp the trigger reversed for ``target`` onto the inputs ``x`` (a new array).
 
         Parameters
         ----------
-        x : array (N, H, W, C)
+        x : array (N, ...)
+            Inputs of the model's shape (``input_shape``) or of the image view
+            (``patterns.shape[1:]``).
         target : int or "untargeted"
 
         Returns
         -------
-        float32 array ``x * (1 - mask) + mask * pattern``.
+        float32 array ``x * (1 - mask) + mask * pattern``, of ``x``'s shape.
         """
         mask, pattern = self.trigger(target)
         x = np.asarray(x)
-        if x.ndim != 4 or x.shape[1:] != pattern.shape:
-            raise InputError(f"The 'x' parameter must be images of shape (N, "
-                             f"{', '.join(str(d) for d in pattern.shape)}). Got shape {x.shape}.")
-        return stamp(x, mask, pattern)
+        shapes = {pattern.shape, self._input_shape}
+        if x.ndim < 1 or x.shape[1:] not in shapes:
+            raise InputError(f"The 'x' parameter must be inputs of shape "
+                             f"{' or '.join(str((None,) + s) for s in sorted(shapes))}. "
+                             f"Got shape {x.shape}.")
+        stamped = stamp(x.reshape((len(x),) + pattern.shape), mask, pattern)
+        return stamped.reshape(x.shape)
+
+    @property
+    def _input_shape(self):
+        return tuple(self.patterns.shape[1:]) if self.input_shape is None else tuple(
+            self.input_shape)
+
+    def _as_input(self, array):
+        """A mask or pattern of the image view in the model's input shape (images, whose
+        masks keep one channel, are left as they are)."""
+        if len(self._input_shape) == 3:
+            return array
+        return np.reshape(array, self._input_shape)
 
     @property
     def all_to_all_map(self):
@@ -219,11 +253,13 @@ class ScanResult:
 
     def suspected_triggers(self):
         """``[(mask, pattern), ...]``: the suspected targets' triggers, then the untargeted one
-        when the all-to-all test fired (what a trigger-unlearning repair needs)."""
-        pairs = [self.trigger(t) for t in self.suspected_targets]
+        when the all-to-all test fired (what a trigger-unlearning repair needs), in the
+        model's input shape (for images: the masks ``(H, W, 1)`` and patterns of
+        :meth:`trigger`)."""
+        targets = list(self.suspected_targets)
         if self.all_to_all_suspected:
-            pairs.append(self.trigger("untargeted"))
-        return pairs
+            targets.append("untargeted")
+        return [tuple(self._as_input(a) for a in self.trigger(t)) for t in targets]
 
     def top(self, n=10):
         """The ``n`` refined classes with the smallest reversed masks (a table)."""
@@ -238,6 +274,7 @@ class ScanResult:
             "all_to_all_suspected": self.all_to_all_suspected, "tests": dict(self.tests),
             "untargeted": dict(self.untargeted), "value_range": list(self.value_range),
             "success_data": self.success_data, "seconds": self.seconds,
+            "input_shape": list(self._input_shape),
             "timings": dict(self.timings), "settings": dict(self.settings),
             "classes": self.table.to_dict(orient="records"),
         }
@@ -296,7 +333,8 @@ class _Counter:
     def __init__(self, model, strategy, num_classes, batch_size=256):
         self.num_classes = int(num_classes)
         self.batch_size = int(batch_size)
-        spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
+        self.input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+        spec = tf.TensorSpec((None,) + self.input_shape, tf.float32)
 
         def predicted_classes(x):
             outputs = model(x, training=False)
@@ -327,6 +365,7 @@ class _Counter:
 
     def _total(self, step, x, y, size):
         total = np.zeros(size, np.int64)
+        x = x.reshape((len(x),) + self.input_shape)  # from an image view
         for start in range(0, len(x), self.batch_size):
             part = step(tf.constant(x[start:start + self.batch_size], tf.float32),
                         tf.constant(y[start:start + self.batch_size], tf.int64))
@@ -465,7 +504,9 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     Parameters
     ----------
     model : tf_keras.Model
-        A classifier of images (N, H, W, C); it is only read, never changed.
+        A classifier of images ``(H, W, C)``, grayscale images ``(H, W)`` or
+        flat inputs ``(D,)`` (triggers are reversed over their image view,
+        ``ScanResult.masks``); it is only read, never changed.
     data : (x, y) arrays or tf.data.Dataset
         Clean inputs and their true labels. ``holdout`` of them (per class)
         are held apart to measure the reversed triggers' success rates.
@@ -566,9 +607,8 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     check_model(model)
     strategy = resolve_strategy(strategy, model)
     x, y = check_data(data, "data", model=model).arrays()
-    if x.ndim != 4:
-        raise InputError(f"scan_model needs image inputs of shape (N, H, W, C). The model takes "
-                         f"inputs of shape {tuple(model.inputs[0].shape[1:])}.")
+    input_shape = tuple(int(d) for d in x.shape[1:])
+    x = x.reshape((len(x),) + image_view(input_shape))
     check_number(holdout, "holdout", below=1.0)
     value_range = _check_range(value_range) or infer_value_range(x)
     for name, value in (("steps", steps), ("batch_size", batch_size),
@@ -612,7 +652,8 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     reverse = ReverseSettings(batch_size=batch_size, learning_rate=learning_rate,
                               init_cost=init_cost, success_threshold=success_threshold,
                               max_images_per_step=max_images_per_step)
-    optimizer = TriggerOptimizer(model, x_opt, y_opt, value_range, reverse, seed, strategy)
+    optimizer = TriggerOptimizer(model, x_opt, y_opt, value_range, reverse, seed, strategy,
+                                 input_shape=input_shape)
     everything = np.arange(len(y_opt))
 
     def pool(target):
@@ -696,7 +737,8 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
         classes=tuple(int(c) for c in refined), masks=masks[:-1], patterns=patterns[:-1],
         success_rates=rates, untargeted=untargeted, untargeted_mask=masks[-1],
         untargeted_pattern=patterns[-1], value_range=tuple(value_range),
-        success_data=success_data, seconds=seconds, timings=timings, settings=settings)
+        success_data=success_data, seconds=seconds, timings=timings, settings=settings,
+        input_shape=input_shape)
 
 
 def _check_candidates(candidates, num_classes):
