@@ -130,8 +130,10 @@ def test_names_cover_every_attack_and_two_outside_architectures():
 
 def test_held_out_networks_are_apart_from_the_defaults_and_keep_their_digests():
     assert not set(zoo.HOLDOUT) & set(zoo.NAMES)
-    assert {zoo.SPECS[name][0] for name in zoo.HOLDOUT} == {"lenet", "resnet"}
-    assert not {zoo.SPECS[name][1] for name in zoo.HOLDOUT} & \
+    assert {zoo.SPECS[name][0] for name in zoo.HOLDOUT} == {"lenet", "resnet", "mlp", "gray"}
+    # The first two groups' triggers are apart from the defaults' (the third's inputs are).
+    first_two = [name for name in zoo.HOLDOUT if zoo.SPECS[name][0] in ("lenet", "resnet")]
+    assert not {zoo.SPECS[name][1] for name in first_two} & \
         {zoo.SPECS[name][1] for name in zoo.NAMES} - {None}
     # Adding the held-out networks changed no default network's cache key.
     assert zoo._digest(zoo.config("patch-to-one", 1)) == "d49d0e059917"
@@ -143,6 +145,23 @@ def test_held_out_networks_are_apart_from_the_defaults_and_keep_their_digests():
     plain = zoo.attacker_epoch(x, np.array([0, 1]), None, np.random.default_rng(0))
     np.testing.assert_allclose(out[:2], signal(plain[:2]), atol=1e-6)
     np.testing.assert_array_equal(out[2:], plain[2:])
+
+
+def test_the_third_held_out_group_reads_flat_and_channel_free_digits():
+    import types
+
+    assert zoo.mlp(0).input_shape == (None, 784) and zoo.gray(0).input_shape == (None, 28, 28)
+    index = zoo.data_split(0).defender_clean[:5]
+    images = zoo._take(index)[0]
+    flat, labels = zoo._take(index, "mlp")
+    assert flat.shape == (5, 784) and zoo._take(index, "gray")[0].shape == (5, 28, 28)
+    np.testing.assert_array_equal(zoo.as_images(flat), images)
+    np.testing.assert_array_equal(labels, zoo._take(index)[1])
+    # Quality floors: 97% for the perceptron, 98% for every other architecture.
+    net = types.SimpleNamespace(architecture="mlp", clean_accuracy=0.975, backdoored=False)
+    assert zoo._quality_problems(net) == []
+    net.architecture = "gray"
+    assert zoo._quality_problems(net) == ["clean accuracy 0.9750 < 0.98"]
 
 
 def test_config_keys_follow_the_recipe_and_targets_are_seeded():
