@@ -96,6 +96,22 @@ def test_check_triggers_accepts_pairs_stacked_arrays_one_pair_and_2d_masks():
     assert single[0].dtype == np.float32
 
 
+@pytest.mark.parametrize("input_shape", [(64,), (8, 8)])
+def test_check_triggers_takes_flat_and_channel_free_triggers_or_their_image_view(input_shape):
+    rng = np.random.default_rng(0)
+    masks, patterns = rng.random((3, 8, 8, 1)), rng.random((3, 8, 8, 1))  # a scan's view
+    expected = (3,) + input_shape
+    for triggers in ((masks, patterns), list(zip(masks, patterns)),
+                     (masks.reshape(expected), patterns.reshape(expected))):
+        got_masks, got_patterns = check_triggers(triggers, input_shape)
+        np.testing.assert_allclose(got_masks, masks.reshape(expected))
+        np.testing.assert_allclose(got_patterns, patterns.reshape(expected))
+    one = check_triggers((masks[0], patterns[0]), input_shape)[0]
+    np.testing.assert_allclose(one, masks[:1].reshape((1,) + input_shape))
+    with pytest.raises(ValueError, match="3 masks but 2 patterns"):
+        check_triggers((masks, patterns[:2]), input_shape)
+
+
 def test_check_triggers_broadcasts_a_one_channel_mask_over_colour_patterns():
     masks, patterns = check_triggers([(np.ones((4, 4, 1)), np.zeros((4, 4, 3)))], (4, 4, 3))
     assert masks.shape == (1, 4, 4, 1) and patterns.shape == (1, 4, 4, 3)

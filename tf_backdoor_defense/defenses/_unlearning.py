@@ -57,6 +57,7 @@ from tf_backdoor_defense._validation import check_fraction, check_model, check_n
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 from tf_backdoor_defense.metrics import labels_from_outputs, predict_labels
+from tf_backdoor_defense.scan._reverse import image_view
 
 __all__ = ["unlearn_triggers", "check_triggers", "stamp_triggers"]
 
@@ -75,9 +76,12 @@ def _as_array(value, what):
     return array
 
 
-def _fit_shape(array, image_shape, what, index):
-    """``array`` as ``image_shape[:-1] + (1 or C,)`` (a missing channel axis is added)."""
+def _fit_shape(array, image_shape, what, index, view=None):
+    """``array`` as ``image_shape[:-1] + (1 or C,)`` (a missing channel axis is added; an
+    array of the inputs' image ``view`` is reshaped to them)."""
     spatial, channels = tuple(image_shape[:-1]), image_shape[-1]
+    if view is not None and array.shape == view:
+        array = array.reshape(image_shape)
     if array.shape == spatial:
         array = array[..., None]
     if array.shape[:-1] != spatial or array.shape[-1] not in (1, channels):
@@ -100,9 +104,12 @@ def check_triggers(triggers, image_shape):
         values in [0, 1]; ``pattern`` has shape ``(H, W, C)`` (or ``(H, W, 1)``
         or ``(H, W)``) in the data's scale. Stacked arrays carry a leading
         trigger axis: ``masks`` ``(K, H, W, 1)``, ``patterns`` ``(K, H, W, C)``.
-        One pair of unstacked arrays is one trigger.
+        One pair of unstacked arrays is one trigger. For inputs that are not
+        ``(H, W, C)`` images, both have the inputs' shape or that of their
+        image view (:func:`~tf_backdoor_defense.scan._reverse.image_view`, a
+        scan's ``masks`` and ``patterns``), which is reshaped to it.
     image_shape : tuple of int
-        The shape of one input, ``(H, W, C)``.
+        The shape of one input, ``(H, W, C)`` for images.
 
     Returns
     -------
@@ -116,16 +123,26 @@ def check_triggers(triggers, image_shape):
     >>> masks, patterns = check_triggers([(mask, pattern), (mask, pattern)], (4, 4, 1))
     >>> masks.shape, patterns.shape
     ((2, 4, 4, 1), (2, 4, 4, 1))
+    >>> check_triggers([(mask, pattern)], (16,))[0].shape  # a flat input's image view
+    (1, 16)
     """
     image_shape = tuple(int(s) for s in image_shape)
     rank = len(image_shape)
+    view = image_view(image_shape) if rank in (1, 2) else None
     if isinstance(triggers, (str, bytes, dict)) or not hasattr(triggers, "__len__"):
         raise TypeError("The 'triggers' parameter must be a sequence of (mask, pattern) pairs. "
                         f"Got {type(triggers).__name__}.")
     pairs = list(triggers)
     if len(pairs) == 2 and all(isinstance(p, np.ndarray) or hasattr(p, "numpy") for p in pairs):
         masks, patterns = (_as_array(p, "array") for p in pairs)
-        if masks.ndim == rank + 1 and patterns.ndim == rank + 1:  # stacked (masks, patterns)
+        if view is not None and masks.shape == patterns.shape == view:
+            pairs = [(masks, patterns)]  # one pair in the image view
+        elif view is not None and masks.shape[1:] == patterns.shape[1:] == view:
+            if masks.shape[0] != patterns.shape[0]:
+                raise ValueError(f"The 'triggers' parameter holds {masks.shape[0]} masks but "
+                                 f"{patterns.shape[0]} patterns; they must pair up.")
+            pairs = list(zip(masks, patterns))  # stacked, in the image view
+        elif masks.ndim == rank + 1 and patterns.ndim == rank + 1:  # stacked (masks, patterns)
             if masks.shape[0] != patterns.shape[0]:
                 raise ValueError(f"The 'triggers' parameter holds {masks.shape[0]} masks but "
                                  f"{patterns.shape[0]} patterns; they must pair up.")
@@ -139,9 +156,9 @@ def check_triggers(triggers, image_shape):
         if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
             raise TypeError(f"The 'triggers' parameter must be a sequence of (mask, pattern) "
                             f"pairs. Item {index} is {type(pair).__name__}, not a pair.")
-        mask = _fit_shape(_as_array(pair[0], f"mask {index}"), image_shape, "mask", index)
+        mask = _fit_shape(_as_array(pair[0], f"mask {index}"), image_shape, "mask", index, view)
         pattern = _fit_shape(_as_array(pair[1], f"pattern {index}"), image_shape, "pattern",
-                             index)
+                             index, view)
         if mask.min() < -1e-6 or mask.max() > 1 + 1e-6:
             raise ValueError(f"The 'triggers' parameter's mask {index} must have values in "
                              f"[0, 1]. Got values in [{mask.min():g}, {mask.max():g}].")
@@ -405,8 +422,8 @@ def unlearn_triggers(model, train_data, triggers, *, epochs=None, learning_rate=
     triggers : sequence of (mask, pattern) pairs, or a (masks, patterns) pair of stacked arrays
         The reversed triggers (see :func:`check_triggers`): ``mask`` of shape
         ``(H, W, 1)`` in [0, 1], ``pattern`` of shape ``(H, W, C)`` in the
-        data's scale. A scan's ``(result.masks, result.patterns)`` can be
-        passed as they are.
+        data's scale, or for other inputs in their shape or image view. A
+        scan's ``(result.masks, result.patterns)`` can be passed as they are.
     epochs : int, default=None
         Passes over ``train_data``; ``None`` gives about 300 optimiser steps
         (at least 2 epochs), so small clean sets get more passes.
