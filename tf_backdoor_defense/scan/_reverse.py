@@ -192,7 +192,7 @@ class TriggerOptimizer:
         self.input_shape = (tuple(self.x.shape[1:]) if input_shape is None
                             else tuple(int(d) for d in input_shape))
         if math.prod(self.input_shape) != math.prod(self.x.shape[1:]):
-            raise ValueError(f"Inputs of shape {self.x.shape[1:]} cannot be viewed as the "
+            raise InputError(f"Inputs of shape {self.x.shape[1:]} cannot be viewed as the "
                              f"model's input shape {self.input_shape}.")
         self.y = np.asarray(y, dtype=np.int64)
         self.low, self.high = (float(v) for v in value_range)
