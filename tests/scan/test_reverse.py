@@ -75,3 +75,12 @@ def test_batch_is_capped_by_the_smallest_pool(planted):
     assert optimizer.chunk_size(2, 5) == 2
     assert TriggerOptimizer(planted["clean"], x, y, (0.0, 1.0),
                             ReverseSettings(max_images_per_step=6), 0).chunk_size(2, 5) == 1
+
+
+def test_an_input_shape_that_does_not_fit_the_view_is_refused(planted):
+    x, y = planted["data"]
+    with pytest.raises(ValueError, match=r"cannot be viewed as the model's input shape \(63,\)"):
+        TriggerOptimizer(planted["clean"], x, y, (0.0, 1.0), ReverseSettings(), 0,
+                         input_shape=(63,))
+    assert TriggerOptimizer(planted["clean"], x, y, (0.0, 1.0), ReverseSettings(), 0,
+                            input_shape=(64,)).input_shape == (64,)
