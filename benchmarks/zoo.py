@@ -106,7 +106,7 @@ DEFENDER_SPLIT = (750, 250)   # the defender's clean (training) and validation d
 SMALL_SPLIT = (200, 100)      # the small variant: a subset of each of the above
 MIN_CLEAN_ACCURACY = 0.98
 #: Architectures held to another floor: a multilayer perceptron trained on the attacker's
-#: 3,500 digits reaches 96.8-98.4% (seeds 0-1), so its floor is 97%.
+#: 3,500 digits reaches 96.8-98.4% (seeds 0-2), so its floor is 97%.
 MIN_CLEAN_ACCURACY_OF = {"mlp": 0.97}
 MIN_ATTACK_SUCCESS = 0.90
 
@@ -231,8 +231,9 @@ def _take(index, architecture=None):
 def as_inputs(x, architecture):
     """Images ``x`` (N, 28, 28, 1) in the input shape of ``architecture`` (:data:`INPUT_SHAPES`).
 
-    >>> as_inputs(np.zeros((2, 28, 28, 1)), "mlp").shape, as_inputs(np.zeros((2, 28, 28, 1)), "convnet").shape
-    ((2, 784), (2, 28, 28, 1))
+    >>> images = np.zeros((2, 28, 28, 1))
+    >>> [as_inputs(images, name).shape for name in ("mlp", "gray", "lenet")]
+    [(2, 784), (2, 28, 28), (2, 28, 28, 1)]
     """
     shape = INPUT_SHAPES.get(architecture)
     return x if shape is None else np.reshape(x, (len(x),) + shape)
@@ -734,9 +735,8 @@ def main(argv=None):
     print(header)
     print("\n".join(rows))
     print(f"\nEvaluation: {SIZES['evaluation']} digits per seed never seen by attacker or "
-          f"defender; floors: clean accuracy >= {MIN_CLEAN_ACCURACY:.0%} ({MIN_CLEAN_ACCURACY_OF}), "
-          f"ASR >= "
-          f"{MIN_ATTACK_SUCCESS:.0%}.")
+          f"defender; floors: clean accuracy >= {MIN_CLEAN_ACCURACY:.0%} "
+          f"(other floors: {MIN_CLEAN_ACCURACY_OF}), ASR >= {MIN_ATTACK_SUCCESS:.0%}.")
     if failures:
         print("Below the floors:\n  " + "\n  ".join(failures))
         return 1
