@@ -385,16 +385,20 @@ def lenet(seed):
     """Caffe's LeNet: conv 20 (5x5) -> max pool -> conv 50 (5x5) -> max pool -> dense 500
     -> softmax, "valid" padding (held out: see :data:`HOLDOUT`)."""
     keras.utils.set_random_seed(seed)
-    L = keras.layers
     inputs = keras.Input((28, 28, 1))
-    x = L.Conv2D(20, 5, activation="relu", name="conv_1")(inputs)
-    x = L.MaxPooling2D(name="pool_1")(x)
-    x = L.Conv2D(50, 5, activation="relu", name="conv_2")(x)
-    x = L.MaxPooling2D(name="pool_2")(x)
+    return _two_conv_net(inputs, inputs, (20, 50), 5, 500, "lenet")
+
+
+def _two_conv_net(inputs, x, channels, kernel, units, name):
+    """conv -> max pool -> conv -> max pool -> dense -> softmax on ``x``, "valid" padding."""
+    L = keras.layers
+    for index, width in enumerate(channels, start=1):
+        x = L.Conv2D(width, kernel, activation="relu", name=f"conv_{index}")(x)
+        x = L.MaxPooling2D(name=f"pool_{index}")(x)
     x = L.Flatten(name="flatten")(x)
-    x = L.Dense(500, activation="relu", name="fc")(x)
+    x = L.Dense(units, activation="relu", name="fc")(x)
     outputs = L.Dense(10, activation="softmax", name="output")(x)
-    return keras.Model(inputs, outputs, name="lenet")
+    return keras.Model(inputs, outputs, name=name)
 
 
 def resnet(seed):
@@ -434,17 +438,9 @@ def gray(seed):
     """(28, 28) inputs -> a channel axis (Reshape) -> conv 32 -> pool -> conv 64 -> pool ->
     flatten -> dense 128 -> softmax, "valid" padding (held out: see :data:`HOLDOUT`)."""
     keras.utils.set_random_seed(seed)
-    L = keras.layers
     inputs = keras.Input((28, 28))
-    x = L.Reshape((28, 28, 1), name="channel")(inputs)
-    x = L.Conv2D(32, 3, activation="relu", name="conv_1")(x)
-    x = L.MaxPooling2D(name="pool_1")(x)
-    x = L.Conv2D(64, 3, activation="relu", name="conv_2")(x)
-    x = L.MaxPooling2D(name="pool_2")(x)
-    x = L.Flatten(name="flatten")(x)
-    x = L.Dense(128, activation="relu", name="fc")(x)
-    outputs = L.Dense(10, activation="softmax", name="output")(x)
-    return keras.Model(inputs, outputs, name="gray")
+    x = keras.layers.Reshape((28, 28, 1), name="channel")(inputs)
+    return _two_conv_net(inputs, x, (32, 64), 3, 128, "gray")
 
 
 ARCHITECTURES = {"convnet": convnet, "bngap": bngap, "lenet": lenet, "resnet": resnet,
