@@ -6,9 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from planted import planted_data, stamp_trigger  # tests/scan/planted.py
+from planted import planted_data, planted_model, stamp_trigger  # tests/scan/planted.py
+from tf_backdoor_defense._keras import keras
 from tf_backdoor_defense.metrics import predict_labels
 from tf_backdoor_defense.scan import ScanResult, scan_model
+from tf_backdoor_defense.scan._reverse import image_view
 
 FAST = dict(steps=150, init_cost=1e-2, seed=1)
 
@@ -90,8 +92,6 @@ def test_suspected_triggers_feed_unlearning(scans):
 def test_inputs_without_a_channel_axis_are_scanned_as_images(scans, input_shape):
     """A model reading (8, 8) or flat (64,) inputs is scanned in the (8, 8, 1) image view:
     the same optimisation, so the same table as the model reading images."""
-    from planted import planted_model
-
     model = planted_model("all-to-one", input_shape=input_shape)
     x, y = planted_data()
     result = scan_model(model, (x.reshape((len(x),) + input_shape), y), **FAST)
@@ -116,9 +116,6 @@ def test_inputs_without_a_channel_axis_are_scanned_as_images(scans, input_shape)
 
 
 def test_inputs_of_other_ranks_are_refused_by_name():
-    from tf_backdoor_defense._keras import keras
-    from tf_backdoor_defense.scan._reverse import image_view
-
     model = keras.Sequential([keras.Input((2, 4, 4, 1)), keras.layers.Flatten(),
                               keras.layers.Dense(3, activation="softmax")])
     x = np.zeros((12, 2, 4, 4, 1), np.float32)
