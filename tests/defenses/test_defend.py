@@ -991,6 +991,25 @@ def test_ibau_radius_reaches_ibau_and_the_settings(monkeypatch):
     assert result.settings["ibau_radius"] == 2.5 and result.summary()["settings"]["ibau_radius"] == 2.5
 
 
+def test_defend_scans_and_unlearns_on_a_model_of_flat_inputs(planted):
+    """The scan's triggers reach the residual and unlearning in the model's flat shape."""
+    from planted import planted_model  # tests/scan/planted.py, on the path through `planted`
+
+    model = planted_model("all-to-one", input_shape=(64,))
+    x, y = planted["data"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackdoorStillActiveWarning)
+        result = defend(model, (x.reshape(len(x), 64), y), methods=["unlearn"], seed=1,
+                        scan_options={"steps": 150, "init_cost": 1e-2}, epochs=2,
+                        max_accuracy_drop=1.0, interpolate=())
+    assert result.scan.suspected_targets == (2,) and result.scan.input_shape == (64,)
+    assert result.baseline["residual_trigger_rate"] > 0.9
+    row = result.table.set_index("method").loc["unlearn"]
+    assert 0.0 <= row["residual_trigger_rate"] <= 1.0
+    assert "unlearnt" in row["note"]
+    assert result.candidates["unlearn"].inputs[0].shape[1:] == (64,)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("input_shape", [(784,), (28, 28)])
 def test_defend_scans_and_repairs_a_badnet_that_does_not_read_channel_last_images(input_shape):
