@@ -57,7 +57,7 @@ from tf_backdoor_defense._validation import check_fraction, check_model, check_n
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 from tf_backdoor_defense.metrics import labels_from_outputs, predict_labels
-from tf_backdoor_defense.scan._reverse import image_view
+from tf_backdoor_defense.scan._reverse import from_image_view, image_view
 
 __all__ = ["unlearn_triggers", "check_triggers", "stamp_triggers"]
 
@@ -76,12 +76,11 @@ def _as_array(value, what):
     return array
 
 
-def _fit_shape(array, image_shape, what, index, view=None):
+def _fit_shape(array, image_shape, what, index):
     """``array`` as ``image_shape[:-1] + (1 or C,)`` (a missing channel axis is added; an
-    array of the inputs' image ``view`` is reshaped to them)."""
+    array of the inputs' image view is reshaped to them)."""
+    array = from_image_view(array, image_shape)
     spatial, channels = tuple(image_shape[:-1]), image_shape[-1]
-    if view is not None and array.shape == view:
-        array = array.reshape(image_shape)
     if array.shape == spatial:
         array = array[..., None]
     if array.shape[:-1] != spatial or array.shape[-1] not in (1, channels):
@@ -135,14 +134,10 @@ def check_triggers(triggers, image_shape):
     pairs = list(triggers)
     if len(pairs) == 2 and all(isinstance(p, np.ndarray) or hasattr(p, "numpy") for p in pairs):
         masks, patterns = (_as_array(p, "array") for p in pairs)
+        stacked_views = view is not None and masks.shape[1:] == patterns.shape[1:] == view
         if view is not None and masks.shape == patterns.shape == view:
             pairs = [(masks, patterns)]  # one pair in the image view
-        elif view is not None and masks.shape[1:] == patterns.shape[1:] == view:
-            if masks.shape[0] != patterns.shape[0]:
-                raise ValueError(f"The 'triggers' parameter holds {masks.shape[0]} masks but "
-                                 f"{patterns.shape[0]} patterns; they must pair up.")
-            pairs = list(zip(masks, patterns))  # stacked, in the image view
-        elif masks.ndim == rank + 1 and patterns.ndim == rank + 1:  # stacked (masks, patterns)
+        elif stacked_views or (masks.ndim == rank + 1 and patterns.ndim == rank + 1):  # stacked
             if masks.shape[0] != patterns.shape[0]:
                 raise ValueError(f"The 'triggers' parameter holds {masks.shape[0]} masks but "
                                  f"{patterns.shape[0]} patterns; they must pair up.")
@@ -156,9 +151,9 @@ def check_triggers(triggers, image_shape):
         if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
             raise TypeError(f"The 'triggers' parameter must be a sequence of (mask, pattern) "
                             f"pairs. Item {index} is {type(pair).__name__}, not a pair.")
-        mask = _fit_shape(_as_array(pair[0], f"mask {index}"), image_shape, "mask", index, view)
+        mask = _fit_shape(_as_array(pair[0], f"mask {index}"), image_shape, "mask", index)
         pattern = _fit_shape(_as_array(pair[1], f"pattern {index}"), image_shape, "pattern",
-                             index, view)
+                             index)
         if mask.min() < -1e-6 or mask.max() > 1 + 1e-6:
             raise ValueError(f"The 'triggers' parameter's mask {index} must have values in "
                              f"[0, 1]. Got values in [{mask.min():g}, {mask.max():g}].")

@@ -37,8 +37,8 @@ from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.masks._wrapper import PruneByActivation
 
-__all__ = ["ReverseSettings", "Slots", "TriggerOptimizer", "image_view", "infer_value_range",
-           "stamp"]
+__all__ = ["ReverseSettings", "Slots", "TriggerOptimizer", "image_view", "from_image_view",
+           "infer_value_range", "stamp"]
 
 UNTARGETED = -1
 #: Bound of the tanh-parametrised variables (masks in [0.0003, 0.9997]).
@@ -116,6 +116,20 @@ def image_view(input_shape):
         return (side, side, 1) if side > 1 and side * side == shape[0] else (1, shape[0], 1)
     raise InputError(f"Triggers are reversed over images (H, W, C), grayscale images (H, W) or "
                      f"flat inputs (D,). The model takes inputs of shape {shape}.")
+
+
+def from_image_view(array, input_shape):
+    """A mask or pattern of the :func:`image_view` of ``input_shape`` in that shape; an array of
+    any other shape, and any array for image inputs, is returned as it is.
+
+    >>> import numpy as np
+    >>> from_image_view(np.zeros((28, 28, 1)), (784,)).shape
+    (784,)
+    """
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 and np.shape(array) == image_view(shape):
+        return np.reshape(array, shape)
+    return array
 
 
 def stamp(x, mask, pattern):

@@ -77,7 +77,8 @@ from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_number, num_classes_of
 from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slots, TriggerOptimizer,
-                                               image_view, infer_value_range, stamp)
+                                               from_image_view, image_view, infer_value_range,
+                                               stamp)
 from tf_backdoor_defense.scan._statistics import anomaly_index, match
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
@@ -234,13 +235,6 @@ class ScanResult:
         return tuple(self.patterns.shape[1:]) if self.input_shape is None else tuple(
             self.input_shape)
 
-    def _as_input(self, array):
-        """A mask or pattern of the image view in the model's input shape (images, whose
-        masks keep one channel, are left as they are)."""
-        if len(self._input_shape) == 3:
-            return array
-        return np.reshape(array, self._input_shape)
-
     @property
     def all_to_all_map(self):
         """The suspected all-to-all backdoor's class map (int array, ``map[c]`` the target of
@@ -259,7 +253,8 @@ class ScanResult:
         targets = list(self.suspected_targets)
         if self.all_to_all_suspected:
             targets.append("untargeted")
-        return [tuple(self._as_input(a) for a in self.trigger(t)) for t in targets]
+        return [tuple(from_image_view(a, self._input_shape) for a in self.trigger(t))
+                for t in targets]
 
     def top(self, n=10):
         """The ``n`` refined classes with the smallest reversed masks (a table)."""
