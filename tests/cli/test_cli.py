@@ -672,6 +672,9 @@ def test_help_gives_every_argument_a_text_and_each_default_once(command, capsys)
     assert missing == []
     if command != "demo":
         assert "MODEL                 the " in text or "MODEL  " in text
+        model_help = _options_help(sub)["MODEL"]
+        assert re.fullmatch(r"the [a-z() ]*model: a \.h5 or \.keras file, .* with --weights",
+                            model_help), model_help
     if command in ("evaluate", "prune", "repair"):
         assert "--batch-size N        inputs per forward pass" in text
 

@@ -706,8 +706,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%')})"
 
 
-_MODEL_HELP = ("the model: a .h5 or .keras file, a SavedModel folder, or a model.to_json() "
-               ".json file with --weights")
+_MODEL_FILES = ("a .h5 or .keras file, a SavedModel folder, or a model.to_json() .json file "
+                "with --weights")
+_MODEL_HELP = "the model: " + _MODEL_FILES
 _BATCH_HELP = "inputs per forward pass: memory against speed (the results do not depend on it)"
 
 
@@ -941,7 +942,7 @@ def build_parser():
                     "exit codes: 0 done, 2 bad input or existing outputs without --force, 3 "
                     "--fail-if-active and\nthe backdoor still active, 1 an internal error (a "
                     "bug).")
-    sub.add_argument("model", metavar="MODEL", help="the suspect model (" + _MODEL_HELP[5:] + ")")
+    sub.add_argument("model", metavar="MODEL", help="the suspect model: " + _MODEL_FILES)
     sub.add_argument("--clean", required=True, metavar="DATA",
                      help="the defender's clean data, to train the repairs on")
     sub.add_argument("--validation", metavar="DATA",
@@ -1021,7 +1022,7 @@ def build_parser():
               f"{PROG} repair bd_net.h5 --clean valid.h5 --threshold 0.04 --poisoned bd_valid.h5 "
               "--output goodnet.h5", cmd_repair)
     sub.add_argument("model", metavar="MODEL",
-                     help="the original (backdoored) model (" + _MODEL_HELP[5:] + ")")
+                     help="the original (backdoored) model: " + _MODEL_FILES)
     sub.add_argument("--pruned", metavar="MODEL", help="its pruned copy (else prune with --clean)")
     sub.add_argument("--clean", metavar="DATA", help="clean data to prune on and/or evaluate")
     sub.add_argument("--poisoned", metavar="DATA", help="triggered data to evaluate on")
