@@ -991,17 +991,25 @@ def test_ibau_radius_reaches_ibau_and_the_settings(monkeypatch):
     assert result.settings["ibau_radius"] == 2.5 and result.summary()["settings"]["ibau_radius"] == 2.5
 
 
-def test_defend_scans_and_unlearns_on_a_model_of_flat_inputs(planted):
-    """The scan's triggers reach the residual and unlearning in the model's flat shape."""
+def test_defend_scans_and_unlearns_on_a_model_of_flat_inputs(planted, caplog):
+    """The scan's triggers reach the residual and unlearning in the model's flat shape; each
+    scan's verdict is logged once, each rescan after a line naming what it scans."""
     from planted import planted_model  # tests/scan/planted.py, on the path through `planted`
 
     model = planted_model("all-to-one", input_shape=(64,))
     x, y = planted["data"]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="tf_backdoor_defense"):
         warnings.simplefilter("ignore", BackdoorStillActiveWarning)
         result = defend(model, (x.reshape(len(x), 64), y), methods=["unlearn"], seed=1,
                         scan_options={"steps": 150, "init_cost": 1e-2}, epochs=2,
-                        max_accuracy_drop=1.0, interpolate=())
+                        max_accuracy_drop=1.0, interpolate=(), verbose=1)
+    lines = [record.getMessage() for record in caplog.records]
+    scans = [index for index, line in enumerate(lines) if line.startswith("scan: ")]
+    rescans = [index for index, line in enumerate(lines) if line.startswith("rescanning ")]
+    assert lines[scans[0]].startswith("scan: backdoor found: all-to-one, target class 2")
+    assert len(rescans) >= 1 and len(scans) == 1 + len(rescans), lines
+    assert [index + 1 for index in rescans] == scans[1:], lines
+    assert lines[rescans[0]] == "rescanning unlearn's round 1"
     assert result.scan.suspected_targets == (2,) and result.scan.input_shape == (64,)
     assert result.baseline["residual_trigger_rate"] > 0.9
     row = result.table.set_index("method").loc["unlearn"]

@@ -587,7 +587,7 @@ def _unlearn(model, train, context):
         context["verifications"].pop("unlearn", None)
         if round_ == rounds:
             break
-        check = _rescan(repaired, train, context)
+        check = _rescan(repaired, train, context, f"unlearn's round {round_}")
         context["verifications"]["unlearn"] = check
         if not check.backdoor_found:
             break
@@ -602,16 +602,16 @@ def _trigger_names(scan):
     return names + (["untargeted"] if scan.all_to_all_suspected else [])
 
 
-def _rescan(model, train, context):
+def _rescan(model, train, context, what):
     from tf_backdoor_defense.scan._scan import scan_model
 
     # A rescan verifies the repair of what the first scan found: its second tier names only
     # the first scan's targets (a new class needs the first tier's evidence).
     options = dict(context["scan_kwargs"])
     options.setdefault("second_tier_classes", context["scan"].suspected_targets)
-    found = scan_model(model, train, **options)
-    logger.log(context["log_level"], "rescan: %s (%.1f s)", found.verdict, found.seconds)
-    return found
+    # scan_model logs its own verdict line ("scan: ..."); this one says what it scans.
+    logger.log(context["log_level"], "rescanning %s", what)
+    return scan_model(model, train, **options)
 
 
 def _ibau(model, train, context):
@@ -949,8 +949,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
         from tf_backdoor_defense.scan._scan import scan_model
 
         found = scan_model(model, train, **scan_kwargs)
-        context["scan"] = found
-        logger.log(level, "scan: %s (%.1f s)", found.verdict, found.seconds)
+        context["scan"] = found  # scan_model logs its verdict ("scan: ...") itself
         if default_methods and _ibau_target(found) is not None:
             methods = list(TARGETED_METHODS)
     base_correct = _predictions(model, context) == context["validation_labels"]
@@ -1009,7 +1008,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
                "note": note}
         if verify_each and _qualifies(row, tolerance):
             if name not in context["verifications"]:
-                context["verifications"][name] = _rescan(repaired, train, context)
+                context["verifications"][name] = _rescan(repaired, train, context, name)
             row["verified"] = not context["verifications"][name].backdoor_found
         row["seconds"] = time.perf_counter() - began
         rows.append(row)
@@ -1098,7 +1097,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     if verify and found is not None and found.backdoor_found and chosen is not None:
         verification = context["verifications"].get(chosen)
         if verification is None:
-            verification = _rescan(final, train, context)
+            verification = _rescan(final, train, context, f"the chosen model ({chosen})")
             table.loc[table["method"] == chosen, "verified"] = not verification.backdoor_found
         if verification.backdoor_found:
             active = True
