@@ -1,9 +1,7 @@
 """Run by test_keras3.py in a fresh interpreter: Keras 3 is imported first, as in a user's script."""
 import json
-import sys
 import tempfile
 import warnings
-import zipfile
 
 import keras  # Keras 3, before anything of the package
 import numpy as np

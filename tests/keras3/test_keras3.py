@@ -77,6 +77,20 @@ def test_keras3_badnet_on_real_digits_repaired_by_defend_without_the_trigger():
     assert report["gap_to_tf_keras"] <= 1e-5, report
 
 
+@pytest.mark.slow
+def test_an_outside_keras3_badnet_of_raw_pixels_and_logits_is_repaired_by_the_cli():
+    """Rescaling inside the model, BatchNorm, Dropout, logits, a checkerboard trigger, trained
+    on 3,500 digits the defender never has; the CLI's defaults on 1,000 others."""
+    report = run_script("scripts_cli_defend_raw.py")
+    before, after = report["before"], report["after"]
+    assert before["clean"] >= 0.96 and before["asr"] >= 0.95, report  # a working BadNet
+    assert report["suspected_targets"] == [4], report
+    assert report["keras3_model"] and "repaired.keras" in report["files"], report
+    assert not report["backdoor_still_active"] and report["method"] is not None, report
+    assert after["asr"] <= 0.05, report
+    assert after["clean"] >= before["clean"] - 0.02, report
+
+
 # -- in this process: the decorator itself ----------------------------------------------------
 def _warns_for_caller(model, old=None):
     warnings.warn("an old keyword", DeprecationWarning, stacklevel=2)
