@@ -1,14 +1,12 @@
 """Shared fixtures: the lab's files in ../shared (skipped when absent), tiny models, the demo."""
 
-import contextlib
-import io
 import os
 import pathlib
 
 import numpy as np
 import pytest
 
-from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense._keras import keras
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
