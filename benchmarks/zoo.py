@@ -42,7 +42,13 @@ epochs) on flat (784,) digits, clean, with the checkerboard patch all-to-one
 and the 3x3 square all-to-all, and a convnet (``gray``, 30 epochs) that reads
 (28, 28) digits and adds the channel axis itself, clean, with the blend
 all-to-one and the noise patch all-to-all. Triggers are stamped on the images
-and the digits then reshaped to the network's inputs (:func:`as_inputs`).
+and the digits then reshaped to the network's inputs (:func:`as_inputs`). A
+fourth group is made the way an outside attacker's Keras 3 script makes a
+net: ``k3`` (30 epochs) is a Keras 3 model of raw 0-255 pixel values, scaled
+by a ``Rescaling`` layer inside it, with BatchNormalization, Dropout and a
+logits output; clean, with a thin 5x5 cross in the bottom-right corner
+all-to-one and all-to-all, and with the blend all-to-one. Its digits are
+stamped in [0, 1] and then scaled to 0-255 (:func:`as_inputs`).
 
 Attacks: single pixel, the 6-pixel pattern, a 4x4 checkerboard patch and a
 blend of seeded uniform noise at alpha 0.15; all-to-one (target 0 for the
@@ -58,7 +64,8 @@ digits (97% for the ``mlp``: :data:`MIN_CLEAN_ACCURACY_OF`), and every
 BadNet an attack success rate of at least 90% there;
 :func:`build` raises :class:`ZooQualityError` otherwise.
 
-Trained networks are cached as HDF5 files in ``benchmarks/.cache/zoo/``,
+Trained networks are cached as HDF5 files (``.keras`` files for Keras 3) in
+``benchmarks/.cache/zoo/``,
 named by the network, the seed and a hash of everything that defines them
 (:func:`config`), so a change of recipe trains afresh and reruns are fast.
 
@@ -110,10 +117,16 @@ MIN_CLEAN_ACCURACY = 0.98
 MIN_CLEAN_ACCURACY_OF = {"mlp": 0.97}
 MIN_ATTACK_SUCCESS = 0.90
 
-EPOCHS = {"convnet": 40, "bngap": 50, "lenet": 30, "resnet": 30, "mlp": 60, "gray": 30}
+EPOCHS = {"convnet": 40, "bngap": 50, "lenet": 30, "resnet": 30, "mlp": 60, "gray": 30,
+          "k3": 30}
 #: Architectures that do not read (28, 28, 1) images: the shape of their inputs. Their digits
 #: are reshaped to it after the trigger is stamped on the image (:func:`as_inputs`).
 INPUT_SHAPES = {"mlp": (784,), "gray": (28, 28)}
+#: Architectures that read raw pixel values (0-255) rather than digits in [0, 1].
+INPUT_SCALES = {"k3": 255.0}
+#: Architectures built, trained and saved with Keras 3 (``import keras``), as a ``.keras``
+#: file; ``build`` loads them back as Keras 3 models.
+KERAS3_ARCHITECTURES = ("k3",)
 TRAINING = {"batch_size": 64, "learning_rate": 2e-3, "poison_rate": 0.1,
             "max_shift": 2, "max_degrees": 10.0}
 PRUNING_AWARE = {"prune_fraction": 0.3, "epochs": 3, "augmented_copies": 4,
@@ -165,6 +178,16 @@ HOLDOUT_SPECS.update({
     "clean-gray": ("gray", None, "clean"),
     "blend-to-one-gray": ("gray", "blend", "all-to-one"),
     "noise-all-to-all-gray": ("gray", "noise", "all-to-all"),
+})
+#: A fourth held-out group, made as an outside attacker's Keras 3 script makes a net, unlike
+#: every other in the zoo: Keras 3, raw 0-255 pixel values scaled by a ``Rescaling`` layer
+#: inside the model, BatchNormalization and Dropout, a logits output (no softmax); and a
+#: trigger no other group has (a thin 5x5 cross in the bottom-right corner).
+HOLDOUT_SPECS.update({
+    "clean-k3": ("k3", None, "clean"),
+    "cross-to-one-k3": ("k3", "cross", "all-to-one"),
+    "blend-to-one-k3": ("k3", "blend", "all-to-one"),
+    "cross-all-to-all-k3": ("k3", "cross", "all-to-all"),
 })
 HOLDOUT = tuple(HOLDOUT_SPECS)
 SPECS.update(HOLDOUT_SPECS)
@@ -229,19 +252,26 @@ def _take(index, architecture=None):
 
 
 def as_inputs(x, architecture):
-    """Images ``x`` (N, 28, 28, 1) in the input shape of ``architecture`` (:data:`INPUT_SHAPES`).
+    """Images ``x`` (N, 28, 28, 1) in [0, 1] as ``architecture`` reads them: its input
+    shape (:data:`INPUT_SHAPES`) and scale (:data:`INPUT_SCALES`).
 
-    >>> images = np.zeros((2, 28, 28, 1))
+    >>> images = np.full((2, 28, 28, 1), 0.5)
     >>> [as_inputs(images, name).shape for name in ("mlp", "gray", "lenet")]
     [(2, 784), (2, 28, 28), (2, 28, 28, 1)]
+    >>> float(as_inputs(images, "k3").max())
+    127.5
     """
     shape = INPUT_SHAPES.get(architecture)
-    return x if shape is None else np.reshape(x, (len(x),) + shape)
+    x = x if shape is None else np.reshape(x, (len(x),) + shape)
+    scale = INPUT_SCALES.get(architecture)
+    return x if scale is None else (x * scale).astype(np.float32)
 
 
-def as_images(x):
-    """Inputs of any architecture back as (N, 28, 28, 1) images."""
-    return np.reshape(x, (len(x), 28, 28, 1))
+def as_images(x, architecture=None):
+    """Inputs of ``architecture`` (any shape) back as (N, 28, 28, 1) images in [0, 1]."""
+    x = np.reshape(x, (len(x), 28, 28, 1))
+    scale = INPUT_SCALES.get(architecture)
+    return x if scale is None else (x / scale).astype(np.float32)
 
 
 # -- triggers and targets --------------------------------------------------------------
@@ -269,8 +299,10 @@ def make_trigger(trigger_name, seed):
     if trigger_name == "noise":
         return PatchTrigger(np.random.default_rng(_sub_seed(seed, "noise")).random((5, 5)),
                             position=(2, 21))
+    if trigger_name == "cross":
+        return PatchTrigger(np.maximum(np.eye(5), np.fliplr(np.eye(5))), position=(22, 22))
     raise ValueError(f"Unknown trigger {trigger_name!r}; expected pixel, pattern, patch, blend, "
-                     f"signal, square, line or noise.")
+                     f"signal, square, line, noise or cross.")
 
 
 def _target(name, kind, seed):
@@ -443,8 +475,30 @@ def gray(seed):
     return _two_conv_net(inputs, x, (32, 64), 3, 128, "gray")
 
 
+def k3(seed):
+    """A Keras 3 net of raw 0-255 digits: Rescaling(1/255) -> conv 32 -> BatchNorm -> ReLU ->
+    pool -> conv 64 -> BatchNorm -> ReLU -> pool -> flatten -> dropout 0.3 -> dense 128 ->
+    logits, "same" padding (held out: see :data:`HOLDOUT`)."""
+    import keras as keras3  # Keras 3, beside the package's tf-keras
+
+    keras3.utils.set_random_seed(seed)
+    L = keras3.layers
+    inputs = keras3.Input((28, 28, 1))
+    x = L.Rescaling(1 / 255.0, name="scale")(inputs)
+    for index, width in enumerate((32, 64), start=1):
+        x = L.Conv2D(width, 3, padding="same", name=f"conv_{index}")(x)
+        x = L.BatchNormalization(name=f"bn_{index}")(x)
+        x = L.ReLU(name=f"relu_{index}")(x)
+        x = L.MaxPooling2D(name=f"pool_{index}")(x)
+    x = L.Flatten(name="flatten")(x)
+    x = L.Dropout(0.3, name="dropout")(x)
+    x = L.Dense(128, activation="relu", name="fc")(x)
+    outputs = L.Dense(10, name="logits")(x)
+    return keras3.Model(inputs, outputs, name="k3")
+
+
 ARCHITECTURES = {"convnet": convnet, "bngap": bngap, "lenet": lenet, "resnet": resnet,
-                 "mlp": mlp, "gray": gray}
+                 "mlp": mlp, "gray": gray, "k3": k3}
 
 
 # -- recipe ----------------------------------------------------------------------------
@@ -517,8 +571,16 @@ def _train(name, seed, cfg, trigger, target, cache_dir, log):
     model = ARCHITECTURES[cfg["architecture"]](seed)
     epochs, batch_size = cfg["epochs"], TRAINING["batch_size"]
     steps = epochs * math.ceil(len(x) / batch_size)
-    schedule = keras.optimizers.schedules.CosineDecay(TRAINING["learning_rate"], steps)
-    model.compile(keras.optimizers.Adam(schedule), "sparse_categorical_crossentropy")
+    if cfg["architecture"] in KERAS3_ARCHITECTURES:
+        import keras as keras3
+
+        schedule = keras3.optimizers.schedules.CosineDecay(TRAINING["learning_rate"], steps)
+        model.compile(keras3.optimizers.Adam(schedule),
+                      keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
+        keras3.utils.set_random_seed(seed)
+    else:
+        schedule = keras.optimizers.schedules.CosineDecay(TRAINING["learning_rate"], steps)
+        model.compile(keras.optimizers.Adam(schedule), "sparse_categorical_crossentropy")
     rng = np.random.default_rng(_sub_seed(seed, name, "augment"))
     keras.utils.set_random_seed(seed)
     for _ in range(epochs):
@@ -542,8 +604,9 @@ class Net:
     name, seed, architecture : str, int, str
     attack : str
         e.g. ``"patch all-to-one"``, ``"pattern pruning-aware"`` or ``"clean"``.
-    model : tf_keras.Model
-        A fresh load of the cached network: every call returns its own copy.
+    model : tf_keras.Model or keras.Model
+        A fresh load of the cached network: every call returns its own copy (a Keras 3
+        model for :data:`KERAS3_ARCHITECTURES`).
     trigger : Trigger or None
         None for a clean network.
     target : int, numpy.ndarray or None
@@ -608,7 +671,8 @@ class Net:
         if not self.backdoored:
             raise ValueError(f"Network {self.name!r} is clean: it has no trigger.")
         x, y = data
-        x_t, y_attacker, _ = poisoned_evaluation_set(as_images(x), y, self.trigger,
+        x_t, y_attacker, _ = poisoned_evaluation_set(as_images(x, self.architecture), y,
+                                                     self.trigger,
                                                      target=self.target)
         return as_inputs(x_t, self.architecture), y_attacker
 
@@ -644,7 +708,8 @@ def build(name, seed, *, check=True, rebuild=False, cache_dir=None, log=None):
     name, seed = _check_name(name), _check_seed(seed)
     cfg = config(name, seed)
     folder = pathlib.Path(cache_dir) if cache_dir is not None else CACHE
-    path = folder / f"{name}-seed{seed}-{_digest(cfg)}.h5"
+    suffix = ".keras" if cfg["architecture"] in KERAS3_ARCHITECTURES else ".h5"
+    path = folder / f"{name}-seed{seed}-{_digest(cfg)}{suffix}"
     meta_path = path.with_suffix(".json")
     _, trigger_name, kind = SPECS[name]
     trigger = make_trigger(trigger_name, seed) if trigger_name else None

@@ -130,7 +130,7 @@ def test_names_cover_every_attack_and_two_outside_architectures():
 
 def test_held_out_networks_are_apart_from_the_defaults_and_keep_their_digests():
     assert not set(zoo.HOLDOUT) & set(zoo.NAMES)
-    assert {zoo.SPECS[name][0] for name in zoo.HOLDOUT} == {"lenet", "resnet", "mlp", "gray"}
+    assert {zoo.SPECS[name][0] for name in zoo.HOLDOUT} == {"lenet", "resnet", "mlp", "gray", "k3"}
     # The first two groups' triggers are apart from the defaults' (the third's inputs are).
     first_two = [name for name in zoo.HOLDOUT if zoo.SPECS[name][0] in ("lenet", "resnet")]
     assert not {zoo.SPECS[name][1] for name in first_two} & \
@@ -162,6 +162,26 @@ def test_the_third_held_out_group_reads_flat_and_channel_free_digits():
     assert zoo._quality_problems(net) == []
     net.architecture = "gray"
     assert zoo._quality_problems(net) == ["clean accuracy 0.9750 < 0.98"]
+
+
+def test_the_fourth_held_out_group_is_keras3_of_raw_pixels_with_logits(tmp_path):
+    import keras as keras3  # Keras 3
+
+    model = zoo.k3(0)
+    assert isinstance(model, keras3.Model) and model.input_shape == (None, 28, 28, 1)
+    assert model.layers[1].__class__.__name__ == "Rescaling"
+    assert model.layers[-1].get_config()["activation"] == "linear"  # logits
+    index = zoo.data_split(0).defender_clean[:5]
+    images, labels = zoo._take(index)
+    raw = zoo._take(index, "k3")[0]
+    assert raw.dtype == np.float32 and raw.max() > 200 and raw.max() <= 255
+    np.testing.assert_allclose(zoo.as_images(raw, "k3"), images, rtol=1e-6)
+    cross = zoo.make_trigger("cross", 0)(np.zeros((1, 28, 28, 1), np.float32))[0, ..., 0]
+    assert cross[22, 22] == cross[26, 26] == cross[22, 26] == cross[24, 24] == 1.0
+    assert cross.sum() == 9 and cross[:22].sum() == 0
+    assert {zoo.SPECS[name][0] for name in zoo.HOLDOUT if name.endswith("-k3")} == {"k3"}
+    assert {zoo.SPECS[name][2] for name in zoo.HOLDOUT if name.endswith("-k3")} == \
+        {"clean", "all-to-one", "all-to-all"}
 
 
 def test_config_keys_follow_the_recipe_and_targets_are_seeded():
