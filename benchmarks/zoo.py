@@ -47,7 +47,7 @@ fourth group is made the way an outside attacker's Keras 3 script makes a
 net: ``k3`` (30 epochs) is a Keras 3 model of raw 0-255 pixel values, scaled
 by a ``Rescaling`` layer inside it, with BatchNormalization, Dropout and a
 logits output; clean, with a thin 5x5 cross in the bottom-right corner
-all-to-one and all-to-all, and with the blend all-to-one. Its digits are
+all-to-one, the checkerboard patch all-to-all and the blend all-to-one. Its digits are
 stamped in [0, 1] and then scaled to 0-255 (:func:`as_inputs`).
 
 Attacks: single pixel, the 6-pixel pattern, a 4x4 checkerboard patch and a
@@ -182,12 +182,14 @@ HOLDOUT_SPECS.update({
 #: A fourth held-out group, made as an outside attacker's Keras 3 script makes a net, unlike
 #: every other in the zoo: Keras 3, raw 0-255 pixel values scaled by a ``Rescaling`` layer
 #: inside the model, BatchNormalization and Dropout, a logits output (no softmax); and a
-#: trigger no other group has (a thin 5x5 cross in the bottom-right corner).
+#: trigger no other group has (a thin 5x5 cross in the bottom-right corner), all-to-one. The
+#: cross all-to-all reached only 84% and 28% ASR in 30 epochs (seeds 0, 1): the all-to-all
+#: net carries the checkerboard patch instead.
 HOLDOUT_SPECS.update({
     "clean-k3": ("k3", None, "clean"),
     "cross-to-one-k3": ("k3", "cross", "all-to-one"),
     "blend-to-one-k3": ("k3", "blend", "all-to-one"),
-    "cross-all-to-all-k3": ("k3", "cross", "all-to-all"),
+    "patch-all-to-all-k3": ("k3", "patch", "all-to-all"),
 })
 HOLDOUT = tuple(HOLDOUT_SPECS)
 SPECS.update(HOLDOUT_SPECS)
