@@ -47,7 +47,8 @@ fourth group is made the way an outside attacker's Keras 3 script makes a
 net: ``k3`` (30 epochs) is a Keras 3 model of raw 0-255 pixel values, scaled
 by a ``Rescaling`` layer inside it, with BatchNormalization, Dropout and a
 logits output; clean, with a thin 5x5 cross in the bottom-right corner
-all-to-one, the checkerboard patch all-to-all and the blend all-to-one. Its digits are
+all-to-one, the checkerboard patch all-to-all (50 epochs) and the blend
+all-to-one. Its digits are
 stamped in [0, 1] and then scaled to 0-255 (:func:`as_inputs`).
 
 Attacks: single pixel, the 6-pixel pattern, a 4x4 checkerboard patch and a
@@ -119,6 +120,9 @@ MIN_ATTACK_SUCCESS = 0.90
 
 EPOCHS = {"convnet": 40, "bngap": 50, "lenet": 30, "resnet": 30, "mlp": 60, "gray": 30,
           "k3": 30}
+#: Networks that train longer than their architecture: the Keras 3 all-to-all net reached
+#: 89.6% ASR in 30 epochs at seed 0, under the 90% floor.
+EPOCHS_OF = {"patch-all-to-all-k3": 50}
 #: Architectures that do not read (28, 28, 1) images: the shape of their inputs. Their digits
 #: are reshaped to it after the trigger is stamped on the image (:func:`as_inputs`).
 INPUT_SHAPES = {"mlp": (784,), "gray": (28, 28)}
@@ -184,7 +188,7 @@ HOLDOUT_SPECS.update({
 #: inside the model, BatchNormalization and Dropout, a logits output (no softmax); and a
 #: trigger no other group has (a thin 5x5 cross in the bottom-right corner), all-to-one. The
 #: cross all-to-all reached only 84% and 28% ASR in 30 epochs (seeds 0, 1): the all-to-all
-#: net carries the checkerboard patch instead.
+#: net carries the checkerboard patch instead, for 50 epochs (:data:`EPOCHS_OF`).
 HOLDOUT_SPECS.update({
     "clean-k3": ("k3", None, "clean"),
     "cross-to-one-k3": ("k3", "cross", "all-to-one"),
@@ -525,7 +529,8 @@ def config(name, seed):
     result = {"recipe": RECIPE_VERSION, "name": name, "seed": seed,
               "architecture": architecture, "trigger": trigger, "kind": kind,
               "target": target if target is None or isinstance(target, int) else target.tolist(),
-              "sizes": SIZES, "training": TRAINING, "epochs": EPOCHS[architecture]}
+              "sizes": SIZES, "training": TRAINING,
+              "epochs": EPOCHS_OF.get(name, EPOCHS[architecture])}
     if trigger == "blend":
         result["blend_alpha"] = BLEND_ALPHA
     if trigger == "signal":
