@@ -1008,7 +1008,10 @@ def test_defend_scans_and_unlearns_on_a_model_of_flat_inputs(planted, caplog):
     rescans = [index for index, line in enumerate(lines) if line.startswith("rescanning ")]
     assert lines[scans[0]].startswith("scan: backdoor found: all-to-one, target class 2")
     assert len(rescans) >= 1 and len(scans) == 1 + len(rescans), lines
-    assert [index + 1 for index in rescans] == scans[1:], lines
+    # Each rescan's verdict comes after its own line and before the next rescan's.
+    for index, start in enumerate(rescans):
+        stop = rescans[index + 1] if index + 1 < len(rescans) else len(lines)
+        assert len([s for s in scans if start < s < stop]) == 1, lines
     assert lines[rescans[0]] == "rescanning unlearn's round 1"
     assert result.scan.suspected_targets == (2,) and result.scan.input_shape == (64,)
     assert result.baseline["residual_trigger_rate"] > 0.9
