@@ -48,8 +48,8 @@ net: ``k3`` (30 epochs) is a Keras 3 model of raw 0-255 pixel values, scaled
 by a ``Rescaling`` layer inside it, with BatchNormalization, Dropout and a
 logits output; clean, with a thin 5x5 cross in the bottom-right corner
 all-to-one, the checkerboard patch all-to-all (50 epochs) and the blend
-all-to-one. Its digits are
-stamped in [0, 1] and then scaled to 0-255 (:func:`as_inputs`).
+all-to-one. Its digits are stamped in [0, 1] and then scaled to 0-255
+(:func:`as_inputs`).
 
 Attacks: single pixel, the 6-pixel pattern, a 4x4 checkerboard patch and a
 blend of seeded uniform noise at alpha 0.15; all-to-one (target 0 for the
@@ -66,9 +66,9 @@ BadNet an attack success rate of at least 90% there;
 :func:`build` raises :class:`ZooQualityError` otherwise.
 
 Trained networks are cached as HDF5 files (``.keras`` files for Keras 3) in
-``benchmarks/.cache/zoo/``,
-named by the network, the seed and a hash of everything that defines them
-(:func:`config`), so a change of recipe trains afresh and reruns are fast.
+``benchmarks/.cache/zoo/``, named by the network, the seed and a hash of
+everything that defines them (:func:`config`), so a change of recipe trains
+afresh and reruns are fast.
 
 Other scripts use::
 
@@ -679,8 +679,7 @@ class Net:
             raise ValueError(f"Network {self.name!r} is clean: it has no trigger.")
         x, y = data
         x_t, y_attacker, _ = poisoned_evaluation_set(as_images(x, self.architecture), y,
-                                                     self.trigger,
-                                                     target=self.target)
+                                                     self.trigger, target=self.target)
         return as_inputs(x_t, self.architecture), y_attacker
 
     def asr(self, model):

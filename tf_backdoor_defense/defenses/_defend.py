@@ -857,7 +857,10 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     seed : int, default=0
     verbose : int, default=0
         The level of the lines logged on this module's logger: ``logging.INFO``
-        with 1, ``logging.DEBUG`` with 0. Nothing is printed.
+        with 1, ``logging.DEBUG`` with 0. Nothing is printed. Each scan's
+        verdict ("scan: ...") is logged once, at INFO, by
+        :func:`~tf_backdoor_defense.scan.scan_model`'s own logger; here a line
+        ("rescanning ...") names what each rescan checks.
     strategy : tf.distribute.Strategy, default=None
         Passed to the scans (:func:`~tf_backdoor_defense.scan.scan_model`),
         the clean training of the ``train_clean`` methods, ``unlearn``,
