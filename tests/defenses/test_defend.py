@@ -619,6 +619,11 @@ def _scan_stub(found, targets=(), all_to_all=False, class_map=None):
                           else np.asarray(class_map, np.int64))
         seconds = 0.0
 
+        def as_dict(self):
+            return {"backdoor_found": found, "verdict": self.verdict,
+                    "suspected_targets": list(targets), "all_to_all_suspected": all_to_all,
+                    "seconds": 0.0, "classes": []}
+
         def apply(self, x, target):
             return np.asarray(x)
 
@@ -1013,6 +1018,11 @@ def test_defend_scans_and_unlearns_on_a_model_of_flat_inputs(planted, caplog):
         stop = rescans[index + 1] if index + 1 < len(rescans) else len(lines)
         assert len([s for s in scans if start < s < stop]) == 1, lines
     assert lines[rescans[0]] == "rescanning unlearn's round 1"
+    # The summary (defense.json) keeps the whole scan: its per-class table too.
+    scan = json.loads(json.dumps(result.summary(), allow_nan=False))["scan"]
+    assert scan["suspected_targets"] == [2] and scan["input_shape"] == [64]
+    assert [row["class"] for row in scan["classes"]] == list(range(result.scan.table.shape[0]))
+    assert scan["classes"][2]["mask_l1"] == pytest.approx(float(result.scan.table["mask_l1"][2]))
     assert result.scan.suspected_targets == (2,) and result.scan.input_shape == (64,)
     assert result.baseline["residual_trigger_rate"] > 0.9
     row = result.table.set_index("method").loc["unlearn"]

@@ -187,6 +187,7 @@ module, ``tf_backdoor_defense.defenses._defend``.
 """
 
 import dataclasses
+import json
 import logging
 import time
 import warnings
@@ -196,6 +197,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from tf_backdoor_defense.io._data import to_json
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 from tf_backdoor_defense.masks._wrapper import last_conv_layer, masked_layers
 from tf_backdoor_defense.metrics import attack_success_rate, predict_labels
@@ -299,18 +301,23 @@ class DefenseResult:
     verdict: str = ""
 
     def summary(self):
-        """A JSON-friendly dict: verdict, baseline, chosen method, table rows and warnings."""
+        """A JSON-friendly dict: verdict, baseline, chosen method, table rows and warnings;
+        the scan and the verification rescan in full (:meth:`ScanResult.as_dict
+        <tf_backdoor_defense.scan.ScanResult.as_dict>`: per-class mask sizes, anomaly
+        indices and success rates, the untargeted test)."""
         rows = self.table.astype(object).where(self.table.notna(), None).to_dict(orient="records")
         out = {"verdict": self.verdict, "method": self.method, "baseline": self.baseline,
                "methods": rows, "warnings": list(self.warnings), "settings": self.settings,
                "backdoor_still_active": self.backdoor_still_active}
         for name in ("scan", "verification"):
             found = getattr(self, name)
-            out[name] = None if found is None else {
-                "verdict": found.verdict, "backdoor_found": bool(found.backdoor_found),
-                "suspected_targets": [int(t) for t in found.suspected_targets],
-                "all_to_all_suspected": bool(found.all_to_all_suspected),
-                "seconds": float(found.seconds)}
+            if found is None:
+                out[name] = None
+                continue
+            # The whole scan (its per-class table and untargeted test too), so that a
+            # verdict, a clean one above all, can be audited from the file alone; through
+            # to_json for plain JSON values (NaN as None).
+            out[name] = json.loads(to_json(found.as_dict(), indent=None))
         return out
 
     def __repr__(self):
