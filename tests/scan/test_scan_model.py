@@ -53,6 +53,26 @@ def test_clean_net_is_clean(scans):
     assert result.suspected_triggers() == []
 
 
+def test_a_clean_verdict_logs_how_near_the_scan_came(planted, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="tf_backdoor_defense.scan._scan"):
+        result = scan_model(planted["clean"], planted["data"], **FAST)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scan: ")]
+    table = result.table
+    nearest = table.loc[table["anomaly_index"].idxmax()]
+    ratio = nearest["mask_l1"] / table["mask_l1"].median()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"scan: no backdoor found; nearest: class {int(nearest['class'])}, mask "
+        f"{nearest['mask_l1']:.1f} = {ratio:.2f}x the median, anomaly index "
+        f"{nearest['anomaly_index']:.2f}; untargeted mask "
+        f"{result.untargeted['statistic']:.2f}x the median ("), lines
+    with caplog.at_level(logging.INFO, logger="tf_backdoor_defense.scan._scan"):
+        caplog.clear()
+        scan_model(planted["all-to-one"], planted["data"], **FAST)
+    assert [r.getMessage() for r in caplog.records if "nearest" in r.getMessage()] == []
+
+
 def test_table_and_arrays_are_consistent(scans, planted):
     result = scans["all-to-one"]
     table = result.table

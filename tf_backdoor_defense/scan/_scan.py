@@ -724,7 +724,9 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
                    suspects, screened)
     verdict = _verdict(suspects, all_to_all, untargeted)
     seconds = time.perf_counter() - started
-    _LOG.info("scan: %s (%.1f s)", verdict, seconds)
+    _LOG.info("scan: %s%s (%.1f s)", verdict,
+              _nearest_note(refined, sizes, index, median, statistic, suspects or fired),
+              seconds)
     return ScanResult(
         backdoor_found=bool(suspects) or fired, verdict=verdict,
         suspected_targets=tuple(suspects), all_to_all_suspected=all_to_all,
@@ -777,6 +779,17 @@ def _table(num_classes, candidates, refined, l1, index, rates, reached, suspects
     table["screen_l1"] = [screened.get(c, (np.nan, np.nan))[1] for c in range(num_classes)]
     table["reached_threshold"] = table["reached_threshold"].astype(bool)
     return table
+
+
+def _nearest_note(classes, sizes, index, median, statistic, found):
+    """For a clean verdict, how near the scan came to a backdoor: the most anomalous class
+    and the untargeted trigger's size, each against the median class (empty otherwise)."""
+    if found or not np.any(np.isfinite(index)) or not median > 0:
+        return ""
+    nearest = int(np.nanargmax(index))
+    return (f"; nearest: class {int(classes[nearest])}, mask {sizes[nearest]:.1f} = "
+            f"{sizes[nearest] / median:.2f}x the median, anomaly index {index[nearest]:.2f}; "
+            f"untargeted mask {statistic:.2f}x the median")
 
 
 def _verdict(suspects, all_to_all, untargeted):
