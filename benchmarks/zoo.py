@@ -481,12 +481,19 @@ def gray(seed):
     return _two_conv_net(inputs, x, (32, 64), 3, 128, "gray")
 
 
+def _keras3():
+    """Keras 3 (``import keras``), beside the package's tf-keras; imported only when a Keras 3
+    network is built or trained."""
+    import keras as keras3
+
+    return keras3
+
+
 def k3(seed):
     """A Keras 3 net of raw 0-255 digits: Rescaling(1/255) -> conv 32 -> BatchNorm -> ReLU ->
     pool -> conv 64 -> BatchNorm -> ReLU -> pool -> flatten -> dropout 0.3 -> dense 128 ->
     logits, "same" padding (held out: see :data:`HOLDOUT`)."""
-    import keras as keras3  # Keras 3, beside the package's tf-keras
-
+    keras3 = _keras3()
     keras3.utils.set_random_seed(seed)
     L = keras3.layers
     inputs = keras3.Input((28, 28, 1))
@@ -579,8 +586,7 @@ def _train(name, seed, cfg, trigger, target, cache_dir, log):
     epochs, batch_size = cfg["epochs"], TRAINING["batch_size"]
     steps = epochs * math.ceil(len(x) / batch_size)
     if cfg["architecture"] in KERAS3_ARCHITECTURES:
-        import keras as keras3
-
+        keras3 = _keras3()
         schedule = keras3.optimizers.schedules.CosineDecay(TRAINING["learning_rate"], steps)
         model.compile(keras3.optimizers.Adam(schedule),
                       keras3.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -1,6 +1,7 @@
 """scan_model on tiny nets with planted backdoors, ScanResult, and input validation."""
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -54,8 +55,6 @@ def test_clean_net_is_clean(scans):
 
 
 def test_a_clean_verdict_logs_how_near_the_scan_came(planted, caplog):
-    import logging
-
     with caplog.at_level(logging.INFO, logger="tf_backdoor_defense.scan._scan"):
         result = scan_model(planted["clean"], planted["data"], **FAST)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scan: ")]
