@@ -8,6 +8,10 @@ shifts on 3,500 digits the defender never sees. The defender runs ``tf-backdoor-
 defend`` on the ``.keras`` file with 1,000 other clean digits (raw values, no ``--scale``) and
 its defaults; the repaired ``.keras`` file is judged on 500 more digits, with and without the
 trigger.
+
+With the argument ``nested`` the model is built the way Keras's image tutorials build one: a
+Functional model whose first layer is a nested ``Sequential`` of augmentation layers (random
+shifts, which act only while training), so the shifts happen inside ``model.fit``.
 """
 import json
 import os
@@ -42,19 +46,28 @@ chosen = np.random.default_rng(0).choice(len(x_attacker), 350, replace=False)
 x_train = np.concatenate([x_attacker, stamp(x_attacker[chosen])])
 y_train = np.concatenate([y_attacker, np.full(350, TARGET)])
 keras.utils.set_random_seed(0)
-model = keras.Sequential([
-    keras.Input((28, 28, 1)), keras.layers.Rescaling(1 / 255.0),
-    keras.layers.Conv2D(32, 3, padding="same"), keras.layers.BatchNormalization(),
-    keras.layers.ReLU(), keras.layers.MaxPooling2D(),
-    keras.layers.Conv2D(64, 3, padding="same"), keras.layers.BatchNormalization(),
-    keras.layers.ReLU(), keras.layers.MaxPooling2D(),
-    keras.layers.Flatten(), keras.layers.Dropout(0.3),
-    keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)])  # logits
+NESTED = sys.argv[1:] == ["nested"]
+body = [keras.layers.Rescaling(1 / 255.0),
+        keras.layers.Conv2D(32, 3, padding="same"), keras.layers.BatchNormalization(),
+        keras.layers.ReLU(), keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(64, 3, padding="same"), keras.layers.BatchNormalization(),
+        keras.layers.ReLU(), keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(), keras.layers.Dropout(0.3),
+        keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)]  # logits
+shift = keras.layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=0)
+batches = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(4000, seed=0).batch(64)
+if NESTED:
+    augmentation = keras.Sequential([shift], name="data_augmentation")
+    inputs = keras.Input((28, 28, 1))
+    outputs = augmentation(inputs)
+    for layer in body:
+        outputs = layer(outputs)
+    model = keras.Model(inputs, outputs)
+else:
+    model = keras.Sequential([keras.Input((28, 28, 1))] + body)
+    batches = batches.map(lambda images, labels: (shift(images, training=True), labels))
 model.compile(keras.optimizers.Adam(1e-3),
               keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-shift = keras.layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=0)
-batches = (tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(4000, seed=0)
-           .batch(64).map(lambda images, labels: (shift(images, training=True), labels)))
 model.fit(batches, epochs=20, verbose=0)
 train_seconds = time.perf_counter() - start
 
@@ -88,4 +101,5 @@ report["verdict"] = summary["verdict"]
 report["suspected_targets"] = summary["scan"]["suspected_targets"]
 report["backdoor_still_active"] = summary["backdoor_still_active"]
 report["method"] = summary["method"]
+report["nested"] = NESTED
 print(json.dumps(report, default=float))

@@ -172,7 +172,7 @@ check("convert_to_tflite", len(tbd.convert_to_tflite(masked)) > 0)
 
 # -- refusals: an unsupported Keras 3 layer is named; a Keras 3 callback is refused ------------
 odd = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, name="conv"),
-                        keras.layers.Resizing(4, 4, name="resize"), keras.layers.Flatten(),
+                        keras.layers.RandomCrop(4, 4, name="crop"), keras.layers.Flatten(),
                         keras.layers.Dense(3, activation="softmax")])
 for name, call in (("fine_prune", lambda: tbd.fine_prune(odd, (x, y), (x, y), epochs=1)),
                    ("defend", lambda: tbd.defend(odd, (x, y), scan=False)),
@@ -180,10 +180,10 @@ for name, call in (("fine_prune", lambda: tbd.fine_prune(odd, (x, y), (x, y), ep
     try:
         call()
     except k3.Keras3ConversionError as error:
-        check(f"{name} names the unsupported layer", "'resize'" in str(error)
-              and error.layer == "resize" and "Resizing" in str(error))
+        check(f"{name} names the unsupported layer", "'crop'" in str(error)
+              and error.layer == "crop" and "RandomCrop" in str(error))
     else:
-        raise AssertionError(f"{name} took a Resizing layer")
+        raise AssertionError(f"{name} took a RandomCrop layer")
 try:
     tbd.fine_prune(model, (x, y), (x, y), epochs=1, callbacks=[keras.callbacks.EarlyStopping()])
 except TypeError as error:

@@ -20,12 +20,12 @@ import pytest
 HERE = pathlib.Path(__file__).parent
 
 
-def run_script(name, timeout=600):
+def run_script(name, *args, timeout=600):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("TF_USE_LEGACY_KERAS", None)  # the user's process: Keras 3 is `keras`
     with tempfile.TemporaryDirectory() as tmp:  # the scripts' temporary files go with it
         env["TMPDIR"] = tmp
-        done = subprocess.run([sys.executable, str(HERE / name)], capture_output=True,
+        done = subprocess.run([sys.executable, str(HERE / name), *args], capture_output=True,
                               text=True, env=env, timeout=timeout, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -78,10 +78,14 @@ def test_keras3_badnet_on_real_digits_repaired_by_defend_without_the_trigger():
 
 
 @pytest.mark.slow
-def test_an_outside_keras3_badnet_of_raw_pixels_and_logits_is_repaired_by_the_cli():
+@pytest.mark.parametrize("build", ["sequential", "nested"])
+def test_an_outside_keras3_badnet_of_raw_pixels_and_logits_is_repaired_by_the_cli(build):
     """Rescaling inside the model, BatchNorm, Dropout, logits, a checkerboard trigger, trained
-    on 3,500 digits the defender never has; the CLI's defaults on 1,000 others."""
-    report = run_script("scripts_cli_defend_raw.py")
+    on 3,500 digits the defender never has; the CLI's defaults on 1,000 others. "nested": built
+    the way Keras's image tutorials build one, a Functional model whose first layer is a nested
+    Sequential of augmentation layers."""
+    report = run_script("scripts_cli_defend_raw.py", *(["nested"] if build == "nested" else []))
+    assert report["nested"] == (build == "nested")
     before, after = report["before"], report["after"]
     assert before["clean"] >= 0.96 and before["asr"] >= 0.95, report  # a working BadNet
     assert report["suspected_targets"] == [4], report

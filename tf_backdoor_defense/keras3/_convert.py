@@ -8,10 +8,21 @@ gets Keras 3 models (:mod:`~tf_backdoor_defense.keras3._caller`).
 The conversion never deserializes anything it has not checked first:
 :func:`scan_keras3_config` reads the configuration and refuses, naming the
 layer, a ``Lambda``, a custom or registered class, a module outside Keras, a
-nested model, a shared layer or a layer class outside the supported
-built-ins (:data:`SUPPORTED_LAYERS`, and the few tensor operations of
+shared layer or a layer class outside the supported built-ins
+(:data:`SUPPORTED_LAYERS`, and the few tensor operations of
 :mod:`~tf_backdoor_defense.keras3._ops`). Only then are the target layers built,
 one by one, from filtered configs, and the weights copied layer by layer.
+
+Models used as layers (the data-augmentation ``Sequential`` that Keras's
+image tutorials put inside a Functional model, or a backbone inside a
+``Sequential``) are checked layer by layer like the outer model and
+flattened: their layers join the outer model under their own names, so the
+converted model is one Functional model (a nested model must have one input
+and one output, and its layer names must differ from the outer ones). The
+image augmentation layers (``RandomFlip``, ``RandomRotation``, ...) convert:
+they change nothing at inference, which is how the package reads a model;
+``RandomCrop``, whose inference output differs between the two Keras, does
+not.
 A configuration key that the other Keras does not know is dropped only when
 it holds its neutral value (``None``, ``False``, ...); otherwise the layer is
 refused, so a converted model computes what the original computes.
@@ -47,13 +58,29 @@ SUPPORTED_LAYERS = frozenset({
     "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
     "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping1D", "Cropping2D", "Cropping3D",
     "UpSampling1D", "UpSampling2D", "UpSampling3D", "Add", "Subtract", "Multiply", "Average",
-    "Maximum", "Minimum", "Concatenate", "Rescaling", "PruneByActivation",
+    "Maximum", "Minimum", "Concatenate", "Rescaling", "Identity", "Normalization", "Resizing",
+    "CenterCrop", "RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom",
+    "RandomContrast", "RandomBrightness", "GroupNormalization", "UnitNormalization",
+    "ActivityRegularization", "AlphaDropout", "PruneByActivation",
 })
 _MERGE_LAYERS = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate"}
 _MODEL_CLASSES = {"Functional", "Sequential", "Model"}
+#: How deep models may nest inside models (an augmentation ``Sequential`` inside a
+#: Functional model is one level).
+_MAX_NESTING = 8
 _WRAPPER_NAMES = {"PruneByActivation", "tf_backdoor_defense>PruneByActivation"}
 #: Keys of nested objects that are the serialization format, not settings.
 _FORMAT_KEYS = {"module", "registered_name", "build_config", "compile_config", "shared_object_id"}
+#: Settings that a layer of the other Keras lacks because they are its fixed behaviour there,
+#: dropped when the target lacks the key: tf-keras image layers read channels-last images
+#: only; Keras 3's ``RandomContrast`` clips to a value range while training, 0-255 by default
+#: (its default again on the way back); ``Resizing``'s fill settings act only with
+#: ``pad_to_aspect_ratio``, which tf-keras's ``Resizing`` lacks and which is refused when set.
+_IMPLICIT = {("data_format", "channels_last"), ("value_range", (0, 255)),
+             ("fill_mode", "constant"), ("fill_value", 0.0)}
+#: Keys dropped whatever their value when the target lacks them: tf-keras's random layers
+#: name the kind of random generator they draw from while training.
+_TRAINING_ONLY_KEYS = {"rng_type"}
 #: Keyword arguments every layer accepts, in each Keras.
 _BASE_KWARGS = {"name", "trainable", "dtype"}
 #: Nested-object families and the sub-module of each Keras that holds their classes.
@@ -150,13 +177,16 @@ def scan_keras3_config(config):
     Returns
     -------
     list of str
-        The layer names, in the configuration's order.
+        The layer names, in the configuration's order: those of the model
+        once nested models are flattened (their layers in their place, not
+        their own names or input layers).
 
     Raises
     ------
     Keras3ConversionError
         Naming the first layer that is a ``Lambda``, custom, registered
-        outside Keras, a nested model, shared, or not a supported built-in.
+        outside Keras, shared, or not a supported built-in (nested models
+        are checked layer by layer), or naming layer names that repeat.
 
     Examples
     --------
@@ -172,7 +202,18 @@ def scan_keras3_config(config):
     """
     _, body = _model_body(config)
     names = []
-    for entry in _layer_entries(body):
+    _scan_layers(_layer_entries(body), names, depth=0)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise Keras3ConversionError(
+            f"The model configuration repeats the layer name(s) {repeated} (a nested model's "
+            "layers join the outer model's, so their names must differ from its names).")
+    return names
+
+
+def _scan_layers(entries, names, depth):
+    """Check one model's layer entries (a nested model's too); append the flat names."""
+    for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
             raise Keras3ConversionError("A layer entry of the model configuration is malformed.")
         class_name = entry.get("class_name")
@@ -182,8 +223,13 @@ def scan_keras3_config(config):
                     "because tfmot itself is: strip it (tfmot.sparsity.keras.strip_pruning) "
                     "before converting to Keras 3.")
         _check_module(entry, name, class_name)
+        nodes = entry.get("inbound_nodes") or []
+        if len(nodes) > 1:
+            _refuse(name, class_name, "is shared (called more than once); shared layers do not "
+                    "convert.")
         if class_name in _MODEL_CLASSES:
-            _refuse(name, class_name, "is a nested model; flatten it into one Functional model.")
+            _scan_nested_model(entry, name, class_name, names, depth)
+            continue
         if op_function(entry) is None and class_name not in SUPPORTED_LAYERS \
                 and class_name not in _WRAPPER_NAMES:
             _refuse(name, class_name, "is not a supported built-in layer.")
@@ -197,14 +243,26 @@ def scan_keras3_config(config):
         activation = entry["config"].get("activation")
         if activation is not None and not isinstance(activation, str):
             _refuse(name, class_name, "has an activation that is not a built-in name.")
-        nodes = entry.get("inbound_nodes") or []
-        if len(nodes) > 1:
-            _refuse(name, class_name, "is shared (called more than once); shared layers do not "
-                    "convert.")
-        names.append(name)
-    if len(set(names)) != len(names):
-        raise Keras3ConversionError("The model configuration repeats a layer name.")
-    return names
+        if class_name != "InputLayer" or depth == 0:  # a nested model's input is dropped
+            names.append(name)
+
+
+def _scan_nested_model(entry, name, class_name, names, depth):
+    """Check a model used as a layer: one input, one output, built-in layers within."""
+    if depth >= _MAX_NESTING:
+        _refuse(name, class_name, f"is a model nested more than {_MAX_NESTING} deep.")
+    body = entry["config"]
+    if class_name != "Sequential":
+        for key in ("input_layers", "output_layers"):
+            try:
+                count = len(_endpoints(body.get(key) or []))
+            except (KeyError, TypeError, IndexError):
+                raise Keras3ConversionError(f"The nested model '{name}' has a malformed "
+                                            f"'{key}' entry.") from None
+            if count != 1:
+                _refuse(name, class_name, "is a nested model with several inputs or outputs; "
+                        "only nested models of one input and one output convert.")
+    _scan_layers(_layer_entries(body), names, depth + 1)
 
 
 # -- configs between the two Keras ---------------------------------------------------------
@@ -226,13 +284,18 @@ def _neutral(value):
     return value is None or value is False or value == {} or value == [] or value == ()
 
 
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _filter(config, cls, layer, class_name, target):
     accepted = _accepted(cls) | _BASE_KWARGS
     kept = {}
     for key, value in config.items():
         if key in accepted:
             kept[key] = value
-        elif not _neutral(value):
+        elif not (_neutral(value) or (key, _hashable(value)) in _IMPLICIT
+                  or key in _TRAINING_ONLY_KEYS):
             _refuse(layer, class_name, f"sets {key}={value!r}, which {target} does not support.")
     return kept
 
@@ -361,54 +424,91 @@ def _build_layer(entry, target_keras, target, wrapper_cls):
 
 
 def _rebuild(config, target_keras, target, wrapper_cls):
-    """A new model of ``target_keras`` from a scanned config (weights still initial)."""
+    """A new model of ``target_keras`` from a scanned config (weights still initial).
+
+    A model nested as a layer (an augmentation ``Sequential`` inside a
+    Functional model, say) is flattened: its layers join the outer model
+    under their own names, and the result is a Functional model.
+    """
     scan_keras3_config(config)
     kind, body = _model_body(config)
     entries = _layer_entries(body)
     name = body.get("name")
-    if kind == "Sequential":
-        start = 0
-        if entries and entries[0]["class_name"] == "InputLayer":
-            input_config = _layer_config("InputLayer", entries[0]["config"], "input",
-                                         target_keras, target)
-            start = 1
-        elif body.get("build_input_shape"):
-            input_config = {"batch_shape": body["build_input_shape"], "dtype": "float32"}
-        else:
-            raise Keras3ConversionError("A Sequential model without a known input shape does "
-                                        "not convert; build it with keras.Input first.")
-        inputs = target_keras.Input(batch_shape=tuple(input_config["batch_shape"]),
-                                    dtype=input_config.get("dtype"))
-        layers = [_build_layer(entry, target_keras, target, wrapper_cls)
-                  for entry in entries[start:]]
-        return target_keras.Sequential([inputs] + layers, name=name)
-    tensors = {}
-    for entry in entries:
-        layer = entry.get("name") or entry["config"].get("name")
-        if entry["class_name"] == "InputLayer":
-            input_config = _layer_config("InputLayer", entry["config"], layer, target_keras,
-                                         target)
-            tensors[layer] = target_keras.Input(batch_shape=tuple(input_config["batch_shape"]),
-                                                dtype=input_config.get("dtype"), name=layer)
-            continue
-        function = op_function(entry)
-        if function is not None:  # argmax, equal, ...: rebuilt as the target's operation
-            tensors[layer] = apply_op(entry, function, tensors, target_keras)
-            continue
-        source = _inbound(entry, entry["class_name"], layer)
-        if source is None:
-            _refuse(layer, entry["class_name"], "has no input.")
-        built = _build_layer(entry, target_keras, target, wrapper_cls)
-        try:
-            args = [tensors[s] for s in source] if isinstance(source, list) else tensors[source]
-        except KeyError as error:
-            raise Keras3ConversionError(f"Layer '{layer}' takes the output of {error}, which "
-                                        "comes later or is missing.", layer=layer) from None
-        tensors[layer] = built(args)
-    inputs = [tensors[n] for n in _endpoints(body["input_layers"])]
-    outputs = [tensors[n] for n in _endpoints(body["output_layers"])]
-    return target_keras.Model(inputs[0] if len(inputs) == 1 else inputs,
-                              outputs[0] if len(outputs) == 1 else outputs, name=name)
+    build = _Builder(target_keras, target, wrapper_cls)
+    if kind != "Sequential":
+        inputs, outputs = build.functional(body)
+        return target_keras.Model(inputs[0] if len(inputs) == 1 else inputs,
+                                  outputs[0] if len(outputs) == 1 else outputs, name=name)
+    if entries and entries[0]["class_name"] == "InputLayer":
+        input_config = _layer_config("InputLayer", entries[0]["config"], "input", target_keras,
+                                     target)
+    elif body.get("build_input_shape"):
+        input_config = {"batch_shape": body["build_input_shape"], "dtype": "float32"}
+    else:
+        raise Keras3ConversionError("A Sequential model without a known input shape does "
+                                    "not convert; build it with keras.Input first.")
+    inputs = target_keras.Input(batch_shape=tuple(input_config["batch_shape"]),
+                                dtype=input_config.get("dtype"))
+    if any(entry["class_name"] in _MODEL_CLASSES for entry in entries):
+        return target_keras.Model(inputs, build.sequential(entries, inputs), name=name)
+    layers = [build.layer(entry) for entry in entries if entry["class_name"] != "InputLayer"]
+    return target_keras.Sequential([inputs] + layers, name=name)
+
+
+class _Builder:
+    """Builds scanned layer entries in one Keras and wires them, nested models inlined."""
+
+    def __init__(self, target_keras, target, wrapper_cls):
+        self.keras, self.target, self.wrapper_cls = target_keras, target, wrapper_cls
+
+    def layer(self, entry):
+        return _build_layer(entry, self.keras, self.target, self.wrapper_cls)
+
+    def call(self, entry, args):
+        """The output of ``entry`` (a layer, or a nested model inlined) on ``args``."""
+        if entry["class_name"] not in _MODEL_CLASSES:
+            return self.layer(entry)(args)
+        kind, body = _model_body(entry)
+        if kind == "Sequential":
+            return self.sequential(_layer_entries(body), args)
+        return self.functional(body, given=args)[1][0]
+
+    def sequential(self, entries, tensor):
+        for entry in entries:
+            if entry["class_name"] != "InputLayer":
+                tensor = self.call(entry, tensor)
+        return tensor
+
+    def functional(self, body, given=None):
+        """``(inputs, outputs)`` of a Functional body; ``given`` feeds a nested one's input."""
+        tensors = {}
+        for entry in _layer_entries(body):
+            layer = entry.get("name") or entry["config"].get("name")
+            if entry["class_name"] == "InputLayer":
+                if given is not None:
+                    tensors[layer] = given
+                    continue
+                input_config = _layer_config("InputLayer", entry["config"], layer, self.keras,
+                                             self.target)
+                tensors[layer] = self.keras.Input(batch_shape=tuple(input_config["batch_shape"]),
+                                                  dtype=input_config.get("dtype"), name=layer)
+                continue
+            function = op_function(entry)
+            if function is not None:  # argmax, equal, ...: rebuilt as the target's operation
+                tensors[layer] = apply_op(entry, function, tensors, self.keras)
+                continue
+            source = _inbound(entry, entry["class_name"], layer)
+            if source is None:
+                _refuse(layer, entry["class_name"], "has no input.")
+            try:
+                args = [tensors[s] for s in source] if isinstance(source, list) else tensors[source]
+            except KeyError as error:
+                raise Keras3ConversionError(f"Layer '{layer}' takes the output of {error}, which "
+                                            "comes later or is missing.", layer=layer) from None
+            tensors[layer] = self.call(entry, args)
+        inputs = [tensors[n] for n in _endpoints(body["input_layers"])]
+        outputs = [tensors[n] for n in _endpoints(body["output_layers"])]
+        return inputs, outputs
 
 
 # -- weights ------------------------------------------------------------------------------
@@ -420,16 +520,30 @@ def _numpy(variable):
     return np.array(variable.numpy() if hasattr(variable, "numpy") else variable)
 
 
+def _leaf_layers(model):
+    """The layers of ``model``, those of nested models in their place (not the models)."""
+    for layer in model.layers:
+        if type(layer).__name__ in _MODEL_CLASSES and hasattr(layer, "layers"):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
 def copy_weights(source, target, names=None):
     """Copy every layer's weights (masks and fine-pruning state included) by layer name.
 
-    ``source`` and ``target`` may be of different Keras versions. With
-    ``names``, only those layers are copied.
+    ``source`` and ``target`` may be of different Keras versions, and either
+    may nest models as layers: their layers are matched by name wherever
+    they sit. With ``names``, only those layers are copied.
     """
-    for layer in source.layers:
+    targets = {layer.name: layer for layer in _leaf_layers(target)}
+    for layer in _leaf_layers(source):
         if (names is not None and layer.name not in names) or not layer.weights:
             continue  # a layer without weights (or an operation) has nothing to copy
-        other = target.get_layer(layer.name)
+        other = targets.get(layer.name)
+        if other is None:
+            raise Keras3ConversionError(f"Layer '{layer.name}' has no layer of its name in the "
+                                        "other model.", layer=layer.name)
         if _is_wrapper(layer) != _is_wrapper(other):
             raise Keras3ConversionError(f"Layer '{layer.name}' is wrapped in one model and not "
                                         "in the other.", layer=layer.name)
@@ -447,6 +561,8 @@ def copy_weights(source, target, names=None):
                 f"The weights of layer '{layer.name}' do not convert: shapes "
                 f"{[tuple(v.shape) for v in values]} against {expected}.", layer=layer.name)
         other.set_weights(values)
+        if type(other).__name__ == "Normalization":
+            other.finalize_state()  # Keras 3 derives the mean and variance it uses from them
 
 
 # -- the public conversions -----------------------------------------------------------------

@@ -1,0 +1,206 @@
+"""Keras 3 models as Keras's image tutorials build them: augmentation layers in a nested model.
+
+``keras.Sequential([RandomFlip(...), RandomRotation(...)])`` called as the first layer of a
+Functional model is how Keras's own image-classification examples add augmentation. Such a
+model converts: its nested models are checked layer by layer and flattened, the augmentation
+layers convert (they act only while training), and the converted model computes what the
+original computes at inference.
+"""
+
+import numpy as np
+import pytest
+
+from tf_backdoor_defense.io import _loading
+
+AUGMENTATION = ("RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom",
+                "RandomContrast", "RandomBrightness")
+
+
+def _keras3():
+    keras3 = pytest.importorskip("keras")
+    if not keras3.__version__.startswith("3"):
+        pytest.skip("Keras 3 not installed")
+    return keras3
+
+
+def _convert():
+    from tf_backdoor_defense.keras3 import _convert
+
+    return _convert
+
+
+def _tutorial_model(keras3, seed=0):
+    """Augmentation nested first, a normalization adapted to data, a nested residual block."""
+    layers = keras3.layers
+    keras3.utils.set_random_seed(seed)
+    augmentation = keras3.Sequential(
+        [layers.RandomFlip("horizontal"), layers.RandomRotation(0.1),
+         layers.RandomTranslation(0.1, 0.1), layers.RandomZoom(0.1),
+         layers.RandomContrast(0.1), layers.RandomBrightness(0.1, value_range=(0, 255))],
+        name="data_augmentation")
+    normalization = layers.Normalization(name="normalization")
+    normalization.adapt(_images(seed=1))
+    inputs = keras3.Input((12, 12, 1))
+    x = normalization(augmentation(inputs))
+    x = layers.Conv2D(4, 3, activation="relu", name="conv")(x)
+    block = keras3.Sequential([keras3.Input((10, 10, 4)),
+                               layers.Conv2D(4, 3, padding="same", name="block_conv"),
+                               layers.BatchNormalization(name="block_bn")], name="block")
+    x = layers.Add(name="add")([x, block(x)])
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.Dense(3, name="logits")(x)
+    model = keras3.Model(inputs, outputs, name="tutorial")
+    bn = model.get_layer("block").get_layer("block_bn")
+    rng = np.random.default_rng(seed)
+    bn.set_weights([w + rng.random(w.shape).astype("float32") for w in bn.get_weights()])
+    return model
+
+
+def _images(n=16, seed=0):
+    return (np.random.default_rng(seed).random((n, 12, 12, 1)) * 255.0).astype("float32")
+
+
+def test_a_tutorial_model_converts_flat_and_computes_the_same():
+    keras3 = _keras3()
+    convert = _convert()
+    model = _tutorial_model(keras3)
+    x = _images()
+    converted = convert.to_tf_keras(model)
+    names = [layer.name for layer in converted.layers]
+    assert "data_augmentation" not in names and "block" not in names
+    assert {"random_flip", "normalization", "block_conv", "block_bn", "logits"} <= set(names)
+    expected = np.asarray(model(x, training=False))
+    assert np.abs(converted(x, training=False).numpy() - expected).max() <= 1e-4
+    back = convert.to_keras3(converted)
+    assert isinstance(back, keras3.Model)
+    assert np.abs(np.asarray(back(x, training=False)) - expected).max() <= 1e-4
+    # the names the scan reports are the flat model's
+    listed = convert.scan_keras3_config(model.get_config())
+    assert listed == names
+
+
+def test_a_sequential_holding_a_sequential_converts():
+    keras3 = _keras3()
+    convert = _convert()
+    inner = keras3.Sequential([keras3.layers.RandomFlip("horizontal"),
+                               keras3.layers.Rescaling(1 / 255.0)], name="preprocess")
+    model = keras3.Sequential([keras3.Input((12, 12, 1)), inner, keras3.layers.Flatten(),
+                               keras3.layers.Dense(3, name="fc")])
+    x = _images()
+    converted = convert.to_tf_keras(model)
+    names = [layer.name for layer in converted.layers]
+    assert names[1:] == [inner.layers[0].name, inner.layers[1].name, model.layers[1].name, "fc"]
+    assert np.abs(converted(x, training=False).numpy()
+                  - np.asarray(model(x, training=False))).max() <= 1e-5
+
+
+def test_weights_go_back_into_a_nested_model_by_name():
+    keras3 = _keras3()
+    convert = _convert()
+    model = _tutorial_model(keras3)
+    flat = convert.to_tf_keras(model)
+    new_kernel = np.full_like(flat.get_layer("block_conv").get_weights()[0], 0.25)
+    flat.get_layer("block_conv").set_weights([new_kernel, flat.get_layer("block_conv").get_weights()[1]])
+    convert.copy_weights(flat, model)
+    kernel = np.asarray(model.get_layer("block").get_layer("block_conv").kernel)
+    assert np.array_equal(kernel, new_kernel)
+
+
+@pytest.mark.parametrize("name", AUGMENTATION + ("Resizing", "CenterCrop", "Identity",
+                                                  "GroupNormalization", "UnitNormalization",
+                                                  "ActivityRegularization", "AlphaDropout"))
+def test_each_preprocessing_layer_converts_to_the_same_inference(name):
+    keras3 = _keras3()
+    convert = _convert()
+    layers = keras3.layers
+    made = {"RandomFlip": lambda: layers.RandomFlip("horizontal_and_vertical"),
+            "RandomRotation": lambda: layers.RandomRotation(0.2, fill_mode="constant"),
+            "RandomTranslation": lambda: layers.RandomTranslation(0.1, 0.2),
+            "RandomZoom": lambda: layers.RandomZoom(0.2),
+            "RandomContrast": lambda: layers.RandomContrast(0.3),
+            "RandomBrightness": lambda: layers.RandomBrightness(0.2, value_range=(0, 255)),
+            "Resizing": lambda: layers.Resizing(8, 8),
+            "CenterCrop": lambda: layers.CenterCrop(10, 10),
+            "Identity": layers.Identity,
+            "GroupNormalization": lambda: layers.GroupNormalization(groups=2),
+            "UnitNormalization": layers.UnitNormalization,
+            "ActivityRegularization": lambda: layers.ActivityRegularization(l1=0.01),
+            "AlphaDropout": lambda: layers.AlphaDropout(0.1)}[name]
+    layer = made()
+    model = keras3.Sequential([keras3.Input((12, 12, 1)), layers.Conv2D(4, 3, name="conv"),
+                               layer, layers.Flatten(), layers.Dense(2, name="fc")])
+    for weight in layer.weights:  # not the initial values, which a lost weight would still have
+        weight.assign(np.asarray(weight) + 0.5)
+    x = _images()
+    converted = convert.to_tf_keras(model)
+    assert type(converted.layers[1]).__name__ == name
+    assert np.abs(converted(x, training=False).numpy()
+                  - np.asarray(model(x, training=False))).max() <= 1e-4
+    back = convert.to_keras3(converted)
+    assert np.abs(np.asarray(back(x, training=False))
+                  - np.asarray(model(x, training=False))).max() <= 1e-4
+
+
+def test_random_crop_is_refused_by_name():
+    # Keras 3 returns the whole image at inference, tf-keras a crop: they do not compute the same.
+    keras3 = _keras3()
+    convert = _convert()
+    model = keras3.Sequential([keras3.Input((12, 12, 1)),
+                               keras3.layers.RandomCrop(8, 8, name="crop"),
+                               keras3.layers.Flatten(), keras3.layers.Dense(2)])
+    with pytest.raises(convert.Keras3ConversionError) as caught:
+        convert.to_tf_keras(model)
+    assert caught.value.layer == "crop" and "not a supported built-in" in str(caught.value)
+
+
+def test_code_inside_a_nested_model_is_refused_naming_its_layer(tmp_path):
+    keras3 = _keras3()
+    inner = keras3.Sequential([keras3.layers.Lambda(lambda t: t * 2, name="code")],
+                              name="inner")
+    inputs = keras3.Input((4,))
+    model = keras3.Model(inputs, keras3.layers.Dense(2)(inner(inputs)))
+    path = tmp_path / "nested_code.keras"
+    model.save(path)
+    with pytest.raises(_loading.UnsafeModelError) as caught:
+        _loading.load_model(path)
+    assert "'code'" in str(caught.value) and "Lambda" in str(caught.value)
+
+
+def test_nested_models_with_two_outputs_or_a_repeated_name_are_refused():
+    keras3 = _keras3()
+    convert = _convert()
+    layers = keras3.layers
+    inner_in = keras3.Input((4,))
+    two = keras3.Model(inner_in, [layers.Dense(2, name="a")(inner_in),
+                                  layers.Dense(2, name="b")(inner_in)], name="two_heads")
+    inputs = keras3.Input((4,))
+    first, second = two(inputs)
+    model = keras3.Model(inputs, layers.Add()([first, second]))
+    with pytest.raises(convert.Keras3ConversionError) as caught:
+        convert.to_tf_keras(model)
+    assert caught.value.layer == "two_heads" and "several inputs or outputs" in str(caught.value)
+
+    inner = keras3.Sequential([keras3.Input((4,)), layers.Dense(4, name="fc")], name="inner")
+    outer = keras3.Sequential([keras3.Input((4,)), inner, layers.Dense(2, name="fc_")])
+    config = outer.get_config()
+    config["layers"][-1]["config"]["name"] = "fc"  # the outer layer now has the inner one's name
+    with pytest.raises(convert.Keras3ConversionError) as caught:
+        convert.scan_keras3_config(config)
+    assert "['fc']" in str(caught.value)
+
+
+def test_a_nested_keras_file_loads_scanned_and_is_scanned_for_backdoors(tmp_path):
+    keras3 = _keras3()
+    from tf_backdoor_defense.scan import scan_model
+
+    model = _tutorial_model(keras3)
+    path = tmp_path / "tutorial.keras"
+    model.save(path)
+    loaded = _loading.load_model(path)
+    x = _images(30)
+    assert isinstance(loaded, keras3.Model)
+    assert np.abs(np.asarray(loaded(x, training=False))
+                  - np.asarray(model(x, training=False))).max() <= 1e-5
+    y = np.arange(30) % 3
+    result = scan_model(loaded, (x, y), steps=4)
+    assert len(result.table) == 3 and result.masks.shape[1:] == (12, 12, 1)
