@@ -75,9 +75,19 @@ _FORMAT_KEYS = {"module", "registered_name", "build_config", "compile_config", "
 #: dropped when the target lacks the key: tf-keras image layers read channels-last images
 #: only; Keras 3's ``RandomContrast`` clips to a value range while training, 0-255 by default
 #: (its default again on the way back); ``Resizing``'s fill settings act only with
-#: ``pad_to_aspect_ratio``, which tf-keras's ``Resizing`` lacks and which is refused when set.
+#: ``pad_to_aspect_ratio``, which tf-keras's ``Resizing`` lacks and which is refused when set;
+#: tf-keras's ``DepthwiseConv2D`` writes ``groups=1``, which is what a depthwise conv is;
+#: ``trainable=True`` is every layer's default.
 _IMPLICIT = {("data_format", "channels_last"), ("value_range", (0, 255)),
-             ("fill_mode", "constant"), ("fill_value", 0.0)}
+             ("fill_mode", "constant"), ("fill_value", 0.0), ("groups", 1), ("trainable", True)}
+#: Settings under another name in the other Keras (``LeakyReLU``'s slope).
+_RENAMED = (("negative_slope", "alpha"),)
+#: Activations that both Keras name but compute differently (tf-keras's ``hard_sigmoid`` is
+#: ``0.2 x + 0.5``, Keras 3's ``x / 6 + 0.5``, both clipped to [0, 1]).
+_DIFFERENT_ACTIVATIONS = {"hard_sigmoid"}
+#: Activations of one Keras under another name in the other: Keras 3's ``silu`` (which
+#: EfficientNet uses) is tf-keras's ``swish``, the same function.
+_ACTIVATION_ALIASES = {"silu": "swish"}
 #: Keys dropped whatever their value when the target lacks them: tf-keras's random layers
 #: name the kind of random generator they draw from while training.
 _TRAINING_ONLY_KEYS = {"rng_type"}
@@ -284,18 +294,45 @@ def _neutral(value):
     return value is None or value is False or value == {} or value == [] or value == ()
 
 
-def _hashable(value):
-    return tuple(value) if isinstance(value, list) else value
+def _implicit(key, value):
+    """Whether ``key=value`` is the other Keras's fixed behaviour (see ``_IMPLICIT``)."""
+    if key in _TRAINING_ONLY_KEYS or key.endswith("_initializer"):
+        return True  # an initializer only draws the initial weights, which are copied over
+    if isinstance(value, list):
+        value = tuple(value)
+    try:
+        return (key, value) in _IMPLICIT
+    except TypeError:  # unhashable: a nested config, never implicit
+        return False
+
+
+def _renamed(config, accepted):
+    """``config`` with keys the target knows under another name renamed (either way)."""
+    config = dict(config)
+    for one, other in _RENAMED:
+        for source, target in ((one, other), (other, one)):
+            if source in config and source not in accepted and target in accepted \
+                    and target not in config:
+                config[target] = config.pop(source)
+    return config
+
+
+def _takes_kwargs(cls):
+    init = next((k.__dict__["__init__"] for k in cls.__mro__ if "__init__" in k.__dict__), None)
+    return init is not None and any(p.kind == p.VAR_KEYWORD
+                                    for p in inspect.signature(init).parameters.values())
 
 
 def _filter(config, cls, layer, class_name, target):
-    accepted = _accepted(cls) | _BASE_KWARGS
+    # A layer whose __init__ takes no **kwargs takes only what it names (Keras 3's
+    # SpatialDropout2D has no ``trainable``).
+    accepted = _accepted(cls) | (_BASE_KWARGS if _takes_kwargs(cls) else set())
+    config = _renamed(config, accepted)
     kept = {}
     for key, value in config.items():
         if key in accepted:
             kept[key] = value
-        elif not (_neutral(value) or (key, _hashable(value)) in _IMPLICIT
-                  or key in _TRAINING_ONLY_KEYS):
+        elif not (_neutral(value) or _implicit(key, value)):
             _refuse(layer, class_name, f"sets {key}={value!r}, which {target} does not support.")
     return kept
 
@@ -345,9 +382,16 @@ def _layer_config(class_name, config, layer, target_keras, target):
         if family is not None:
             config[key] = _nested_object(value, family, target_keras, layer, class_name, target)
     activation = config.get("activation")
+    if activation in _DIFFERENT_ACTIVATIONS:
+        _refuse(layer, class_name, f"uses the activation {activation!r}, which tf-keras and "
+                "Keras 3 compute differently.")
     if isinstance(activation, str) and not callable(getattr(target_keras.activations,
                                                             activation, None)):
-        _refuse(layer, class_name, f"uses the activation {activation!r}, which {target} lacks.")
+        alias = _ACTIVATION_ALIASES.get(activation)
+        if alias is None or not callable(getattr(target_keras.activations, alias, None)):
+            _refuse(layer, class_name, f"uses the activation {activation!r}, which {target} "
+                    "lacks.")
+        config["activation"] = alias
     return _filter(config, cls, layer, class_name, target)
 
 

@@ -21,6 +21,7 @@ OPS = {
     "cast": ("Cast", ("x",), ("dtype",)),
     "math.subtract": ("Subtract", ("x", "y"), ()),
     "math.multiply": ("Multiply", ("x", "y"), ()),
+    "math.add": ("Add", ("x", "y"), ()),
 }
 _BY_KERAS3_CLASS = {cls: function for function, (cls, _, _) in OPS.items()}
 _CONSTANT = "_CONSTANT_VALUE"  # tf-keras's marker of a constant first argument

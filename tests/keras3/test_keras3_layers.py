@@ -1,10 +1,12 @@
-"""Keras 3 models as Keras's image tutorials build them: augmentation layers in a nested model.
+"""Keras 3 models as outside scripts build them convert to tf-keras and back, computing the same.
 
 ``keras.Sequential([RandomFlip(...), RandomRotation(...)])`` called as the first layer of a
 Functional model is how Keras's own image-classification examples add augmentation. Such a
 model converts: its nested models are checked layer by layer and flattened, the augmentation
 layers convert (they act only while training), and the converted model computes what the
-original computes at inference.
+original computes at inference. So do layers whose settings are named differently in the two
+Keras (``LeakyReLU``'s slope, the ``silu`` activation) and ``keras.applications`` nets; an
+activation the two compute differently is refused.
 """
 
 import numpy as np
@@ -204,3 +206,54 @@ def test_a_nested_keras_file_loads_scanned_and_is_scanned_for_backdoors(tmp_path
     y = np.arange(30) % 3
     result = scan_model(loaded, (x, y), steps=4)
     assert len(result.table) == 3 and result.masks.shape[1:] == (12, 12, 1)
+
+
+# -- layers whose settings differ between the two Keras ------------------------------------------
+@pytest.mark.parametrize("name", ["LeakyReLU", "SeparableConv2D", "SpatialDropout2D",
+                                  "DepthwiseConv2D", "silu", "add-constant"])
+def test_layers_whose_settings_differ_convert_both_ways(name):
+    keras3 = _keras3()
+    convert = _convert()
+    layers = keras3.layers
+    inputs = keras3.Input((6, 6, 2))
+    made = {"LeakyReLU": lambda t: layers.LeakyReLU(negative_slope=0.1)(t),  # tf-keras: alpha
+            "SeparableConv2D": lambda t: layers.SeparableConv2D(3, 3, depth_multiplier=2)(t),
+            "SpatialDropout2D": lambda t: layers.SpatialDropout2D(0.2)(t),
+            "DepthwiseConv2D": lambda t: layers.DepthwiseConv2D(3)(t),
+            "silu": lambda t: layers.Conv2D(3, 1, activation="silu")(t),  # tf-keras: swish
+            "add-constant": lambda t: layers.ReLU(6.0)(t + 3.0)}[name]
+    model = keras3.Model(inputs, made(inputs))
+    for weight in model.weights:
+        weight.assign(np.asarray(weight) + 0.25)
+    x = np.random.default_rng(0).normal(size=(4, 6, 6, 2)).astype("float32") * 3
+    expected = np.asarray(model(x, training=False))
+    converted = convert.to_tf_keras(model)
+    assert np.abs(converted(x, training=False).numpy() - expected).max() <= 1e-5
+    back = convert.to_keras3(converted)
+    assert np.abs(np.asarray(back(x, training=False)) - expected).max() <= 1e-5
+
+
+def test_an_activation_the_two_keras_compute_differently_is_refused():
+    # tf-keras's hard_sigmoid is 0.2 x + 0.5, Keras 3's x / 6 + 0.5: converting would change the net
+    keras3 = _keras3()
+    convert = _convert()
+    model = keras3.Sequential([keras3.Input((4,)),
+                               keras3.layers.Dense(2, activation="hard_sigmoid", name="gate")])
+    with pytest.raises(convert.Keras3ConversionError) as caught:
+        convert.to_tf_keras(model)
+    assert caught.value.layer == "gate" and "compute differently" in str(caught.value)
+
+
+@pytest.mark.parametrize("application", ["MobileNetV2", "EfficientNetB0"])
+def test_keras_applications_convert_to_the_same_outputs(application):
+    keras3 = _keras3()
+    convert = _convert()
+    options = {"alpha": 0.35} if application == "MobileNetV2" else {}
+    model = getattr(keras3.applications, application)(weights=None, input_shape=(32, 32, 3),
+                                                      classes=10, **options)
+    x = (np.random.default_rng(0).random((2, 32, 32, 3)) * 255).astype("float32")
+    expected = np.asarray(model(x, training=False))
+    converted = convert.to_tf_keras(model)
+    assert np.abs(converted(x, training=False).numpy() - expected).max() <= 1e-5
+    back = convert.to_keras3(converted)
+    assert np.abs(np.asarray(back(x, training=False)) - expected).max() <= 1e-5
