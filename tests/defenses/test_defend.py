@@ -505,6 +505,35 @@ def test_every_real_method_runs_without_touching_the_users_model():
     json.dumps(result.summary(), allow_nan=False)
 
 
+def test_every_real_method_runs_on_a_model_that_reads_integers():
+    """A uint8 input (pixels scaled inside the model) has no gradient through its cast:
+    the scan and I-BAU search on a float copy; every candidate keeps the uint8 input."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1), dtype="uint8")
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv_a")(x)
+    x = keras.layers.MaxPooling2D(name="pool_a")(x)
+    x = keras.layers.Conv2D(6, 2, activation="relu", name="conv_b")(x)
+    x = keras.layers.Dense(3, activation="softmax", name="out")(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, x)
+    rng = np.random.default_rng(0)
+    x, y = (rng.random((60, 8, 8, 1)) * 255).astype(np.uint8), rng.integers(0, 3, 60)
+    before = [w.copy() for w in model.get_weights()]
+    result = defend(model, (x[10:], y[10:]), validation_data=(x[:10], y[:10]),
+                    methods=METHODS, epochs=1, max_accuracy_drop=1.0, try_all=True,
+                    repair_if_clean=True, scan_options={"steps": 20})
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    ran = set(result.table["method"])
+    assert {"ibau", "prune-search", "clp", "fine-pruning"} <= ran
+    for name, candidate in result.candidates.items():
+        assert candidate.inputs[0].dtype == tf.uint8, name
+    assert not _same_weights(result.candidates["ibau"], model)
+
+
+def _same_weights(a, b):
+    return all(np.array_equal(p, q) for p, q in zip(a.get_weights(), b.get_weights()))
+
+
 def test_real_defend_is_deterministic_for_a_seed():
     model = tiny_conv_model()
     rng = np.random.default_rng(1)

@@ -226,3 +226,25 @@ def test_bad_model_and_data_raise_clear_errors(badnet, defender):
         ibau(badnet, (np.zeros((4, 6, 6, 1)), np.zeros(4)))
     with pytest.raises(ValueError, match="all equal"):
         ibau(badnet, (np.zeros((4, 8, 8, 1)), np.zeros(4)))
+
+
+def _reading(model, dtype):
+    """``model`` behind an input of ``dtype`` holding 0-255 pixel values."""
+    inputs = keras.Input((8, 8, 1), dtype=dtype)
+    return keras.Model(inputs, model(keras.layers.Rescaling(1 / 255.0)(inputs)))
+
+
+def test_a_model_that_reads_integers_is_repaired_as_its_float_twin(badnet, defender):
+    # A uint8/int32 input casts what it is given, and a cast to an integer has no gradient:
+    # I-BAU searches its perturbation on a float copy and brings the weights back.
+    x, y = defender
+    pixels = np.round(x * 255.0)
+    integer, floating = _reading(badnet, "int32"), _reading(badnet, "float32")
+    before = _weights(integer)
+    nodes = [len(layer.inbound_nodes) for layer in integer.layers]
+    repaired = ibau(integer, (pixels.astype(np.int32), y), rounds=3, radius=1.8, seed=4)
+    twin = ibau(floating, (pixels.astype(np.float32), y), rounds=3, radius=1.8, seed=4)
+    assert repaired.inputs[0].dtype == tf.int32
+    assert _same(repaired.get_weights(), twin.get_weights())
+    assert not _same(repaired.get_weights(), before) and _same(integer.get_weights(), before)
+    assert [len(layer.inbound_nodes) for layer in integer.layers] == nodes  # not called again

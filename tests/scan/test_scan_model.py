@@ -262,3 +262,25 @@ def test_result_type_is_exported():
     import tf_backdoor_defense.scan as scan
 
     assert scan.ScanResult is ScanResult and "scan_model" in scan.__all__
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int32"])
+def test_a_model_that_reads_integers_is_scanned_like_its_float_twin(planted, dtype):
+    """An integer input casts what it is given (no gradient through the cast): the scan
+    reads a float copy, the same network on integer-valued pixels."""
+    def reading(input_dtype):
+        inputs = keras.Input((8, 8, 1), dtype=input_dtype)
+        outputs = planted["all-to-one"](keras.layers.Rescaling(1 / 255.0)(inputs))
+        return keras.Model(inputs, outputs)
+
+    x, y = planted["data"]
+    pixels = np.round(x * 255.0)
+    integer = reading(dtype)
+    nodes = [len(layer.inbound_nodes) for layer in integer.layers]
+    result = scan_model(integer, (pixels.astype(dtype), y), **FAST)
+    assert [len(layer.inbound_nodes) for layer in integer.layers] == nodes  # not called again
+    twin = scan_model(reading("float32"), (pixels, y), **FAST)
+    assert result.value_range == (0.0, 255.0)
+    pd.testing.assert_frame_equal(result.table, twin.table)
+    target = result.table.set_index("class").loc[2]  # the trigger reversed (with gradients)
+    assert target["reached_threshold"] and target["attack_success_rate"] == 1.0

@@ -79,6 +79,7 @@ from tf_backdoor_defense.defenses._unlearning import batch_order, batch_spec, \
     check_flag, check_seed, default_epochs, mixup_pairs, replica_anchor_loss, target_loss, \
     teacher_function, training_targets
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model
+from tf_backdoor_defense.graph._inputs import with_float_inputs
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["ibau", "NORMS"]
@@ -447,14 +448,18 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
     inner_targets = targets if target is None else _inner_targets(targets, target)
     scaled = radius * (high - low)
     with strategy.scope():  # the optimiser's and the perturbation's variables
+        # Integer inputs have no gradient: a copy that reads float32 is trained instead, and
+        # its weights go back into `tuned` at the end.
+        trained = with_float_inputs(tuned)
         solver = _Minimax(
-            tuned, loss_fn=target_loss(tuned, distill), radius=scaled, norm=norm,
+            trained, loss_fn=target_loss(tuned, distill), radius=scaled, norm=norm,
             inner_steps=inner_steps, step_size=2.5 * scaled / inner_steps, low=low, high=high,
             optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
                 learning_rate, rounds * int(np.ceil(x.shape[0] / batch_size)))),
             hypergradient=hypergradient, neumann_steps=neumann_steps,
             x_spec=batch_spec(x), target_spec=batch_spec(targets),
-            teacher=teacher_function(model), anchor_weight=anchor_weight, strategy=strategy,
+            teacher=teacher_function(with_float_inputs(model)), anchor_weight=anchor_weight,
+            strategy=strategy,
             targeted=target is not None)
     rng = np.random.default_rng(seed)
     inner = outer = float("nan")
@@ -468,6 +473,8 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
                                          *mixup_pairs(rng, index.size)))
         logger.debug("ibau round %d/%d: perturbed loss %.4f, outer loss %.4f, |delta| %.3f",
                      round_ + 1, rounds, inner, outer, float(tf.norm(solver.delta)))
+    if trained is not tuned:
+        tuned.set_weights(trained.get_weights())
     logger.info("ibau: %d rounds, radius %.3g (%s) in %.1f s", rounds, scaled, norm,
                 time.perf_counter() - started)
     return tuned

@@ -76,6 +76,7 @@ from tf_backdoor_defense._distribute import replica_rows, resolve_strategy, sum_
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_number, num_classes_of
+from tf_backdoor_defense.graph._inputs import with_float_inputs
 from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slots, TriggerOptimizer,
                                                from_image_view, image_view, infer_value_range,
                                                stamp)
@@ -647,7 +648,9 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     reverse = ReverseSettings(batch_size=batch_size, learning_rate=learning_rate,
                               init_cost=init_cost, success_threshold=success_threshold,
                               max_images_per_step=max_images_per_step)
-    optimizer = TriggerOptimizer(model, x_opt, y_opt, value_range, reverse, seed, strategy,
+    # Integer inputs have no gradient: the search reads a copy of the model on float32 inputs.
+    view = with_float_inputs(model)
+    optimizer = TriggerOptimizer(view, x_opt, y_opt, value_range, reverse, seed, strategy,
                                  input_shape=input_shape)
     everything = np.arange(len(y_opt))
 
@@ -692,7 +695,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
 
     began = time.perf_counter()
     x_held, y_held = x[held], y[held]
-    counter = _Counter(model, strategy, num_classes)
+    counter = _Counter(view, strategy, num_classes)
     rates = np.array([_success(counter, x_held, y_held, masks[i], patterns[i], int(t))[0]
                       for i, t in enumerate(refined)])
     flip_rate, pairs = _success(counter, x_held, y_held, masks[-1], patterns[-1], UNTARGETED)
