@@ -284,3 +284,21 @@ def test_a_model_that_reads_integers_is_scanned_like_its_float_twin(planted, dty
     pd.testing.assert_frame_equal(result.table, twin.table)
     target = result.table.set_index("class").loc[2]  # the trigger reversed (with gradients)
     assert target["reached_threshold"] and target["attack_success_rate"] == 1.0
+
+
+def test_a_model_that_leaves_image_sizes_open_is_scanned_at_the_datas_size():
+    """A fully convolutional net (Input((None, None, 1)), global pooling) is scanned at the
+    data's size: the same table as the same net with the size fixed."""
+    def net(shape):
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input(shape)
+        x = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        return keras.Model(inputs, keras.layers.Dense(6, activation="softmax", name="fc")(x))
+
+    data = planted_data()
+    open_size = scan_model(net((None, None, 1)), data, **FAST)
+    fixed = scan_model(net((8, 8, 1)), data, **FAST)
+    assert open_size.input_shape == (8, 8, 1) and open_size.masks.shape == (6, 8, 8, 1)
+    pd.testing.assert_frame_equal(open_size.table, fixed.table)
+    np.testing.assert_array_equal(open_size.masks, fixed.masks)

@@ -326,10 +326,12 @@ class _Counter:
     one sigmoid unit); the counts are exact under any strategy.
     """
 
-    def __init__(self, model, strategy, num_classes, batch_size=256):
+    def __init__(self, model, strategy, num_classes, batch_size=256, input_shape=None):
         self.num_classes = int(num_classes)
         self.batch_size = int(batch_size)
-        self.input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+        # The data's shape: a model may leave sizes open (None), as a fully convolutional one does.
+        self.input_shape = tuple(int(d) for d in (model.inputs[0].shape[1:] if input_shape is None
+                                                  else input_shape))
         spec = tf.TensorSpec((None,) + self.input_shape, tf.float32)
 
         def predicted_classes(x):
@@ -695,7 +697,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
 
     began = time.perf_counter()
     x_held, y_held = x[held], y[held]
-    counter = _Counter(view, strategy, num_classes)
+    counter = _Counter(view, strategy, num_classes, input_shape=input_shape)
     rates = np.array([_success(counter, x_held, y_held, masks[i], patterns[i], int(t))[0]
                       for i, t in enumerate(refined)])
     flip_rate, pairs = _success(counter, x_held, y_held, masks[-1], patterns[-1], UNTARGETED)
