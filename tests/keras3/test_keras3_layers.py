@@ -257,3 +257,19 @@ def test_keras_applications_convert_to_the_same_outputs(application):
     assert np.abs(converted(x, training=False).numpy() - expected).max() <= 1e-5
     back = convert.to_keras3(converted)
     assert np.abs(np.asarray(back(x, training=False)) - expected).max() <= 1e-5
+
+
+def test_a_random_layer_called_directly_in_a_functional_model_converts():
+    # Keras 3 records such a layer's default training=True on its node; a model's own training
+    # argument overrides it, so the node converts without it.
+    keras3 = _keras3()
+    convert = _convert()
+    inputs = keras3.Input((12, 12, 1))
+    x = keras3.layers.RandomRotation(0.2, name="rotate")(inputs)
+    model = keras3.Model(inputs, keras3.layers.Dense(2, name="fc")(keras3.layers.Flatten()(x)))
+    assert model.get_config()["layers"][1]["inbound_nodes"][0]["kwargs"] == {"training": True}
+    x = _images()
+    back = convert.to_keras3(convert.to_tf_keras(model))
+    expected = np.asarray(model(x, training=False))
+    assert np.abs(np.asarray(back(x, training=False)) - expected).max() <= 1e-5
+    assert not np.allclose(np.asarray(back(x, training=True)), expected)  # still random in training

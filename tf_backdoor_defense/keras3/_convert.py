@@ -426,6 +426,9 @@ def _inbound(entry, class_name, layer):
             if len(item) > 3 and item[3]:
                 kwargs.update(item[3])
         is_list = len(sources) > 1 or class_name in _MERGE_LAYERS
+    # Keras 3 records a random layer's default ``training=True`` on its node; a model's own
+    # ``training`` argument overrides it, and the package always passes one.
+    kwargs = {k: v for k, v in kwargs.items() if k != "training"}
     if any(not _neutral(v) for v in kwargs.values()):
         _refuse(layer, class_name, f"is called with keyword arguments {sorted(kwargs)}.")
     names = []
