@@ -530,6 +530,34 @@ def test_every_real_method_runs_on_a_model_that_reads_integers():
     assert not _same_weights(result.candidates["ibau"], model)
 
 
+@pytest.mark.slow
+def test_every_real_method_runs_on_a_mixed_precision_model():
+    """Layers computing in float16 (mixed precision) and a float32 softmax: the scan reads
+    float32 log probabilities, the masks multiply in the layer's own dtype, and every
+    candidate keeps the layers' policies."""
+    keras.utils.set_random_seed(0)
+    half = "mixed_float16"
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv_a", dtype=half)(inputs)
+    x = keras.layers.MaxPooling2D(name="pool_a", dtype=half)(x)
+    x = keras.layers.Conv2D(6, 2, activation="relu", name="conv_b", dtype=half)(x)
+    x = keras.layers.Dense(3, name="logits", dtype=half)(keras.layers.Flatten(dtype=half)(x))
+    model = keras.Model(inputs, keras.layers.Activation("softmax", dtype="float32")(x))
+    rng = np.random.default_rng(0)
+    x, y = rng.random((60, 8, 8, 1), dtype=np.float32), rng.integers(0, 3, 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackdoorStillActiveWarning)
+        result = defend(model, (x[10:], y[10:]), validation_data=(x[:10], y[:10]),
+                        methods=["ibau", "unlearn", "prune-search", "clp", "anp"], epochs=1,
+                        max_accuracy_drop=1.0, try_all=True, repair_if_clean=True,
+                        scan_options={"steps": 10})
+    assert {"ibau", "prune-search", "clp", "anp"} <= set(result.table["method"])
+    for name, candidate in result.candidates.items():
+        conv = candidate.get_layer("conv_a")
+        assert getattr(conv, "layer", conv).dtype_policy.name == half, name  # wrapped or not
+        assert candidate.outputs[0].dtype == tf.float32, name
+
+
 def _same_weights(a, b):
     return all(np.array_equal(p, q) for p, q in zip(a.get_weights(), b.get_weights()))
 

@@ -302,3 +302,22 @@ def test_a_model_that_leaves_image_sizes_open_is_scanned_at_the_datas_size():
     assert open_size.input_shape == (8, 8, 1) and open_size.masks.shape == (6, 8, 8, 1)
     pd.testing.assert_frame_equal(open_size.table, fixed.table)
     np.testing.assert_array_equal(open_size.masks, fixed.masks)
+
+
+def test_a_mixed_precision_model_is_scanned_in_float32():
+    """float16 layers before a float32 softmax (mixed precision): the scan's log probabilities
+    are float32, and the planted target is named as on the float32 net."""
+    from tf_backdoor_defense.masks._wrapper import wrap_layers
+
+    reference = planted_model("all-to-one")
+    model = keras.models.clone_model(
+        reference, clone_function=lambda layer: layer.__class__.from_config(
+            dict(layer.get_config(), dtype="float32" if layer is reference.layers[-1]
+                 else "mixed_float16")))
+    model.set_weights(reference.get_weights())
+    assert model.get_layer("gate").compute_dtype == "float16"
+    result = scan_model(model, planted_data(), **FAST)
+    assert result.suspected_targets == (2,)
+    wrapped = wrap_layers(model, "clean_logits")  # the mask multiplies in the layer's float16
+    x, _ = planted_data(20, seed=5)
+    np.testing.assert_allclose(wrapped(x).numpy(), model(x).numpy(), atol=1e-3)

@@ -136,8 +136,9 @@ class PruneByActivation(keras.layers.Wrapper, tfmot.sparsity.keras.PrunableLayer
             synchronization=tf.VariableSynchronization.ON_WRITE,
         )
 
-    def _broadcast_mask(self, rank):
-        mask = tf.cast(self.mask, self.compute_dtype)
+    def _broadcast_mask(self, rank, dtype=None):
+        # the wrapped layer's dtype: under mixed precision it computes in float16
+        mask = tf.cast(self.mask, dtype or self.compute_dtype)
         if channel_axis(self) == 1:
             return tf.reshape(mask, [1, -1] + [1] * (rank - 2))
         return mask
@@ -147,7 +148,7 @@ class PruneByActivation(keras.layers.Wrapper, tfmot.sparsity.keras.PrunableLayer
             outputs = self.layer(inputs)
         else:
             outputs = self.layer(inputs, training=training)
-        return outputs * self._broadcast_mask(outputs.shape.rank)
+        return outputs * self._broadcast_mask(outputs.shape.rank, outputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)

@@ -148,14 +148,20 @@ def _log_probabilities(model):
     final softmax layer is skipped: probabilities that underflow to zero
     would give no gradient. Other models ending in a softmax use the log of
     their probabilities, and models without one are taken to output logits.
+    Everything is computed from float32 values (a mixed-precision model's
+    layers give float16).
     """
     last = model.layers[-1]
     inner = last.layer if isinstance(last, PruneByActivation) else last
     activation = getattr(getattr(inner, "activation", None), "__name__", "")
     units = model.outputs[0].shape[-1]
+
+    def run(network, x):
+        return tf.cast(network(x, training=False), tf.float32)
+
     if units == 1:
         def binary(x):
-            p = model(x, training=False)
+            p = run(model, x)
             p = tf.clip_by_value(p if activation == "sigmoid" else tf.sigmoid(p), 1e-7, 1.0 - 1e-7)
             return tf.math.log(tf.concat([1.0 - p, p], axis=-1))
         return binary
@@ -165,18 +171,18 @@ def _log_probabilities(model):
         features = keras.Model(model.inputs, last.input)
 
         def from_logits(x):
-            logits = tf.matmul(features(x, training=False), inner.kernel)
+            logits = tf.matmul(run(features, x), tf.cast(inner.kernel, tf.float32))
             if inner.use_bias:
-                logits = logits + inner.bias
+                logits = logits + tf.cast(inner.bias, tf.float32)
             return tf.nn.log_softmax(logits)
         return from_logits
     if single and (isinstance(inner, keras.layers.Softmax)
                    or (isinstance(inner, keras.layers.Activation) and softmax)):
         before = keras.Model(model.inputs, last.input)
-        return lambda x: tf.nn.log_softmax(before(x, training=False))
+        return lambda x: tf.nn.log_softmax(run(before, x))
     if isinstance(inner, keras.layers.Softmax) or softmax:
-        return lambda x: tf.math.log(tf.clip_by_value(model(x, training=False), 1e-12, 1.0))
-    return lambda x: tf.nn.log_softmax(model(x, training=False))
+        return lambda x: tf.math.log(tf.clip_by_value(run(model, x), 1e-12, 1.0))
+    return lambda x: tf.nn.log_softmax(run(model, x))
 
 
 class TriggerOptimizer:
