@@ -114,3 +114,19 @@ def test_decorated_functions_warn_at_the_callers_line():
     line = inspect.currentframe().f_lineno - 2
     assert where[DeprecationWarning] == (__file__, line)  # the caller's line, not the decorator's
     assert where[UserWarning][0] == __file__ and where[UserWarning][1] < line  # kept where issued
+
+
+@pytest.mark.slow
+def test_the_keras3_example_script_runs():
+    """examples/keras3_script.py (shortened to 4 attacker epochs): every part runs and prints its
+    scores, and defend() gives a Keras 3 model."""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    script = HERE.parent.parent / "examples" / "keras3_script.py"
+    done = subprocess.run([sys.executable, str(script), "--epochs", "4"], capture_output=True,
+                          text=True, env=env, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.splitlines()
+    for start in ("the BadNet:", "defend():", "fine-pruning fit:"):
+        assert sum(line.startswith(start) for line in lines) == 1, done.stdout
+    assert next(line for line in lines if line.startswith("defend():")).endswith("(keras)")
