@@ -31,6 +31,16 @@ def _convert():
     return _convert
 
 
+def _same_both_ways(model, x, tolerance=1e-5):
+    """``model`` converted to tf-keras, and that back to Keras 3, computes what it computes."""
+    convert = _convert()
+    expected = np.asarray(model(x, training=False))
+    converted = convert.to_tf_keras(model)
+    assert np.abs(converted(x, training=False).numpy() - expected).max() <= tolerance
+    back = convert.to_keras3(converted)
+    assert np.abs(np.asarray(back(x, training=False)) - expected).max() <= tolerance
+
+
 def _tutorial_model(keras3, seed=0):
     """Augmentation nested first, a normalization adapted to data, a nested residual block."""
     layers = keras3.layers
@@ -213,7 +223,6 @@ def test_a_nested_keras_file_loads_scanned_and_is_scanned_for_backdoors(tmp_path
                                   "DepthwiseConv2D", "silu", "add-constant"])
 def test_layers_whose_settings_differ_convert_both_ways(name):
     keras3 = _keras3()
-    convert = _convert()
     layers = keras3.layers
     inputs = keras3.Input((6, 6, 2))
     made = {"LeakyReLU": lambda t: layers.LeakyReLU(negative_slope=0.1)(t),  # tf-keras: alpha
@@ -226,11 +235,7 @@ def test_layers_whose_settings_differ_convert_both_ways(name):
     for weight in model.weights:
         weight.assign(np.asarray(weight) + 0.25)
     x = np.random.default_rng(0).normal(size=(4, 6, 6, 2)).astype("float32") * 3
-    expected = np.asarray(model(x, training=False))
-    converted = convert.to_tf_keras(model)
-    assert np.abs(converted(x, training=False).numpy() - expected).max() <= 1e-5
-    back = convert.to_keras3(converted)
-    assert np.abs(np.asarray(back(x, training=False)) - expected).max() <= 1e-5
+    _same_both_ways(model, x)
 
 
 def test_an_activation_the_two_keras_compute_differently_is_refused():
@@ -247,16 +252,11 @@ def test_an_activation_the_two_keras_compute_differently_is_refused():
 @pytest.mark.parametrize("application", ["MobileNetV2", "EfficientNetB0"])
 def test_keras_applications_convert_to_the_same_outputs(application):
     keras3 = _keras3()
-    convert = _convert()
     options = {"alpha": 0.35} if application == "MobileNetV2" else {}
     model = getattr(keras3.applications, application)(weights=None, input_shape=(32, 32, 3),
                                                       classes=10, **options)
     x = (np.random.default_rng(0).random((2, 32, 32, 3)) * 255).astype("float32")
-    expected = np.asarray(model(x, training=False))
-    converted = convert.to_tf_keras(model)
-    assert np.abs(converted(x, training=False).numpy() - expected).max() <= 1e-5
-    back = convert.to_keras3(converted)
-    assert np.abs(np.asarray(back(x, training=False)) - expected).max() <= 1e-5
+    _same_both_ways(model, x)
 
 
 def test_a_random_layer_called_directly_in_a_functional_model_converts():
@@ -273,3 +273,23 @@ def test_a_random_layer_called_directly_in_a_functional_model_converts():
     expected = np.asarray(model(x, training=False))
     assert np.abs(np.asarray(back(x, training=False)) - expected).max() <= 1e-5
     assert not np.allclose(np.asarray(back(x, training=True)), expected)  # still random in training
+
+
+def test_a_nested_tf_keras_model_built_with_input_shape_converts_to_keras3():
+    # tf-keras layers given input_shape= keep a batch_input_shape the converted Input sets
+    keras3 = _keras3()
+    convert = _convert()
+    from tf_backdoor_defense._keras import keras as tf_keras
+
+    inner_inputs = tf_keras.Input((4,))
+    inner = tf_keras.Model(inner_inputs, tf_keras.layers.Dense(3, name="d_in")(inner_inputs),
+                           name="inner")
+    block = tf_keras.Sequential([tf_keras.layers.Dense(3, name="s1", input_shape=(3,))],
+                                name="block")
+    inputs = tf_keras.Input((4,))
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(2, name="d_out")(block(inner(inputs))))
+    x = np.random.default_rng(0).random((5, 4)).astype("float32")
+    converted = convert.to_keras3(model)
+    assert isinstance(converted, keras3.Model)
+    assert [layer.name for layer in converted.layers][1:] == ["d_in", "s1", "d_out"]
+    assert np.abs(np.asarray(converted(x)) - model(x).numpy()).max() <= 1e-6

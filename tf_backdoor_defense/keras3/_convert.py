@@ -24,8 +24,13 @@ they change nothing at inference, which is how the package reads a model;
 ``RandomCrop``, whose inference output differs between the two Keras, does
 not.
 A configuration key that the other Keras does not know is dropped only when
-it holds its neutral value (``None``, ``False``, ...); otherwise the layer is
-refused, so a converted model computes what the original computes.
+it holds its neutral value (``None``, ``False``, ...), a value that is the
+other Keras's fixed behaviour (``data_format="channels_last"``, ...), or
+when it cannot change what the model computes (an initializer, whose weights
+are copied over); a key the other Keras knows under another name is renamed
+(``LeakyReLU``'s ``negative_slope`` and ``alpha``). Otherwise the layer is
+refused, so a converted model computes what the original computes; so is an
+activation the two Keras compute differently (``hard_sigmoid``).
 """
 
 import inspect
@@ -89,8 +94,10 @@ _DIFFERENT_ACTIVATIONS = {"hard_sigmoid"}
 #: EfficientNet uses) is tf-keras's ``swish``, the same function.
 _ACTIVATION_ALIASES = {"silu": "swish"}
 #: Keys dropped whatever their value when the target lacks them: tf-keras's random layers
-#: name the kind of random generator they draw from while training.
-_TRAINING_ONLY_KEYS = {"rng_type"}
+#: name the kind of random generator they draw from while training, and a tf-keras layer
+#: given ``input_shape=`` keeps the shape it was built for, which the converted model's
+#: ``Input`` (or the tensor a nested model is called on) sets.
+_TRAINING_ONLY_KEYS = {"rng_type", "batch_input_shape"}
 #: Keyword arguments every layer accepts, in each Keras.
 _BASE_KWARGS = {"name", "trainable", "dtype"}
 #: Nested-object families and the sub-module of each Keras that holds their classes.
