@@ -293,3 +293,20 @@ def test_a_nested_tf_keras_model_built_with_input_shape_converts_to_keras3():
     assert isinstance(converted, keras3.Model)
     assert [layer.name for layer in converted.layers][1:] == ["d_in", "s1", "d_out"]
     assert np.abs(np.asarray(converted(x)) - model(x).numpy()).max() <= 1e-6
+
+
+def test_pixels_scaled_by_arithmetic_instead_of_a_layer_convert_both_ways():
+    # inputs / 255.0 - 0.5 and keras.ops.relu are operation nodes in Keras 3 and TFOpLambda
+    # layers (with name=None recorded) in tf-keras
+    keras3 = _keras3()
+    convert = _convert()
+    from tf_backdoor_defense._keras import keras as tf_keras
+
+    inputs = keras3.Input((4,))
+    hidden = keras3.ops.relu(inputs / 255.0 - 0.5)
+    model = keras3.Model(inputs, keras3.layers.Dense(2, name="fc")(hidden * 3.0 + 1.0))
+    x = (np.random.default_rng(0).random((5, 4)) * 255).astype("float32")
+    _same_both_ways(model, x)
+    plain_inputs = tf_keras.Input((4,))
+    plain = tf_keras.Model(plain_inputs, tf_keras.layers.Dense(2)(plain_inputs / 255.0 - 0.5))
+    assert np.abs(np.asarray(convert.to_keras3(plain)(x)) - plain(x).numpy()).max() <= 1e-6

@@ -14,7 +14,9 @@ __all__ = ["OPS", "op_function", "apply_op"]
 
 #: ``{TF function of a tf-keras TFOpLambda: (Keras 3 operation class, tensor
 #: parameters in order, settings)}``. The Keras 3 op of the same computation is
-#: ``keras.ops.<last part of the TF name>``.
+#: ``keras.ops.<last part of the TF name>``, or the name in :data:`_KERAS3_NAMES`.
+#: Arithmetic with a constant (``inputs / 255.0`` in a script that scales its
+#: pixels without a ``Rescaling`` layer) is recorded as one of these.
 OPS = {
     "math.argmax": ("Argmax", ("x",), ("axis",)),
     "math.equal": ("Equal", ("x", "y"), ()),
@@ -22,7 +24,10 @@ OPS = {
     "math.subtract": ("Subtract", ("x", "y"), ()),
     "math.multiply": ("Multiply", ("x", "y"), ()),
     "math.add": ("Add", ("x", "y"), ()),
+    "math.truediv": ("TrueDivide", ("x", "y"), ()),
+    "nn.relu": ("Relu", ("x",), ()),
 }
+_KERAS3_NAMES = {"math.truediv": "true_divide"}
 _BY_KERAS3_CLASS = {cls: function for function, (cls, _, _) in OPS.items()}
 _CONSTANT = "_CONSTANT_VALUE"  # tf-keras's marker of a constant first argument
 
@@ -89,6 +94,8 @@ def apply_op(entry, function, tensors, target_keras):
         first = node if isinstance(node[0], str) else node[0]
         values = {positional[0]: first[2] if first[0] == _CONSTANT else first[:3]}
         values.update(first[3] if len(first) > 3 and first[3] else {})
+    if values.get("name") is None:  # tf-keras records an operator's name=None
+        values.pop("name", None)
     unknown = set(values) - set(positional) - set(settings)
     missing = (set(positional) | set(settings)) - set(values)
     if unknown or missing:
@@ -96,7 +103,8 @@ def apply_op(entry, function, tensors, target_keras):
     args = [_value(values[key], tensors, entry) for key in positional]
     options = {key: getattr(values[key], "name", values[key]) for key in settings}
     if target_keras.__name__ == "keras":  # Keras 3
-        return getattr(target_keras.ops, function.split(".")[-1])(*args, **options)
+        name = _KERAS3_NAMES.get(function, function.split(".")[-1])
+        return getattr(target_keras.ops, name)(*args, **options)
     operation = tf
     for part in function.split("."):
         operation = getattr(operation, part)
