@@ -505,17 +505,21 @@ def test_every_real_method_runs_without_touching_the_users_model():
     json.dumps(result.summary(), allow_nan=False)
 
 
+def _same_weights(a, b):
+    return all(np.array_equal(p, q) for p, q in zip(a.get_weights(), b.get_weights()))
+
+
 def test_every_real_method_runs_on_a_model_that_reads_integers():
     """A uint8 input (pixels scaled inside the model) has no gradient through its cast:
     the scan and I-BAU search on a float copy; every candidate keeps the uint8 input."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 8, 1), dtype="uint8")
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv_a")(x)
-    x = keras.layers.MaxPooling2D(name="pool_a")(x)
-    x = keras.layers.Conv2D(6, 2, activation="relu", name="conv_b")(x)
-    x = keras.layers.Dense(3, activation="softmax", name="out")(keras.layers.Flatten()(x))
-    model = keras.Model(inputs, x)
+    hidden = keras.layers.Rescaling(1 / 255.0)(inputs)
+    hidden = keras.layers.Conv2D(4, 3, activation="relu", name="conv_a")(hidden)
+    hidden = keras.layers.MaxPooling2D(name="pool_a")(hidden)
+    hidden = keras.layers.Conv2D(6, 2, activation="relu", name="conv_b")(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(
+        keras.layers.Flatten()(hidden)))
     rng = np.random.default_rng(0)
     x, y = (rng.random((60, 8, 8, 1)) * 255).astype(np.uint8), rng.integers(0, 3, 60)
     before = [w.copy() for w in model.get_weights()]
@@ -538,11 +542,12 @@ def test_every_real_method_runs_on_a_mixed_precision_model():
     keras.utils.set_random_seed(0)
     half = "mixed_float16"
     inputs = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv_a", dtype=half)(inputs)
-    x = keras.layers.MaxPooling2D(name="pool_a", dtype=half)(x)
-    x = keras.layers.Conv2D(6, 2, activation="relu", name="conv_b", dtype=half)(x)
-    x = keras.layers.Dense(3, name="logits", dtype=half)(keras.layers.Flatten(dtype=half)(x))
-    model = keras.Model(inputs, keras.layers.Activation("softmax", dtype="float32")(x))
+    hidden = keras.layers.Conv2D(4, 3, activation="relu", name="conv_a", dtype=half)(inputs)
+    hidden = keras.layers.MaxPooling2D(name="pool_a", dtype=half)(hidden)
+    hidden = keras.layers.Conv2D(6, 2, activation="relu", name="conv_b", dtype=half)(hidden)
+    logits = keras.layers.Dense(3, name="logits", dtype=half)(
+        keras.layers.Flatten(dtype=half)(hidden))
+    model = keras.Model(inputs, keras.layers.Activation("softmax", dtype="float32")(logits))
     rng = np.random.default_rng(0)
     x, y = rng.random((60, 8, 8, 1), dtype=np.float32), rng.integers(0, 3, 60)
     with warnings.catch_warnings():
@@ -556,10 +561,6 @@ def test_every_real_method_runs_on_a_mixed_precision_model():
         conv = candidate.get_layer("conv_a")
         assert getattr(conv, "layer", conv).dtype_policy.name == half, name  # wrapped or not
         assert candidate.outputs[0].dtype == tf.float32, name
-
-
-def _same_weights(a, b):
-    return all(np.array_equal(p, q) for p, q in zip(a.get_weights(), b.get_weights()))
 
 
 def test_real_defend_is_deterministic_for_a_seed():
