@@ -31,8 +31,10 @@ def with_float_inputs(model):
     >>> with tf.GradientTape() as tape:
     ...     tape.watch(x)
     ...     y = view(x)
-    >>> tape.gradient(y, x).numpy().tolist(), float(y[0, 0]) == float(model(np.array([[1, 3]]))[0, 0])
-    ([[0.5, 0.5]], True)
+    >>> tape.gradient(y, x).numpy().tolist()
+    [[0.5, 0.5]]
+    >>> float(y[0, 0]) == float(model(np.array([[1, 3]]))[0, 0])
+    True
     >>> plain = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     >>> with_float_inputs(plain) is plain
     True
