@@ -97,7 +97,7 @@ _ACTIVATION_ALIASES = {"silu": "swish"}
 #: name the kind of random generator they draw from while training, and a tf-keras layer
 #: given ``input_shape=`` keeps the shape it was built for, which the converted model's
 #: ``Input`` (or the tensor a nested model is called on) sets.
-_TRAINING_ONLY_KEYS = {"rng_type", "batch_input_shape"}
+_DROPPED_KEYS = {"rng_type", "batch_input_shape"}
 #: Keyword arguments every layer accepts, in each Keras.
 _BASE_KWARGS = {"name", "trainable", "dtype"}
 #: Nested-object families and the sub-module of each Keras that holds their classes.
@@ -303,7 +303,7 @@ def _neutral(value):
 
 def _implicit(key, value):
     """Whether ``key=value`` is the other Keras's fixed behaviour (see ``_IMPLICIT``)."""
-    if key in _TRAINING_ONLY_KEYS or key.endswith("_initializer"):
+    if key in _DROPPED_KEYS or key.endswith("_initializer"):
         return True  # an initializer only draws the initial weights, which are copied over
     if isinstance(value, list):
         value = tuple(value)
