@@ -47,20 +47,21 @@ def loss_for(model):
     """The training loss matching ``model``'s output layer.
 
     Sparse categorical cross-entropy (binary for one output unit), from logits
-    unless the last layer ends in a softmax (sigmoid).
+    unless the model ends in a softmax (sigmoid), also inside a nested model
+    or applied by a TensorFlow op (:func:`~tf_backdoor_defense.graph._outputs.output_activation`).
 
     >>> import tf_keras as keras
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     >>> loss_for(model).get_config()["from_logits"]
     True
     """
+    from tf_backdoor_defense.graph._outputs import output_activation
+
     units = model.outputs[0].shape[-1]
-    last = unwrap(model.layers[-1])
-    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    activation = output_activation(model)
     if units == 1:
         return keras.losses.BinaryCrossentropy(from_logits=activation != "sigmoid")
-    probabilities = isinstance(last, keras.layers.Softmax) or activation in ("softmax", "softmax_v2")
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=activation != "softmax")
 
 
 def copy_model(model):

@@ -7,6 +7,7 @@ from tf_backdoor_defense.graph._channels import (  # noqa: F401
     tensor_consumers,
     channel_consumers,
 )
+from tf_backdoor_defense.graph._functional import as_functional, is_subclassed  # noqa: F401
 from tf_backdoor_defense.graph._inputs import with_float_inputs  # noqa: F401
 from tf_backdoor_defense.graph._replay import (  # noqa: F401
     topological_nodes,
@@ -22,4 +23,6 @@ __all__ = [
     "replay_nodes",
     "convs_read_by_dense",
     "with_float_inputs",
+    "as_functional",
+    "is_subclassed",
 ]

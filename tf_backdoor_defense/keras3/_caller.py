@@ -18,7 +18,8 @@ import warnings
 
 from tf_backdoor_defense._errors import InputTypeError
 from tf_backdoor_defense._keras import keras as tf_keras
-from tf_backdoor_defense.keras3._backend import is_keras3_loaded, is_keras3_model, is_keras3_object
+from tf_backdoor_defense.keras3._backend import (is_keras3_loaded, is_keras3_model,
+                                                 is_keras3_object, keras3)
 from tf_backdoor_defense.keras3._convert import (Keras3ConversionError, _accepted, _neutral,
                                                  copy_weights, to_keras3, to_tf_keras)
 
@@ -137,10 +138,18 @@ class _Arguments:
             copy_weights(converted, original)
 
 
+def _model_types():
+    """The model classes of the Keras versions the process has loaded."""
+    return (tf_keras.Model, keras3().Model) if is_keras3_loaded() else (tf_keras.Model,)
+
+
 def with_caller_keras(function=None, *, arguments=None, in_place=False):
     """Decorate a public function so that it takes and gives back the caller's Keras.
 
-    Every Keras 3 model among the arguments, also inside a dict, list, tuple
+    A subclassed model among the arguments (either Keras; not for ``in_place``
+    functions) is first traced into a Functional copy
+    (:func:`~tf_backdoor_defense.graph.as_functional`), which the function
+    then receives. Every Keras 3 model among the arguments, also inside a dict, list, tuple
     or dataclass (a ``SweepResult``, a dict of models), is converted with
     :func:`to_tf_keras` (its configuration checked first: an unsupported
     layer is refused by name); Keras 3 optimizer and loss objects become the
@@ -183,12 +192,18 @@ def with_caller_keras(function=None, *, arguments=None, in_place=False):
     names = None if arguments is None else frozenset(arguments)
 
     def call(args, kwargs):
-        if not is_keras3_loaded():  # a process without Keras 3 pays nothing
-            return function(*args, **kwargs)
         try:
             bound = signature.bind_partial(*args, **kwargs)
         except TypeError:  # let the function itself report a wrong call
             return function(*args, **kwargs)
+        if not in_place:  # a function that changes its model cannot change a traced copy
+            from tf_backdoor_defense.graph._functional import as_functional  # noqa: PLC0415
+
+            for name, value in bound.arguments.items():
+                if (names is None or name in names) and isinstance(value, _model_types()):
+                    bound.arguments[name] = as_functional(value, name)
+        if not is_keras3_loaded():  # a process without Keras 3 pays nothing more
+            return function(*bound.args, **bound.kwargs)
         received = _Arguments()
         for name, value in bound.arguments.items():
             if names is None or name in names:

@@ -146,14 +146,17 @@ def _log_probabilities(model):
     A final Dense layer with a softmax (the usual classifier) is evaluated
     without its softmax from its own weights (read, never changed), and a
     final softmax layer is skipped: probabilities that underflow to zero
-    would give no gradient. Other models ending in a softmax use the log of
-    their probabilities, and models without one are taken to output logits.
+    would give no gradient. Other models ending in a softmax (inside a nested
+    model, or a TensorFlow op's) use the log of their probabilities, and
+    models without one are taken to output logits.
     Everything is computed from float32 values (a mixed-precision model's
     layers give float16).
     """
+    from tf_backdoor_defense.graph._outputs import output_activation
+
     last = model.layers[-1]
     inner = last.layer if isinstance(last, PruneByActivation) else last
-    activation = getattr(getattr(inner, "activation", None), "__name__", "")
+    activation = output_activation(model)
     units = model.outputs[0].shape[-1]
 
     def run(network, x):
@@ -165,8 +168,9 @@ def _log_probabilities(model):
             p = tf.clip_by_value(p if activation == "sigmoid" else tf.sigmoid(p), 1e-7, 1.0 - 1e-7)
             return tf.math.log(tf.concat([1.0 - p, p], axis=-1))
         return binary
-    softmax = activation in ("softmax", "softmax_v2")
-    single = not isinstance(last, PruneByActivation) and len(last.inbound_nodes) == 1
+    softmax = activation == "softmax"
+    single = (not isinstance(last, PruneByActivation) and len(last.inbound_nodes) == 1
+              and last is model.outputs[0]._keras_history.layer)
     if single and isinstance(inner, keras.layers.Dense) and softmax:
         features = keras.Model(model.inputs, last.input)
 
@@ -180,7 +184,7 @@ def _log_probabilities(model):
                    or (isinstance(inner, keras.layers.Activation) and softmax)):
         before = keras.Model(model.inputs, last.input)
         return lambda x: tf.nn.log_softmax(run(before, x))
-    if isinstance(inner, keras.layers.Softmax) or softmax:
+    if softmax:
         return lambda x: tf.math.log(tf.clip_by_value(run(model, x), 1e-12, 1.0))
     return lambda x: tf.nn.log_softmax(run(model, x))
 
