@@ -87,6 +87,7 @@ _EXPORTS = {
     "defend": "defenses._defend",
     "DefenseResult": "defenses._defend",
     "BackdoorStillActiveWarning": "defenses._defend",
+    "LowAccuracyWarning": "defenses._defend",
     "convs_read_by_dense": "graph._analysis",
     "scan_model": "scan._scan",
     "ScanResult": "scan._scan",

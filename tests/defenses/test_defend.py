@@ -19,7 +19,8 @@ import pytest
 
 from conftest import tiny_conv_model
 from tf_backdoor_defense._keras import keras, tf
-from tf_backdoor_defense.defenses._defend import METHODS, BackdoorStillActiveWarning, defend
+from tf_backdoor_defense.defenses._defend import (METHODS, BackdoorStillActiveWarning,
+                                                  LowAccuracyWarning, defend)
 from tf_backdoor_defense.masks._wrapper import masked_layers
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy, predict_labels
 from tf_backdoor_defense.finetune._training import copy_model
@@ -242,6 +243,26 @@ def test_no_backdoor_warning_without_poisoned_validation(monkeypatch):
         warnings.simplefilter("error", BackdoorStillActiveWarning)
         result = _defend(_backdoored(), ["ft-cosine"])
     assert not result.backdoor_still_active
+
+
+# -- a received model that gets most clean data wrong ------------------------------------------
+def test_a_received_model_that_gets_most_clean_data_wrong_is_warned_about(monkeypatch):
+    """Data scaled otherwise than the model's training data (or labels in another order) leave
+    a model that misclassifies most clean inputs; defend() says so before anything runs."""
+    FakeMethods(monkeypatch, {"ft-cosine": (0.35, 0.0)})
+    with pytest.warns(LowAccuracyWarning, match=r"only 30\.0% .*\(chance: 33\.3%\).*\[0, 1\]"):
+        result = _defend(_fake_model(0.3, 1.0), ["ft-cosine"])
+    assert result.warnings[0].startswith("the received model classifies only 30.0%")
+    assert "--scale 255" in result.warnings[0]
+
+
+@pytest.mark.parametrize("accuracy", [0.5, 0.75])
+def test_no_accuracy_warning_when_most_clean_data_are_right(monkeypatch, accuracy):
+    FakeMethods(monkeypatch, {"ft-cosine": (accuracy, 0.0)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LowAccuracyWarning)
+        result = _defend(_fake_model(accuracy, 1.0), ["ft-cosine"])
+    assert not any("classifies only" in w for w in result.warnings)
 
 
 # -- time budget, skipped methods ----------------------------------------------------------------

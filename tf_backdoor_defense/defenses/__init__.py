@@ -4,6 +4,7 @@ from tf_backdoor_defense.defenses._defend import (  # noqa: F401
     defend,
     DefenseResult,
     BackdoorStillActiveWarning,
+    LowAccuracyWarning,
     METHODS,
 )
 from tf_backdoor_defense.defenses._guided import (  # noqa: F401
@@ -27,6 +28,7 @@ __all__ = [
     "defend",
     "DefenseResult",
     "BackdoorStillActiveWarning",
+    "LowAccuracyWarning",
     "METHODS",
     "attack_guided_prune",
     "GuidedPruningResult",

@@ -241,6 +241,36 @@ class BackdoorStillActiveWarning(UserWarning):
     """The repaired model may still obey a trigger (triggered or reversed-trigger evidence)."""
 
 
+#: Below this validation accuracy, the received model is taken to read the defender's data in
+#: another form than it was trained on, and :func:`defend` warns (:class:`LowAccuracyWarning`).
+LOW_ACCURACY = 0.5
+
+
+class LowAccuracyWarning(UserWarning):
+    """The received model gets most of the defender's clean validation data wrong: the data are
+    likely scaled or ordered otherwise than the model's training data, or labelled otherwise."""
+
+
+def _low_accuracy_note(accuracy, classes, x):
+    """A warning's text when ``accuracy`` is below :data:`LOW_ACCURACY`, else "".
+
+    >>> import numpy as np
+    >>> _low_accuracy_note(0.97, 10, np.zeros(3))
+    ''
+    >>> print(_low_accuracy_note(0.12, 10, np.array([0.0, 255.0])))  # doctest: +ELLIPSIS
+    the received model classifies only 12.0% of the clean validation data right (chance: 10.0%)...
+    """
+    if accuracy >= LOW_ACCURACY:
+        return ""
+    low, high = float(np.min(x)), float(np.max(x))
+    return (f"the received model classifies only {accuracy:.1%} of the clean validation data "
+            f"right (chance: {1 / classes:.1%}). A backdoor does not do that to clean inputs: "
+            f"the data are likely prepared otherwise than the model's training data (these lie "
+            f"in [{low:g}, {high:g}]; a model trained on x / 255 needs them divided by 255 too, "
+            "--scale 255 on the command line), or labelled in another order. Every repair is "
+            "judged against this accuracy")
+
+
 @dataclasses.dataclass(frozen=True)
 class DefenseResult:
     """What :func:`defend` returns.
@@ -891,7 +921,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     ...     keras.layers.Conv2D(4, 3, activation="relu", name="conv"), keras.layers.Flatten(),
     ...     keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2, activation="softmax")])
     >>> x = np.random.default_rng(0).random((40, 6, 6, 1), dtype=np.float32)
-    >>> y = (x[:, 0, 0, 0] > 0.5).astype(int)
+    >>> y = model.predict(x, verbose=0).argmax(-1)  # labels it gets right
     >>> result = defend(model, (x, y), methods=["reinit-head", "ft-cosine"], epochs=1,
     ...                 scan=False, max_accuracy_drop=1.0, try_all=True)
     >>> result.method, list(result.table["method"])
@@ -954,6 +984,12 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
                "ibau_radius": ibau_radius,
                "verifications": {}, "unlearn_rounds": UNLEARN_ROUNDS if verify else 1,
                "first_stages": {}}
+    base_correct = _predictions(model, context) == context["validation_labels"]
+    base_accuracy = float(base_correct.mean())
+    context["baseline_accuracy"] = base_accuracy
+    low = _low_accuracy_note(base_accuracy, num_classes_of(model), validation[0])
+    if low:
+        warnings.warn(low, LowAccuracyWarning, stacklevel=2)
     found = None
     if do_scan:
         from tf_backdoor_defense.scan._scan import scan_model
@@ -962,9 +998,6 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
         context["scan"] = found  # scan_model logs its verdict ("scan: ...") itself
         if default_methods and _ibau_target(found) is not None:
             methods = list(TARGETED_METHODS)
-    base_correct = _predictions(model, context) == context["validation_labels"]
-    base_accuracy = float(base_correct.mean())
-    context["baseline_accuracy"] = base_accuracy
 
     def measure(candidate):
         correct = _predictions(candidate, context) == context["validation_labels"]
@@ -987,7 +1020,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
                 "train_size": int(train[0].shape[0]), "validation_size": int(validation[0].shape[0]),
                 "asr_tolerance": tolerance, "ibau_radius": ibau_radius}
 
-    notes = []
+    notes = [low] if low else []
     if found is not None and not found.backdoor_found and not repair_if_clean:
         if poisoned is not None and base_asr > tolerance:
             notes.append(f"the scan found no backdoor, but the triggered validation data show "
