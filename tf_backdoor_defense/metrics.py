@@ -23,6 +23,7 @@ from tf_backdoor_defense._distribute import is_distributed, rows_over_replicas
 from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_target, num_classes_of
+from tf_backdoor_defense.graph._functional import as_functional
 
 __all__ = [
     "predict_labels",
@@ -136,7 +137,7 @@ def clean_accuracy(model, data, batch_size=256, strategy=None):
     >>> clean_accuracy(model, (np.array([[1., 0.], [0., 1.]]), [0, 0]))
     0.5
     """
-    check_model(model)
+    model = check_model(as_functional(model))
     data = check_data(data, "data", model=model)
     correct = total = 0
     for x, y in data.batches(batch_size):
@@ -170,7 +171,7 @@ def attack_success_rate(model, poisoned_data, *, target=None, abstain_class=None
     >>> attack_success_rate(model, (x, [1, 1, 0]), target=0)   # true labels, all-to-one
     1.0
     """
-    check_model(model)
+    model = check_model(as_functional(model))
     classes = num_classes_of(model)
     if abstain_class is not None:
         classes -= 1

@@ -179,3 +179,15 @@ def test_a_keras3_subclassed_model_is_traced_and_converted(planted_data):
     assert _nodes(model) == nodes
     with pytest.raises(InputError, match="Keras 3 model .Net. that has not been called"):
         as_functional(Net())
+
+
+def test_the_metrics_read_a_subclassed_model(planted_data):
+    from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
+
+    x, _ = planted_data(30)
+    model = _called(Quickstart(), x)
+    predicted = model(x).numpy().argmax(-1)
+    nodes = _nodes(model)
+    assert clean_accuracy(model, (x, predicted)) == 1.0
+    assert attack_success_rate(model, (x, (predicted + 1) % 6)) == 0.0
+    assert _nodes(model) == nodes

@@ -18,6 +18,7 @@ import pytest
 from conftest import tiny_conv_model
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.io._formats import HDF5_SIGNATURE, escape, one_line
+from tf_backdoor_defense.metrics import clean_accuracy
 from tf_backdoor_defense.io._loading import (
     ModelFileError,
     UnsafeModelError,
@@ -311,9 +312,15 @@ def test_saved_model_with_a_lambda_or_of_a_subclassed_model_is_refused(tmp_path)
     sub = Sub()
     sub(np.zeros((1, 4), np.float32))
     sub.save(tmp_path / "sub", save_format="tf")
-    with pytest.raises(ModelFileError, match="subclassed model"):
+    with pytest.raises(ModelFileError, match="subclassed model .*model.load_weights"):
         load_model(tmp_path / "sub")
     assert not marker.exists()
+    # what the message advises: the class built again, the weights loaded, the model measured
+    rebuilt = Sub()
+    rebuilt(np.zeros((1, 4), np.float32))
+    rebuilt.load_weights(str(tmp_path / "sub" / "variables" / "variables"))
+    x = np.random.default_rng(0).random((8, 4), dtype=np.float32)
+    assert clean_accuracy(rebuilt, (x, sub(x).numpy().argmax(-1))) == 1.0
 
 
 # -- messages -------------------------------------------------------------------------------------

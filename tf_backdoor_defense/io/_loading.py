@@ -575,9 +575,11 @@ def _read_saved_model(path):
     if class_name not in ("Functional", "Sequential") or not isinstance(config, dict):
         raise ModelFileError(
             f"'{escape(path)}' is a SavedModel of a subclassed model (class "
-            f"{escape(class_name)}), which cannot be rebuilt from its configuration without "
-            "running the functions saved with it. Save it as .keras or .h5, or pass "
-            "trust_model_code=True if you trust its author.", path=path)
+            f"{escape(class_name)}): it loads only as the functions saved with it, without the "
+            "layer graph the package reads. Build the model from its Python class, call it "
+            "once, load these weights into it (model.load_weights('<folder>/variables/"
+            "variables')) and pass that model (its call() is traced into a Functional model), "
+            "or save a Sequential or Functional model as .h5 or .keras.", path=path)
     version = root.get("keras_version")
     return {"format": "saved_model", "config": {"class_name": class_name, "config": config},
             "keras_version": version if isinstance(version, str) else None}
