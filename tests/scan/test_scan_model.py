@@ -321,3 +321,43 @@ def test_a_mixed_precision_model_is_scanned_in_float32():
     wrapped = wrap_layers(model, "clean_logits")  # the mask multiplies in the layer's float16
     x, _ = planted_data(20, seed=5)
     np.testing.assert_allclose(wrapped(x).numpy(), model(x).numpy(), atol=1e-3)
+
+
+def _channels_first_twin(channels):
+    """The planted all-to-one net behind a channels-first input ``(channels, 8, 8)``: a 1x1
+    channels-first convolution averages the channels into the planted net's one."""
+    inputs = keras.Input((channels, 8, 8))
+    average = keras.layers.Conv2D(1, 1, data_format="channels_first", use_bias=False,
+                                  kernel_initializer="ones", name="average")
+    gray = keras.layers.Reshape((8, 8, 1))(average(inputs))
+    average.set_weights([np.full((1, 1, channels, 1), 1.0 / channels, np.float32)])
+    return keras.Model(inputs, planted_model("all-to-one")(gray))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_channels_first_model_is_scanned_over_its_pixels(channels):
+    """A model that reads (C, H, W) images (as models ported from PyTorch do) is scanned in
+    the channels-last view: the mask covers pixels across the channels, as for (H, W, C)."""
+    from tf_backdoor_defense.defenses._unlearning import check_triggers
+    from tf_backdoor_defense.graph import reads_channels_first
+
+    x, y = planted_data()
+    model = _channels_first_twin(channels)
+    images = np.repeat(np.moveaxis(x, -1, 1), channels, axis=1)  # (N, C, 8, 8)
+    assert reads_channels_first(model) and not reads_channels_first(planted_model("clean"))
+    result = scan_model(model, (images, y), **FAST)
+    assert result.channels_first and result.input_shape == (channels, 8, 8)
+    assert result.masks.shape == (6, 8, 8, 1) and result.patterns.shape == (6, 8, 8, channels)
+    assert result.suspected_targets == (2,)
+    target = result.table.set_index("class").loc[2]
+    assert target["mask_l1"] < 3 and target["attack_success_rate"] == 1.0
+    # the triggers in the model's shape, stamped where the model reads them
+    ((mask, pattern),) = result.suspected_triggers()
+    assert mask.shape == pattern.shape == (channels, 8, 8)
+    np.testing.assert_array_equal(mask[0], result.masks[list(result.classes).index(2)][..., 0])
+    stamped = result.apply(images, 2)
+    assert stamped.shape == images.shape
+    assert np.mean(predict_labels(model, stamped) == 2) > 0.95
+    masks, patterns = check_triggers(result.suspected_triggers(), images.shape[1:])
+    assert masks.shape == patterns.shape == (1, channels, 8, 8)
+    assert json.loads(json.dumps(result.as_dict(), default=float))["channels_first"] is True

@@ -8,7 +8,11 @@ from tf_backdoor_defense.graph._channels import (  # noqa: F401
     channel_consumers,
 )
 from tf_backdoor_defense.graph._functional import as_functional, is_subclassed  # noqa: F401
-from tf_backdoor_defense.graph._inputs import with_float_inputs  # noqa: F401
+from tf_backdoor_defense.graph._inputs import (  # noqa: F401
+    channels_last_view,
+    reads_channels_first,
+    with_float_inputs,
+)
 from tf_backdoor_defense.graph._replay import (  # noqa: F401
     topological_nodes,
     replay_nodes,
@@ -23,6 +27,8 @@ __all__ = [
     "replay_nodes",
     "convs_read_by_dense",
     "with_float_inputs",
+    "reads_channels_first",
+    "channels_last_view",
     "as_functional",
     "is_subclassed",
 ]

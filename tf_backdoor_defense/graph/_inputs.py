@@ -1,8 +1,10 @@
-"""A model's inputs as a search over them needs them: float32, where a model reads integers."""
+"""A model's inputs as a search over them needs them: float32 where a model reads integers,
+channels-last where it reads channels-first images."""
 
 from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.graph._replay import replay_nodes, topological_nodes
 
-__all__ = ["with_float_inputs"]
+__all__ = ["with_float_inputs", "reads_channels_first", "channels_last_view"]
 
 
 def with_float_inputs(model):
@@ -48,3 +50,74 @@ def with_float_inputs(model):
                                     else inputs)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def _layers_in_order(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _layers_in_order(layer)
+        else:
+            yield getattr(layer, "layer", layer)  # the layer inside a PruneByActivation
+
+
+def reads_channels_first(model):
+    """Whether ``model`` reads its images channels-first, ``(C, H, W)``.
+
+    True when the input is an image (rank 3 without the batch axis) and the
+    first layer that reads a spatial layout (a convolution or a pooling) is
+    ``data_format="channels_first"``, as models ported from PyTorch often are.
+
+    >>> import tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((1, 8, 8)),
+    ...     keras.layers.Conv2D(2, 3, data_format="channels_first"), keras.layers.Flatten()])
+    >>> reads_channels_first(model)
+    True
+    """
+    if len(model.inputs[0].shape) != 4:
+        return False
+    for layer in _layers_in_order(model):
+        data_format = getattr(layer, "data_format", None)
+        if data_format is not None and not isinstance(layer, keras.layers.Flatten):
+            return data_format == "channels_first"
+    return False
+
+
+def channels_last_view(model):
+    """A copy of ``model`` that reads channels-last images ``(H, W, C)`` where ``model`` reads
+    channels-first ones ``(C, H, W)``: a ``Permute`` to ``model``'s layout, then copies of
+    its layers (same configurations and weights; ``model`` is not called again).
+
+    A search over images (a reversed trigger's mask covers pixels, across the
+    channels) works in the channels-last view.
+
+    Examples
+    --------
+    >>> import numpy as np, tf_keras as keras
+    >>> model = keras.Sequential([keras.Input((3, 6, 5)),
+    ...     keras.layers.Conv2D(2, 3, data_format="channels_first"), keras.layers.Flatten()])
+    >>> view = channels_last_view(model)
+    >>> view.inputs[0].shape.as_list()
+    [None, 6, 5, 3]
+    >>> x = np.random.default_rng(0).random((2, 3, 6, 5), dtype=np.float32)
+    >>> bool(np.allclose(view(np.moveaxis(x, 1, -1)), model(x)))
+    True
+    """
+    channels, height, width = model.inputs[0].shape[1:]
+    inputs = keras.Input((height, width, channels), dtype=model.inputs[0].dtype)
+    copies = {}
+
+    def call(node, args, kwargs):
+        layer = node.layer
+        first = id(layer) not in copies
+        if first:
+            copies[id(layer)] = layer.__class__.from_config(layer.get_config())
+        outputs = copies[id(layer)](*args, **kwargs)
+        if first:
+            copies[id(layer)].set_weights(layer.get_weights())
+        return outputs
+
+    outputs = replay_nodes(topological_nodes(model), model.inputs,
+                           [keras.layers.Permute((3, 1, 2))(inputs)],
+                           model.outputs[0] if len(model.outputs) == 1 else model.outputs,
+                           call=call)
+    return keras.Model(inputs, outputs, name=model.name)

@@ -76,7 +76,8 @@ from tf_backdoor_defense._distribute import replica_rows, resolve_strategy, sum_
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_number, num_classes_of
-from tf_backdoor_defense.graph._inputs import with_float_inputs
+from tf_backdoor_defense.graph._inputs import (channels_last_view, reads_channels_first,
+                                               with_float_inputs)
 from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slots, TriggerOptimizer,
                                                from_image_view, image_view, infer_value_range,
                                                stamp)
@@ -165,6 +166,11 @@ class ScanResult:
         The model's input shape (None: that of ``patterns``).
         :meth:`apply` takes inputs of this shape and
         :meth:`suspected_triggers` returns triggers in it.
+    channels_first : bool
+        The model reads channels-first images ``(C, H, W)``
+        (:func:`~tf_backdoor_defense.graph.reads_channels_first`): the
+        triggers were reversed over their channels-last view ``(H, W, C)``,
+        the shape of ``masks`` and ``patterns``.
     """
 
     backdoor_found: bool
@@ -186,6 +192,7 @@ class ScanResult:
     timings: dict
     settings: dict
     input_shape: tuple = None
+    channels_first: bool = False
 
     def trigger(self, target):
         """``(mask, pattern)`` reversed for class ``target``, or ``"untargeted"``, in the
@@ -228,6 +235,8 @@ class ScanResult:
             raise InputError(f"The 'x' parameter must be inputs of shape "
                              f"{' or '.join(str((None,) + s) for s in sorted(shapes))}. "
                              f"Got shape {x.shape}.")
+        if self.channels_first and x.shape[1:] == self._input_shape:
+            return np.moveaxis(stamp(np.moveaxis(x, 1, -1), mask, pattern), -1, 1)
         stamped = stamp(x.reshape((len(x),) + pattern.shape), mask, pattern)
         return stamped.reshape(x.shape)
 
@@ -254,6 +263,11 @@ class ScanResult:
         targets = list(self.suspected_targets)
         if self.all_to_all_suspected:
             targets.append("untargeted")
+        if self.channels_first:  # (C, H, W): the mask repeated over the channels
+            return [(np.ascontiguousarray(np.broadcast_to(np.moveaxis(mask, -1, 0),
+                                                          self._input_shape)),
+                     np.ascontiguousarray(np.moveaxis(pattern, -1, 0)))
+                    for mask, pattern in (self.trigger(t) for t in targets)]
         return [tuple(from_image_view(a, self._input_shape) for a in self.trigger(t))
                 for t in targets]
 
@@ -270,7 +284,7 @@ class ScanResult:
             "all_to_all_suspected": self.all_to_all_suspected, "tests": dict(self.tests),
             "untargeted": dict(self.untargeted), "value_range": list(self.value_range),
             "success_data": self.success_data, "seconds": self.seconds,
-            "input_shape": list(self._input_shape),
+            "input_shape": list(self._input_shape), "channels_first": self.channels_first,
             "timings": dict(self.timings), "settings": dict(self.settings),
             "classes": self.table.to_dict(orient="records"),
         }
@@ -605,6 +619,10 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     check_model(model)
     strategy = resolve_strategy(strategy, model)
     x, y = check_data(data, "data", model=model).arrays()
+    model_shape = tuple(int(d) for d in x.shape[1:])
+    channels_first = reads_channels_first(model)
+    if channels_first:  # triggers are reversed over (H, W, C) images, read by a view
+        x = np.moveaxis(x, 1, -1)
     input_shape = tuple(int(d) for d in x.shape[1:])
     x = x.reshape((len(x),) + image_view(input_shape))
     check_number(holdout, "holdout", below=1.0)
@@ -652,6 +670,8 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
                               max_images_per_step=max_images_per_step)
     # Integer inputs have no gradient: the search reads a copy of the model on float32 inputs.
     view = with_float_inputs(model)
+    if channels_first:
+        view = channels_last_view(view)
     optimizer = TriggerOptimizer(view, x_opt, y_opt, value_range, reverse, seed, strategy,
                                  input_shape=input_shape)
     everything = np.arange(len(y_opt))
@@ -740,7 +760,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
         success_rates=rates, untargeted=untargeted, untargeted_mask=masks[-1],
         untargeted_pattern=patterns[-1], value_range=tuple(value_range),
         success_data=success_data, seconds=seconds, timings=timings, settings=settings,
-        input_shape=input_shape)
+        input_shape=model_shape, channels_first=channels_first)
 
 
 def _check_candidates(candidates, num_classes):
