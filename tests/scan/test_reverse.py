@@ -10,6 +10,7 @@ from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slot
 @pytest.mark.parametrize("low, high, expected", [
     (0.0, 1.0, (0.0, 1.0)), (0.2, 0.9, (0.0, 1.0)), (-0.5, 1.0, (-1.0, 1.0)),
     (0.0, 255.0, (0.0, 255.0)), (3.0, 200.0, (0.0, 255.0)), (-3.0, 4.5, (-3.0, 4.5)),
+    (0.0, 16.0, (0.0, 16.0)), (0.0, 0.4, (0.0, 0.4)),  # fit a range, span less than half
 ])
 def test_infer_value_range(low, high, expected):
     assert infer_value_range(np.array([low, high])) == expected

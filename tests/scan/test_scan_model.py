@@ -2,6 +2,7 @@
 
 import json
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -361,3 +362,16 @@ def test_a_channels_first_model_is_scanned_over_its_pixels(channels):
     masks, patterns = check_triggers(result.suspected_triggers(), images.shape[1:])
     assert masks.shape == patterns.shape == (1, channels, 8, 8)
     assert json.loads(json.dumps(result.as_dict(), default=float))["channels_first"] is True
+
+
+def test_a_scan_of_fewer_than_three_classes_says_the_per_class_test_cannot_run(planted):
+    x, y = planted["data"]
+    keras.utils.set_random_seed(0)
+    binary = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                               keras.layers.Dense(2, activation="softmax")])
+    with pytest.warns(UserWarning, match="needs 3 classes or more; this scan has 2"):
+        result = scan_model(binary, (x, y % 2), steps=5)
+    assert result.table["anomaly_index"].isna().all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        scan_model(planted["clean"], (x, y), steps=5)

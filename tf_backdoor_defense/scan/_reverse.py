@@ -79,15 +79,22 @@ class Slots:
 
 
 def infer_value_range(x):
-    """The value range of the data: [0, 1], [-1, 1] or [0, 255] when the data fit, else [min, max].
+    """The value range of the data: [0, 1], [-1, 1] or [0, 255] when the data fit in it and
+    span more than half of it, else [min, max].
+
+    Data in [0, 16] (scikit-learn's raw 8x8 digits) are no 0-255 images: a
+    pattern of 255 there would be a perturbation 16 times the brightest pixel.
 
     >>> import numpy as np
     >>> infer_value_range(np.array([0.0, 0.7])), infer_value_range(np.array([3.0, 251.0]))
     ((0.0, 1.0), (0.0, 255.0))
+    >>> infer_value_range(np.array([0.0, 16.0]))
+    (0.0, 16.0)
     """
     low, high = float(np.min(x)), float(np.max(x))
     for candidate in ((0.0, 1.0), (-1.0, 1.0), (0.0, 255.0)):
-        if candidate[0] <= low and high <= candidate[1]:
+        fits = candidate[0] <= low and high <= candidate[1]
+        if fits and high - low > 0.5 * (candidate[1] - candidate[0]):
             return candidate
     return low, high
 

@@ -68,6 +68,7 @@ import dataclasses
 import logging
 import numbers
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -527,7 +528,9 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
         rates are measured on the optimisation data.
     value_range : (float, float), default=None
         Range of the patterns; None infers it from ``data``: [0, 1], [-1, 1]
-        or [0, 255] when the data fit in it, else the data's min and max.
+        or [0, 255] when the data fit in it and span more than half of it,
+        else the data's min and max
+        (:func:`~tf_backdoor_defense.scan._reverse.infer_value_range`).
     steps : int, default=300
         Optimisation steps of every refined class (fewer when all converge).
     batch_size : int, default=16
@@ -727,6 +730,11 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     # A class no trigger reached is as far as a trigger can be: it needs the whole image.
     sizes = np.where(out["reached"][:-1], l1, float(np.prod(x.shape[1:3])))
     index = anomaly_index(sizes)
+    if len(refined) < 3:
+        warnings.warn(f"The per-class test compares each class's reversed trigger with the "
+                      f"others' median and needs 3 classes or more; this scan has "
+                      f"{len(refined)}, so only the untargeted test can find a backdoor, and "
+                      "'no backdoor found' says little.", UserWarning, stacklevel=2)
     median = float(np.median(sizes)) if len(sizes) else float("nan")
     suspects = targeted_suspects(
         refined, sizes, index, rates,
