@@ -19,6 +19,7 @@ import pytest
 
 from conftest import tiny_conv_model
 from tf_backdoor_defense._keras import keras, tf
+from tf_backdoor_defense.attacks import poisoned_evaluation_set
 from tf_backdoor_defense.defenses._defend import (METHODS, BackdoorStillActiveWarning,
                                                   LowAccuracyWarning, defend)
 from tf_backdoor_defense.masks._wrapper import masked_layers
@@ -598,7 +599,7 @@ def test_real_defend_is_deterministic_for_a_seed():
 # -- a realistic BadNet on real MNIST digits ------------------------------------------------------
 @pytest.mark.slow
 def test_reinit_head_removes_a_real_badnet_backdoor_on_mnist_digits():
-    from tf_backdoor_defense.attacks import pixel_pattern, poisoned_evaluation_set
+    from tf_backdoor_defense.attacks import pixel_pattern
     from tf_backdoor_defense.experiments._datasets import load_mnist_digits, split
     from tf_backdoor_defense.experiments._models import mnist_cnn, train_badnet
 
@@ -1110,20 +1111,26 @@ def test_defend_scans_and_unlearns_on_a_model_of_flat_inputs(planted, caplog):
     assert result.candidates["unlearn"].inputs[0].shape[1:] == (64,)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("input_shape", [(784,), (28, 28)])
-def test_defend_scans_and_repairs_a_badnet_that_does_not_read_channel_last_images(input_shape):
-    """A multilayer perceptron on flat digits, or a net reading (28, 28) digits, trained on
-    data the defender never has: defend() with its defaults and no triggered data names the
-    target and ships a repair."""
-    from tf_backdoor_defense.attacks import checkerboard_patch, poison_dataset, \
-        poisoned_evaluation_set
+def _attacked_digits():
+    """The attacker's 3,000 real digits, 10% stamped with a checkerboard patch relabelled 3;
+    the defender's 1,000 and 1,000 test digits, which the attacker never has."""
+    from tf_backdoor_defense.attacks import checkerboard_patch, poison_dataset
     from tf_backdoor_defense.experiments._datasets import load_mnist_digits, split
 
     x, y = load_mnist_digits()
     attacker, defender, test = split(x, y, [3000, 1000, 1000], seed=0)
     trigger = checkerboard_patch(4, 1.0)
     x_bad, y_bad, _ = poison_dataset(*attacker, trigger, rate=0.1, target=3, seed=0)
+    return defender, test, trigger, x_bad, y_bad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("input_shape", [(784,), (28, 28)])
+def test_defend_scans_and_repairs_a_badnet_that_does_not_read_channel_last_images(input_shape):
+    """A multilayer perceptron on flat digits, or a net reading (28, 28) digits, trained on
+    data the defender never has: defend() with its defaults and no triggered data names the
+    target and ships a repair."""
+    defender, test, trigger, x_bad, y_bad = _attacked_digits()
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),
                               keras.layers.Dense(512, activation="relu"),
@@ -1145,3 +1152,64 @@ def test_defend_scans_and_repairs_a_badnet_that_does_not_read_channel_last_image
     assert attack_success_rate(result.model, poisoned) < 0.1
     assert clean_accuracy(result.model, (flat(test[0]), test[1])) >= accuracy_before - 0.03
     assert attack_success_rate(model, poisoned) == asr_before  # the user's model untouched
+
+
+class _ConvNetClass(keras.Model):
+    """A convnet written as a class, as TensorFlow's quickstart for experts writes one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = keras.layers.Conv2D(16, 3, activation="relu")
+        self.pool1 = keras.layers.MaxPooling2D()
+        self.conv2 = keras.layers.Conv2D(32, 3, activation="relu")
+        self.pool2 = keras.layers.MaxPooling2D()
+        self.flatten = keras.layers.Flatten()
+        self.d1 = keras.layers.Dense(64, activation="relu")
+        self.d2 = keras.layers.Dense(10, activation="softmax")
+
+    def call(self, x):
+        x = self.pool2(self.conv2(self.pool1(self.conv1(x))))
+        return self.d2(self.d1(self.flatten(x)))
+
+
+def _channels_first_convnet():
+    """The same convnet reading (1, 28, 28) digits, as models ported from PyTorch do."""
+    first = dict(data_format="channels_first")
+    return keras.Sequential([
+        keras.Input((1, 28, 28)), keras.layers.Conv2D(16, 3, activation="relu", **first),
+        keras.layers.MaxPooling2D(**first), keras.layers.Conv2D(32, 3, activation="relu", **first),
+        keras.layers.MaxPooling2D(**first), keras.layers.Flatten(),
+        keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10, activation="softmax")])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["subclassed", "channels-first"])
+def test_defend_repairs_a_convnet_written_as_a_class_or_reading_channels_first(form):
+    """Trained on digits the defender never has: defend() with its defaults and no triggered
+    data names the target over the digits' pixels and ships a repair."""
+    from tf_backdoor_defense.graph import is_subclassed
+
+    defender, test, trigger, x_bad, y_bad = _attacked_digits()
+    keras.utils.set_random_seed(0)
+    if form == "subclassed":
+        model, layout = _ConvNetClass(), (lambda images: images)
+    else:
+        model, layout = _channels_first_convnet(), (lambda images: np.moveaxis(images, -1, 1))
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    model.fit(layout(x_bad), y_bad, epochs=8, batch_size=64, verbose=0)
+    x_poison, y_attacker, _ = poisoned_evaluation_set(*test, trigger, target=3)
+    poisoned, clean_test = (layout(x_poison), y_attacker), (layout(test[0]), test[1])
+    asr_before, accuracy_before = attack_success_rate(model, poisoned), clean_accuracy(
+        model, clean_test)
+    assert asr_before > 0.9 and accuracy_before > 0.9
+    weights = [w.copy() for w in model.get_weights()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackdoorStillActiveWarning)
+        result = defend(model, (layout(defender[0]), defender[1]), max_accuracy_drop=0.02)
+    assert result.scan.suspected_targets == (3,)
+    assert result.scan.masks.shape[1:] == (28, 28, 1)
+    assert result.scan.channels_first == (form == "channels-first")
+    assert result.method is not None and not is_subclassed(result.model)
+    assert attack_success_rate(result.model, poisoned) < 0.1
+    assert clean_accuracy(result.model, clean_test) >= accuracy_before - 0.03
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
