@@ -98,7 +98,7 @@ def as_functional(model, name="model"):
     layers = _sublayers(model)
     kept = [(layer, len(layer._inbound_nodes), len(layer._outbound_nodes)) for layer in layers]
     try:
-        inputs = keras.Input(shape=shape, dtype=dtype)
+        inputs = keras.Input(shape=shape, dtype=dtype, name=f"{model.name}_input")
         outputs = model.call(inputs)
         if isinstance(outputs, (list, tuple, dict)):
             raise InputError("its call() returns several outputs")
