@@ -311,3 +311,21 @@ def test_pixels_scaled_by_arithmetic_instead_of_a_layer_convert_both_ways():
     plain_inputs = tf_keras.Input((4,))
     plain = tf_keras.Model(plain_inputs, tf_keras.layers.Dense(2)(plain_inputs / 255.0 - 0.5))
     assert np.abs(np.asarray(convert.to_keras3(plain)(x)) - plain(x).numpy()).max() <= 1e-6
+
+
+def test_a_softmax_applied_as_an_operation_converts_both_ways():
+    # keras.ops.softmax / keras.activations.softmax on the logits is an operation node in
+    # Keras 3 and tf.nn.softmax a TFOpLambda layer (axis left out) in tf-keras
+    keras3 = _keras3()
+    convert = _convert()
+    from tf_backdoor_defense._keras import keras as tf_keras, tf
+    from tf_backdoor_defense.graph._outputs import output_activation
+
+    inputs = keras3.Input((4,))
+    model = keras3.Model(inputs, keras3.ops.softmax(keras3.layers.Dense(3, name="fc")(inputs)))
+    x = np.random.default_rng(0).random((5, 4)).astype("float32")
+    _same_both_ways(model, x)
+    assert output_activation(convert.to_tf_keras(model)) == "softmax"
+    plain_inputs = tf_keras.Input((4,))
+    plain = tf_keras.Model(plain_inputs, tf.nn.softmax(tf_keras.layers.Dense(3)(plain_inputs)))
+    assert np.abs(np.asarray(convert.to_keras3(plain)(x)) - plain(x).numpy()).max() <= 1e-6

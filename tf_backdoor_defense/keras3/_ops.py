@@ -26,8 +26,11 @@ OPS = {
     "math.add": ("Add", ("x", "y"), ()),
     "math.truediv": ("TrueDivide", ("x", "y"), ()),
     "nn.relu": ("Relu", ("x",), ()),
+    "nn.softmax": ("Softmax", ("x",), ("axis",)),
 }
 _KERAS3_NAMES = {"math.truediv": "true_divide"}
+#: Settings a call may leave out, with the value the function then uses (``tf.nn.softmax(x)``).
+_DEFAULTS = {"nn.softmax": {"axis": -1}}
 _BY_KERAS3_CLASS = {cls: function for function, (cls, _, _) in OPS.items()}
 _CONSTANT = "_CONSTANT_VALUE"  # tf-keras's marker of a constant first argument
 
@@ -96,6 +99,9 @@ def apply_op(entry, function, tensors, target_keras):
         values.update(first[3] if len(first) > 3 and first[3] else {})
     if values.get("name") is None:  # tf-keras records an operator's name=None
         values.pop("name", None)
+    for key, value in _DEFAULTS.get(function, {}).items():
+        if values.get(key) is None:
+            values[key] = value
     unknown = set(values) - set(positional) - set(settings)
     missing = (set(positional) | set(settings)) - set(values)
     if unknown or missing:
