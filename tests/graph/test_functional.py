@@ -88,6 +88,15 @@ def test_models_with_a_layer_graph_are_returned_as_they_are(planted_model):
     assert not is_subclassed(functional) and not is_subclassed(sequential)
 
 
+def test_a_subclassed_model_built_with_a_shape_is_traced(planted_data):
+    x, _ = planted_data(12)
+    model = Quickstart()
+    model.build((None, 8, 8, 1))
+    traced = as_functional(model)
+    assert traced.inputs[0].shape.as_list() == [None, 8, 8, 1]
+    np.testing.assert_allclose(traced(x).numpy(), model(x).numpy(), atol=1e-6)
+
+
 def test_a_subclassed_model_never_called_is_refused_by_name(planted_data):
     with pytest.raises(InputError, match="subclassed model .Quickstart. that has not been called"):
         as_functional(Quickstart())

@@ -48,6 +48,9 @@ def _input_spec(model, name):
         shape = next(iter(shapes.values()))
         return tuple(shape)[1:], "float32"
     spec = model.save_spec() if model.built else None
+    built_shape = getattr(model, "_build_input_shape", None)
+    if spec is None and built_shape is not None and len(built_shape) > 1:  # model.build(shape)
+        return tuple(built_shape)[1:], model.dtype or "float32"
     args = spec[0] if spec else ()
     if len(args) != 1 or spec[1] or not hasattr(args[0], "shape"):
         raise InputError(
