@@ -375,3 +375,32 @@ def test_a_scan_of_fewer_than_three_classes_says_the_per_class_test_cannot_run(p
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         scan_model(planted["clean"], (x, y), steps=5)
+
+
+def test_a_model_of_token_ids_is_refused_by_the_searches_over_inputs_and_repaired_without():
+    """An Embedding reads its inputs as IDs: no gradient reaches them, so the scan and I-BAU
+    (searches over input values) refuse it by name instead of failing inside TensorFlow;
+    defend() without the scan still runs the methods that only train."""
+    from tf_backdoor_defense import InputError, defend
+    from tf_backdoor_defense.defenses._ibau import ibau
+
+    rng = np.random.default_rng(0)
+    tokens, labels = rng.integers(0, 20, size=(60, 6)), rng.integers(0, 3, size=60)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,), dtype="int32"), keras.layers.Embedding(20, 4),
+                              keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+    with pytest.raises(InputError, match="no gradient with respect to its inputs .it reads them "
+                                         "through Embedding"):
+        scan_model(model, (tokens, labels), steps=5)
+    with pytest.raises(InputError, match="I-BAU searches over input values"):
+        ibau(model, (tokens, labels), rounds=1)
+    with pytest.raises(InputError, match="The scan searches"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained model: the low-accuracy warning
+        defend(model, (tokens, labels))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained model: the low-accuracy warning
+        result = defend(model, (tokens, labels), scan=False, methods=["ibau", "ft-cosine"],
+                        epochs=1, max_accuracy_drop=1.0)
+    assert list(result.table["method"]) == ["ft-cosine"]
+    assert any(w.startswith("skipped ibau: The model's output has no gradient")
+               for w in result.warnings)

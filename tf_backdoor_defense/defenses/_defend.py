@@ -654,11 +654,16 @@ def _rescan(model, train, context, what):
 def _ibau(model, train, context):
     from tf_backdoor_defense.defenses._ibau import ibau
 
+    from tf_backdoor_defense.graph._inputs import NoInputGradientError
+
     scan = context.get("scan")
     target = _ibau_target(scan)
-    repaired = ibau(model, train, batch_size=context["fine_tune"]["batch_size"], seed=context["seed"],
-                    strategy=context["strategy"], target=target, learning_rate=IBAU_LEARNING_RATE,
-                    radius=context["ibau_radius"])
+    try:
+        repaired = ibau(model, train, batch_size=context["fine_tune"]["batch_size"],
+                        seed=context["seed"], strategy=context["strategy"], target=target,
+                        learning_rate=IBAU_LEARNING_RATE, radius=context["ibau_radius"])
+    except NoInputGradientError as error:
+        raise _Skip(str(error)) from None
     if target is None:
         note = "universal perturbation unlearnt"
     elif isinstance(target, int):

@@ -79,7 +79,7 @@ from tf_backdoor_defense.defenses._unlearning import batch_order, batch_spec, \
     check_flag, check_seed, default_epochs, mixup_pairs, replica_anchor_loss, target_loss, \
     teacher_function, training_targets
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model
-from tf_backdoor_defense.graph._inputs import with_float_inputs
+from tf_backdoor_defense.graph._inputs import check_input_gradient, with_float_inputs
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["ibau", "NORMS"]
@@ -438,6 +438,7 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
         raise ValueError(f"The inputs of `train_data` are all equal ({low:g}); the "
                          "perturbation radius is measured in their value range, which is empty.")
 
+    check_input_gradient(with_float_inputs(model), x, "I-BAU")
     started = time.perf_counter()
     keras.utils.set_random_seed(seed)
     with strategy.scope():

@@ -1,10 +1,18 @@
 """A model's inputs as a search over them needs them: float32 where a model reads integers,
 channels-last where it reads channels-first images."""
 
+from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.graph._replay import replay_nodes, topological_nodes
+from tf_backdoor_defense.masks._registry import ID_READER_TYPES
 
-__all__ = ["with_float_inputs", "reads_channels_first", "channels_last_view"]
+__all__ = ["with_float_inputs", "reads_channels_first", "channels_last_view",
+           "check_input_gradient", "NoInputGradientError"]
+
+
+class NoInputGradientError(InputError):
+    """The model's output has no gradient with respect to its inputs (a search over them cannot
+    run)."""
 
 
 def with_float_inputs(model):
@@ -121,3 +129,36 @@ def channels_last_view(model):
                            model.outputs[0] if len(model.outputs) == 1 else model.outputs,
                            call=call)
     return keras.Model(inputs, outputs, name=model.name)
+
+
+def check_input_gradient(model, x, what):
+    """Raise :class:`~tf_backdoor_defense.InputError` when ``model``'s output has no gradient
+    with respect to its inputs ``x`` (a few of them suffice), naming ``what`` needs one.
+
+    A search over input values (a reversed trigger, a universal perturbation)
+    follows that gradient. A model that reads its inputs as integers through
+    an ``Embedding`` (token IDs of a text classifier) has none: its inputs
+    are looked up, not computed with.
+
+    >>> import numpy as np, tf_keras as keras
+    >>> tokens = keras.Sequential([keras.Input((4,)), keras.layers.Embedding(10, 2),
+    ...                            keras.layers.Flatten(), keras.layers.Dense(2)])
+    >>> check_input_gradient(tokens, np.zeros((2, 4), "float32"), "the scan")
+    Traceback (most recent call last):
+    ...
+    tf_backdoor_defense.graph._inputs.NoInputGradientError: The model's output has no gradient...
+    """
+    sample = tf.constant(x[:2], tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(sample)
+        output = tf.reduce_sum(tf.cast(model(sample, training=False), tf.float32))
+    if tape.gradient(output, sample) is None:
+        readers = [type(layer).__name__ for layer in model.layers
+                   if isinstance(layer, ID_READER_TYPES)]
+        why = (f" (it reads them through {', '.join(sorted(set(readers)))}, as token or "
+               "category IDs)" if readers else "")
+        raise NoInputGradientError(
+            f"The model's output has no gradient with respect to its inputs{why}. {what} "
+            "searches over input values along that gradient, so it applies to models of "
+            "continuous inputs such as images; defend(scan=False, methods=[...]) with methods "
+            "that only fine-tune or prune still runs.")

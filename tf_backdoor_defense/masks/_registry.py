@@ -73,6 +73,9 @@ CHANNELWISE_TYPES = IDENTITY_AT_INFERENCE + (
 ) + POOLING_TYPES + PADDING_CROPPING_TYPES + UPSAMPLING_TYPES
 #: Elementwise merges: every input must have the same channels.
 MERGE_TYPES = (_L.Add, _L.Subtract, _L.Multiply, _L.Average, _L.Maximum, _L.Minimum)
+#: Layers that read their inputs as token or category IDs: no gradient reaches those inputs.
+ID_READER_TYPES = (_L.Embedding, _L.CategoryEncoding, _L.IntegerLookup, _L.StringLookup,
+                   _L.Hashing)
 
 #: Activation names with ``f(0) == 0``, applied one value at a time.
 ZERO_PRESERVING_ACTIVATIONS = frozenset({

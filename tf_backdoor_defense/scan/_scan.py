@@ -77,8 +77,8 @@ from tf_backdoor_defense._distribute import replica_rows, resolve_strategy, sum_
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_number, num_classes_of
-from tf_backdoor_defense.graph._inputs import (channels_last_view, reads_channels_first,
-                                               with_float_inputs)
+from tf_backdoor_defense.graph._inputs import (channels_last_view, check_input_gradient,
+                                               reads_channels_first, with_float_inputs)
 from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slots, TriggerOptimizer,
                                                from_image_view, image_view, infer_value_range,
                                                stamp)
@@ -675,6 +675,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     view = with_float_inputs(model)
     if channels_first:
         view = channels_last_view(view)
+    check_input_gradient(view, x_opt.reshape((len(x_opt),) + input_shape), "The scan")
     optimizer = TriggerOptimizer(view, x_opt, y_opt, value_range, reverse, seed, strategy,
                                  input_shape=input_shape)
     everything = np.arange(len(y_opt))
