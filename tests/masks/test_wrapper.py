@@ -195,3 +195,31 @@ def test_wrapping_the_output_layer_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error", OutputLayerPruningWarning)
         wrap_layers(model, "fc")  # a hidden layer: no warning
+
+
+class _Scale(keras.layers.Layer):
+    """A custom layer whose config lacks its name: what tf-keras makes from ``__init__`` for a
+    class defined in a script without ``get_config``."""
+
+    def __init__(self, factor=2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, inputs):
+        return inputs * self.factor
+
+    def get_config(self):
+        return {"factor": self.factor}
+
+
+def test_a_custom_layer_whose_config_lacks_its_name_is_copied_under_its_name():
+    from tf_backdoor_defense.masks._wrapper import layer_config
+
+    model = keras.Sequential([keras.Input((4, 4, 1)), _Scale(0.5, name="scale"),
+                              keras.layers.Conv2D(3, 3, name="conv"), keras.layers.Flatten(),
+                              keras.layers.Dense(2, name="out")])
+    assert layer_config(model.get_layer("scale"))["name"] == "scale"
+    wrapped = wrap_layers(model, "conv")  # copied weights by name: a new name failed (KeyError)
+    assert [layer.name for layer in wrapped.layers] == ["scale", "conv", "flatten", "out"]
+    x = np.random.default_rng(0).random((2, 4, 4, 1), dtype=np.float32)
+    np.testing.assert_allclose(wrapped(x).numpy(), model(x).numpy(), atol=1e-6)

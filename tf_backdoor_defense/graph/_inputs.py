@@ -5,6 +5,7 @@ from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.graph._replay import replay_nodes, topological_nodes
 from tf_backdoor_defense.masks._registry import ID_READER_TYPES
+from tf_backdoor_defense.masks._wrapper import layer_config
 
 __all__ = ["with_float_inputs", "reads_channels_first", "channels_last_view",
            "check_input_gradient", "NoInputGradientError"]
@@ -118,7 +119,7 @@ def channels_last_view(model):
         layer = node.layer
         first = id(layer) not in copies
         if first:
-            copies[id(layer)] = layer.__class__.from_config(layer.get_config())
+            copies[id(layer)] = layer.__class__.from_config(layer_config(layer))
         outputs = copies[id(layer)](*args, **kwargs)
         if first:
             copies[id(layer)].set_weights(layer.get_weights())

@@ -217,6 +217,22 @@ def find_layer(model, name):
     raise InputError(f"Unknown layer '{name}'. The model's layers are: {names}.")
 
 
+def layer_config(layer):
+    """``layer.get_config()`` with the layer's name in it.
+
+    A custom layer that defines no ``get_config`` gets one from its
+    ``__init__`` arguments, without the name; a copy made from it would get a
+    new name, and weights copied by name would miss it.
+
+    >>> import tf_keras as keras
+    >>> layer_config(keras.layers.Dense(2, name="fc"))["name"]
+    'fc'
+    """
+    config = dict(layer.get_config())
+    config.setdefault("name", layer.name)
+    return config
+
+
 def unwrap(layer):
     """The layer inside a ``PruneByActivation`` wrapper, or ``layer`` itself.
 
@@ -438,8 +454,7 @@ def wrap_layers(model, layers=None, masks=None):
 
     def clone(layer):
         check_not_nested(layer, targets)
-        config = layer.get_config()
-        new = layer.__class__.from_config(config)
+        new = layer.__class__.from_config(layer_config(layer))
         if layer.name in targets and not isinstance(layer, PruneByActivation):
             return PruneByActivation(new, name=layer.name)
         return new
