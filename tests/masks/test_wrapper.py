@@ -216,10 +216,10 @@ def test_a_custom_layer_whose_config_lacks_its_name_is_copied_under_its_name():
     from tf_backdoor_defense.masks._wrapper import layer_config
 
     model = keras.Sequential([keras.Input((4, 4, 1)), _Scale(0.5, name="scale"),
-                              keras.layers.Conv2D(3, 3, name="conv"), keras.layers.Flatten(),
-                              keras.layers.Dense(2, name="out")])
+                              keras.layers.Conv2D(3, 3, name="conv"),
+                              keras.layers.Flatten(name="flat"), keras.layers.Dense(2, name="out")])
     assert layer_config(model.get_layer("scale"))["name"] == "scale"
     wrapped = wrap_layers(model, "conv")  # copied weights by name: a new name failed (KeyError)
-    assert [layer.name for layer in wrapped.layers] == ["scale", "conv", "flatten", "out"]
+    assert [layer.name for layer in wrapped.layers] == ["scale", "conv", "flat", "out"]
     x = np.random.default_rng(0).random((2, 4, 4, 1), dtype=np.float32)
     np.testing.assert_allclose(wrapped(x).numpy(), model(x).numpy(), atol=1e-6)
