@@ -149,11 +149,20 @@ def check_input_gradient(model, x, what):
     ...
     tf_backdoor_defense.graph._inputs.NoInputGradientError: The model's output has no gradient...
     """
-    sample = tf.constant(x[:2], tf.float32)
-    with tf.GradientTape() as tape:
-        tape.watch(sample)
-        output = tf.reduce_sum(tf.cast(model(sample, training=False), tf.float32))
-    if tape.gradient(output, sample) is None:
+    reaches = []
+
+    # Traced, never run: whether a gradient exists is known once the graph is built (and eager
+    # gradients of channels-first pooling have no CPU kernel).
+    @tf.function(input_signature=[tf.TensorSpec((None,) + tuple(x.shape[1:]), tf.float32)])
+    def trace(sample):
+        with tf.GradientTape() as tape:
+            tape.watch(sample)
+            output = tf.reduce_sum(tf.cast(model(sample, training=False), tf.float32))
+        reaches.append(tape.gradient(output, sample) is not None)
+        return output
+
+    trace.get_concrete_function()
+    if not reaches[0]:
         readers = [type(layer).__name__ for layer in model.layers
                    if isinstance(layer, ID_READER_TYPES)]
         why = (f" (it reads them through {', '.join(sorted(set(readers)))}, as token or "
