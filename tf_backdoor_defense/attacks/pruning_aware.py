@@ -20,8 +20,8 @@ import numpy as np
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.scoring._activations import activation_tensor, mean_channel_activations, resolve_layer
-from tf_backdoor_defense.masks._wrapper import (PruneByActivation, channel_axis, layer_names, unwrap,
-                                                wrap_layers)
+from tf_backdoor_defense.masks._wrapper import (PruneByActivation, channel_axis, clone_layer,
+                                                layer_names, unwrap, wrap_layers)
 from tf_backdoor_defense.pruning._ranking import rank_channels
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
 from tf_backdoor_defense._validation import (check_data, check_fraction, check_model, check_number,
@@ -255,7 +255,7 @@ def pruning_aware_attack(model, train_data, ranking_data, *, layers=None, prune_
                                 optimizer=optimizer, seed=int(seed))
 
     # Step 4: de-prune into a plain copy of the original architecture.
-    attacked = keras.models.clone_model(model)
+    attacked = keras.models.clone_model(model, clone_function=clone_layer)
     for target in attacked.layers:
         target.set_weights(unwrap(pruned.get_layer(target.name)).get_weights())
     kernel, bias = attacked.get_layer(name).get_weights()

@@ -259,15 +259,25 @@ def _low_accuracy_note(accuracy, classes, x):
     ''
     >>> print(_low_accuracy_note(0.12, 10, np.array([0.0, 255.0])))  # doctest: +ELLIPSIS
     the received model classifies only 12.0% of the clean validation data right (chance: 10.0%)...
+    >>> "255" in _low_accuracy_note(0.12, 10, np.array([0.0, 1.0])).split("[0, 1]")[1]
+    True
+    >>> "255" in _low_accuracy_note(0.12, 10, np.array([0.0, 9999.0]))  # token IDs, say
+    False
     """
     if accuracy >= LOW_ACCURACY:
         return ""
     low, high = float(np.min(x)), float(np.max(x))
+    if 2.0 < high <= 255.0:  # raw pixels: the usual mismatch is x / 255 in training
+        hint = ("; a model trained on x / 255 needs them divided by 255 too, --scale 255 on the "
+                "command line")
+    elif high <= 1.0 and low >= -1.0:  # already scaled: the model may read raw 0-255 values
+        hint = "; a model trained on raw 0-255 pixels needs them unscaled"
+    else:
+        hint = ""
     return (f"the received model classifies only {accuracy:.1%} of the clean validation data "
             f"right (chance: {1 / classes:.1%}). A backdoor does not do that to clean inputs: "
             f"the data are likely prepared otherwise than the model's training data (these lie "
-            f"in [{low:g}, {high:g}]; a model trained on x / 255 needs them divided by 255 too, "
-            "--scale 255 on the command line), or labelled in another order. Every repair is "
+            f"in [{low:g}, {high:g}]{hint}), or labelled in another order. Every repair is "
             "judged against this accuracy")
 
 

@@ -438,7 +438,10 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
         raise ValueError(f"The inputs of `train_data` are all equal ({low:g}); the "
                          "perturbation radius is measured in their value range, which is empty.")
 
-    check_input_gradient(with_float_inputs(model), x, "I-BAU")
+    with strategy.scope():
+        # Integer inputs have no gradient: the teacher reads float32 (one copy, or `model`).
+        teacher = with_float_inputs(model)
+    check_input_gradient(teacher, x, "I-BAU")
     started = time.perf_counter()
     keras.utils.set_random_seed(seed)
     with strategy.scope():
@@ -459,7 +462,7 @@ def ibau(model, train_data, *, rounds=None, radius=3.0, norm="l2", inner_steps=5
                 learning_rate, rounds * int(np.ceil(x.shape[0] / batch_size)))),
             hypergradient=hypergradient, neumann_steps=neumann_steps,
             x_spec=batch_spec(x), target_spec=batch_spec(targets),
-            teacher=teacher_function(with_float_inputs(model)), anchor_weight=anchor_weight,
+            teacher=teacher_function(teacher), anchor_weight=anchor_weight,
             strategy=strategy,
             targeted=target is not None)
     rng = np.random.default_rng(seed)

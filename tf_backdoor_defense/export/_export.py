@@ -57,7 +57,8 @@ from tf_backdoor_defense.graph._replay import check_graph_model, replay_nodes, t
 from tf_backdoor_defense.io._data import atomic_path
 from tf_backdoor_defense.keras3._caller import save_model, with_caller_keras
 from tf_backdoor_defense.masks._registry import CONV_TYPES, ELEMENTWISE_ACTIVATIONS
-from tf_backdoor_defense.masks._wrapper import PruneByActivation, masked_layers
+from tf_backdoor_defense.masks._wrapper import (PruneByActivation, clone_layer, layer_config,
+                                                masked_layers)
 
 __all__ = [
     "ShrinkFallbackWarning",
@@ -304,7 +305,7 @@ class _Builder:
                     f"The nested model '{layer.name}' holds PruneByActivation layers {inner}; "
                     "export needs them in the top-level model.")
         if all(d is None for d in in_dead):
-            new = layer.__class__.from_config(layer.get_config())
+            new = clone_layer(layer)
             return self._emit(node, new, layer.get_weights())
         kind = layer_kind(layer)
         origins = self._in_origins(node)
@@ -322,7 +323,7 @@ class _Builder:
             out = _Dead(dead.channels * positions, (offsets + dead.index).reshape(-1),
                         np.tile(dead.const, positions), np.tile(dead.removed, positions),
                         dead.origins)
-            new = layer.__class__.from_config(layer.get_config())
+            new = clone_layer(layer)
             return self._emit(node, new, [], out, modified=True)
         if kind == "concatenate":
             return self._visit_concatenate(node, in_dead, origins)
@@ -334,7 +335,7 @@ class _Builder:
     def _visit_masked(self, node, in_dead):
         wrapper = node.layer
         inner = wrapper.layer
-        config = inner.get_config()
+        config = layer_config(inner)
         config["name"] = wrapper.name
         weights = inner.get_weights()
         kernel = weights[0].astype(np.float64)
@@ -403,7 +404,7 @@ class _Builder:
 
     def _visit_linear(self, node, dead):
         layer = node.layer
-        config = layer.get_config()
+        config = layer_config(layer)
         weights = layer.get_weights()
         kernel = weights[0]
         bias = weights[1] if len(weights) > 1 else None
@@ -435,7 +436,7 @@ class _Builder:
             if not isinstance(layer, keras.layers.BatchNormalization):
                 raise _Conflict(dead.origins, f"cannot slice the weights of '{layer.name}'")
             weights = [np.delete(w, dead.index[dead.removed], axis=-1) for w in weights]
-        new = layer.__class__.from_config(layer.get_config())
+        new = clone_layer(layer)
         out_dead = _Dead(dead.channels, dead.index, const, dead.removed, dead.origins)
         return self._emit(node, new, weights, out_dead, modified=True)
 
@@ -455,7 +456,7 @@ class _Builder:
             offset += channels
         out = _Dead(offset, np.concatenate(index), np.concatenate(const), np.concatenate(removed),
                     origins)
-        new = layer.__class__.from_config(layer.get_config())
+        new = clone_layer(layer)
         return self._emit(node, new, [], out, modified=True)
 
     def _visit_merge(self, node, in_dead, origins):
@@ -472,7 +473,7 @@ class _Builder:
             vectors.append(tf.constant(vector))
         const = np.asarray(layer(vectors))[0, first.index].astype(np.float64)
         out = _Dead(first.channels, first.index, const, first.removed, origins)
-        new = layer.__class__.from_config(layer.get_config())
+        new = clone_layer(layer)
         return self._emit(node, new, [], out, modified=True)
 
 

@@ -41,7 +41,7 @@ import numpy as np
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras
 from tf_backdoor_defense._validation import check_data, check_number, renamed_argument
-from tf_backdoor_defense.masks._wrapper import PruneByActivation
+from tf_backdoor_defense.masks._wrapper import PruneByActivation, clone_layer
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
 from tf_backdoor_defense.pruning._levels import STOPPING_RULES
 from tf_backdoor_defense.pruning._ranking import layer_rankings, rank_channels
@@ -142,7 +142,7 @@ def _plain_copy(model):
 
     def clone(layer):
         inner = layer.layer if isinstance(layer, _PLM) else layer
-        return inner.__class__.from_config(inner.get_config())
+        return clone_layer(inner)
 
     copy = keras.models.clone_model(model, clone_function=clone)
     targets = {layer.name: layer for layer in copy.layers}

@@ -36,7 +36,7 @@ from tf_backdoor_defense._distribute import (batch_mean, replica_count, replica_
                                              summed_gradients, summed_loss)
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.masks._registry import CONV_TYPES
-from tf_backdoor_defense.masks._wrapper import unwrap
+from tf_backdoor_defense.masks._wrapper import clone_layer, unwrap
 from tf_backdoor_defense._validation import check_data, check_number
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
@@ -72,7 +72,7 @@ def copy_model(model):
     >>> copy_model(model) is model
     False
     """
-    clone = keras.models.clone_model(model)
+    clone = keras.models.clone_model(model, clone_function=clone_layer)
     clone.set_weights(model.get_weights())
     return clone
 

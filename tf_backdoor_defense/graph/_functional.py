@@ -12,6 +12,7 @@ and the same weights, and the received model's layers are left as they were.
 from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import keras as tf_keras
 from tf_backdoor_defense.keras3._backend import is_keras3_model, keras3
+from tf_backdoor_defense.masks._wrapper import clone_layer
 
 __all__ = ["is_subclassed", "as_functional"]
 
@@ -106,7 +107,7 @@ def as_functional(model, name="model"):
         if isinstance(outputs, (list, tuple, dict)):
             raise InputError("its call() returns several outputs")
         traced = keras.Model(inputs, outputs, name=model.name)
-        copy = keras.models.clone_model(traced)
+        copy = keras.models.clone_model(traced, clone_function=clone_layer)
         copy.set_weights(traced.get_weights())
     except InputError as error:
         raise InputError(f"The `{name}` argument is a subclassed model ({type(model).__name__}) "

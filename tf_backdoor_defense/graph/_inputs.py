@@ -5,7 +5,7 @@ from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.graph._replay import replay_nodes, topological_nodes
 from tf_backdoor_defense.masks._registry import ID_READER_TYPES
-from tf_backdoor_defense.masks._wrapper import layer_config
+from tf_backdoor_defense.masks._wrapper import clone_layer
 
 __all__ = ["with_float_inputs", "reads_channels_first", "channels_last_view",
            "check_input_gradient", "NoInputGradientError"]
@@ -56,7 +56,7 @@ def with_float_inputs(model):
     inputs = [keras.Input(batch_shape=t.shape, dtype="float32" if not tf.as_dtype(t.dtype)
                           .is_floating else t.dtype) for t in model.inputs]
     copy = keras.models.clone_model(model, input_tensors=inputs[0] if len(inputs) == 1
-                                    else inputs)
+                                    else inputs, clone_function=clone_layer)
     copy.set_weights(model.get_weights())
     return copy
 
@@ -119,7 +119,7 @@ def channels_last_view(model):
         layer = node.layer
         first = id(layer) not in copies
         if first:
-            copies[id(layer)] = layer.__class__.from_config(layer_config(layer))
+            copies[id(layer)] = clone_layer(layer)
         outputs = copies[id(layer)](*args, **kwargs)
         if first:
             copies[id(layer)].set_weights(layer.get_weights())

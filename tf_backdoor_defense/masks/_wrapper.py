@@ -233,6 +233,20 @@ def layer_config(layer):
     return config
 
 
+def clone_layer(layer):
+    """A new, unbuilt layer of ``layer``'s class and configuration, under its name.
+
+    The one way the package copies a layer it does not rewrite (``clone_model``'s
+    ``clone_function``): tf-keras's default copy renames a custom layer whose
+    config lacks the name, and the package finds layers by name afterwards.
+
+    >>> import tf_keras as keras
+    >>> clone_layer(keras.layers.Dense(2, name="fc")).name
+    'fc'
+    """
+    return layer.__class__.from_config(layer_config(layer))
+
+
 def unwrap(layer):
     """The layer inside a ``PruneByActivation`` wrapper, or ``layer`` itself.
 
@@ -454,7 +468,7 @@ def wrap_layers(model, layers=None, masks=None):
 
     def clone(layer):
         check_not_nested(layer, targets)
-        new = layer.__class__.from_config(layer_config(layer))
+        new = clone_layer(layer)
         if layer.name in targets and not isinstance(layer, PruneByActivation):
             return PruneByActivation(new, name=layer.name)
         return new

@@ -59,7 +59,8 @@ from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.masks._registry import is_prunable
 from tf_backdoor_defense.masks._results import MasksResult
 from tf_backdoor_defense.masks._wrapper import (PruneByActivation, apply_masks, channel_axis,
-                                                channel_count, check_not_nested, find_layer,
+                                                channel_count, check_not_nested, clone_layer,
+                                                find_layer,
                                                 layer_names, unwrap)
 from tf_backdoor_defense.scoring._lipschitz import scorable_layer
 from tf_backdoor_defense.finetune._training import loss_for
@@ -184,7 +185,7 @@ def _noisy_copy(model, names, switch):
     def clone(layer):
         check_not_nested(layer, targets)
         if layer.name not in targets:
-            return layer.__class__.from_config(layer.get_config())
+            return clone_layer(layer)
         inner = unwrap(layer)
         config = dict(inner.get_config(), use_bias=False, activation="linear",
                       name=f"{layer.name}_linear")
