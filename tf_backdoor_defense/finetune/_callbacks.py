@@ -260,6 +260,11 @@ class FinePruning(keras.callbacks.Callback):
     model's layers and the pruned kernel slices and biases are set to zero.
     Fine-tuning is the ``fit`` call itself.
 
+    The same callback serves a Keras 3 ``model.fit`` (a model from ``wrap_layers``
+    on a Keras 3 model): there it hands every hook to
+    :class:`tf_backdoor_defense.keras3.FinePruning`, made with its settings, and
+    its attributes read that callback's results.
+
     With ``schedule=GradualChannelSchedule(...)``, nothing is pruned at train
     begin. After every ``schedule.every_n_steps`` steps,
     ``schedule.channels_per_step`` more channels are pruned in ranking order,
@@ -393,6 +398,7 @@ class FinePruning(keras.callbacks.Callback):
         self.mean_activations_ = None
         self._pairs = []
         self._step = 0
+        self._keras3 = None  # the Keras 3 callback this one drives a Keras 3 fit through
 
     # -- helpers ---------------------------------------------------------
     @property
@@ -450,11 +456,15 @@ class FinePruning(keras.callbacks.Callback):
     @property
     def channels_pruned_(self):
         """Channels whose mask is 0 now, over all the pruned layers."""
+        if self._keras3 is not None:
+            return self._keras3.channels_pruned_
         return int(sum(wrapper.pruned_channels.size for wrapper in self._wrappers))
 
     @property
     def baseline_accuracy_(self):
         """The accuracy the budget is measured from, as the model holds it (None if unset)."""
+        if self._keras3 is not None:
+            return self._keras3.baseline_accuracy_
         if not self._pairs:
             return None
         status, _, baseline = _read_state(self._wrappers)
@@ -463,6 +473,8 @@ class FinePruning(keras.callbacks.Callback):
     @property
     def stopped_by_budget_(self):
         """Whether a gradual schedule stopped because of the budget (as the model holds it)."""
+        if self._keras3 is not None:
+            return self._keras3.stopped_by_budget_
         return bool(self._pairs) and _read_state(self._wrappers)[0] == STOPPED_BY_BUDGET
 
     def _clean_accuracy(self):
@@ -472,11 +484,45 @@ class FinePruning(keras.callbacks.Callback):
     def set_model(self, model):
         from tf_backdoor_defense.keras3._backend import is_keras3_model
 
-        if is_keras3_model(model):
-            raise InputTypeError(
-                "This FinePruning is the tf-keras callback, but model.fit runs a Keras 3 model: "
-                "use tf_backdoor_defense.keras3.FinePruning in a Keras 3 training script.")
         super().set_model(model)
+        if is_keras3_model(model):
+            self._serve_keras3(model)
+
+    _KERAS3_HOOKS = ("on_train_begin", "on_train_batch_end", "on_epoch_end", "on_train_end")
+
+    def _serve_keras3(self, model):
+        """A Keras 3 ``model.fit`` runs this callback: the Keras 3 one does the work.
+
+        :class:`tf_backdoor_defense.keras3.FinePruning`, made with this
+        callback's settings, receives every hook (its engine is a tf-keras
+        callback like this one, on a mirror of the model), and the results
+        are read through: ``sweep_result_`` (Keras 3 models),
+        ``channels_pruned_`` and the rest.
+        """
+        from tf_backdoor_defense.keras3._callbacks import FinePruning as Keras3FinePruning
+
+        if self._keras3 is None:
+            self._keras3 = Keras3FinePruning(
+                self.validation_data, layers=self.layers, max_accuracy_drop=self.max_accuracy_drop,
+                poisoned_validation_data=self.poisoned_validation_data, target=self.target,
+                stopping_rule=self.stopping_rule, ranking_data=self.ranking_data,
+                schedule=self.schedule, evaluate_every=self.evaluate_every,
+                batch_size=self.batch_size)
+        self._keras3.set_model(model)
+        for name in self._KERAS3_HOOKS:  # instance attributes: they take over the methods
+            setattr(self, name, self._forward(name))
+
+    def _forward(self, name):
+        hook = getattr(self._keras3, name)
+
+        def forwarded(*args, **kwargs):
+            out = hook(*args, **kwargs)
+            self.sweep_result_ = self._keras3.sweep_result_
+            self.rankings_ = self._keras3.rankings_
+            self.mean_activations_ = self._keras3.mean_activations_
+            return out
+
+        return forwarded
 
     def on_train_begin(self, logs=None):
         self._resolve()

@@ -12,7 +12,8 @@ restored checkpoint continues the same run).
 """
 
 from tf_backdoor_defense.finetune._callbacks import FinePruning as _TfKerasFinePruning
-from tf_backdoor_defense.keras3._backend import keras3
+from tf_backdoor_defense._errors import InputTypeError
+from tf_backdoor_defense.keras3._backend import is_keras3_model, keras3
 from tf_backdoor_defense.keras3._caller import to_caller_keras
 from tf_backdoor_defense.keras3._convert import copy_weights, to_tf_keras
 
@@ -115,6 +116,13 @@ class FinePruning(keras.callbacks.Callback):
         copy_weights(self._mirror, self.model, names=set(self._wrapper_names()))
 
     # -- Keras hooks ---------------------------------------------------------------------
+    def set_model(self, model):
+        if not is_keras3_model(model):
+            raise InputTypeError(
+                "This FinePruning is the Keras 3 callback, but model.fit runs a tf-keras model: "
+                "use tf_backdoor_defense.FinePruning, which serves both.")
+        super().set_model(model)
+
     def on_train_begin(self, logs=None):
         self._mirror = to_tf_keras(self.model)
         self._engine.set_model(self._mirror)
