@@ -41,6 +41,24 @@ def test_the_tf_keras_callback_serves_a_keras3_fit_as_the_keras3_one(gradual):
         assert type(callback.sweep_result_.model).__module__.startswith("keras")
 
 
+def test_a_callback_that_served_a_keras3_fit_serves_a_tf_keras_fit_after_it():
+    keras3 = pytest.importorskip("keras")
+    if not keras3.__version__.startswith("3"):
+        pytest.skip("Keras 3 not installed")
+    from tf_backdoor_defense._keras import keras
+
+    _, callback, _ = _fit(keras3, FinePruning)
+    model = wrap_layers(keras.Sequential([
+        keras.Input((6, 6, 1)), keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+        keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")]), "conv")
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    x, y = callback.validation_data
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    assert callback._keras3 is None
+    assert callback.channels_pruned_ == int(np.sum(np.asarray(model.get_layer("conv").mask) == 0))
+    assert type(callback.sweep_result_.model).__module__.startswith("tf_keras")
+
+
 def test_the_keras3_callback_in_a_tf_keras_fit_names_the_one_that_serves_both():
     keras3 = pytest.importorskip("keras")
     if not keras3.__version__.startswith("3"):

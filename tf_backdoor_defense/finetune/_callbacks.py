@@ -487,6 +487,12 @@ class FinePruning(keras.callbacks.Callback):
         super().set_model(model)
         if is_keras3_model(model):
             self._serve_keras3(model)
+        elif self._keras3 is not None:  # served a Keras 3 fit before: its own hooks again
+            self._keras3 = None
+            for name in self._KERAS3_HOOKS:
+                self.__dict__.pop(name, None)
+            if self.schedule is not None:
+                self.on_train_batch_end = self._count_step
 
     _KERAS3_HOOKS = ("on_train_begin", "on_train_batch_end", "on_epoch_end", "on_train_end")
 
