@@ -108,6 +108,25 @@ def test_classes_outside_keras_and_this_package_are_refused(tmp_path):
     assert isinstance(loaded.get_layer("mystery"), Custom)
 
 
+class _ScriptScale(keras.layers.Layer):
+    """A class from a training script: not registered, so unknown to a process without it."""
+
+    def call(self, inputs):
+        return inputs * 2.0
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_a_trusted_file_whose_class_this_process_lacks_says_how_to_load_it(tmp_path, suffix):
+    model = keras.Sequential([keras.Input((3,)), _ScriptScale(name="scale"),
+                              keras.layers.Dense(2)])
+    model.save(tmp_path / f"script{suffix}")
+    with pytest.raises(ModelFileError, match=r"_ScriptScale.*custom_objects=\{'Name': Name\}, trust"):
+        load_model(tmp_path / f"script{suffix}", trust_model_code=True)
+    loaded = load_model(tmp_path / f"script{suffix}", trust_model_code=True,
+                        custom_objects={"_ScriptScale": _ScriptScale})
+    assert isinstance(loaded.get_layer("scale"), _ScriptScale)
+
+
 @pytest.mark.parametrize("node, why", [
     ({"class_name": "Dense", "module": "os", "config": {"name": "d", "units": 1}}, "module 'os'"),
     ({"class_name": "function", "module": "subprocess", "config": "run"}, "module 'subprocess'"),

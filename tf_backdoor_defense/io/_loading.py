@@ -51,6 +51,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import tempfile
 import zipfile
 
@@ -790,8 +791,15 @@ def load_model(path, *, trust_model_code=False, weights=None, custom_objects=Non
     except (ModelFileError, UnsafeModelError):
         raise
     except Exception as error:  # noqa: BLE001 - every reader failure becomes one clear line
+        hint = ""
+        if re.search(r"Unknown (layer|object|activation|loss)|Cannot deserialize object|"
+                     r"must be an instance of class Layer. Received: layer=", str(error)):
+            hint = (" A class defined in the training script is not known to this process: "
+                    "load the model from Python with that class, "
+                    "load_model(path, custom_objects={'Name': Name}, trust_model_code=True), "
+                    "and pass the model on.")
         raise ModelFileError(f"Could not load the model in '{escape(path)}': "
-                             f"{one_line(error)}", path=path) from error
+                             f"{one_line(error)}{hint}", path=path) from error
     if not isinstance(model, keras.Model):
         raise ModelFileError(f"'{escape(path)}' did not load as a tf-keras model (got "
                              f"{type(model).__name__}).", path=path)
