@@ -120,7 +120,8 @@ def test_a_trusted_file_whose_class_this_process_lacks_says_how_to_load_it(tmp_p
     model = keras.Sequential([keras.Input((3,)), _ScriptScale(name="scale"),
                               keras.layers.Dense(2)])
     model.save(tmp_path / f"script{suffix}")
-    with pytest.raises(ModelFileError, match=r"_ScriptScale.*custom_objects=\{'Name': Name\}, trust"):
+    with pytest.raises(ModelFileError,
+                       match=r"_ScriptScale.*custom_objects=\{'Name': Name\}, trust"):
         load_model(tmp_path / f"script{suffix}", trust_model_code=True)
     loaded = load_model(tmp_path / f"script{suffix}", trust_model_code=True,
                         custom_objects={"_ScriptScale": _ScriptScale})
