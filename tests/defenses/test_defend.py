@@ -254,7 +254,9 @@ def test_a_received_model_that_gets_most_clean_data_wrong_is_warned_about(monkey
     with pytest.warns(LowAccuracyWarning, match=r"only 30\.0% .*\(chance: 33\.3%\).*\[0, 1\]"):
         result = _defend(_fake_model(0.3, 1.0), ["ft-cosine"])
     assert result.warnings[0].startswith("the received model classifies only 30.0%")
-    assert "--scale 255" in result.warnings[0]
+    # Data within [0, 1]: the likely mismatch is a model that reads raw 0-255 pixels.
+    assert "trained on raw 0-255 pixels needs them unscaled" in result.warnings[0]
+    assert "--scale 255" not in result.warnings[0]
 
 
 @pytest.mark.parametrize("accuracy", [0.5, 0.75])
