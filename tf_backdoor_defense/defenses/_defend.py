@@ -663,7 +663,6 @@ def _rescan(model, train, context, what):
 
 def _ibau(model, train, context):
     from tf_backdoor_defense.defenses._ibau import ibau
-
     from tf_backdoor_defense.graph._inputs import NoInputGradientError
 
     scan = context.get("scan")

@@ -250,6 +250,24 @@ class GradualChannelSchedule:
                 f"begin_step={self.begin_step})")
 
 
+class _ServedResult:
+    """A result attribute of :class:`FinePruning`: the Keras 3 callback's while that one serves
+    a Keras 3 fit for it, else the value this callback set."""
+
+    def __set_name__(self, owner, name):
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, callback, owner=None):
+        if callback is None:
+            return self
+        served = callback.__dict__.get("_keras3")
+        return getattr(served, self.name) if served is not None else \
+            callback.__dict__.get(self.slot)
+
+    def __set__(self, callback, value):
+        callback.__dict__[self.slot] = value
+
+
 class FinePruning(keras.callbacks.Callback):
     """Prune ``PruneByActivation`` layers during ``fit``: once at train begin, or gradually.
 
@@ -390,15 +408,17 @@ class FinePruning(keras.callbacks.Callback):
         self.evaluate_every = check_number(evaluate_every, "evaluate_every", 1, integer=True,
                                            allow_none=True)
         self.batch_size = int(check_number(batch_size, "batch_size", 1, integer=True))
-        if schedule is not None:
-            # Only a schedule needs the per-batch hook; without one, fit() skips batch hooks.
-            self.on_train_batch_end = self._count_step
+        self._keras3 = None  # the Keras 3 callback that serves a Keras 3 fit for this one
+        self._use_own_hooks()
         self.sweep_result_ = None
         self.rankings_ = None
         self.mean_activations_ = None
         self._pairs = []
         self._step = 0
-        self._keras3 = None  # the Keras 3 callback this one drives a Keras 3 fit through
+
+    sweep_result_ = _ServedResult()
+    rankings_ = _ServedResult()
+    mean_activations_ = _ServedResult()
 
     # -- helpers ---------------------------------------------------------
     @property
@@ -489,12 +509,16 @@ class FinePruning(keras.callbacks.Callback):
             self._serve_keras3(model)
         elif self._keras3 is not None:  # served a Keras 3 fit before: its own hooks again
             self._keras3 = None
-            for name in self._KERAS3_HOOKS:
-                self.__dict__.pop(name, None)
-            if self.schedule is not None:
-                self.on_train_batch_end = self._count_step
+            self._use_own_hooks()
 
     _KERAS3_HOOKS = ("on_train_begin", "on_train_batch_end", "on_epoch_end", "on_train_end")
+
+    def _use_own_hooks(self):
+        for name in self._KERAS3_HOOKS:
+            self.__dict__.pop(name, None)
+        if self.schedule is not None:
+            # Only a schedule needs the per-batch hook; without one, fit() skips batch hooks.
+            self.on_train_batch_end = self._count_step
 
     def _serve_keras3(self, model):
         """A Keras 3 ``model.fit`` runs this callback: the Keras 3 one does the work.
@@ -516,19 +540,7 @@ class FinePruning(keras.callbacks.Callback):
                 batch_size=self.batch_size)
         self._keras3.set_model(model)
         for name in self._KERAS3_HOOKS:  # instance attributes: they take over the methods
-            setattr(self, name, self._forward(name))
-
-    def _forward(self, name):
-        hook = getattr(self._keras3, name)
-
-        def forwarded(*args, **kwargs):
-            out = hook(*args, **kwargs)
-            self.sweep_result_ = self._keras3.sweep_result_
-            self.rankings_ = self._keras3.rankings_
-            self.mean_activations_ = self._keras3.mean_activations_
-            return out
-
-        return forwarded
+            setattr(self, name, getattr(self._keras3, name))
 
     def on_train_begin(self, logs=None):
         self._resolve()

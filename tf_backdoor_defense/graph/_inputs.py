@@ -133,8 +133,9 @@ def channels_last_view(model):
 
 
 def check_input_gradient(model, x, what):
-    """Raise :class:`~tf_backdoor_defense.InputError` when ``model``'s output has no gradient
-    with respect to its inputs ``x`` (a few of them suffice), naming ``what`` needs one.
+    """Raise :class:`NoInputGradientError` (an ``InputError``) when ``model``'s output has no
+    gradient with respect to inputs shaped as ``x`` (only its shape is read; the gradient is
+    traced, not run), naming ``what`` needs one.
 
     A search over input values (a reversed trigger, a universal perturbation)
     follows that gradient. A model that reads its inputs as integers through
