@@ -5,7 +5,7 @@ Uses the lab BadNet (``bd_net.h5``, found through ``--model``, $TBD_LAB3_DIR or
 weights. Inputs are random 55x47x3 images (11,547 clean plus as many
 "poisoned"), which is enough for timing.
 
-    python benchmarks/sweep.py [--images 11547] [--naive-levels 4] [--full-naive]
+    python benchmarks/sweep.py [--images 11547] [--repeats 5] [--naive-levels 4] [--full-naive]
                                [--memory-budget 128] [--scale 4]
                                [--layers conv_3 fc_1 --steps 20] [--engines]
 
@@ -19,6 +19,14 @@ memory at both sizes: the kept outputs stop growing at the budget and the
 batches beyond it run through the network before ``conv_3`` again. The peak
 resident memory above the data also holds what the call's input check
 allocates (a boolean copy of each input set while it looks for NaN).
+
+Every row of the levels runs on the ``conv_3`` channels that are not zero for
+some image of its batch; the sweep is also timed with every row on all
+channels (the masked model's computation), and both tables are compared.
+The timed sweeps alternate with full passes, ``--repeats`` times: each run
+is divided by the mean of the passes just before and after it, and the
+median ratio is printed with the CPU range, since this machine's speed
+drifts by tens of percent over minutes.
 
 ``--layers`` also times the sweep of those layers together (``--steps``
 levels) against a full forward pass per level with the same masks.
@@ -52,6 +60,49 @@ def best_of(fn, repeats):
         times.append((time.perf_counter() - start, time.process_time() - cpu))
     wall, cpu = min(times)
     return wall, cpu, result
+
+
+def _timed(fn):
+    start, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return np.array([time.perf_counter() - start, time.process_time() - cpu]), result
+
+
+def paired_ratios(fns, one_pass, repeats):
+    """Each of ``fns`` ({name: fn}) against the full passes run right before and after it.
+
+    The machine's speed drifts by tens of percent over minutes (shared cores),
+    so each run of a function is divided by the mean of the two passes around
+    it, the functions alternate, and the median of ``repeats`` such ratios is
+    reported. Returns ``({name: Ratios}, pass seconds (wall, CPU) median)``.
+    """
+    ratios = {name: [] for name in fns}
+    results, passes = {}, []
+    before, _ = _timed(one_pass)
+    passes.append(before)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            seconds, results[name] = _timed(fn)
+            after, _ = _timed(one_pass)
+            passes.append(after)
+            ratios[name].append(seconds / ((before + after) / 2))
+            before = after
+    return ({name: Ratios(np.array(r), results[name]) for name, r in ratios.items()},
+            np.median(np.array(passes), axis=0))
+
+
+class Ratios:
+    """Paired ratios (wall, CPU) of one function's runs to a full pass."""
+
+    def __init__(self, ratios, result):
+        self.wall, self.cpu = np.median(ratios, axis=0)
+        self.cpu_range = ratios[:, 1].min(), ratios[:, 1].max()
+        self.result = result
+
+    def __str__(self):
+        low, high = self.cpu_range
+        return (f"{self.wall:.2f}x one pass, CPU time {self.cpu:.2f}x (median of paired runs; "
+                f"CPU {low:.2f}-{high:.2f}x)")
 
 
 class _RecordedCache(_sweep.PrefixCache):
@@ -88,7 +139,8 @@ def main():
     parser.add_argument("--model", type=pathlib.Path, default=None)
     parser.add_argument("--images", type=int, default=11547)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="paired runs of each timed sweep (medians are printed)")
     parser.add_argument("--naive-levels", type=int, default=4,
                         help="levels timed for the naive loop, extrapolated to all levels")
     parser.add_argument("--full-naive", action="store_true", help="time every naive level")
@@ -119,23 +171,45 @@ def main():
         predict_labels(model, poisoned_x, args.batch_size)
 
     one_pass()  # trace and warm up
-    full_pass, full_cpu, _ = best_of(one_pass, args.repeats)
 
     def sweep(clean=(clean_x, clean_y), poisoned=(poisoned_x, poisoned_y), **kwargs):
         return prune_to_threshold(model, clean, layers="conv_3", poisoned_validation_data=poisoned,
                                   max_accuracy_drop=[0.02, 0.04, 0.10], batch_size=args.batch_size,
                                   memory_budget=budget, **kwargs)
 
-    first_total, _, _ = best_of(sweep, 1)  # traces the compiled functions
-    sweep_total, sweep_cpu, result = best_of(sweep, args.repeats)
+    first_total, _, result = best_of(sweep, 1)  # traces the compiled functions
     cache = _RecordedCache.last
-    before = sweep(ranking_data=(clean_x, clean_y))  # trace the statistics alone
-    before_total, before_cpu, before = best_of(lambda: sweep(ranking_data=(clean_x, clean_y)),
-                                               args.repeats)
+    evaluator = cache.evaluator
+    plan = evaluator._subset
+
+    def exact_rows():  # every row on all channels, the masked model's computation
+        evaluator._subset = None
+        try:
+            return sweep()
+        finally:
+            evaluator._subset = plan
+
+    def separate_statistics():
+        return sweep(ranking_data=(clean_x, clean_y))
+
+    def prefix_only():
+        for part in (clean_x, poisoned_x):
+            for start in range(0, len(part), args.batch_size):
+                evaluator.prefix_outputs(part[start:start + args.batch_size])
+
+    for warm in (exact_rows, separate_statistics, prefix_only):
+        warm()  # trace
+    timed, (full_pass, full_cpu) = paired_ratios(
+        {"sweep": sweep, "exact rows": exact_rows, "separate statistics": separate_statistics,
+         "prefix": prefix_only}, one_pass, args.repeats)
+    result = timed["sweep"].result
+    before = timed["separate statistics"].result
+    exact = timed["exact rows"].result
     identical = before.history.equals(result.history) and before.levels == result.levels and \
         np.array_equal(before.mean_activations["conv_3"], result.mean_activations["conv_3"]) and \
         all(np.array_equal(before.masks[t]["conv_3"], result.masks[t]["conv_3"])
             for t in result.thresholds)
+    exact_same = exact.history.equals(result.history) and exact.levels == result.levels
 
     levels = channels + 1 if args.full_naive else min(args.naive_levels, channels + 1)
     start = time.perf_counter()
@@ -144,18 +218,11 @@ def main():
         predict_labels(pruned, clean_x, args.batch_size)
         predict_labels(pruned, poisoned_x, args.batch_size)
     naive = (time.perf_counter() - start) / levels * (channels + 1)
-    evaluator = cache.evaluator
-
-    def prefix_only():
-        for part in (clean_x, poisoned_x):
-            for start in range(0, len(part), args.batch_size):
-                evaluator.prefix_outputs(part[start:start + args.batch_size])
-
-    prefix_only()
-    prefix_wall, prefix_cpu, _ = best_of(prefix_only, args.repeats)
     random_active = active_channels(evaluator, clean_x[:512])
     evaluator.predictions(clean_x[:args.batch_size], result.rankings["conv_3"])
     rows_per_image = evaluator.rows_evaluated / args.batch_size
+    subset = rows_on_subset(evaluator, clean_x[:8 * args.batch_size], result.rankings["conv_3"],
+                            args.batch_size)
     faces = face_images(folder)
     face_active = None if faces is None else active_channels(evaluator, faces)
 
@@ -164,27 +231,29 @@ def main():
     print(f"data: {args.images} clean + {args.images} poisoned images of 55x47x3, "
           f"batch {args.batch_size}, TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at the end")
-    print(f"one full forward pass over both sets: {full_pass:.2f} s (CPU time {full_cpu:.2f} s)")
-    print(f"full {channels + 1}-level sweep (statistics + sweep): {sweep_total:.2f} s "
-          f"= {sweep_total / full_pass:.2f}x one pass; CPU time {sweep_cpu / full_cpu:.2f}x "
+    print(f"one full forward pass over both sets: {full_pass:.2f} s (CPU time {full_cpu:.2f} s; "
+          f"the median of {len(timed) * args.repeats + 1} passes)")
+    print(f"full {channels + 1}-level sweep (statistics + sweep): {timed['sweep']} "
           f"(statistics and the clean set's pass {result.timings['statistics_seconds']:.2f} s, "
           f"sweep {result.timings['sweep_seconds']:.2f} s); the first call, tracing "
           f"included: {first_total:.2f} s = {first_total / full_pass:.2f}x")
     print(f"  memory budget {budget / 2**20:.0f} MiB (library default "
           f"{DEFAULT_MEMORY_BUDGET / 2**20:.0f} MiB); kept {cache.peak_bytes / 2**20:.1f} MiB "
           f"of conv_3's pooled outputs, all batches kept: {cache.complete}")
-    print(f"  the network before conv_3 over both sets alone: {prefix_wall / full_pass:.2f}x one "
-          f"pass, CPU time {prefix_cpu / full_cpu:.2f}x; the rest of the sweep (the levels after "
-          f"conv_3, ranking, tables, pruned models): CPU time "
-          f"{(sweep_cpu - prefix_cpu) / full_cpu:.2f}x")
+    print(f"  the network before conv_3 over both sets alone: {timed['prefix']}; the rest of the "
+          f"sweep (the levels after conv_3, ranking, tables): CPU time "
+          f"{timed['sweep'].cpu - timed['prefix'].cpu:.2f}x")
     print(f"  the levels re-evaluate {rows_per_image:.1f} (level, image) pairs per image: "
           f"level 0 and the level of each of its {random_active:.1f} active conv_3 channels "
           f"(of {channels}; the lab's real clean faces: "
           f"{'not found' if face_active is None else f'{face_active:.1f}'}), less the last, "
           f"whose all-zero output is one shared pair per batch")
+    print(f"  {subset}")
+    print(f"the same sweep with every row on all {channels} channels: {timed['exact rows']}; "
+          f"identical history and levels: {exact_same}")
     print(f"the same sweep with the statistics as a separate pass (ranking_data): "
-          f"{before_total:.2f} s = {before_total / full_pass:.2f}x one pass; CPU time "
-          f"{before_cpu / full_cpu:.2f}x; identical history, means, levels and masks: {identical}")
+          f"{timed['separate statistics']}; identical history, means, levels and masks: "
+          f"{identical}")
     print(f"naive per-level loop ({'all' if args.full_naive else levels} levels timed"
           f"{'' if args.full_naive else ', extrapolated'}): {naive:.1f} s "
           f"= {naive / full_pass:.1f}x one pass")
@@ -202,6 +271,25 @@ def active_channels(evaluator, x):
     """Mean number of conv_3 channels not all zero after pooling, per image of ``x``."""
     frontier = evaluator.prefix_outputs(x)[0].numpy().reshape(len(x), -1, evaluator.channels)
     return float(np.mean(np.sum(np.any(frontier != 0, axis=1), axis=1)))
+
+
+def rows_on_subset(evaluator, x, ranking, batch_size):
+    """What share of the rows of ``x``'s batches ran on a subset of conv_3's channels."""
+    rows = on_subset = rechecked = kept = 0
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size]
+        evaluator.predictions(batch, ranking)
+        rows += evaluator.rows_evaluated
+        on_subset += evaluator.rows_on_subset
+        rechecked += evaluator.rows_rechecked
+        frontier = evaluator.prefix_outputs(batch)[0].numpy().reshape(len(batch), -1,
+                                                                      evaluator.channels)
+        kept += np.any(frontier != 0, axis=(0, 1)).sum()
+    batches = -(-len(x) // batch_size)
+    return (f"the rows of {len(x)} clean images: {on_subset} of {rows} ran on the conv_3 "
+            f"channels not zero for every image of their batch ({kept / batches:.1f} of "
+            f"{evaluator.channels} a batch, on average), {rechecked} of them ran again on all "
+            f"channels (near a tie)")
 
 
 def memory_at_scales(sweep, clean, poisoned, args, full_pass, full_cpu):

@@ -9,6 +9,7 @@ the frozen result dataclasses (``dataclasses.replace``). One mechanism for the
 whole API: no function has a Keras 3 branch of its own.
 """
 
+import collections.abc
 import contextvars
 import dataclasses
 import functools
@@ -44,6 +45,8 @@ def to_caller_keras(value, memo=None):
         return memo[id(value)]
     if isinstance(value, dict):
         return type(value)((k, to_caller_keras(v, memo)) for k, v in value.items())
+    if isinstance(value, collections.abc.Mapping):  # a sweep's LazyModels: made and converted
+        return {k: to_caller_keras(v, memo) for k, v in value.items()}
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(to_caller_keras(v, memo) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

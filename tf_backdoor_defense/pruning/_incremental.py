@@ -17,14 +17,19 @@ the graph at the pruned layer instead:
    zeros from the layer: when it reads nothing else, that prediction is the
    same for every example and is computed once per batch.
 4. The *suffix* runs for all those pairs at once, stacked along the batch
-   axis, so each call is one large, efficient batch.
+   axis, so each call is one large, efficient batch. When the layers that
+   read the masked output are linear in its channels (convolutions, dense
+   layers, maybe after a ``Flatten``), they run on the channels that are not
+   zero for every example of the batch alone (see
+   :mod:`~tf_backdoor_defense.pruning._subset`); a row whose two best
+   outputs are nearly tied is run again the exact way.
 5. The statistics that rank the channels can come from the same pass over
    the prefix (:meth:`LevelEvaluator.prefix_with_sums`): :class:`PrefixCache`
    keeps the prefix's outputs for the data set within a memory budget, and
    the sweep reads them instead of running the prefix again. Batches beyond
    the budget are run through the prefix again, so memory stays flat.
 
-Every result equals what an explicitly masked model computes.
+Every predicted label equals what an explicitly masked model computes.
 """
 
 import collections
@@ -38,6 +43,7 @@ from tf_backdoor_defense.graph._replay import downstream_nodes, replay_nodes, to
 from tf_backdoor_defense.masks._registry import (IDENTITY_AT_INFERENCE, PADDING_CROPPING_TYPES,
                                                  POOLING_TYPES, ZERO_PRESERVING_ACTIVATIONS)
 from tf_backdoor_defense.masks._wrapper import channel_axis
+from tf_backdoor_defense.pruning._subset import subset_rows
 from tf_backdoor_defense.scoring._activations import channel_sum_fn, total_channel_sums
 
 __all__ = ["LevelEvaluator", "PrefixCache", "level_evaluator"]
@@ -164,6 +170,13 @@ class LevelEvaluator:
             tf.TensorSpec([None, self.channels], tf.float32),
         ]
         self._run_rows = tf.function(self._rows_outputs, input_signature=rows_spec)
+        self._batch_info = tf.function(self._frontier_info, input_signature=rows_spec[:1])
+        self._subset = subset_rows(frontier, expand, self.channels, sides, suffix,
+                                   self._output) if self._axis_last else None
+        if self._subset is not None:
+            subset_spec = rows_spec[:3] + [tf.TensorSpec([None, None], tf.float32),
+                                           tf.TensorSpec([None], tf.int32)]
+            self._run_subset = tf.function(self._subset_outputs, input_signature=subset_spec)
 
     def _run_suffix(self, frontier_value, side_values):
         if not self._suffix:
@@ -188,6 +201,19 @@ class LevelEvaluator:
         if outputs.shape[-1] == 1:
             return tf.cast(outputs[:, 0] > 0.5, tf.int64)
         return tf.argmax(outputs, axis=-1)
+
+    def _subset_outputs(self, frontier_value, side_values, example_index, masks, subset):
+        """``(labels, unsure)`` of rows on the frontier's channels ``subset`` (see ``_subset``)."""
+        if self._expand == "flatten":
+            values = tf.gather(frontier_value, self._subset.flat_index(subset), axis=-1)
+            masks = tf.tile(masks, [1, self._positions])
+        else:
+            values = tf.gather(frontier_value, subset, axis=-1)
+        mask_shape = tf.concat([tf.shape(masks)[:1], tf.ones([self._frontier_rank - 2], tf.int32),
+                                [-1]], axis=0)
+        stacked = tf.gather(values, example_index) * tf.reshape(masks, mask_shape)
+        gathered_sides = [tf.gather(side, example_index) for side in side_values]
+        return self._subset.labels(self._subset.outputs(stacked, gathered_sides, subset))
 
     # -- evaluation ------------------------------------------------------
     def prefix_outputs(self, x):
@@ -222,36 +248,89 @@ class LevelEvaluator:
         ranking = np.asarray(ranking, dtype=np.int64)
         frontier, sides = outputs[0], list(outputs[1:])
         batch = int(frontier.shape[0])
-        # Channels are last, also after Flatten (channel c sits at c, c+C, ...).
-        values = frontier if self._axis_last else tf.experimental.numpy.moveaxis(frontier, 1, -1)
-        flat = tf.reshape(values, [batch, -1, self.channels])
-        active = tf.reduce_any(tf.not_equal(flat, 0), axis=1).numpy()  # (batch, channels)
+        active, finite = (value.numpy() for value in self._batch_info(frontier))
         # evaluate[k, i]: example i must be run at level k.
         evaluate = np.zeros((ranking.size + 1, batch), dtype=bool)
         evaluate[0] = True
         evaluate[1:] = active[:, ranking].T
-        zeroed = self._zeroed_rows(flat, active, ranking, evaluate)
-        run = evaluate & ~zeroed
-        levels, examples = np.nonzero(run)
-        masks = np.ones((ranking.size + 1, self.channels), dtype=np.float32)
+        zeroed = self._zeroed_rows(finite, active, ranking, evaluate)
+        levels, examples = np.nonzero(evaluate & ~zeroed)
+        # masks[k]: the first k ranked channels masked; the extra last row masks every channel.
+        masks = np.ones((ranking.size + 2, self.channels), dtype=np.float32)
         for k in range(1, ranking.size + 1):
             masks[k] = masks[k - 1]
             masks[k, ranking[k - 1]] = 0.0
-        labels = np.empty(levels.size, dtype=np.int64)
-        for start in range(0, levels.size, self.max_rows):
-            part = slice(start, start + self.max_rows)
-            labels[part] = self._run_rows(frontier, sides, tf.constant(examples[part], tf.int32),
-                                          tf.constant(masks[levels[part]])).numpy()
+        masks[-1] = 0.0
+        shared = np.flatnonzero(zeroed.any(axis=0))
+        if shared.size:  # one row of a (finite) example with every channel masked: all zeros
+            levels = np.append(levels, ranking.size + 1)
+            examples = np.append(examples, shared[0])
+        labels = self._row_labels(frontier, sides, levels, examples, masks, active, ranking)
         result = np.empty((ranking.size + 1, batch), dtype=np.int64)
+        if shared.size:
+            result[zeroed] = labels[-1]
+            levels, examples, labels = levels[:-1], examples[:-1], labels[:-1]
         result[levels, examples] = labels
-        if zeroed.any():
-            result[zeroed] = self._zero_frontier_label(frontier)
         for level in range(1, ranking.size + 1):
             result[level] = np.where(evaluate[level], result[level], result[level - 1])
-        self.rows_evaluated = int(levels.size + bool(zeroed.any()))
+        self.rows_evaluated = int(levels.size + bool(shared.size))
         return result
 
-    def _zeroed_rows(self, flat, active, ranking, evaluate):
+    def _frontier_info(self, frontier_value):
+        """``(active, finite)`` of a batch's frontier: per example, which channels are not all
+        zero (batch x channels), and whether every value is finite."""
+        values = frontier_value
+        if not self._axis_last:  # channels_first: channels on axis 1 of each example
+            rank = self._frontier_rank
+            values = tf.transpose(values, [0] + list(range(2, rank)) + [1])
+        flat = tf.reshape(values, [tf.shape(values)[0], -1, self.channels])
+        return (tf.reduce_any(tf.not_equal(flat, 0), axis=1),
+                tf.reduce_all(tf.math.is_finite(flat), axis=[1, 2]))
+
+    def _row_labels(self, frontier, sides, levels, examples, masks, active, ranking):
+        """Predicted labels of the rows (example ``examples[i]`` at level ``levels[i]``).
+
+        With a channel-subset plan (see ``_subset``), the rows (in level order,
+        ``max_rows`` at a time) run on the channels that are not zero for every
+        example of the batch and not yet pruned at the first row's level; rows
+        near a tie, and calls that could leave no channel out, run the masked
+        model's exact way. ``rows_on_subset`` counts the rows run on a subset,
+        ``rows_rechecked`` those of them run again. (More,
+        smaller groups by level, each leaving out more channels, measured
+        slower on the lab's network: every new shape costs more than it saves.)
+        """
+        labels = np.empty(levels.size, dtype=np.int64)
+        exact = []
+        self.rows_on_subset = self.rows_rechecked = 0
+        if self._subset is None:
+            exact.append(np.arange(levels.size))
+        else:
+            # The channels zero for every example of the batch add nothing to any row.
+            batch_active = np.asarray(active).any(axis=0)
+            for start in range(0, levels.size, self.max_rows):
+                rows = np.arange(start, min(start + self.max_rows, levels.size))
+                alive = batch_active.copy()
+                alive[ranking[:levels[rows[0]]]] = False
+                subset = np.flatnonzero(alive).astype(np.int32)
+                if not 0 < subset.size < self.channels:
+                    exact.append(rows)
+                    continue
+                found, unsure = self._run_subset(
+                    frontier, sides, tf.constant(examples[rows], tf.int32),
+                    tf.constant(masks[levels[rows]][:, subset]), tf.constant(subset))
+                labels[rows] = found.numpy()
+                self.rows_on_subset += rows.size
+                unsure = rows[unsure.numpy()]  # near a tie: the exact computation decides
+                self.rows_rechecked += unsure.size
+                exact.append(unsure)
+        exact = np.concatenate(exact)
+        for start in range(0, exact.size, self.max_rows):
+            rows = exact[start:start + self.max_rows]
+            labels[rows] = self._run_rows(frontier, sides, tf.constant(examples[rows], tf.int32),
+                                          tf.constant(masks[levels[rows]])).numpy()
+        return labels
+
+    def _zeroed_rows(self, finite, active, ranking, evaluate):
         """The (level, example) rows of ``evaluate`` at which the masked frontier is all zero.
 
         Once the last of an example's active channels is pruned, every value the
@@ -259,12 +338,11 @@ class LevelEvaluator:
         there is the one prediction of an all-zero frontier, computed once per
         batch instead of once per example. That holds only when the suffix reads
         nothing else (no side inputs) and the example's values are finite
-        (``0 * inf`` is NaN, not 0).
+        (``0 * inf`` is NaN, not 0): ``finite`` says which are, per example.
         """
         zeroed = np.zeros_like(evaluate)
         if self._sides or not evaluate.size:
             return zeroed
-        finite = tf.reduce_all(tf.math.is_finite(flat), axis=[1, 2]).numpy()
         unranked = np.ones(self.channels, dtype=bool)
         unranked[ranking] = False
         # The level at which each example's last active channel is pruned (0: none active).
@@ -275,12 +353,6 @@ class LevelEvaluator:
         examples = np.flatnonzero(shared)
         zeroed[last[examples], examples] = True
         return zeroed & evaluate
-
-    def _zero_frontier_label(self, frontier):
-        """The predicted label of the suffix on an all-zero frontier (no side inputs)."""
-        zero = tf.zeros_like(frontier[:1])
-        return int(self._run_rows(zero, [], tf.constant([0], tf.int32),
-                                  tf.zeros([1, self.channels], tf.float32)).numpy()[0])
 
 
 def level_evaluator(model, layer, max_rows=8192):

@@ -37,6 +37,8 @@ The stopping rules that turn an accuracy budget into a level are in
 :mod:`tf_backdoor_defense.pruning._levels`.
 """
 
+import collections.abc
+import contextlib
 import dataclasses
 import time
 
@@ -85,6 +87,44 @@ __all__ = ["prune_to_threshold", "SweepResult", "STOPPING_RULES", "select_level"
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
+class LazyModels(collections.abc.Mapping):
+    """A read-only ``{key: model}`` mapping whose models are made when first read, then kept.
+
+    A sweep's pruned copies cost a model copy each; most callers read one of
+    them or none. Each is made in the ``tf.distribute`` strategy scope the
+    mapping was made in, if any.
+
+    >>> built = []
+    >>> models = LazyModels(lambda key: built.append(key) or f"model {key}", [0.02, 0.1])
+    >>> list(models), built
+    ([0.02, 0.1], [])
+    >>> models[0.1], models[0.1], built
+    ('model 0.1', 'model 0.1', [0.1])
+    """
+
+    def __init__(self, make, keys):
+        self._make, self._keys, self._made = make, tuple(keys), {}
+        self._strategy = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        if key not in self._made:
+            scope = self._strategy.scope() if self._strategy else contextlib.nullcontext()
+            with scope:
+                self._made[key] = self._make(key)
+        return self._made[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __repr__(self):
+        return f"LazyModels({list(self._keys)}, made: {list(self._made)})"
+
+
 @dataclasses.dataclass(frozen=True, repr=False, eq=False)
 class SweepResult:
     """What :func:`prune_to_threshold` found, for one layer or several.
@@ -122,9 +162,9 @@ class SweepResult:
         sweep's inputs for that data, and its time counts as statistics.
     masks : dict
         ``{threshold: {layer: mask}}`` (1 = kept).
-    models : dict
+    models : LazyModels
         ``{threshold: pruned model}``: copies with the layers wrapped in
-        ``PruneByActivation``.
+        ``PruneByActivation``, each made when first read.
     """
 
     layers: tuple
@@ -138,7 +178,7 @@ class SweepResult:
     stopping_rule: str
     timings: dict
     masks: dict
-    models: dict
+    models: collections.abc.Mapping
     _model: object
     _base_masks: dict
 
@@ -406,7 +446,8 @@ def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop
         stopping_rule=stopping_rule,
         timings={"statistics_seconds": stats_seconds, "sweep_seconds": sweep_seconds},
         masks={t: level_masks[k] for t, k in chosen.items()},
-        models={t: wrap_layers(model, names, masks=level_masks[k]) for t, k in chosen.items()},
+        models=LazyModels(lambda t: wrap_layers(model, names, masks=level_masks[chosen[t]]),
+                          chosen),
         _model=model, _base_masks=base)
 
 
