@@ -295,9 +295,9 @@ class LevelEvaluator:
         example of the batch and not yet pruned at the first row's level; rows
         near a tie, and calls that could leave no channel out, run the masked
         model's exact way. ``rows_on_subset`` counts the rows run on a subset,
-        ``rows_rechecked`` those of them run again. (More,
-        smaller groups by level, each leaving out more channels, measured
-        slower on the lab's network: every new shape costs more than it saves.)
+        ``rows_rechecked`` those of them run again. (More, smaller groups by
+        level, each leaving out more channels, measured slower on the lab's
+        network: every new shape costs more than it saves.)
         """
         labels = np.empty(levels.size, dtype=np.int64)
         exact = []
