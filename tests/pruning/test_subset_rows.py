@@ -21,14 +21,14 @@ CHANNELS = 8
 
 
 def _gate(inputs, dense=False):
-    """A layer whose channels 0-2 are zero for every input in [0, 1] (bias -50), the others
-    active on brighter inputs."""
+    """A layer whose channels 0-4 are zero for every input in [0, 1] (bias -50), the others
+    active on brighter inputs (a batch keeps at most 3 of the 8: under the subset's limit)."""
     layer = L.Dense(CHANNELS, activation="relu", name="gate") if dense else \
         L.Conv2D(CHANNELS, 3, activation="relu", name="gate")
     out = layer(inputs)
     rng = np.random.default_rng(2)
     kernel = rng.uniform(0.0, 0.3, layer.kernel.shape).astype(np.float32)
-    bias = -np.concatenate([[50.0] * 3, np.linspace(0.05, 0.6, CHANNELS - 3)])
+    bias = -np.concatenate([[50.0] * 5, np.linspace(0.05, 0.6, CHANNELS - 5)])
     layer.set_weights([kernel, bias.astype(np.float32)])
     return out
 
@@ -93,7 +93,7 @@ def test_rows_on_the_active_channels_give_the_masked_models_labels(reader):
     evaluator = LevelEvaluator(model, model.get_layer("gate"))
     assert evaluator._subset is not None
     x = _inputs()
-    ranking = [0, 1, 2, 5, 3, 7, 4, 6]  # the dead channels first, as a mean ranking puts them
+    ranking = [0, 1, 2, 5, 3, 7, 4, 6]  # dead channels first, as a mean ranking puts them
     labels = evaluator.predictions(x, ranking)
     np.testing.assert_array_equal(labels, _masked_labels(model, ranking, x))
     assert evaluator.rows_on_subset > 0
@@ -154,3 +154,18 @@ def test_a_subset_plan_needs_a_split_to_read():
     model = _model("conv")
     evaluator = LevelEvaluator(model, model.get_layer("gate"))
     assert subset_rows(evaluator._frontier, "channel", CHANNELS, [], [], model.outputs[0]) is None
+
+
+def test_a_batch_that_keeps_most_channels_runs_the_exact_way(monkeypatch):
+    """Above ``SUBSET_MAX_FRACTION`` of the channels kept, the subset saves too little."""
+    from tf_backdoor_defense.pruning import _incremental
+
+    model = _model("conv")
+    evaluator = LevelEvaluator(model, model.get_layer("gate"))
+    x = _inputs()
+    ranking = list(range(CHANNELS))
+    fast = evaluator.predictions(x, ranking)
+    assert evaluator.rows_on_subset > 0
+    monkeypatch.setattr(_incremental, "SUBSET_MAX_FRACTION", 2 / CHANNELS)
+    np.testing.assert_array_equal(evaluator.predictions(x, ranking), fast)
+    assert evaluator.rows_on_subset == 0
