@@ -98,8 +98,8 @@ class LazyModels(collections.abc.Mapping):
     >>> models = LazyModels(lambda key: built.append(key) or f"model {key}", [0.02, 0.1])
     >>> list(models), built
     ([0.02, 0.1], [])
-    >>> models[0.1], models[0.1], built
-    ('model 0.1', 'model 0.1', [0.1])
+    >>> 0.02 in models, models[0.1], models[0.1], built
+    (True, 'model 0.1', 'model 0.1', [0.1])
     """
 
     def __init__(self, make, keys):
@@ -114,6 +114,9 @@ class LazyModels(collections.abc.Mapping):
             with scope:
                 self._made[key] = self._make(key)
         return self._made[key]
+
+    def __contains__(self, key):  # without making the model, unlike Mapping's
+        return key in self._keys
 
     def __iter__(self):
         return iter(self._keys)
