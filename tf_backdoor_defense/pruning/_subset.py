@@ -32,6 +32,7 @@ __all__ = ["RELATIVE_TOLERANCE", "SubsetRows", "subset_rows"]
 #: unit's output and its threshold) are closer than this times (1 + |best|).
 RELATIVE_TOLERANCE = 1e-3
 
+
 def _float32(layer):
     return getattr(layer, "dtype_policy", None) is None or \
         getattr(layer.dtype_policy, "name", "float32") == "float32"
