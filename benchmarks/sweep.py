@@ -180,14 +180,13 @@ def main():
     first_total, _, result = best_of(sweep, 1)  # traces the compiled functions
     cache = _RecordedCache.last
     evaluator = cache.evaluator
-    plan = evaluator._subset
 
     def exact_rows():  # every row on all channels, the masked model's computation
-        evaluator._subset = None
+        evaluator.use_channel_subset = False
         try:
             return sweep()
         finally:
-            evaluator._subset = plan
+            evaluator.use_channel_subset = True
 
     def separate_statistics():
         return sweep(ranking_data=(clean_x, clean_y))

@@ -91,14 +91,14 @@ SUBSET_READERS = ["conv", "lab-shaped", "flattened", "global pooling", "softmax 
 def test_rows_on_the_active_channels_give_the_masked_models_labels(reader):
     model = _model(reader)
     evaluator = LevelEvaluator(model, model.get_layer("gate"))
-    assert evaluator._subset is not None
+    assert evaluator.subset_available
     x = _inputs()
     ranking = [0, 1, 2, 5, 3, 7, 4, 6]  # dead channels first, as a mean ranking puts them
     labels = evaluator.predictions(x, ranking)
     np.testing.assert_array_equal(labels, _masked_labels(model, ranking, x))
     assert evaluator.rows_on_subset > 0
     # The exact path, for the same rows, agrees.
-    evaluator._subset = None
+    evaluator.use_channel_subset = False
     np.testing.assert_array_equal(evaluator.predictions(x, ranking), labels)
     assert evaluator.rows_on_subset == 0
 
@@ -107,7 +107,7 @@ def test_rows_on_the_active_channels_give_the_masked_models_labels(reader):
 def test_readers_not_linear_in_the_channels_run_the_exact_way(reader):
     model = _model(reader)
     evaluator = LevelEvaluator(model, model.get_layer("gate"))
-    assert evaluator._subset is None
+    assert not evaluator.subset_available
     x = _inputs(20)
     ranking = list(range(CHANNELS))
     np.testing.assert_array_equal(evaluator.predictions(x, ranking),
@@ -153,7 +153,7 @@ def test_labels_flag_near_ties_and_non_finite_rows():
 def test_a_subset_plan_needs_a_split_to_read():
     model = _model("conv")
     evaluator = LevelEvaluator(model, model.get_layer("gate"))
-    assert subset_rows(evaluator._frontier, "channel", CHANNELS, [], [], model.outputs[0]) is None
+    assert subset_rows(evaluator._frontier, "channel", CHANNELS, [], model.outputs[0]) is None
 
 
 def test_a_batch_that_keeps_most_channels_runs_the_exact_way(monkeypatch):

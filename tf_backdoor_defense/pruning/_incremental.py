@@ -39,11 +39,12 @@ import numpy as np
 
 from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import keras, tf
-from tf_backdoor_defense.graph._replay import downstream_nodes, replay_nodes, topological_nodes
+from tf_backdoor_defense.graph._replay import downstream_nodes, replay_nodes, run_layer, \
+    topological_nodes
 from tf_backdoor_defense.masks._registry import (IDENTITY_AT_INFERENCE, PADDING_CROPPING_TYPES,
                                                  POOLING_TYPES, ZERO_PRESERVING_ACTIVATIONS)
 from tf_backdoor_defense.masks._wrapper import channel_axis
-from tf_backdoor_defense.pruning._subset import subset_rows
+from tf_backdoor_defense.pruning._subset import output_labels, subset_rows
 from tf_backdoor_defense.scoring._activations import channel_sum_fn, total_channel_sums
 
 __all__ = ["LevelEvaluator", "PrefixCache", "level_evaluator"]
@@ -110,7 +111,16 @@ class LevelEvaluator:
         self.max_rows = int(max_rows)
         self.channels = int(layer.output.shape[channel_axis(layer)])
         self._axis_last = channel_axis(layer) == -1
+        #: Run rows on the batch's non-zero channels where that applies (``subset_available``);
+        #: False runs every row on all channels, the masked model's way (same labels).
+        self.use_channel_subset = True
         self._build(model)
+
+    @property
+    def subset_available(self):
+        """Whether the layers reading this layer let rows run on a channel subset
+        (:mod:`~tf_backdoor_defense.pruning._subset`)."""
+        return self._subset is not None
 
     @property
     def model(self):
@@ -177,21 +187,22 @@ class LevelEvaluator:
         ]
         self._run_rows = tf.function(self._rows_outputs, input_signature=rows_spec)
         self._batch_info = tf.function(self._frontier_info, input_signature=rows_spec[:1])
-        self._subset = subset_rows(frontier, expand, self.channels, sides, suffix,
+        self._subset = subset_rows(frontier, expand, self.channels, suffix,
                                    self._output) if self._axis_last else None
         if self._subset is not None:
             subset_spec = rows_spec[:3] + [tf.TensorSpec([None, None], tf.float32),
                                            tf.TensorSpec([None], tf.int32)]
             self._run_subset = tf.function(self._subset_outputs, input_signature=subset_spec)
 
-    def _run_suffix(self, frontier_value, side_values):
+    def _run_suffix(self, frontier_value, side_values, call=run_layer):
         if not self._suffix:
             return frontier_value
         return replay_nodes(self._suffix, [self._frontier] + self._sides,
-                            [frontier_value] + list(side_values), self._output)
+                            [frontier_value] + list(side_values), self._output, call=call)
 
-    def _rows_outputs(self, frontier_value, side_values, example_index, masks):
-        """Predicted labels for rows (example ``example_index[i]`` under ``masks[i]``)."""
+    def _masked_rows(self, values, side_values, example_index, masks):
+        """The rows' frontier values (example ``example_index[i]`` of ``values`` under
+        ``masks[i]``) and side inputs."""
         rows = tf.shape(masks)[0]
         if self._expand == "flatten":
             masks = tf.tile(masks, [1, self._positions])
@@ -200,26 +211,24 @@ class LevelEvaluator:
             mask_shape = tf.concat([[rows], tf.ones([rank - 2], tf.int32), [-1]], axis=0)
         else:  # channels_first: channels on axis 1 of each example
             mask_shape = tf.concat([[rows, -1], tf.ones([rank - 2], tf.int32)], axis=0)
-        stacked = tf.gather(frontier_value, example_index) * tf.cast(
-            tf.reshape(masks, mask_shape), frontier_value.dtype)
-        gathered_sides = [tf.gather(side, example_index) for side in side_values]
-        outputs = self._run_suffix(stacked, gathered_sides)
-        if outputs.shape[-1] == 1:
-            return tf.cast(outputs[:, 0] > 0.5, tf.int64)
-        return tf.argmax(outputs, axis=-1)
+        stacked = tf.gather(values, example_index) * tf.cast(tf.reshape(masks, mask_shape),
+                                                             values.dtype)
+        return stacked, [tf.gather(side, example_index) for side in side_values]
+
+    def _rows_outputs(self, frontier_value, side_values, example_index, masks):
+        """Predicted labels for rows (example ``example_index[i]`` under ``masks[i]``)."""
+        return output_labels(self._run_suffix(
+            *self._masked_rows(frontier_value, side_values, example_index, masks)))
 
     def _subset_outputs(self, frontier_value, side_values, example_index, masks, subset):
         """``(labels, unsure)`` of rows on the frontier's channels ``subset`` (see ``_subset``)."""
         if self._expand == "flatten":
             values = tf.gather(frontier_value, self._subset.flat_index(subset), axis=-1)
-            masks = tf.tile(masks, [1, self._positions])
         else:
             values = tf.gather(frontier_value, subset, axis=-1)
-        mask_shape = tf.concat([tf.shape(masks)[:1], tf.ones([self._frontier_rank - 2], tf.int32),
-                                [-1]], axis=0)
-        stacked = tf.gather(values, example_index) * tf.reshape(masks, mask_shape)
-        gathered_sides = [tf.gather(side, example_index) for side in side_values]
-        return self._subset.labels(self._subset.outputs(stacked, gathered_sides, subset))
+        stacked, gathered_sides = self._masked_rows(values, side_values, example_index, masks)
+        return self._subset.labels(self._run_suffix(stacked, gathered_sides,
+                                                    call=self._subset.replay_call(subset)))
 
     # -- evaluation ------------------------------------------------------
     def prefix_outputs(self, x):
@@ -296,11 +305,12 @@ class LevelEvaluator:
     def _row_labels(self, frontier, sides, levels, examples, masks, active, ranking):
         """Predicted labels of the rows (example ``examples[i]`` at level ``levels[i]``).
 
-        With a channel-subset plan (see ``_subset``), the rows (in level order,
-        ``max_rows`` at a time) run on the channels that are not zero for every
-        example of the batch and not yet pruned at the first row's level; rows
-        near a tie, and calls that would keep more than ``SUBSET_MAX_FRACTION``
-        of the channels, run the masked model's exact way. ``rows_on_subset`` counts the rows run on a subset,
+        With a channel-subset plan (see ``_subset``; ``use_channel_subset``), the
+        rows (in level order, ``max_rows`` at a time) run on the channels that
+        are not zero for every example of the batch and not yet pruned at the
+        first row's level; rows near a tie, and calls that would keep more than
+        ``SUBSET_MAX_FRACTION`` of the channels, run the masked model's exact
+        way. ``rows_on_subset`` counts the rows run on a subset,
         ``rows_rechecked`` those of them run again. (More, smaller groups by
         level, each leaving out more channels, measured slower on the lab's
         network: every new shape costs more than it saves.)
@@ -308,7 +318,7 @@ class LevelEvaluator:
         labels = np.empty(levels.size, dtype=np.int64)
         exact = []
         self.rows_on_subset = self.rows_rechecked = 0
-        if self._subset is None:
+        if self._subset is None or not self.use_channel_subset:
             exact.append(np.arange(levels.size))
         else:
             # The channels zero for every example of the batch add nothing to any row.

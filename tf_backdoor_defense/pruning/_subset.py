@@ -23,14 +23,23 @@ thousandth of its size, which the tolerance is set far above.
 import numpy as np
 
 from tf_backdoor_defense._keras import keras, tf
-from tf_backdoor_defense.graph._replay import replay_nodes, run_layer
+from tf_backdoor_defense.graph._replay import run_layer
 from tf_backdoor_defense.masks._registry import is_conv
 
-__all__ = ["RELATIVE_TOLERANCE", "SubsetRows", "subset_rows"]
+__all__ = ["RELATIVE_TOLERANCE", "SubsetRows", "output_labels", "subset_rows"]
 
 #: A row is evaluated again the exact way when its two best outputs (or one
 #: unit's output and its threshold) are closer than this times (1 + |best|).
 RELATIVE_TOLERANCE = 1e-3
+
+
+def output_labels(outputs, threshold=0.5):
+    """Predicted labels of a batch of outputs (a tensor): argmax, or for one unit its value above
+    ``threshold`` (0.5 for a probability; 0 for a logit whose sigmoid was left out), the rule
+    of :func:`tf_backdoor_defense.metrics.labels_from_outputs`."""
+    if outputs.shape[-1] == 1:
+        return tf.cast(outputs[:, 0] > threshold, tf.int64)
+    return tf.argmax(outputs, axis=-1)
 
 
 def _float32(layer):
@@ -61,8 +70,7 @@ class SubsetRows:
     Built by :func:`subset_rows`, which returns None where it does not apply.
     """
 
-    def __init__(self, frontier, sides, suffix, output, channels, positions, plans, peel):
-        self.frontier, self.sides, self.suffix, self.output = frontier, sides, suffix, output
+    def __init__(self, channels, positions, plans, peel):
         self.channels, self.positions = channels, positions
         self._plans = plans  # {id(node): "conv" | "dense" | "flatten"}
         self._peel = peel  # (id of the output node, "softmax" | "sigmoid") or None
@@ -72,8 +80,9 @@ class SubsetRows:
         per_position = tf.range(self.positions, dtype=tf.int32)[:, None] * self.channels
         return tf.reshape(per_position + subset[None, :], [-1])
 
-    def _call(self, subset):
-        """The ``call`` of ``replay_nodes`` for the frontier's channels ``subset``."""
+    def replay_call(self, subset):
+        """The ``call`` of ``replay_nodes`` that runs the suffix on the frontier's channels
+        ``subset`` (its output before a peeled softmax/sigmoid)."""
         flat = self.flat_index(subset)
         peel_id = self._peel[0] if self._peel else None
 
@@ -94,29 +103,19 @@ class SubsetRows:
             return x  # a Softmax or Activation output layer, left out
         return call
 
-    def outputs(self, stacked, side_values, subset):
-        """The suffix's output (before a peeled softmax/sigmoid) for the masked channel subset."""
-        return replay_nodes(self.suffix, [self.frontier] + list(self.sides),
-                            [stacked] + list(side_values), self.output, call=self._call(subset))
-
     def labels(self, outputs):
-        """``(labels, unsure)``: predicted labels, and the rows to evaluate again exactly.
-
-        The labels are those of ``metrics.labels_from_outputs`` on the model's
-        output: argmax, or for one unit its probability above 0.5 (the logit
-        above 0 when a sigmoid was left out).
-        """
+        """``(labels, unsure)``: predicted labels (:func:`output_labels` of the model's
+        output), and the rows to evaluate again exactly."""
         if outputs.shape[-1] == 1:
             threshold = 0.0 if self._peel and self._peel[1] == "sigmoid" else 0.5
             value = outputs[:, 0]
-            labels = tf.cast(value > threshold, tf.int64)
             near = tf.abs(value - threshold) <= RELATIVE_TOLERANCE * (1.0 + tf.abs(value))
-            return labels, near | ~tf.math.is_finite(value)
+            return output_labels(outputs, threshold), near | ~tf.math.is_finite(value)
         best = tf.reduce_max(outputs, axis=-1)
         tolerance = RELATIVE_TOLERANCE * (1.0 + tf.abs(best))
         close = tf.reduce_sum(tf.cast(outputs >= (best - tolerance)[:, None], tf.int32), axis=-1)
         # reduce_max propagates NaN: a best that is finite means a row without NaN or +inf.
-        return tf.argmax(outputs, axis=-1), (close != 1) | ~tf.math.is_finite(best)
+        return output_labels(outputs), (close != 1) | ~tf.math.is_finite(best)
 
 
 def _finish(layer, outputs, peeled):
@@ -145,7 +144,7 @@ def _peel(output_node):
     return None
 
 
-def subset_rows(frontier, expand, channels, sides, suffix, output):
+def subset_rows(frontier, expand, channels, suffix, output):
     """A :class:`SubsetRows` for the split of a :class:`LevelEvaluator`, or None.
 
     It applies when every node that reads the frontier is a convolution
@@ -180,4 +179,4 @@ def subset_rows(frontier, expand, channels, sides, suffix, output):
     kind = _peel(last[0]) if len(last) == 1 else None
     peel = (id(last[0]), kind) if kind else None
     positions = int(np.prod(frontier.shape.as_list()[1:])) // int(channels)
-    return SubsetRows(frontier, sides, suffix, output, int(channels), positions, plans, peel)
+    return SubsetRows(int(channels), positions, plans, peel)
