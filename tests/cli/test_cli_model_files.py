@@ -59,6 +59,7 @@ def lab(tmp_path_factory):
     return write_model_and_clean_data(tmp_path_factory.mktemp("model_files_lab"))
 
 
+@pytest.mark.slow  # an integration run of many compiled steps (the slow set)
 def test_default_model_files_load_with_plain_tf_keras_and_wrappers_only_on_request(lab,
                                                                                    tmp_path):
     model, clean = str(lab / "model.h5"), str(lab / "clean.npz")

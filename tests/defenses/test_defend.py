@@ -533,6 +533,7 @@ def _same_weights(a, b):
     return all(np.array_equal(p, q) for p, q in zip(a.get_weights(), b.get_weights()))
 
 
+@pytest.mark.slow  # an integration run of many compiled steps (the slow set)
 def test_every_real_method_runs_on_a_model_that_reads_integers():
     """A uint8 input (pixels scaled inside the model) has no gradient through its cast:
     the scan and I-BAU search on a float copy; every candidate keeps the uint8 input."""
@@ -1078,6 +1079,7 @@ def test_ibau_radius_reaches_ibau_and_the_settings(monkeypatch):
     assert result.settings["ibau_radius"] == 2.5 and result.summary()["settings"]["ibau_radius"] == 2.5
 
 
+@pytest.mark.slow  # an integration run of many compiled steps (the slow set)
 def test_defend_scans_and_unlearns_on_a_model_of_flat_inputs(planted, caplog):
     """The scan's triggers reach the residual and unlearning in the model's flat shape; each
     scan's verdict is logged once, each rescan after a line naming what it scans."""

@@ -102,6 +102,7 @@ def test_two_workers_scan_and_unlearning_match_one_device_and_each_other(referen
     assert results[0] == results[1]  # every worker ends with the same triggers and weights
 
 
+@pytest.mark.slow  # an integration run of many compiled steps (the slow set)
 def test_no_strategy_and_the_default_strategy_give_identical_results(planted):
     x, y = planted["data"]
     model = planted["all-to-one"]
