@@ -128,10 +128,12 @@ def _load_model(args, path=None, *, as_tf_keras=False):
     from tf_backdoor_defense.keras3 import is_keras3_model
     from tf_backdoor_defense._validation import check_model
 
+    objects = _custom_objects(getattr(args, "custom_objects", None))
     if path is None:
-        model = load_model(args.model, trust_model_code=args.trust_model_code, weights=args.weights)
+        model = load_model(args.model, trust_model_code=args.trust_model_code, weights=args.weights,
+                           custom_objects=objects)
     else:
-        model = load_model(path, trust_model_code=args.trust_model_code)
+        model = load_model(path, trust_model_code=args.trust_model_code, custom_objects=objects)
     model = check_model(model)
     if as_tf_keras and is_keras3_model(model):
         from tf_backdoor_defense.keras3 import to_tf_keras
@@ -139,6 +141,50 @@ def _load_model(args, path=None, *, as_tf_keras=False):
         args.keras3_input = True
         model = to_tf_keras(model)
     return model
+
+
+def _custom_objects(modules):
+    """The classes and functions that the ``--custom-objects`` modules define, by name.
+
+    Each module is a ``.py`` file or an importable module name; importing it
+    runs its code (the user's own). None when no module is given.
+    """
+    if not modules:
+        return None
+    import importlib
+    import importlib.util
+    import inspect
+
+    objects = {}
+    for number, spec in enumerate(modules):
+        try:
+            if spec.endswith(".py") or os.sep in spec:
+                if not os.path.isfile(spec):
+                    raise InputError(f"--custom-objects: no Python file '{_escape(spec)}'.")
+                name = f"_tf_backdoor_defense_custom_objects_{number}"
+                found = importlib.util.spec_from_file_location(name, spec)
+                module = importlib.util.module_from_spec(found)
+                sys.modules[name] = module  # classes defined there can find their module
+                found.loader.exec_module(module)
+            else:
+                module = importlib.import_module(spec)
+        except InputError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the user's module failed: one clear line
+            raise InputError(f"--custom-objects: importing '{_escape(spec)}' failed: "
+                             f"{type(error).__name__}: {_escape(str(error))}") from error
+        own = {key: value for key, value in vars(module).items()
+               if not key.startswith("_") and (inspect.isclass(value) or inspect.isfunction(value))
+               and getattr(value, "__module__", None) == module.__name__}
+        if not own:
+            raise InputError(f"--custom-objects: '{_escape(spec)}' defines no class or function.")
+        objects.update(own)
+    from tf_backdoor_defense._keras import keras
+
+    # A class registered with keras.utils.register_keras_serializable is saved by that name.
+    objects.update({keras.utils.get_registered_name(value): value
+                    for value in list(objects.values())})
+    return objects
 
 
 def _load_data(args, path, model, num_classes=None):
@@ -751,6 +797,10 @@ def _common(parser, model=True, data=False, attack=False, batch_size=256, batch_
         group.add_argument("--trust-model-code", action="store_true",
                            help="load models with Lambda layers or unknown classes (runs code "
                                 "from the file: only for models from people you trust)")
+        group.add_argument("--custom-objects", action="append", metavar="MODULE",
+                           help="a .py file or module name defining your own Keras classes "
+                                "the model uses (tf-keras files); it is imported, so its code "
+                                "runs; the model's other classes are still checked. Repeatable")
     if data:
         group = parser.add_argument_group("data")
         group.add_argument("--scale", type=_positive(float), metavar="S",
@@ -1060,8 +1110,14 @@ def _error_line(error, command):
     elif isinstance(error, UnsafeModelError):
         message = (f"{error.reason} If you trust its author, pass --trust-model-code (the file's "
                    "code then runs).")
+        if error.unknown_class:
+            message += (" If the class is your own, pass --custom-objects FILE.py, a file that "
+                        "defines it (the file's other classes are still checked).")
     elif isinstance(error, ModelFileError) and error.needs_weights:
         message += " On the command line: MODEL is the architecture, --weights FILE the weights."
+    elif isinstance(error, ModelFileError) and error.missing_class:
+        message += (" On the command line: --custom-objects FILE.py, a file that defines the "
+                    "class.")
     if not message.isprintable():  # a control character the raising code did not escape
         message = _escape(message)
     return f"{PROG} {command}: error: {message}"

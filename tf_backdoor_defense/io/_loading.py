@@ -136,12 +136,16 @@ class ModelFileError(InputError):
     needs_weights : bool
         The file is an architecture without weights, or weights without an
         architecture: it loads together with the other half (``weights=``).
+    missing_class : bool
+        The file names a class this process does not know (one defined in
+        the training script): it loads with that class (``custom_objects=``).
     """
 
-    def __init__(self, message, *, path=None, needs_weights=False):
+    def __init__(self, message, *, path=None, needs_weights=False, missing_class=False):
         super().__init__(message)
         self.path = None if path is None else str(path)
         self.needs_weights = bool(needs_weights)
+        self.missing_class = bool(missing_class)
 
 
 class UnsafeModelError(InputError):
@@ -158,14 +162,19 @@ class UnsafeModelError(InputError):
     reason : str
         What was found and why it is refused, without the advice on how to
         load the file anyway (the message is ``reason`` and that advice).
+    unknown_class : bool
+        The refused class is neither a tf-keras built-in nor this package's:
+        a class of the caller's own loads when given (``custom_objects=``).
     """
 
-    def __init__(self, message, *, path=None, layer=None, class_name=None, reason=None):
+    def __init__(self, message, *, path=None, layer=None, class_name=None, reason=None,
+                 unknown_class=False):
         super().__init__(message)
         self.path = path
         self.layer = layer
         self.class_name = class_name
         self.reason = message if reason is None else reason
+        self.unknown_class = bool(unknown_class)
 
 
 # -- the built-in classes ----------------------------------------------------------
@@ -305,14 +314,17 @@ class _Scanner:
         self.builtins = _builtin_class_names()
         self.functions = _builtin_function_names()
 
-    def refuse(self, layer, class_name, why):
+    def refuse(self, layer, class_name, why, unknown_class=False):
         shown_layer = escape(layer) if layer is not None else None
         shown_class = escape(class_name)
         where = f"layer '{shown_layer}'" if layer else "the model"
         reason = (f"Refusing to load '{self.path}': {where} (class {shown_class}) {why}. "
                   "Loading it could run code chosen by the file's author.")
-        raise UnsafeModelError(f"{reason} {_TRUST_HINT}", path=self.path, layer=shown_layer,
-                               class_name=shown_class, reason=reason)
+        own = (f"If the class is your own, pass it: custom_objects={{'{shown_class}': ...}}. "
+               if unknown_class else "")
+        raise UnsafeModelError(f"{reason} {own}{_TRUST_HINT}", path=self.path, layer=shown_layer,
+                               class_name=shown_class, reason=reason,
+                               unknown_class=unknown_class)
 
     def walk(self, node, layer=None):
         if isinstance(node, list):
@@ -406,12 +418,12 @@ class _Scanner:
                 registered != class_name and registered not in self.allowed
                 and registered not in _own_class_names())):
             self.refuse(layer, class_name, f"is the custom class '{escape(registered)}', not a "
-                        "tf-keras built-in")
+                        "tf-keras built-in", unknown_class=True)
         if class_name in self.allowed or class_name in _own_class_names():
             return
         if class_name not in self.builtins:
             self.refuse(layer, class_name, "is not a tf-keras built-in class nor this "
-                        "package's")
+                        "package's", unknown_class=True)
         if class_name in _OP_LAYERS:
             function = config.get("function") if isinstance(config, dict) else None
             why = _check_op_function(function)
@@ -767,6 +779,10 @@ def load_model(path, *, trust_model_code=False, weights=None, custom_objects=Non
     info, data = _read(path)
     from tf_backdoor_defense.keras3._loading import is_keras3_file, load_keras3_file
     if is_keras3_file(info):  # Keras 3 .keras/.h5: scanned there, then loaded by Keras 3
+        if custom_objects:
+            raise InputError(f"'{escape(path)}' is a Keras 3 model file: 'custom_objects' "
+                             "applies to tf-keras files (the package converts Keras 3 models "
+                             "of Keras's own layers only).")
         return load_keras3_file(path, info, data=data, trust_model_code=trust_model_code,
                                 unsafe_error=(
             lambda message, layer, name: UnsafeModelError(f"{message} {_TRUST_HINT}", path=str(path),
@@ -792,14 +808,17 @@ def load_model(path, *, trust_model_code=False, weights=None, custom_objects=Non
         raise
     except Exception as error:  # noqa: BLE001 - every reader failure becomes one clear line
         hint = ""
-        if re.search(r"Unknown (layer|object|activation|loss)|Cannot deserialize object|"
-                     r"must be an instance of class Layer. Received: layer=", str(error)):
+        missing = bool(re.search(r"Unknown (layer|object|activation|loss)|Cannot deserialize "
+                                 r"object|must be an instance of class Layer. Received: layer=",
+                                 str(error)))
+        if missing:
             hint = (" A class defined in the training script is not known to this process: "
                     "load the model from Python with that class, "
                     "load_model(path, custom_objects={'Name': Name}, trust_model_code=True), "
                     "and pass the model on.")
         raise ModelFileError(f"Could not load the model in '{escape(path)}': "
-                             f"{one_line(error)}{hint}", path=path) from error
+                             f"{one_line(error)}{hint}", path=path,
+                             missing_class=missing) from error
     if not isinstance(model, keras.Model):
         raise ModelFileError(f"'{escape(path)}' did not load as a tf-keras model (got "
                              f"{type(model).__name__}).", path=path)
