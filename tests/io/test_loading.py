@@ -102,7 +102,8 @@ def test_classes_outside_keras_and_this_package_are_refused(tmp_path):
     model = keras.Sequential([keras.Input((3,)), Custom(name="mystery"), keras.layers.Dense(2)])
     model.save(tmp_path / "custom.h5")
     with pytest.raises(UnsafeModelError,
-                       match=r"'mystery'.*attacker>Custom.*trust_model_code=True"):
+                       match=r"'mystery'.*attacker>Custom.*custom_objects=\{'attacker>Custom': "
+                             r"\.\.\.\}.*trust_model_code=True"):
         load_model(tmp_path / "custom.h5")
     loaded = load_model(tmp_path / "custom.h5", custom_objects={"attacker>Custom": Custom})
     assert isinstance(loaded.get_layer("mystery"), Custom)

@@ -128,7 +128,9 @@ def _load_model(args, path=None, *, as_tf_keras=False):
     from tf_backdoor_defense.keras3 import is_keras3_model
     from tf_backdoor_defense._validation import check_model
 
-    objects = _custom_objects(getattr(args, "custom_objects", None))
+    if not hasattr(args, "custom_objects_loaded"):  # imported once per command
+        args.custom_objects_loaded = _custom_objects(getattr(args, "custom_objects", None))
+    objects = args.custom_objects_loaded
     if path is None:
         model = load_model(args.model, trust_model_code=args.trust_model_code, weights=args.weights,
                            custom_objects=objects)

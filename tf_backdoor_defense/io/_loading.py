@@ -314,17 +314,19 @@ class _Scanner:
         self.builtins = _builtin_class_names()
         self.functions = _builtin_function_names()
 
-    def refuse(self, layer, class_name, why, unknown_class=False):
+    def refuse(self, layer, class_name, why, custom_name=None):
+        """Raise :class:`UnsafeModelError`; ``custom_name``: the name under which an unknown
+        class would be given (``custom_objects``), for the advice."""
         shown_layer = escape(layer) if layer is not None else None
         shown_class = escape(class_name)
         where = f"layer '{shown_layer}'" if layer else "the model"
         reason = (f"Refusing to load '{self.path}': {where} (class {shown_class}) {why}. "
                   "Loading it could run code chosen by the file's author.")
-        own = (f"If the class is your own, pass it: custom_objects={{'{shown_class}': ...}}. "
-               if unknown_class else "")
+        own = (f"If the class is your own, pass it: custom_objects={{'{escape(custom_name)}': "
+               "...}. " if custom_name is not None else "")
         raise UnsafeModelError(f"{reason} {own}{_TRUST_HINT}", path=self.path, layer=shown_layer,
                                class_name=shown_class, reason=reason,
-                               unknown_class=unknown_class)
+                               unknown_class=custom_name is not None)
 
     def walk(self, node, layer=None):
         if isinstance(node, list):
@@ -418,12 +420,12 @@ class _Scanner:
                 registered != class_name and registered not in self.allowed
                 and registered not in _own_class_names())):
             self.refuse(layer, class_name, f"is the custom class '{escape(registered)}', not a "
-                        "tf-keras built-in", unknown_class=True)
+                        "tf-keras built-in", custom_name=registered)
         if class_name in self.allowed or class_name in _own_class_names():
             return
         if class_name not in self.builtins:
             self.refuse(layer, class_name, "is not a tf-keras built-in class nor this "
-                        "package's", unknown_class=True)
+                        "package's", custom_name=class_name)
         if class_name in _OP_LAYERS:
             function = config.get("function") if isinstance(config, dict) else None
             why = _check_op_function(function)
