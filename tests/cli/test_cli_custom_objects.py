@@ -103,10 +103,15 @@ def test_a_module_that_fails_or_defines_nothing_is_a_clear_error(script_model, t
     assert not (tmp_path / "out").exists()
 
 
-def test_a_missing_file_is_named(script_model, tmp_path, capsys):
+def test_a_missing_file_or_one_that_is_not_python_is_named(script_model, tmp_path, capsys):
     assert _prune(script_model, tmp_path / "out", "--custom-objects",
                   str(tmp_path / "absent.py")) == 2
     assert "no Python file" in capsys.readouterr().err
+    (tmp_path / "layers.txt").write_text(LAYERS)
+    assert _prune(script_model, tmp_path / "out", "--custom-objects",
+                  str(tmp_path / "layers.txt")) == 2
+    assert "is not a Python file (.py)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_keras3_file_with_custom_objects_is_refused_clearly(tmp_path):

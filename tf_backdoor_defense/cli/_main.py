@@ -165,6 +165,9 @@ def _custom_objects(modules):
                     raise InputError(f"--custom-objects: no Python file '{_escape(spec)}'.")
                 name = f"_tf_backdoor_defense_custom_objects_{number}"
                 found = importlib.util.spec_from_file_location(name, spec)
+                if found is None:
+                    raise InputError(f"--custom-objects: '{_escape(spec)}' is not a Python "
+                                     "file (.py).")
                 module = importlib.util.module_from_spec(found)
                 sys.modules[name] = module  # classes defined there can find their module
                 found.loader.exec_module(module)
