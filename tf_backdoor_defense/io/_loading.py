@@ -420,7 +420,8 @@ class _Scanner:
                 registered != class_name and registered not in self.allowed
                 and registered not in _own_class_names())):
             self.refuse(layer, class_name, f"is the custom class '{escape(registered)}', not a "
-                        "tf-keras built-in", custom_name=registered)
+                        "tf-keras built-in",
+                        custom_name=registered if isinstance(registered, str) else None)
         if class_name in self.allowed or class_name in _own_class_names():
             return
         if class_name not in self.builtins:
