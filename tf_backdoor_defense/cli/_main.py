@@ -128,9 +128,7 @@ def _load_model(args, path=None, *, as_tf_keras=False):
     from tf_backdoor_defense.keras3 import is_keras3_model
     from tf_backdoor_defense._validation import check_model
 
-    if not hasattr(args, "custom_objects_loaded"):  # imported once per command
-        args.custom_objects_loaded = _custom_objects(getattr(args, "custom_objects", None))
-    objects = args.custom_objects_loaded
+    objects = getattr(args, "custom_objects_loaded", None)  # imported by _run
     if path is None:
         model = load_model(args.model, trust_model_code=args.trust_model_code, weights=args.weights,
                            custom_objects=objects)
@@ -145,11 +143,13 @@ def _load_model(args, path=None, *, as_tf_keras=False):
     return model
 
 
-def _custom_objects(modules):
+def _custom_objects(modules, imported):
     """The classes and functions that the ``--custom-objects`` modules define, by name.
 
     Each module is a ``.py`` file or an importable module name; importing it
-    runs its code (the user's own). None when no module is given.
+    runs its code (the user's own). None when no module is given. The names
+    under which ``.py`` files were put in ``sys.modules`` are appended to
+    ``imported`` (the caller removes them when the command ends).
     """
     if not modules:
         return None
@@ -170,6 +170,7 @@ def _custom_objects(modules):
                                      "file (.py).")
                 module = importlib.util.module_from_spec(found)
                 sys.modules[name] = module  # classes defined there can find their module
+                imported.append(name)
                 found.loader.exec_module(module)
             else:
                 module = importlib.import_module(spec)
@@ -1163,7 +1164,14 @@ def _run(args, console):
     """Load TensorFlow (inside the session: its start-up lines are hidden), then the command."""
     import tf_backdoor_defense._keras  # noqa: F401
 
-    return args.func(args, console)
+    imported = []
+    try:
+        if getattr(args, "custom_objects", None):  # the user's classes, imported once
+            args.custom_objects_loaded = _custom_objects(args.custom_objects, imported)
+        return args.func(args, console)
+    finally:
+        for name in imported:
+            sys.modules.pop(name, None)
 
 
 def main(argv=None):
