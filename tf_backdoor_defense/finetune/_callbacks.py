@@ -240,6 +240,17 @@ class GradualChannelSchedule:
         return step >= self.begin_step and step > 0 and \
             (step - self.begin_step) % self.every_n_steps == 0
 
+    def prunings_between(self, done, now):
+        """How many pruning steps fall after step ``done`` up to step ``now``.
+
+        One batch hook can complete several steps (``steps_per_execution`` in
+        ``compile``): each pruning step passed counts.
+
+        >>> GradualChannelSchedule(every_n_steps=3).prunings_between(2, 10)
+        3
+        """
+        return sum(self.prunes_at(step) for step in range(done + 1, now + 1))
+
     def target_channels(self, channels):
         """Number of channels pruned at the end of the schedule."""
         return int(np.floor(self.target_fraction * channels + 1e-9))
@@ -415,6 +426,7 @@ class FinePruning(keras.callbacks.Callback):
         self.mean_activations_ = None
         self._pairs = []
         self._step = 0
+        self._last_batch = -1  # the batch index the last batch hook of this fit got
 
     sweep_result_ = _ServedResult()
     rankings_ = _ServedResult()
@@ -544,6 +556,7 @@ class FinePruning(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._resolve()
+        self._last_batch = -1
         status, step, baseline = _read_state(self._wrappers)
         if self.schedule is None:
             if status == PRUNING:
@@ -592,12 +605,29 @@ class FinePruning(keras.callbacks.Callback):
         self._zero_pruned_weights()
 
     # -- the gradual schedule --------------------------------------------
+    def _steps_in(self, batch):
+        """Training steps the batch hook at ``batch`` completed.
+
+        Keras calls the hook with the index, within the epoch, of the last
+        batch run: with ``steps_per_execution=k`` once every ``k`` steps. An
+        index not above the last one starts a new epoch.
+        """
+        batch = int(batch)
+        return batch + 1 if batch <= self._last_batch else batch - self._last_batch
+
+    def _prunings_due(self, batch):
+        """How many pruning steps the batch hook at ``batch`` reaches."""
+        return self.schedule.prunings_between(self._step, self._step + self._steps_in(batch))
+
     def _count_step(self, batch, logs=None):
-        """``on_train_batch_end`` with a schedule: count the step, prune when it is due."""
-        self._step += 1
+        """``on_train_batch_end`` with a schedule: count the steps, prune when it is due."""
+        due = self._prunings_due(batch)
+        self._step += self._steps_in(batch)
+        self._last_batch = int(batch)
         _write_state(self._wrappers, step=self._step)
-        if self.schedule.prunes_at(self._step) and \
-                int(self._wrappers[0].fine_pruning_status.numpy()) == PRUNING:
+        for _ in range(due):
+            if int(self._wrappers[0].fine_pruning_status.numpy()) != PRUNING:
+                break
             self._prune_more()
 
     def _next_layer(self):

@@ -88,6 +88,11 @@ class FinePruning(keras.callbacks.Callback):
 
     # -- the engine's state, read through ------------------------------------------------
     def __getattr__(self, name):
+        if name in ("channels_pruned_", "baseline_accuracy_", "stopped_by_budget_") and \
+                self.__dict__.get("_mirror") is not None and self.model is not None:
+            # As the model holds them now (after EarlyStopping restored weights, say).
+            copy_weights(self.model, self._mirror, names=set(self._wrapper_names()),
+                         masks_only=True)
         if name in ("rankings_", "mean_activations_", "channels_pruned_", "baseline_accuracy_",
                     "stopped_by_budget_", "validation_data", "layers", "max_accuracy_drop",
                     "poisoned_validation_data", "target", "stopping_rule", "ranking_data",
@@ -112,8 +117,9 @@ class FinePruning(keras.callbacks.Callback):
     def _to_mirror(self):
         copy_weights(self.model, self._mirror)
 
-    def _from_mirror(self):
-        copy_weights(self._mirror, self.model, names=set(self._wrapper_names()))
+    def _from_mirror(self, masks_only=False):
+        copy_weights(self._mirror, self.model, names=set(self._wrapper_names()),
+                     masks_only=masks_only)
 
     # -- Keras hooks ---------------------------------------------------------------------
     def set_model(self, model):
@@ -132,11 +138,13 @@ class FinePruning(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._engine.schedule is None:
             return
-        due = self._engine.schedule.prunes_at(self._engine._step + 1)
+        due = self._engine._prunings_due(batch)
         if due:
             self._to_mirror()
         self._engine.on_train_batch_end(batch, logs)
-        self._from_mirror()
+        # Without pruning only the step moved: the model's trained weights are newer than the
+        # mirror's, and stay.
+        self._from_mirror(masks_only=not due)
 
     def on_epoch_end(self, epoch, logs=None):
         self._to_mirror()

@@ -583,16 +583,19 @@ def _leaf_layers(model):
             yield layer
 
 
-def copy_weights(source, target, names=None):
+def copy_weights(source, target, names=None, *, masks_only=False):
     """Copy every layer's weights (masks and fine-pruning state included) by layer name.
 
     ``source`` and ``target`` may be of different Keras versions, and either
     may nest models as layers: their layers are matched by name wherever
-    they sit. With ``names``, only those layers are copied.
+    they sit. With ``names``, only those layers are copied. With
+    ``masks_only``, only the ``PruneByActivation`` layers' masks and
+    fine-pruning state are copied (not the wrapped layers' weights).
     """
     targets = {layer.name: layer for layer in _leaf_layers(target)}
     for layer in _leaf_layers(source):
-        if (names is not None and layer.name not in names) or not layer.weights:
+        if (names is not None and layer.name not in names) or not layer.weights \
+                or (masks_only and not _is_wrapper(layer)):
             continue  # a layer without weights (or an operation) has nothing to copy
         other = targets.get(layer.name)
         if other is None:
@@ -602,7 +605,8 @@ def copy_weights(source, target, names=None):
             raise Keras3ConversionError(f"Layer '{layer.name}' is wrapped in one model and not "
                                         "in the other.", layer=layer.name)
         if _is_wrapper(layer):
-            other.layer.set_weights(layer.layer.get_weights())
+            if not masks_only:
+                other.layer.set_weights(layer.layer.get_weights())
             for attr in ("mask", "fine_pruning_step", "fine_pruning_baseline",
                          "fine_pruning_status"):
                 getattr(other, attr).assign(_numpy(getattr(layer, attr)).astype(
