@@ -51,3 +51,49 @@ def test_models_die_after_every_cached_path(tiny_data, monkeypatch):
         del model
     gc.collect()
     assert [ref() is None for ref in refs] == [True, True, True]
+
+
+def _logit_binary_model(activation=None):
+    """A conv net with one output unit: a logit (``activation=None``) or a sigmoid's output."""
+    from tf_backdoor_defense._keras import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 1))
+    hidden = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)
+    flat = keras.layers.Flatten()(hidden)
+    return keras.Model(inputs, keras.layers.Dense(1, activation=activation, name="out")(flat))
+
+
+@pytest.mark.parametrize("activation", [None, "sigmoid"], ids=["logit", "sigmoid"])
+def test_one_unit_outputs_are_read_as_keras_reads_them(activation):
+    """A logit means class 1 above 0, a sigmoid's probability above 0.5: everywhere a label is
+    read (the metrics, the sweep's every level, the scan's counts)."""
+    from tf_backdoor_defense import prune_to_threshold
+    from tf_backdoor_defense.masks import wrap_layers
+    from tf_backdoor_defense.scan._scan import _Counter
+
+    model = _logit_binary_model(activation)
+    x = np.random.default_rng(1).random((96, 6, 6, 1), dtype=np.float32)
+    out = model.predict(x, verbose=0)[:, 0]
+    logits = np.log(out / (1 - out)) if activation else out
+    bias = model.get_layer("out").bias
+    bias.assign(bias - np.median(logits) + 0.02)  # half the inputs on each side
+    out = model.predict(x, verbose=0)[:, 0]
+    threshold = 0.5 if activation else 0.0
+    y = (out > threshold).astype(np.int64)
+    assert 30 < y.sum() < 66
+    if not activation:  # the probability rule would misread some logits
+        assert np.any((out > 0.5) != y)
+    y[:8] = 1 - y[:8]  # 8 of 96 wrong
+    assert clean_accuracy(model, (x, y)) == pytest.approx(88 / 96)
+    np.testing.assert_array_equal(predict_labels(model, x) == y, np.arange(96) >= 8)
+    counts = _Counter(model, tf.distribute.get_strategy(), 2).counts(x, y)
+    np.testing.assert_array_equal(counts, np.bincount((out > threshold).astype(int), minlength=2))
+    result = prune_to_threshold(model, (x, y), layers="conv", max_accuracy_drop=0.2)
+    assert result.baseline_accuracy == pytest.approx(88 / 96)
+    for level in (1, 3, 5):
+        mask = np.ones(6, np.float32)
+        mask[result.rankings["conv"][:level]] = 0
+        masked = wrap_layers(model, "conv", masks={"conv": mask})
+        assert result.history.loc[level, "clean_accuracy"] == pytest.approx(
+            clean_accuracy(masked, (x, y)))

@@ -24,6 +24,7 @@ from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_target, num_classes_of
 from tf_backdoor_defense.graph._functional import as_functional
+from tf_backdoor_defense.graph._outputs import output_activation
 
 __all__ = [
     "predict_labels",
@@ -31,6 +32,7 @@ __all__ = [
     "attack_success_rate",
     "defender_utility",
     "labels_from_outputs",
+    "label_threshold",
     "count_attack_successes",
 ]
 
@@ -48,19 +50,41 @@ def _forward(model_ref, spec):
 
 
 def _predict_fn(model):
-    """A compiled, retrace-free forward pass (faster than ``model.predict``)."""
-    fn = _PREDICT_FNS.get(model)
-    if fn is None:
+    """``(forward, threshold)``: a compiled, retrace-free forward pass (faster than
+    ``model.predict``) and the model's :func:`label_threshold`."""
+    cached = _PREDICT_FNS.get(model)
+    if cached is None:
         spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
-        fn = _PREDICT_FNS[model] = _forward(weakref.ref(model), spec)
-    return fn
+        cached = _PREDICT_FNS[model] = (_forward(weakref.ref(model), spec),
+                                        label_threshold(model))
+    return cached
 
 
-def labels_from_outputs(outputs):
-    """Class indices from model outputs (argmax, or > 0.5 for one sigmoid unit)."""
+def label_threshold(model):
+    """The value one output unit must exceed to mean class 1: 0.5 after a sigmoid, else 0.
+
+    A one-unit output without a sigmoid is a logit (trained with
+    ``from_logits=True``), the reading the package's training losses take too
+    (:func:`~tf_backdoor_defense.finetune.loss_for`). Only one-unit outputs use it.
+
+    >>> import tf_keras as keras
+    >>> inputs = keras.Input((3,))
+    >>> label_threshold(keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(inputs)))
+    0.5
+    >>> label_threshold(keras.Model(inputs, keras.layers.Dense(1)(inputs)))
+    0.0
+    """
+    if not getattr(model, "outputs", None):
+        return 0.5
+    return 0.5 if output_activation(model) == "sigmoid" else 0.0
+
+
+def labels_from_outputs(outputs, threshold=0.5):
+    """Class indices from model outputs: argmax, or for one unit its value above ``threshold``
+    (0.5 for a sigmoid's probability, 0 for a logit: :func:`label_threshold`)."""
     outputs = np.asarray(outputs)
     if outputs.shape[-1] == 1:
-        return (outputs[..., 0] > 0.5).astype(np.int64)
+        return (outputs[..., 0] > threshold).astype(np.int64)
     return np.argmax(outputs, axis=-1).astype(np.int64)
 
 
@@ -89,17 +113,18 @@ def predict_labels(model, x, batch_size=256, strategy=None):
     [1]
     """
     x = np.asarray(x, dtype=np.float32)
-    fn = _predict_fn(model)
+    fn, threshold = _predict_fn(model)
     if is_distributed(strategy):
-        return _replicated_labels(fn, x, batch_size, strategy)
-    out = [labels_from_outputs(fn(x[s:s + batch_size]).numpy()) for s in range(0, len(x), batch_size)]
+        return _replicated_labels(fn, threshold, x, batch_size, strategy)
+    out = [labels_from_outputs(fn(x[s:s + batch_size]).numpy(), threshold)
+           for s in range(0, len(x), batch_size)]
     return np.concatenate(out) if out else np.zeros((0,), np.int64)
 
 
-def _replicated_labels(fn, x, batch_size, strategy):
+def _replicated_labels(fn, threshold, x, batch_size, strategy):
     """:func:`predict_labels` split over ``strategy``'s replicas, every label on every worker."""
     labels = rows_over_replicas(strategy, len(x), batch_size,
-                                lambda rows: labels_from_outputs(fn(x[rows]).numpy()))
+                                lambda rows: labels_from_outputs(fn(x[rows]).numpy(), threshold))
     return labels.astype(np.int64)
 
 

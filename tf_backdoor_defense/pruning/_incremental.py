@@ -44,6 +44,7 @@ from tf_backdoor_defense.graph._replay import downstream_nodes, replay_nodes, ru
 from tf_backdoor_defense.masks._registry import (IDENTITY_AT_INFERENCE, PADDING_CROPPING_TYPES,
                                                  POOLING_TYPES, ZERO_PRESERVING_ACTIVATIONS)
 from tf_backdoor_defense.masks._wrapper import channel_axis
+from tf_backdoor_defense.metrics import label_threshold
 from tf_backdoor_defense.pruning._subset import output_labels, subset_rows
 from tf_backdoor_defense.scoring._activations import channel_sum_fn, total_channel_sums
 
@@ -108,6 +109,7 @@ class LevelEvaluator:
             raise InputError("The incremental sweep needs a Functional or Sequential model.")
         self._model = weakref.ref(model)
         self.layer = layer
+        self._threshold = label_threshold(model)  # for a one-unit output
         self.max_rows = int(max_rows)
         self.channels = int(layer.output.shape[channel_axis(layer)])
         self._axis_last = channel_axis(layer) == -1
@@ -218,7 +220,8 @@ class LevelEvaluator:
     def _rows_outputs(self, frontier_value, side_values, example_index, masks):
         """Predicted labels for rows (example ``example_index[i]`` under ``masks[i]``)."""
         return output_labels(self._run_suffix(
-            *self._masked_rows(frontier_value, side_values, example_index, masks)))
+            *self._masked_rows(frontier_value, side_values, example_index, masks)),
+            self._threshold)
 
     def _subset_outputs(self, frontier_value, side_values, example_index, masks, subset):
         """``(labels, unsure)`` of rows on the frontier's channels ``subset`` (see ``_subset``)."""
@@ -228,7 +231,8 @@ class LevelEvaluator:
             values = tf.gather(frontier_value, subset, axis=-1)
         stacked, gathered_sides = self._masked_rows(values, side_values, example_index, masks)
         return self._subset.labels(self._run_suffix(stacked, gathered_sides,
-                                                    call=self._subset.replay_call(subset)))
+                                                    call=self._subset.replay_call(subset)),
+                                   self._threshold)
 
     # -- evaluation ------------------------------------------------------
     def prefix_outputs(self, x):

@@ -103,11 +103,13 @@ class SubsetRows:
             return x  # a Softmax or Activation output layer, left out
         return call
 
-    def labels(self, outputs):
+    def labels(self, outputs, threshold=0.5):
         """``(labels, unsure)``: predicted labels (:func:`output_labels` of the model's
-        output), and the rows to evaluate again exactly."""
+        output, whose one unit means class 1 above ``threshold``), and the rows to evaluate
+        again exactly."""
         if outputs.shape[-1] == 1:
-            threshold = 0.0 if self._peel and self._peel[1] == "sigmoid" else 0.5
+            if self._peel and self._peel[1] == "sigmoid":
+                threshold = 0.0  # the logit the peeled sigmoid would have read
             value = outputs[:, 0]
             near = tf.abs(value - threshold) <= RELATIVE_TOLERANCE * (1.0 + tf.abs(value))
             return output_labels(outputs, threshold), near | ~tf.math.is_finite(value)

@@ -64,7 +64,8 @@ from tf_backdoor_defense._validation import (
 )
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 from tf_backdoor_defense.masks._wrapper import layer_names, wrap_layers
-from tf_backdoor_defense.metrics import count_attack_successes, labels_from_outputs
+from tf_backdoor_defense.metrics import (count_attack_successes, label_threshold,
+                                         labels_from_outputs)
 from tf_backdoor_defense.pruning._incremental import (
     PrefixCache,
     level_evaluator,
@@ -537,6 +538,7 @@ class _MaskedLevels:
     def __init__(self, model, names, base, level_masks):
         masked = wrap_layers(model, names, masks=base)
         self._level_masks = level_masks
+        self._threshold = label_threshold(masked)
         self._layers = [masked.get_layer(name) for name in names]
         sides, suffix = split_after_inputs_of(masked, self._layers)
         spec = tf.TensorSpec([None] + list(masked.inputs[0].shape[1:]), tf.float32)
@@ -559,5 +561,5 @@ class _MaskedLevels:
         for masks in self._level_masks:
             for layer in self._layers:
                 layer.set_mask(masks[layer.name])
-            labels.append(labels_from_outputs(self._suffix(*values).numpy()))
+            labels.append(labels_from_outputs(self._suffix(*values).numpy(), self._threshold))
         return np.stack(labels)

@@ -84,6 +84,7 @@ from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slot
                                                stamp)
 from tf_backdoor_defense.scan._statistics import anomaly_index, match
 from tf_backdoor_defense.keras3._caller import with_caller_keras
+from tf_backdoor_defense.metrics import label_threshold
 
 __all__ = ["ScanResult", "scan_model"]
 
@@ -337,8 +338,9 @@ class _Counter:
     ``counts(x, y)`` gives how many inputs of ``x`` each class received;
     ``pairs(x, y)`` the ``(K, K)`` counts of (true class ``y``, predicted
     class). Predictions are those of
-    :func:`~tf_backdoor_defense.metrics.predict_labels` (argmax, or > 0.5 for
-    one sigmoid unit); the counts are exact under any strategy.
+    :func:`~tf_backdoor_defense.metrics.predict_labels` (argmax, or for one
+    unit its :func:`~tf_backdoor_defense.metrics.label_threshold`); the counts
+    are exact under any strategy.
     """
 
     def __init__(self, model, strategy, num_classes, batch_size=256, input_shape=None):
@@ -348,11 +350,12 @@ class _Counter:
         self.input_shape = tuple(int(d) for d in (model.inputs[0].shape[1:] if input_shape is None
                                                   else input_shape))
         spec = tf.TensorSpec((None,) + self.input_shape, tf.float32)
+        threshold = label_threshold(model)
 
         def predicted_classes(x):
             outputs = model(x, training=False)
             if outputs.shape[-1] == 1:
-                return tf.cast(outputs[..., 0] > 0.5, tf.int64)
+                return tf.cast(outputs[..., 0] > threshold, tf.int64)
             return tf.argmax(outputs, axis=-1)
 
         def replica_counts(x, y):
