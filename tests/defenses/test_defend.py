@@ -729,6 +729,12 @@ def test_a_model_the_scan_finds_clean_is_returned_unchanged(monkeypatch):
         np.testing.assert_array_equal(got, want)
     repaired = _defend(model, ["ft-cosine"], scan=True, repair_if_clean=True)
     assert repaired.method == "ft-cosine"
+    assert repaired.verdict == "no backdoor found; repair requested; repaired with ft-cosine"
+    # unlearning needs a reversed trigger: on request it runs nothing, and the verdict says so
+    nothing = _defend(model, ["unlearn"], scan=True, repair_if_clean=True)
+    assert nothing.method is None and len(nothing.table) == 0
+    assert nothing.verdict == "no backdoor found; repair requested; no method ran, model " \
+                              "returned unchanged"
 
 
 def test_verification_scan_that_still_finds_a_backdoor_warns(monkeypatch):

@@ -1167,13 +1167,15 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     elif found.backdoor_found:
         verdict = found.verdict
     else:
-        verdict = "no backdoor found; repaired on request"
+        verdict = "no backdoor found; repair requested"
     if chosen is not None:
         verdict += f"; repaired with {chosen}" + ("; backdoor may still be active" if active else "")
     elif kept:
         verdict += ("; no repair within the budget removed it, model returned unchanged"
                     if table["within_budget"].any() else
                     "; no repair stayed within the accuracy budget, model returned unchanged")
+    elif len(table) == 0 and found is not None and not found.backdoor_found:
+        verdict += "; no method ran, model returned unchanged"
     return DefenseResult(final, chosen, table, baseline, candidates, notes, settings,
                          backdoor_still_active=active,
                          validation_asr=None if poisoned is None else float(final_asr),
