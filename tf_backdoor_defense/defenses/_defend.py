@@ -203,6 +203,7 @@ from tf_backdoor_defense.masks._wrapper import last_conv_layer, masked_layers
 from tf_backdoor_defense.metrics import attack_success_rate, predict_labels
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, head_layers, train_clean
 from tf_backdoor_defense._distribute import resolve_strategy
+from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._validation import check_data, check_fraction, check_model, check_number, \
     check_target, num_classes_of
 
@@ -410,11 +411,15 @@ def paired_drop(reference_correct, candidate_correct, confidence=0.8):
 def _split(data, fraction, seed, model):
     x, y = as_arrays(data, "train_data", model)
     if x.shape[0] < 2:
-        raise ValueError("`train_data` must hold at least 2 examples to split off validation data.")
+        raise InputError(f"`train_data` holds {x.shape[0]} example; it must hold at least 2 to "
+                         "split off validation data. Pass more examples, or give "
+                         "`validation_data` (--validation on the command line).")
     order = np.random.default_rng(seed).permutation(x.shape[0])
     count = max(1, int(round(fraction * x.shape[0])))
     if count >= x.shape[0]:
-        raise ValueError(f"validation_split={fraction} leaves no training data.")
+        raise InputError(f"validation_split={fraction} leaves no training data from "
+                         f"{x.shape[0]} examples; pass more examples or a smaller "
+                         "validation_split.")
     return (x[order[count:]], y[order[count:]]), (x[order[:count]], y[order[:count]])
 
 

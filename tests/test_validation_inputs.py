@@ -1,0 +1,27 @@
+"""Input checks at the public boundary: dict inputs, label widths, unbatched datasets, tiny
+defender data, data files with ambiguous keys, and the warnings about the defender's data."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import tiny_conv_model
+from tf_backdoor_defense._errors import InputError, InputTypeError
+from tf_backdoor_defense._keras import tf
+
+
+def _data(n=12, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 8, 8, 1)).astype("float32"), np.arange(n) % classes
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_defend_with_one_example_is_an_input_error(batched):
+    from tf_backdoor_defense import defend
+
+    x, y = _data(1)
+    data = (x, y) if not batched else tf.data.Dataset.from_tensor_slices((x, y)).batch(1)
+    with pytest.raises(InputError, match="`train_data` holds 1 example.*at least 2"):
+        defend(tiny_conv_model(), data, methods=["ft-cosine"], epochs=1, scan=False)
+
