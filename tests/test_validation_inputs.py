@@ -25,3 +25,15 @@ def test_defend_with_one_example_is_an_input_error(batched):
     with pytest.raises(InputError, match="`train_data` holds 1 example.*at least 2"):
         defend(tiny_conv_model(), data, methods=["ft-cosine"], epochs=1, scan=False)
 
+
+def test_npz_with_both_x_y_and_data_label_is_refused(tmp_path):
+    from tf_backdoor_defense import load_data
+    from tf_backdoor_defense.io._data import DataFileError
+
+    x, y = _data(6)
+    path = tmp_path / "both.npz"
+    np.savez(path, x=x, y=y, data=x[:2], label=y[:2])
+    with pytest.raises(DataFileError, match=r"several input arrays \(data, x\)"):
+        load_data(str(path))
+    np.savez(tmp_path / "xy.npz", x=x, y=y)
+    assert load_data(str(tmp_path / "xy.npz"))[0].shape == x.shape
