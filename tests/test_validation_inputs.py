@@ -37,3 +37,17 @@ def test_npz_with_both_x_y_and_data_label_is_refused(tmp_path):
         load_data(str(path))
     np.savez(tmp_path / "xy.npz", x=x, y=y)
     assert load_data(str(tmp_path / "xy.npz"))[0].shape == x.shape
+
+
+def test_dict_inputs_are_refused_with_advice():
+    from tf_backdoor_defense import clean_accuracy
+
+    model = tiny_conv_model()
+    x, y = _data()
+    name = model.input_names[0]
+    advice = rf"dict inputs are not supported.*\(x\['{name}'\], y\)"
+    with pytest.raises(InputTypeError, match=advice):
+        clean_accuracy(model, ({name: x}, y))
+    dataset = tf.data.Dataset.from_tensor_slices(({name: x}, y)).batch(4)
+    with pytest.raises(InputTypeError, match=r"dict inputs are not supported.*dataset\.map"):
+        clean_accuracy(model, dataset)

@@ -9,6 +9,7 @@ errors an application may show to its user as they are.
 
 import numbers
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -174,6 +175,7 @@ class LabeledData:
         for element in self.dataset:
             if not isinstance(element, (tuple, list)) or len(element) < 2:
                 raise InputError(f"The dataset `{self.name}` must yield (x, y) pairs.")
+            _refuse_dict_inputs(element[0], self.name, dataset=True)
             x, y = (np.asarray(e.numpy() if hasattr(e, "numpy") else e) for e in element[:2])
             if x.ndim == len(self.input_shape or ()) and y.ndim == 0:
                 x, y = x[None], y[None]
@@ -214,7 +216,21 @@ def all_finite(x, chunk_bytes=1 << 24):
                for start in range(0, x.shape[0], rows))
 
 
+def _refuse_dict_inputs(x, name, dataset=False):
+    """An :class:`InputTypeError` for Keras-style ``{input_name: x}`` inputs, which the
+    library does not read; the message says how to pass the array instead."""
+    if not isinstance(x, Mapping):
+        return
+    keys = list(x)
+    key = repr(keys[0]) if len(keys) == 1 else "input_name"
+    fix = (f"dataset.map(lambda x, y: (x[{key}], y))" if dataset else f"(x[{key}], y)")
+    raise InputTypeError(
+        f"`{name}` gives its inputs as a dict (keys {keys}); dict inputs are not supported. "
+        f"Pass the input array itself: for a one-input model, {fix}.")
+
+
 def _check_arrays(x, y, name, input_shape, num_classes):
+    _refuse_dict_inputs(x, name)
     x = np.asarray(x)
     y = class_indices(y, f"The labels of `{name}`")
     if x.shape[0] != y.shape[0]:
@@ -252,7 +268,8 @@ def check_data(data, name="data", *, model=None, num_classes=None):
     ----------
     data : tuple of (array, array), LabeledData or tf.data.Dataset
         Inputs and labels (class indices or one-hot rows). A dataset yields
-        ``(x, y)`` batches or single examples.
+        ``(x, y)`` batches or single examples. ``x`` is an array: Keras-style
+        ``{input_name: x}`` dicts are refused (:class:`InputTypeError`).
     name : str
         Used in error messages.
     model : tf_keras.Model, default=None
