@@ -51,3 +51,27 @@ def test_dict_inputs_are_refused_with_advice():
     dataset = tf.data.Dataset.from_tensor_slices(({name: x}, y)).batch(4)
     with pytest.raises(InputTypeError, match=r"dict inputs are not supported.*dataset\.map"):
         clean_accuracy(model, dataset)
+
+
+@pytest.mark.parametrize("labels, match", [
+    (lambda y: np.eye(5)[y], "rows of 5 columns, but the model has 3 classes"),
+    (lambda y: np.eye(3)[y][:, :2], "rows of 2 columns, but the model has 3 classes"),
+    (lambda y: np.stack([y, np.ones_like(y)], 1), "rows of 2 columns"),
+    (lambda y: np.zeros((len(y), 3)), "12 of 12 rows are not.*all-zero row"),
+    (lambda y: np.eye(3)[y] * 2, "must be non-negative and sum to 1"),
+])
+def test_label_rows_that_argmax_would_misread_are_refused(labels, match):
+    from tf_backdoor_defense._validation import check_data
+
+    x, y = _data()
+    with pytest.raises(InputError, match=match):
+        check_data((x, labels(y)), model=tiny_conv_model())
+
+
+def test_one_hot_and_probability_rows_are_read_by_argmax():
+    from tf_backdoor_defense._validation import check_data
+
+    x, y = _data()
+    soft = np.full((len(y), 3), 0.1) + 0.7 * np.eye(3)[y]  # label smoothing: rows sum to 1
+    for rows in (np.eye(3)[y], np.eye(3, dtype="float32")[y], soft):
+        assert check_data((x, rows), model=tiny_conv_model()).y.tolist() == y.tolist()

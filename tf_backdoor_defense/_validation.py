@@ -229,9 +229,34 @@ def _refuse_dict_inputs(x, name, dataset=False):
         f"Pass the input array itself: for a one-input model, {fix}.")
 
 
+def _check_label_rows(y, name, num_classes):
+    """Refuse 2-D label rows that argmax would misread: a width other than the model's class
+    count, and rows that are neither one-hot nor probabilities (non-negative, summing to 1)."""
+    y = np.asarray(y)
+    if y.ndim != 2 or y.shape[1] < 2 or not (y.dtype == bool or np.issubdtype(y.dtype, np.number)) \
+            or np.iscomplexobj(y) or not y.size:
+        return
+    if num_classes is not None and y.shape[1] != num_classes:
+        raise InputError(
+            f"The labels of `{name}` are rows of {y.shape[1]} columns, but the model has "
+            f"{num_classes} classes: one-hot labels need one column per class. Pass class "
+            f"indices of shape (N,) or one-hot rows of shape (N, {num_classes}).")
+    rows = y.astype(np.float64)
+    if not np.all(np.isfinite(rows)):
+        raise InputError(f"The labels of `{name}` contain NaN or Inf values.")
+    bad = np.flatnonzero(np.any(rows < 0, axis=1) | ~np.isclose(rows.sum(axis=1), 1.0, atol=1e-3))
+    if bad.size:
+        raise InputError(
+            f"The labels of `{name}` are 2-D rows, read as one-hot or class probabilities, but "
+            f"{bad.size} of {len(rows)} rows are not (row {int(bad[0])}: "
+            f"{np.array2string(y[bad[0]], threshold=12)}); a row must be non-negative and sum "
+            "to 1 (an all-zero row has no class). Pass class indices of shape (N,) instead.")
+
+
 def _check_arrays(x, y, name, input_shape, num_classes):
     _refuse_dict_inputs(x, name)
     x = np.asarray(x)
+    _check_label_rows(y, name, num_classes)
     y = class_indices(y, f"The labels of `{name}`")
     if x.shape[0] != y.shape[0]:
         raise InputError(f"`{name}` has {x.shape[0]} inputs but {y.shape[0]} labels; "
@@ -267,7 +292,8 @@ def check_data(data, name="data", *, model=None, num_classes=None):
     Parameters
     ----------
     data : tuple of (array, array), LabeledData or tf.data.Dataset
-        Inputs and labels (class indices or one-hot rows). A dataset yields
+        Inputs and labels (class indices, or one-hot or probability rows with
+        one column per class, each row summing to 1). A dataset yields
         ``(x, y)`` batches or single examples. ``x`` is an array: Keras-style
         ``{input_name: x}`` dicts are refused (:class:`InputTypeError`).
     name : str
