@@ -75,3 +75,24 @@ def test_one_hot_and_probability_rows_are_read_by_argmax():
     soft = np.full((len(y), 3), 0.1) + 0.7 * np.eye(3)[y]  # label smoothing: rows sum to 1
     for rows in (np.eye(3)[y], np.eye(3, dtype="float32")[y], soft):
         assert check_data((x, rows), model=tiny_conv_model()).y.tolist() == y.tolist()
+
+
+@pytest.mark.parametrize("labels", [lambda y: np.eye(3, dtype="float32")[y],
+                                    lambda y: y[:, None]])
+def test_unbatched_dataset_with_one_hot_or_column_labels_is_read(labels):
+    from tf_backdoor_defense import clean_accuracy
+
+    model = tiny_conv_model()
+    x, y = _data()
+    expected = clean_accuracy(model, (x, y))
+    dataset = tf.data.Dataset.from_tensor_slices((x, labels(y)))  # not batched
+    assert clean_accuracy(model, dataset) == expected
+
+
+def test_batched_dataset_of_the_wrong_rank_still_names_the_shape():
+    from tf_backdoor_defense import clean_accuracy
+
+    x, y = _data()
+    dataset = tf.data.Dataset.from_tensor_slices((x[..., 0], y)).batch(12)  # (12, 8, 8)
+    with pytest.raises(InputError, match=r"inputs of shape \(8, 8\)"):
+        clean_accuracy(tiny_conv_model(), dataset)

@@ -177,7 +177,7 @@ class LabeledData:
                 raise InputError(f"The dataset `{self.name}` must yield (x, y) pairs.")
             _refuse_dict_inputs(element[0], self.name, dataset=True)
             x, y = (np.asarray(e.numpy() if hasattr(e, "numpy") else e) for e in element[:2])
-            if x.ndim == len(self.input_shape or ()) and y.ndim == 0:
+            if _single_example(x, y, self.input_shape):
                 x, y = x[None], y[None]
             x, y = _check_arrays(x, y, self.name, self.input_shape, self.num_classes)
             seen += x.shape[0]
@@ -199,6 +199,22 @@ class LabeledData:
             raise InputTypeError("subset() needs array data, not a dataset.")
         return LabeledData(self.name, self.x[index], self.y[index], None, self.input_shape,
                            self.num_classes)
+
+
+def _single_example(x, y, input_shape):
+    """Whether a dataset element is one example (an unbatched dataset): ``x`` of the model's
+    input rank with a scalar label, or ``x`` of exactly the input shape with a one-hot row or a
+    ``(1,)`` label.
+
+    >>> _single_example(np.zeros((4, 4)), np.zeros(3), (None, 4)), _single_example(
+    ...     np.zeros((32, 4)), np.zeros(32), (4, 1))
+    (True, False)
+    """
+    shape = tuple(input_shape or ())
+    if x.ndim != len(shape):
+        return False
+    return y.ndim == 0 or (y.ndim == 1 and all(e is None or e == g
+                                               for e, g in zip(shape, x.shape)))
 
 
 def all_finite(x, chunk_bytes=1 << 24):
