@@ -1,8 +1,6 @@
 """Input checks at the public boundary: dict inputs, label widths, unbatched datasets, tiny
 defender data, data files with ambiguous keys, and the warnings about the defender's data."""
 
-import warnings
-
 import numpy as np
 import pytest
 
@@ -96,3 +94,21 @@ def test_batched_dataset_of_the_wrong_rank_still_names_the_shape():
     dataset = tf.data.Dataset.from_tensor_slices((x[..., 0], y)).batch(12)  # (12, 8, 8)
     with pytest.raises(InputError, match=r"inputs of shape \(8, 8\)"):
         clean_accuracy(tiny_conv_model(), dataset)
+
+
+def _predicted(model, x):
+    from tf_backdoor_defense.metrics import predict_labels
+
+    return predict_labels(model, x)
+
+
+def test_scan_warns_when_the_model_gets_most_labels_wrong():
+    from tf_backdoor_defense import LowAccuracyWarning, scan_model
+
+    model = tiny_conv_model()
+    x, _ = _data(24)
+    shifted = (_predicted(model, x) + 1) % 3  # labels in another class order: 0% right
+    with pytest.warns(LowAccuracyWarning, match=r"only 0\.0% of the clean data right"):
+        result = scan_model(model, (x, shifted), steps=2)
+    assert "verdict says little" in result.warnings[0]
+

@@ -186,6 +186,7 @@ Progress (one line per method tried) goes to the ``logging`` logger of this
 module, ``tf_backdoor_defense.defenses._defend``.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -252,7 +253,21 @@ class LowAccuracyWarning(UserWarning):
     likely scaled or ordered otherwise than the model's training data, or labelled otherwise."""
 
 
-def _low_accuracy_note(accuracy, classes, x):
+def clean_data_notes(model, labels, accuracy, x, scan=False):
+    """``[(warning class, text), ...]`` about the defender's clean data, for :func:`defend` and
+    :func:`~tf_backdoor_defense.scan.scan_model` (``scan=True``) alike:
+    :class:`LowAccuracyWarning` when the received model's ``accuracy`` on them is low (``x``:
+    the inputs it was measured on)."""
+    classes = num_classes_of(model)
+    low = (_low_accuracy_note(accuracy, classes, x, "clean data", "The scan reverses triggers "
+                              "towards these labels, so its verdict says little")
+           if scan else _low_accuracy_note(accuracy, classes, x))
+    notes = [(LowAccuracyWarning, low)]
+    return [(category, text) for category, text in notes if text]
+
+
+def _low_accuracy_note(accuracy, classes, x, data="clean validation data",
+                       consequence="Every repair is judged against this accuracy"):
     """A warning's text when ``accuracy`` is below :data:`LOW_ACCURACY`, else "".
 
     >>> import numpy as np
@@ -275,11 +290,10 @@ def _low_accuracy_note(accuracy, classes, x):
         hint = "; a model trained on raw 0-255 pixels needs them unscaled"
     else:
         hint = ""
-    return (f"the received model classifies only {accuracy:.1%} of the clean validation data "
+    return (f"the received model classifies only {accuracy:.1%} of the {data} "
             f"right (chance: {1 / classes:.1%}). A backdoor does not do that to clean inputs: "
             f"the data are likely prepared otherwise than the model's training data (these lie "
-            f"in [{low:g}, {high:g}]{hint}), or labelled in another order. Every repair is "
-            "judged against this accuracy")
+            f"in [{low:g}, {high:g}]{hint}), or labelled in another order. {consequence}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -663,7 +677,16 @@ def _rescan(model, train, context, what):
     options.setdefault("second_tier_classes", context["scan"].suspected_targets)
     # scan_model logs its own verdict line ("scan: ..."); this one says what it scans.
     logger.log(context["log_level"], "rescanning %s", what)
-    return scan_model(model, train, **options)
+    with _without_data_warnings():  # about the defender's data, which defend warned of
+        return scan_model(model, train, **options)
+
+
+@contextlib.contextmanager
+def _without_data_warnings():
+    """Silence :func:`clean_data_notes`' warnings in the scans :func:`defend` runs itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LowAccuracyWarning)
+        yield
 
 
 def _ibau(model, train, context):
@@ -1006,14 +1029,17 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     base_correct = _predictions(model, context) == context["validation_labels"]
     base_accuracy = float(base_correct.mean())
     context["baseline_accuracy"] = base_accuracy
-    low = _low_accuracy_note(base_accuracy, num_classes_of(model), validation[0])
-    if low:
-        warnings.warn(low, LowAccuracyWarning, stacklevel=2)
+    data_notes = clean_data_notes(
+        model, np.concatenate([_labels(train[1]), context["validation_labels"]]), base_accuracy,
+        validation[0])
+    for category, text in data_notes:
+        warnings.warn(text, category, stacklevel=2)
     found = None
     if do_scan:
         from tf_backdoor_defense.scan._scan import scan_model
 
-        found = scan_model(model, train, **scan_kwargs)
+        with _without_data_warnings():  # defend has just warned about the same data
+            found = scan_model(model, train, **scan_kwargs)
         context["scan"] = found  # scan_model logs its verdict ("scan: ...") itself
         if default_methods and _ibau_target(found) is not None:
             methods = list(TARGETED_METHODS)
@@ -1039,7 +1065,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
                 "train_size": int(train[0].shape[0]), "validation_size": int(validation[0].shape[0]),
                 "asr_tolerance": tolerance, "ibau_radius": ibau_radius}
 
-    notes = [low] if low else []
+    notes = [text for _, text in data_notes]
     if found is not None and not found.backdoor_found and not repair_if_clean:
         if poisoned is not None and base_asr > tolerance:
             notes.append(f"the scan found no backdoor, but the triggered validation data show "
