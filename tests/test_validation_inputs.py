@@ -1,6 +1,8 @@
 """Input checks at the public boundary: dict inputs, label widths, unbatched datasets, tiny
 defender data, data files with ambiguous keys, and the warnings about the defender's data."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -112,3 +114,28 @@ def test_scan_warns_when_the_model_gets_most_labels_wrong():
         result = scan_model(model, (x, shifted), steps=2)
     assert "verdict says little" in result.warnings[0]
 
+
+def _two_of_three_classes(n=24):
+    x, y = _data(n)
+    return x[y < 2], y[y < 2]
+
+
+def test_scan_warns_when_the_data_lack_some_classes():
+    from tf_backdoor_defense import MissingClassesWarning, scan_model
+
+    with pytest.warns(MissingClassesWarning, match=r"no example of 1 of the model's 3 classes "
+                                                   r"\(2\).*on those 2 classes only"):
+        result = scan_model(tiny_conv_model(), _two_of_three_classes(), steps=2)
+    assert any("no example of 1 of the model's 3 classes" in w for w in result.warnings)
+
+
+def test_defend_warns_once_when_the_data_lack_some_classes():
+    from tf_backdoor_defense import MissingClassesWarning, defend
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = defend(tiny_conv_model(), _two_of_three_classes(), methods=["ft-cosine"],
+                        epochs=1, scan_options={"steps": 2}, repair_if_clean=True)
+    missing = [w for w in caught if issubclass(w.category, MissingClassesWarning)]
+    assert len(missing) == 1 and "(2)" in str(missing[0].message)
+    assert any(w.startswith("the clean data hold no example of 1") for w in result.warnings)

@@ -208,7 +208,8 @@ from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._validation import check_data, check_fraction, check_model, check_number, \
     check_target, num_classes_of
 
-__all__ = ["defend", "DefenseResult", "BackdoorStillActiveWarning", "METHODS", "DEFAULT_METHODS",
+__all__ = ["defend", "DefenseResult", "BackdoorStillActiveWarning", "MissingClassesWarning",
+           "METHODS", "DEFAULT_METHODS",
            "TARGETED_METHODS", "INTERPOLATE",
            "paired_drop", "interpolate_weights"]
 
@@ -253,16 +254,43 @@ class LowAccuracyWarning(UserWarning):
     likely scaled or ordered otherwise than the model's training data, or labelled otherwise."""
 
 
+class MissingClassesWarning(UserWarning):
+    """The defender's clean data hold no example of some of the model's classes: repairs and
+    scan verdicts are judged only on the classes present."""
+
+
+def _missing_classes_note(labels, classes):
+    """A warning's text when ``labels`` lack some of the ``classes`` classes, else "".
+
+    >>> import numpy as np
+    >>> _missing_classes_note(np.arange(6) % 3, 3)
+    ''
+    >>> print(_missing_classes_note(np.array([0, 1, 1]), 4))  # doctest: +ELLIPSIS
+    the clean data hold no example of 2 of the model's 4 classes (2, 3)...
+    """
+    missing = sorted(set(range(classes)) - set(np.unique(np.asarray(labels)).tolist()))
+    if not missing:
+        return ""
+    shown = ", ".join(str(c) for c in missing[:20]) + (", ..." if len(missing) > 20 else "")
+    return (f"the clean data hold no example of {len(missing)} of the model's {classes} classes "
+            f"({shown}): the scan reverses triggers from inputs of the classes present only, and "
+            f"repairs are trained and judged, and verdicts made, on those {classes - len(missing)} "
+            "classes only; a backdoor or an accuracy loss that involves the missing classes can "
+            "go unseen. Give examples of every class")
+
+
 def clean_data_notes(model, labels, accuracy, x, scan=False):
     """``[(warning class, text), ...]`` about the defender's clean data, for :func:`defend` and
     :func:`~tf_backdoor_defense.scan.scan_model` (``scan=True``) alike:
     :class:`LowAccuracyWarning` when the received model's ``accuracy`` on them is low (``x``:
-    the inputs it was measured on)."""
+    the inputs it was measured on), then :class:`MissingClassesWarning` when ``labels`` lack
+    some of the model's classes."""
     classes = num_classes_of(model)
     low = (_low_accuracy_note(accuracy, classes, x, "clean data", "The scan reverses triggers "
                               "towards these labels, so its verdict says little")
            if scan else _low_accuracy_note(accuracy, classes, x))
-    notes = [(LowAccuracyWarning, low)]
+    notes = [(LowAccuracyWarning, low),
+             (MissingClassesWarning, _missing_classes_note(labels, classes))]
     return [(category, text) for category, text in notes if text]
 
 
@@ -686,6 +714,7 @@ def _without_data_warnings():
     """Silence :func:`clean_data_notes`' warnings in the scans :func:`defend` runs itself."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LowAccuracyWarning)
+        warnings.simplefilter("ignore", MissingClassesWarning)
         yield
 
 

@@ -175,7 +175,8 @@ class ScanResult:
     warnings : tuple of str
         Why the verdict may not be trusted, also warned when the scan ran:
         the model gets most of ``data`` wrong (``LowAccuracyWarning``, as in
-        :func:`~tf_backdoor_defense.defend`).
+        :func:`~tf_backdoor_defense.defend`), or ``data`` lack some of the
+        model's classes (``MissingClassesWarning``).
     """
 
     backdoor_found: bool
