@@ -88,6 +88,7 @@ _EXPORTS = {
     "DefenseResult": "defenses._defend",
     "BackdoorStillActiveWarning": "defenses._defend",
     "LowAccuracyWarning": "defenses._defend",
+    "MissingClassesWarning": "defenses._defend",
     "convs_read_by_dense": "graph._analysis",
     "scan_model": "scan._scan",
     "ScanResult": "scan._scan",

@@ -9,6 +9,7 @@ errors an application may show to its user as they are.
 
 import numbers
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -174,8 +175,9 @@ class LabeledData:
         for element in self.dataset:
             if not isinstance(element, (tuple, list)) or len(element) < 2:
                 raise InputError(f"The dataset `{self.name}` must yield (x, y) pairs.")
+            _refuse_dict_inputs(element[0], self.name, dataset=True)
             x, y = (np.asarray(e.numpy() if hasattr(e, "numpy") else e) for e in element[:2])
-            if x.ndim == len(self.input_shape or ()) and y.ndim == 0:
+            if _single_example(x, y, self.input_shape):
                 x, y = x[None], y[None]
             x, y = _check_arrays(x, y, self.name, self.input_shape, self.num_classes)
             seen += x.shape[0]
@@ -199,6 +201,22 @@ class LabeledData:
                            self.num_classes)
 
 
+def _single_example(x, y, input_shape):
+    """Whether a dataset element is one example (an unbatched dataset): ``x`` of the model's
+    input rank with a scalar label, or ``x`` of exactly the input shape with a one-hot row or a
+    ``(1,)`` label.
+
+    >>> _single_example(np.zeros((4, 4)), np.zeros(3), (None, 4)), _single_example(
+    ...     np.zeros((32, 4)), np.zeros(32), (4, 1))
+    (True, False)
+    """
+    shape = tuple(input_shape or ())
+    if x.ndim != len(shape):
+        return False
+    return y.ndim == 0 or (y.ndim == 1 and all(e is None or e == g
+                                               for e, g in zip(shape, x.shape)))
+
+
 def all_finite(x, chunk_bytes=1 << 24):
     """Whether every value of ``x`` is finite, checked in slices of about ``chunk_bytes``
     so that memory does not grow with the data set.
@@ -214,8 +232,47 @@ def all_finite(x, chunk_bytes=1 << 24):
                for start in range(0, x.shape[0], rows))
 
 
+def _refuse_dict_inputs(x, name, dataset=False):
+    """An :class:`InputTypeError` for Keras-style ``{input_name: x}`` inputs, which the
+    library does not read; the message says how to pass the array instead."""
+    if not isinstance(x, Mapping):
+        return
+    keys = list(x)
+    key = repr(keys[0]) if len(keys) == 1 else "input_name"
+    fix = (f"dataset.map(lambda x, y: (x[{key}], y))" if dataset else f"(x[{key}], y)")
+    raise InputTypeError(
+        f"`{name}` gives its inputs as a dict (keys {keys}); dict inputs are not supported. "
+        f"Pass the input array itself: for a one-input model, {fix}.")
+
+
+def _check_label_rows(y, name, num_classes):
+    """Refuse 2-D label rows that argmax would misread: a width other than the model's class
+    count, and rows that are neither one-hot nor probabilities (non-negative, summing to 1)."""
+    y = np.asarray(y)
+    if y.ndim != 2 or y.shape[1] < 2 or not (y.dtype == bool or np.issubdtype(y.dtype, np.number)) \
+            or np.iscomplexobj(y) or not y.size:
+        return
+    if num_classes is not None and y.shape[1] != num_classes:
+        raise InputError(
+            f"The labels of `{name}` are rows of {y.shape[1]} columns, but the model has "
+            f"{num_classes} classes: one-hot labels need one column per class. Pass class "
+            f"indices of shape (N,) or one-hot rows of shape (N, {num_classes}).")
+    rows = y.astype(np.float64)
+    if not np.all(np.isfinite(rows)):
+        raise InputError(f"The labels of `{name}` contain NaN or Inf values.")
+    bad = np.flatnonzero(np.any(rows < 0, axis=1) | ~np.isclose(rows.sum(axis=1), 1.0, atol=1e-3))
+    if bad.size:
+        raise InputError(
+            f"The labels of `{name}` are 2-D rows, read as one-hot or class probabilities, but "
+            f"{bad.size} of {len(rows)} rows are not (row {int(bad[0])}: "
+            f"{np.array2string(y[bad[0]], threshold=12)}); a row must be non-negative and sum "
+            "to 1 (an all-zero row has no class). Pass class indices of shape (N,) instead.")
+
+
 def _check_arrays(x, y, name, input_shape, num_classes):
+    _refuse_dict_inputs(x, name)
     x = np.asarray(x)
+    _check_label_rows(y, name, num_classes)
     y = class_indices(y, f"The labels of `{name}`")
     if x.shape[0] != y.shape[0]:
         raise InputError(f"`{name}` has {x.shape[0]} inputs but {y.shape[0]} labels; "
@@ -251,8 +308,10 @@ def check_data(data, name="data", *, model=None, num_classes=None):
     Parameters
     ----------
     data : tuple of (array, array), LabeledData or tf.data.Dataset
-        Inputs and labels (class indices or one-hot rows). A dataset yields
-        ``(x, y)`` batches or single examples.
+        Inputs and labels (class indices, or one-hot or probability rows with
+        one column per class, each row summing to 1). A dataset yields
+        ``(x, y)`` batches or single examples. ``x`` is an array: Keras-style
+        ``{input_name: x}`` dicts are refused (:class:`InputTypeError`).
     name : str
         Used in error messages.
     model : tf_keras.Model, default=None

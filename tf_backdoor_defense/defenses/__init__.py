@@ -5,6 +5,7 @@ from tf_backdoor_defense.defenses._defend import (  # noqa: F401
     DefenseResult,
     BackdoorStillActiveWarning,
     LowAccuracyWarning,
+    MissingClassesWarning,
     METHODS,
 )
 from tf_backdoor_defense.defenses._guided import (  # noqa: F401
@@ -29,6 +30,7 @@ __all__ = [
     "DefenseResult",
     "BackdoorStillActiveWarning",
     "LowAccuracyWarning",
+    "MissingClassesWarning",
     "METHODS",
     "attack_guided_prune",
     "GuidedPruningResult",

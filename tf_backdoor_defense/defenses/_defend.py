@@ -186,6 +186,7 @@ Progress (one line per method tried) goes to the ``logging`` logger of this
 module, ``tf_backdoor_defense.defenses._defend``.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -203,10 +204,12 @@ from tf_backdoor_defense.masks._wrapper import last_conv_layer, masked_layers
 from tf_backdoor_defense.metrics import attack_success_rate, predict_labels
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, head_layers, train_clean
 from tf_backdoor_defense._distribute import resolve_strategy
+from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._validation import check_data, check_fraction, check_model, check_number, \
     check_target, num_classes_of
 
-__all__ = ["defend", "DefenseResult", "BackdoorStillActiveWarning", "METHODS", "DEFAULT_METHODS",
+__all__ = ["defend", "DefenseResult", "BackdoorStillActiveWarning", "MissingClassesWarning",
+           "METHODS", "DEFAULT_METHODS",
            "TARGETED_METHODS", "INTERPOLATE",
            "paired_drop", "interpolate_weights"]
 
@@ -251,7 +254,48 @@ class LowAccuracyWarning(UserWarning):
     likely scaled or ordered otherwise than the model's training data, or labelled otherwise."""
 
 
-def _low_accuracy_note(accuracy, classes, x):
+class MissingClassesWarning(UserWarning):
+    """The defender's clean data hold no example of some of the model's classes: repairs and
+    scan verdicts are judged only on the classes present."""
+
+
+def _missing_classes_note(labels, classes):
+    """A warning's text when ``labels`` lack some of the ``classes`` classes, else "".
+
+    >>> import numpy as np
+    >>> _missing_classes_note(np.arange(6) % 3, 3)
+    ''
+    >>> print(_missing_classes_note(np.array([0, 1, 1]), 4))  # doctest: +ELLIPSIS
+    the clean data hold no example of 2 of the model's 4 classes (2, 3)...
+    """
+    missing = sorted(set(range(classes)) - set(np.unique(np.asarray(labels)).tolist()))
+    if not missing:
+        return ""
+    shown = ", ".join(str(c) for c in missing[:20]) + (", ..." if len(missing) > 20 else "")
+    return (f"the clean data hold no example of {len(missing)} of the model's {classes} classes "
+            f"({shown}): the scan reverses triggers from inputs of the classes present only, and "
+            f"repairs are trained and judged, and verdicts made, on those {classes - len(missing)} "
+            "classes only; a backdoor or an accuracy loss that involves the missing classes can "
+            "go unseen. Give examples of every class")
+
+
+def clean_data_notes(model, labels, accuracy, x, scan=False):
+    """``[(warning class, text), ...]`` about the defender's clean data, for :func:`defend` and
+    :func:`~tf_backdoor_defense.scan.scan_model` (``scan=True``) alike:
+    :class:`LowAccuracyWarning` when the received model's ``accuracy`` on them is low (``x``:
+    the inputs it was measured on), then :class:`MissingClassesWarning` when ``labels`` lack
+    some of the model's classes."""
+    classes = num_classes_of(model)
+    low = (_low_accuracy_note(accuracy, classes, x, "clean data", "The scan reverses triggers "
+                              "towards these labels, so its verdict says little")
+           if scan else _low_accuracy_note(accuracy, classes, x))
+    notes = [(LowAccuracyWarning, low),
+             (MissingClassesWarning, _missing_classes_note(labels, classes))]
+    return [(category, text) for category, text in notes if text]
+
+
+def _low_accuracy_note(accuracy, classes, x, data="clean validation data",
+                       consequence="Every repair is judged against this accuracy"):
     """A warning's text when ``accuracy`` is below :data:`LOW_ACCURACY`, else "".
 
     >>> import numpy as np
@@ -274,11 +318,10 @@ def _low_accuracy_note(accuracy, classes, x):
         hint = "; a model trained on raw 0-255 pixels needs them unscaled"
     else:
         hint = ""
-    return (f"the received model classifies only {accuracy:.1%} of the clean validation data "
+    return (f"the received model classifies only {accuracy:.1%} of the {data} "
             f"right (chance: {1 / classes:.1%}). A backdoor does not do that to clean inputs: "
             f"the data are likely prepared otherwise than the model's training data (these lie "
-            f"in [{low:g}, {high:g}]{hint}), or labelled in another order. Every repair is "
-            "judged against this accuracy")
+            f"in [{low:g}, {high:g}]{hint}), or labelled in another order. {consequence}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,11 +453,15 @@ def paired_drop(reference_correct, candidate_correct, confidence=0.8):
 def _split(data, fraction, seed, model):
     x, y = as_arrays(data, "train_data", model)
     if x.shape[0] < 2:
-        raise ValueError("`train_data` must hold at least 2 examples to split off validation data.")
+        raise InputError(f"`train_data` holds {x.shape[0]} example; it must hold at least 2 to "
+                         "split off validation data. Pass more examples, or give "
+                         "`validation_data` (--validation on the command line).")
     order = np.random.default_rng(seed).permutation(x.shape[0])
     count = max(1, int(round(fraction * x.shape[0])))
     if count >= x.shape[0]:
-        raise ValueError(f"validation_split={fraction} leaves no training data.")
+        raise InputError(f"validation_split={fraction} leaves no training data from "
+                         f"{x.shape[0]} examples; pass more examples or a smaller "
+                         "validation_split.")
     return (x[order[count:]], y[order[count:]]), (x[order[:count]], y[order[:count]])
 
 
@@ -658,7 +705,17 @@ def _rescan(model, train, context, what):
     options.setdefault("second_tier_classes", context["scan"].suspected_targets)
     # scan_model logs its own verdict line ("scan: ..."); this one says what it scans.
     logger.log(context["log_level"], "rescanning %s", what)
-    return scan_model(model, train, **options)
+    with _without_data_warnings():  # about the defender's data, which defend warned of
+        return scan_model(model, train, **options)
+
+
+@contextlib.contextmanager
+def _without_data_warnings():
+    """Silence :func:`clean_data_notes`' warnings in the scans :func:`defend` runs itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LowAccuracyWarning)
+        warnings.simplefilter("ignore", MissingClassesWarning)
+        yield
 
 
 def _ibau(model, train, context):
@@ -1001,14 +1058,17 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
     base_correct = _predictions(model, context) == context["validation_labels"]
     base_accuracy = float(base_correct.mean())
     context["baseline_accuracy"] = base_accuracy
-    low = _low_accuracy_note(base_accuracy, num_classes_of(model), validation[0])
-    if low:
-        warnings.warn(low, LowAccuracyWarning, stacklevel=2)
+    data_notes = clean_data_notes(
+        model, np.concatenate([_labels(train[1]), context["validation_labels"]]), base_accuracy,
+        validation[0])
+    for category, text in data_notes:
+        warnings.warn(text, category, stacklevel=2)
     found = None
     if do_scan:
         from tf_backdoor_defense.scan._scan import scan_model
 
-        found = scan_model(model, train, **scan_kwargs)
+        with _without_data_warnings():  # defend has just warned about the same data
+            found = scan_model(model, train, **scan_kwargs)
         context["scan"] = found  # scan_model logs its verdict ("scan: ...") itself
         if default_methods and _ibau_target(found) is not None:
             methods = list(TARGETED_METHODS)
@@ -1034,7 +1094,7 @@ def defend(model, train_data, *, validation_data=None, validation_split=0.25, ma
                 "train_size": int(train[0].shape[0]), "validation_size": int(validation[0].shape[0]),
                 "asr_tolerance": tolerance, "ibau_radius": ibau_radius}
 
-    notes = [low] if low else []
+    notes = [text for _, text in data_notes]
     if found is not None and not found.backdoor_found and not repair_if_clean:
         if poisoned is not None and base_asr > tolerance:
             notes.append(f"the scan found no backdoor, but the triggered validation data show "

@@ -3,7 +3,8 @@
 Reading (:func:`load_data`)
     - HDF5 with datasets ``data`` and ``label`` (the lab's files; ``x``/``y``
       also work), channels-first ``(N, C, H, W)`` or channels-last;
-    - ``.npz`` with arrays ``x`` and ``y`` (or ``data`` and ``label``);
+    - ``.npz`` with arrays ``x`` and ``y`` (or ``data`` and ``label``; a file holding
+      both pairs is refused as ambiguous);
     - a folder of images, or a glob pattern of image files (``faces/cl_*.png``),
       labelled by ``label=N`` in the file name (``cl_0_label=43.png``) or by
       an integer subfolder name (``3/img.png``).
@@ -65,9 +66,13 @@ class DataFileError(InputError):
 
 # -- reading ---------------------------------------------------------------------------
 def _pick(keys, wanted, path, what):
-    for key in wanted:
-        if key in keys:
-            return key
+    found = [key for key in wanted if key in keys]
+    if len(found) > 1:  # e.g. both x/y and data/label: which pair is meant is a guess
+        raise DataFileError(f"'{path}' holds several {what} arrays ({', '.join(found)}); it is "
+                            f"not clear which to read. Keep one {what} array (x and y, or data "
+                            "and label) in the file.")
+    if found:
+        return found[0]
     raise DataFileError(f"'{path}' has no {what} array: expected one of {list(wanted)}, found "
                         f"{sorted(keys)}.")
 

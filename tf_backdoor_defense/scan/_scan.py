@@ -173,6 +173,11 @@ class ScanResult:
         (:func:`~tf_backdoor_defense.graph.reads_channels_first`): the
         triggers were reversed over their channels-last view ``(H, W, C)``,
         the shape of ``masks`` and ``patterns``.
+    warnings : tuple of str
+        Why the verdict may not be trusted, also warned when the scan ran:
+        the model gets most of ``data`` wrong (``LowAccuracyWarning``, as in
+        :func:`~tf_backdoor_defense.defend`), or ``data`` lack some of the
+        model's classes (``MissingClassesWarning``).
     """
 
     backdoor_found: bool
@@ -195,6 +200,7 @@ class ScanResult:
     settings: dict
     input_shape: tuple = None
     channels_first: bool = False
+    warnings: tuple = ()
 
     def trigger(self, target):
         """``(mask, pattern)`` reversed for class ``target``, or ``"untargeted"``, in the
@@ -625,6 +631,7 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
     check_model(model)
     strategy = resolve_strategy(strategy, model)
     x, y = check_data(data, "data", model=model).arrays()
+    x_model = x  # as the model reads it, for the data checks below
     model_shape = tuple(int(d) for d in x.shape[1:])
     channels_first = reads_channels_first(model)
     if channels_first:  # triggers are reversed over (H, W, C) images, read by a view
@@ -667,6 +674,14 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
                     all_to_all_matching=all_to_all_matching, candidates=None if len(candidates) == num_classes else candidates.tolist(),
                     screen_above=screen_above, screen_steps=screen_steps, refine=refine,
                     reference=reference, max_images_per_step=max_images_per_step, seed=seed)
+    from tf_backdoor_defense.defenses._defend import clean_data_notes
+    from tf_backdoor_defense.metrics import predict_labels
+
+    accuracy = float(np.mean(predict_labels(model, x_model, strategy=strategy) == y))
+    data_notes = clean_data_notes(model, y, accuracy, x_model, scan=True)
+    for category, text in data_notes:
+        warnings.warn(text, category, stacklevel=2)
+    del x_model
 
     rng = np.random.default_rng(seed)
     optimise, held, success_data = _split(y, holdout, rng)
@@ -772,7 +787,8 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
         success_rates=rates, untargeted=untargeted, untargeted_mask=masks[-1],
         untargeted_pattern=patterns[-1], value_range=tuple(value_range),
         success_data=success_data, seconds=seconds, timings=timings, settings=settings,
-        input_shape=model_shape, channels_first=channels_first)
+        input_shape=model_shape, channels_first=channels_first,
+        warnings=tuple(text for _, text in data_notes))
 
 
 def _check_candidates(candidates, num_classes):
