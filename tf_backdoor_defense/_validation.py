@@ -21,6 +21,8 @@ __all__ = [
     "InputError",
     "InputTypeError",
     "LabeledData",
+    "LowAccuracyWarning",
+    "MissingClassesWarning",
     "check_model",
     "check_data",
     "check_fraction",
@@ -379,3 +381,85 @@ def renamed_argument(function, old, old_value, new, new_value):
     warnings.warn(f"The '{old}' parameter of {function} is now '{new}'; '{old}' will be removed "
                   "in the next release.", DeprecationWarning, stacklevel=3)
     return old_value
+
+
+# -- notes about the defender's clean data (defend and scan_model warn them) -----------------
+#: Below this validation accuracy, the received model is taken to read the defender's data in
+#: another form than it was trained on, and :func:`~tf_backdoor_defense.defend` and
+#: :func:`~tf_backdoor_defense.scan_model` warn (:class:`LowAccuracyWarning`).
+LOW_ACCURACY = 0.5
+
+
+class LowAccuracyWarning(UserWarning):
+    """The received model gets most of the defender's clean validation data wrong: the data are
+    likely scaled or ordered otherwise than the model's training data, or labelled otherwise."""
+
+
+class MissingClassesWarning(UserWarning):
+    """The defender's clean data hold no example of some of the model's classes: repairs and
+    scan verdicts are judged only on the classes present."""
+
+
+def _missing_classes_note(labels, classes):
+    """A warning's text when ``labels`` lack some of the ``classes`` classes, else "".
+
+    >>> import numpy as np
+    >>> _missing_classes_note(np.arange(6) % 3, 3)
+    ''
+    >>> print(_missing_classes_note(np.array([0, 1, 1]), 4))  # doctest: +ELLIPSIS
+    the clean data hold no example of 2 of the model's 4 classes (2, 3)...
+    """
+    missing = sorted(set(range(classes)) - set(np.unique(np.asarray(labels)).tolist()))
+    if not missing:
+        return ""
+    shown = ", ".join(str(c) for c in missing[:20]) + (", ..." if len(missing) > 20 else "")
+    return (f"the clean data hold no example of {len(missing)} of the model's {classes} classes "
+            f"({shown}): the scan reverses triggers from inputs of the classes present only, and "
+            f"repairs are trained and judged, and verdicts made, on those {classes - len(missing)} "
+            "classes only; a backdoor or an accuracy loss that involves the missing classes can "
+            "go unseen. Give examples of every class")
+
+
+def clean_data_notes(model, labels, accuracy, x, scan=False):
+    """``[(warning class, text), ...]`` about the defender's clean data, for :func:`~tf_backdoor_defense.defend` and
+    :func:`~tf_backdoor_defense.scan.scan_model` (``scan=True``) alike:
+    :class:`LowAccuracyWarning` when the received model's ``accuracy`` on them is low (``x``:
+    the inputs it was measured on), then :class:`MissingClassesWarning` when ``labels`` lack
+    some of the model's classes."""
+    classes = num_classes_of(model)
+    low = (_low_accuracy_note(accuracy, classes, x, "clean data", "The scan reverses triggers "
+                              "towards these labels, so its verdict says little")
+           if scan else _low_accuracy_note(accuracy, classes, x))
+    notes = [(LowAccuracyWarning, low),
+             (MissingClassesWarning, _missing_classes_note(labels, classes))]
+    return [(category, text) for category, text in notes if text]
+
+
+def _low_accuracy_note(accuracy, classes, x, data="clean validation data",
+                       consequence="Every repair is judged against this accuracy"):
+    """A warning's text when ``accuracy`` is below :data:`LOW_ACCURACY`, else "".
+
+    >>> import numpy as np
+    >>> _low_accuracy_note(0.97, 10, np.zeros(3))
+    ''
+    >>> print(_low_accuracy_note(0.12, 10, np.array([0.0, 255.0])))  # doctest: +ELLIPSIS
+    the received model classifies only 12.0% of the clean validation data right (chance: 10.0%)...
+    >>> "255" in _low_accuracy_note(0.12, 10, np.array([0.0, 1.0])).split("[0, 1]")[1]
+    True
+    >>> "255" in _low_accuracy_note(0.12, 10, np.array([0.0, 9999.0]))  # token IDs, say
+    False
+    """
+    if accuracy >= LOW_ACCURACY:
+        return ""
+    low, high = float(np.min(x)), float(np.max(x))
+    if 2.0 < high <= 255.0:  # raw pixels: the usual mismatch is x / 255 in training
+        hint = ("; a model trained on x / 255 needs them divided by 255 too, --scale 255 on the "
+                "command line")
+    elif high <= 1.0 and low >= -1.0:  # already scaled: the model may read raw 0-255 values
+        hint = "; a model trained on raw 0-255 pixels needs them unscaled"
+    else:
+        hint = ""
+    return (f"the received model classifies only {accuracy:.1%} of the {data} "
+            f"right (chance: {1 / classes:.1%}). A backdoor does not do that to clean inputs: "
+            f"the data are likely prepared otherwise than the model's training data (these lie "
+            f"in [{low:g}, {high:g}]{hint}), or labelled in another order. {consequence}")

@@ -76,7 +76,8 @@ import pandas as pd
 from tf_backdoor_defense._distribute import replica_rows, resolve_strategy, sum_over_replicas
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import tf
-from tf_backdoor_defense._validation import check_data, check_model, check_number, num_classes_of
+from tf_backdoor_defense._validation import (check_data, check_model, check_number,
+                                             clean_data_notes, num_classes_of)
 from tf_backdoor_defense.graph._inputs import (channels_last_view, check_input_gradient,
                                                reads_channels_first, with_float_inputs)
 from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slots, TriggerOptimizer,
@@ -84,7 +85,7 @@ from tf_backdoor_defense.scan._reverse import (UNTARGETED, ReverseSettings, Slot
                                                stamp)
 from tf_backdoor_defense.scan._statistics import anomaly_index, match
 from tf_backdoor_defense.keras3._caller import with_caller_keras
-from tf_backdoor_defense.metrics import label_threshold
+from tf_backdoor_defense.metrics import label_threshold, predict_labels
 
 __all__ = ["ScanResult", "scan_model"]
 
@@ -674,9 +675,6 @@ def scan_model(model, data, *, holdout=0.2, value_range=None, steps=300, batch_s
                     all_to_all_matching=all_to_all_matching, candidates=None if len(candidates) == num_classes else candidates.tolist(),
                     screen_above=screen_above, screen_steps=screen_steps, refine=refine,
                     reference=reference, max_images_per_step=max_images_per_step, seed=seed)
-    from tf_backdoor_defense.defenses._defend import clean_data_notes
-    from tf_backdoor_defense.metrics import predict_labels
-
     accuracy = float(np.mean(predict_labels(model, x_model, strategy=strategy) == y))
     data_notes = clean_data_notes(model, y, accuracy, x_model, scan=True)
     for category, text in data_notes:
