@@ -97,3 +97,14 @@ def test_one_unit_outputs_are_read_as_keras_reads_them(activation):
         masked = wrap_layers(model, "conv", masks={"conv": mask})
         assert result.history.loc[level, "clean_accuracy"] == pytest.approx(
             clean_accuracy(masked, (x, y)))
+
+
+def test_predict_labels_names_inputs_it_cannot_read(tiny_data):
+    from tf_backdoor_defense._errors import InputTypeError
+
+    model = tiny_conv_model()
+    x, y = tiny_data
+    with pytest.raises(InputError, match=r"shape \(3, 3, 1\), but the model expects"):
+        predict_labels(model, np.zeros((2, 3, 3, 1), np.float32))
+    with pytest.raises(InputTypeError, match="must be an array of inputs; got"):
+        predict_labels(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(4))

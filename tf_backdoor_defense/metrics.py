@@ -20,7 +20,7 @@ import weakref
 import numpy as np
 
 from tf_backdoor_defense._distribute import is_distributed, rows_over_replicas
-from tf_backdoor_defense._errors import InputError
+from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import tf
 from tf_backdoor_defense._validation import check_data, check_model, check_target, num_classes_of
 from tf_backdoor_defense.graph._functional import as_functional
@@ -112,13 +112,29 @@ def predict_labels(model, x, batch_size=256, strategy=None):
     >>> predict_labels(model, np.array([[0., 1.]]), strategy=tf.distribute.get_strategy()).tolist()
     [1]
     """
-    x = np.asarray(x, dtype=np.float32)
+    x = _input_array(model, x)
     fn, threshold = _predict_fn(model)
     if is_distributed(strategy):
         return _replicated_labels(fn, threshold, x, batch_size, strategy)
     out = [labels_from_outputs(fn(x[s:s + batch_size]).numpy(), threshold)
            for s in range(0, len(x), batch_size)]
     return np.concatenate(out) if out else np.zeros((0,), np.int64)
+
+
+def _input_array(model, x):
+    """``x`` as float32 inputs of ``model``'s shape, or a clear error (a cheap check: the
+    public entry points validate their data in full)."""
+    try:
+        x = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InputTypeError(f"`x` must be an array of inputs; got {type(x).__name__} (for a "
+                             "tf.data.Dataset of (x, y), use clean_accuracy).") from None
+    expected = tuple(model.inputs[0].shape[1:])
+    if x.ndim != len(expected) + 1 or any(
+            want is not None and want != got for want, got in zip(expected, x.shape[1:])):
+        raise InputError(f"`x` holds inputs of shape {tuple(x.shape[1:])}, but the model "
+                         f"expects {expected} (None: any size).")
+    return x
 
 
 def _replicated_labels(fn, threshold, x, batch_size, strategy):
