@@ -320,3 +320,60 @@ def renamed_argument(function, old, old_value, new, new_value):
     warnings.warn(f"The '{old}' parameter of {function} is now '{new}'; '{old}' will be removed "
                   "in the next release.", DeprecationWarning, stacklevel=3)
     return old_value
+
+
+_ONE_HOT_LOSSES = frozenset(name.replace("_", "") for name in (
+    "categorical_crossentropy", "categorical_focal_crossentropy", "categorical_hinge",
+    "kl_divergence", "kld", "kullback_leibler_divergence"))
+
+
+def wants_one_hot(loss):
+    """Whether the Keras ``loss`` (a name, a loss object or a function) takes one-hot labels.
+
+    >>> wants_one_hot("categorical_crossentropy"), wants_one_hot(None)
+    (True, False)
+    """
+    if loss is None:
+        return False
+    name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+    return name.replace("_", "").lower() in _ONE_HOT_LOSSES
+
+
+def training_labels(data, loss, model):
+    """The labels of checked training data (``LabeledData``) in the form ``loss`` takes.
+
+    Returns ``(x, y)`` arrays, or a dataset of ``(x, y)`` batches: class indices,
+    or one-hot rows for a categorical loss (see :func:`wants_one_hot`). A dataset
+    must yield batches of ``(x, y)``; labels may be indices or one-hot in both forms.
+    """
+    one_hot = wants_one_hot(loss)
+    classes = int(model.outputs[0].shape[-1])
+    if one_hot and classes < 2:
+        raise InputError(f"The 'loss' parameter {loss!r} takes one-hot labels, but the model has "
+                         "one output unit; use a binary loss (or the default loss=None).")
+    if data.x is not None:
+        if not one_hot:
+            return data.x, data.y
+        return data.x, np.eye(classes, dtype=np.float32)[data.y]
+    spec = data.dataset.element_spec
+    if not isinstance(spec, tuple) or len(spec) != 2:
+        count = len(spec) if isinstance(spec, tuple) else 1
+        raise InputError(f"The dataset `{data.name}` must yield (x, y) pairs; it yields "
+                         f"{count} element{'s' * (count != 1)}"
+                         + (" (sample weights are not supported: drop them)" if count == 3 else "")
+                         + ".")
+    x_spec, y_spec = spec
+    if data.input_shape is not None and x_spec.shape.rank == len(data.input_shape):
+        raise InputError(f"The dataset `{data.name}` yields single examples; training needs "
+                         "batches: pass `dataset.batch(64)`.")
+    y_rank = y_spec.shape.rank
+    is_one_hot = y_rank == 2 and y_spec.shape[-1] != 1
+
+    def convert(x, y):
+        if is_one_hot and not one_hot:
+            y = tf.argmax(y, axis=-1)
+        elif not is_one_hot and one_hot:
+            y = tf.one_hot(tf.cast(tf.reshape(y, [-1]), tf.int32), classes)
+        return x, y
+
+    return data.dataset.map(convert)

@@ -1,0 +1,61 @@
+"""Regression tests: one-hot labels in fine_prune, float64 models in the training repairs."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_backdoor_defense import fine_prune
+from tf_backdoor_defense._errors import InputError
+from tf_backdoor_defense._keras import keras
+
+
+def _model(units=3, regularizer=None):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((6, 6, 1)),
+        keras.layers.Conv2D(4, 3, activation="relu", name="conv",
+                            kernel_regularizer=regularizer),
+        keras.layers.Flatten(),
+        keras.layers.Dense(units, activation="softmax")])
+
+
+def _data(n=48, classes=3):
+    x = np.random.default_rng(0).random((n, 6, 6, 1), dtype=np.float32)
+    y = np.arange(n) % classes
+    return x, y, np.eye(classes, dtype=np.float32)[y]
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+@pytest.mark.parametrize("loss", [None, "categorical_crossentropy",
+                                  "sparse_categorical_crossentropy"])
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_fine_prune_labels_fit_the_loss_in_arrays_and_datasets(as_dataset, loss, one_hot):
+    x, y, y_hot = _data()
+    labels = y_hot if one_hot else y
+    train = tf.data.Dataset.from_tensor_slices((x, labels)).batch(16) if as_dataset \
+        else (x, labels)
+    result = fine_prune(_model(), train, (x, y), epochs=1, loss=loss,
+                        max_accuracy_drop=1.0)
+    assert len(result.history) == 1
+    assert np.isfinite(result.history["loss"]).all()
+
+
+def test_fine_prune_categorical_loss_object_gets_one_hot_labels():
+    x, y, _ = _data()
+    result = fine_prune(_model(), (x, y), (x, y), epochs=1,
+                        loss=keras.losses.CategoricalCrossentropy(), max_accuracy_drop=1.0)
+    assert np.isfinite(result.history["loss"]).all()
+
+
+def test_fine_prune_unbatched_dataset_is_refused_clearly():
+    x, y, _ = _data()
+    with pytest.raises(InputError, match=r"train_data.*single examples.*\.batch"):
+        fine_prune(_model(), tf.data.Dataset.from_tensor_slices((x, y)), (x, y), epochs=1)
+
+
+def test_fine_prune_categorical_loss_on_one_unit_model_is_refused():
+    x, y, _ = _data(classes=2)
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3, name="conv"),
+                              keras.layers.Flatten(), keras.layers.Dense(1, "sigmoid")])
+    with pytest.raises(InputError, match="one output unit"):
+        fine_prune(model, (x, y), (x, y), epochs=1, loss="categorical_crossentropy")
