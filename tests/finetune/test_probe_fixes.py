@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_backdoor_defense import fine_prune
+from tf_backdoor_defense import defend, fine_prune
 from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import keras
+from tf_backdoor_defense.finetune._training import train_clean
 
 
 def _model(units=3, regularizer=None):
@@ -59,3 +60,28 @@ def test_fine_prune_categorical_loss_on_one_unit_model_is_refused():
                               keras.layers.Flatten(), keras.layers.Dense(1, "sigmoid")])
     with pytest.raises(InputError, match="one output unit"):
         fine_prune(model, (x, y), (x, y), epochs=1, loss="categorical_crossentropy")
+
+
+@pytest.fixture
+def float64():
+    keras.backend.set_floatx("float64")
+    try:
+        yield
+    finally:
+        keras.backend.set_floatx("float32")
+
+
+@pytest.mark.parametrize("regularizer", [None, "l2"])
+def test_train_clean_trains_a_float64_model(float64, regularizer):
+    x, y, _ = _data()
+    model = _model(regularizer=regularizer)
+    assert model.layers[0].kernel.dtype == tf.float64
+    tuned = train_clean(model, (x, y), epochs=1, batch_size=16)
+    assert not np.allclose(tuned.get_weights()[0], model.get_weights()[0])
+
+
+@pytest.mark.parametrize("method", ["ibau", "ft-cosine", "reinit-head"])
+def test_defend_training_methods_run_on_a_float64_model(float64, method):
+    x, y, _ = _data()
+    result = defend(_model(), (x, y), methods=[method], epochs=1, scan=False)
+    assert isinstance(result.verdict, str)
