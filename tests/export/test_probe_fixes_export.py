@@ -1,5 +1,6 @@
-"""Regression tests: masks inside tfmot's pruning wrapper."""
+"""Regression tests: masks inside tfmot's pruning wrapper, mixed-precision TFLite export."""
 
+import numpy as np
 import pytest
 
 from tf_backdoor_defense._errors import InputError
@@ -42,6 +43,26 @@ def test_strip_masks_works_after_tfmot_strip_pruning():
     assert "PruneByActivation" not in [type(layer).__name__ for layer in stripped.layers]
 
 
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_convert_to_tflite_refuses_a_mixed_precision_model(mixed_float16, tmp_path):
+    model = keras.Sequential([keras.Input((6, 6, 1)),
+                              keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+                              keras.layers.Flatten(), keras.layers.Dense(2, name="fc"),
+                              keras.layers.Activation("softmax", dtype="float32")])
+    masked = wrap_layers(model, "conv", masks={"conv": [1, 0, 1, 0]})
+    with pytest.raises(InputError, match="mixed-precision.*float32"):
+        convert_to_tflite(masked)
+
+
 def test_convert_to_tflite_still_converts_a_float32_model():
     content = convert_to_tflite(_masked())
     assert isinstance(content, bytes) and len(content) > 0
+    assert np.isfinite(len(content))

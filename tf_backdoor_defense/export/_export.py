@@ -735,6 +735,12 @@ def convert_to_tflite(model_or_path, *, shrink=False):
     -------
     bytes
         The ``.tflite`` model; run it with ``tf.lite.Interpreter(model_content=...)``.
+
+    Raises
+    ------
+    InputError
+        For a mixed-precision model (``mixed_float16``/``mixed_bfloat16`` layers),
+        which the converter cannot take: convert a float32 copy instead.
     """
     if isinstance(model_or_path, (str, os.PathLike)):
         folder = pathlib.Path(model_or_path)
@@ -744,6 +750,14 @@ def convert_to_tflite(model_or_path, *, shrink=False):
         converter = tf.lite.TFLiteConverter.from_saved_model(str(folder))
         return converter.convert()
     check_graph_model(model_or_path)
+    mixed = [(layer.name, policy) for layer in model_or_path.layers
+             for policy in [str(getattr(getattr(layer, "dtype_policy", None), "name", ""))]
+             if policy.startswith("mixed")]
+    if mixed:
+        raise InputError(f"convert_to_tflite cannot convert a mixed-precision model (layer "
+                         f"'{mixed[0][0]}' has policy {mixed[0][1]}): rebuild the model in "
+                         "float32 (set_global_policy('float32')), copy the weights, and convert "
+                         "that.")
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_saved_model(model_or_path, pathlib.Path(tmp) / "model", shrink=shrink)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(folder))
