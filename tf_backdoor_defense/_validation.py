@@ -377,3 +377,34 @@ def training_labels(data, loss, model):
         return x, y
 
     return data.dataset.map(convert)
+
+
+def check_ranking_data(data, name="ranking_data", *, model=None, num_classes=None):
+    """Validate data for activation statistics, which need no labels.
+
+    Like :func:`check_data`, and also ``x`` alone: an array of inputs, or a
+    ``tf.data.Dataset`` yielding inputs only (batches or single examples; with
+    ``model`` the two are told apart by rank, without it batches are assumed).
+    Such data get all-zero labels, which nothing reads.
+
+    >>> check_ranking_data(np.zeros((2, 3))).y.tolist()
+    [0, 0]
+    """
+    if isinstance(data, tf.data.Dataset) and not isinstance(data.element_spec, (tuple, list)):
+        if not isinstance(data.element_spec, tf.TensorSpec):
+            raise InputTypeError(f"`{name}` must be a tf.data.Dataset of inputs x or of (x, y) "
+                                 f"pairs. It yields {data.element_spec!r}.")
+        rank = None if model is None else len(model.inputs[0].shape)
+
+        def unlabelled(x):
+            single = rank is not None and x.shape.rank is not None and x.shape.rank == rank - 1
+            return x, tf.zeros(() if single else tf.shape(x)[:1], tf.int64)
+
+        data = data.map(unlabelled)
+    elif not isinstance(data, (tuple, list, tf.data.Dataset, LabeledData)) and data is not None:
+        x = np.asarray(data)
+        if x.ndim == 0 or not np.issubdtype(x.dtype, np.number):
+            raise InputTypeError(f"`{name}` must be (x, y) arrays, an array of inputs x or a "
+                                 f"tf.data.Dataset. Got {type(data).__name__}.")
+        data = (x, np.zeros(x.shape[0], np.int64))
+    return check_data(data, name, model=model, num_classes=num_classes)

@@ -85,3 +85,30 @@ def test_defend_training_methods_run_on_a_float64_model(float64, method):
     x, y, _ = _data()
     result = defend(_model(), (x, y), methods=[method], epochs=1, scan=False)
     assert isinstance(result.verdict, str)
+
+
+@pytest.mark.parametrize("form", ["array", "dataset", "unbatched dataset"])
+def test_ranking_data_may_be_x_alone(form):
+    from tf_backdoor_defense import prune_to_threshold
+
+    x, y, _ = _data()
+    ranking = {"array": x, "dataset": tf.data.Dataset.from_tensor_slices(x).batch(16),
+               "unbatched dataset": tf.data.Dataset.from_tensor_slices(x)}[form]
+    model = _model()
+    expected = prune_to_threshold(model, (x, y), ranking_data=(x, y), max_accuracy_drop=0.5)
+    got = prune_to_threshold(model, (x, y), ranking_data=ranking, max_accuracy_drop=0.5)
+    np.testing.assert_allclose(got.mean_activations["conv"], expected.mean_activations["conv"],
+                               rtol=1e-6)
+    result = fine_prune(model, (x, y), (x, y), ranking_data=ranking, epochs=1,
+                        max_accuracy_drop=0.5)
+    np.testing.assert_allclose(result.sweep_result.mean_activations["conv"],
+                               expected.mean_activations["conv"], rtol=1e-6)
+
+
+def test_ranking_data_that_is_not_inputs_is_refused_clearly():
+    from tf_backdoor_defense import FinePruning
+    from tf_backdoor_defense._errors import InputTypeError
+
+    x, y, _ = _data()
+    with pytest.raises(InputTypeError, match="ranking_data"):
+        FinePruning((x, y), ranking_data="images")

@@ -149,7 +149,7 @@ def fine_prune(model, train_data, validation_data=None, *, layers=None, max_accu
         ``False`` fine-tunes alone (the paper's baseline, :func:`fine_tune`).
     stopping_rule : {"largest_within", "first_reaching"}, default="largest_within"
         See :func:`~tf_backdoor_defense.pruning._sweep.prune_to_threshold`.
-    ranking_data : (x, y) arrays, x alone or tf.data.Dataset, default=None
+    ranking_data : (x, y) arrays, x alone, or a tf.data.Dataset of (x, y) or of x, default=None
         Data for the activation statistics that rank the channels; default:
         ``train_data``.
     seed : int, default=0
