@@ -216,6 +216,11 @@ def all_finite(x, chunk_bytes=1 << 24):
 
 def _check_arrays(x, y, name, input_shape, num_classes):
     x = np.asarray(x)
+    if isinstance(y, (tuple, list)) and len(y) > 1 and len(y) != len(x) \
+            and all(len(getattr(part, "shape", ())) >= 1 for part in y):
+        raise InputError(f"`{name}` gives a list of {len(y)} label arrays (one per output of a "
+                         "multi-output model?); the model must have one output, and the data "
+                         "one label array: (x, y).")
     y = class_indices(y, f"The labels of `{name}`")
     if x.shape[0] != y.shape[0]:
         raise InputError(f"`{name}` has {x.shape[0]} inputs but {y.shape[0]} labels; "
@@ -286,6 +291,13 @@ def check_data(data, name="data", *, model=None, num_classes=None):
             raise InputError(f"`{name}` is a tf.data.Dataset that repeats forever (infinite "
                              "cardinality); pass a finite dataset (drop .repeat() or add "
                              ".take(n)).")
+        spec = data.element_spec
+        if isinstance(spec, (tuple, list)) and len(spec) != 2:
+            raise InputError(
+                f"`{name}` is a tf.data.Dataset of {len(spec)}-tuples; it must yield (x, y) "
+                "pairs" + (" (sample weights are not supported; drop them with "
+                           "dataset.map(lambda x, y, w: (x, y)))" if len(spec) == 3 else "")
+                + ".")
         return LabeledData(name, dataset=data, input_shape=input_shape, num_classes=num_classes)
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise InputTypeError(

@@ -112,3 +112,29 @@ def test_ranking_data_that_is_not_inputs_is_refused_clearly():
     x, y, _ = _data()
     with pytest.raises(InputTypeError, match="ranking_data"):
         FinePruning((x, y), ranking_data="images")
+
+
+def test_finepruning_multi_output_labels_say_the_model_needs_one_output():
+    from tf_backdoor_defense import FinePruning
+
+    x, y, _ = _data()
+    with pytest.raises(InputError, match="2 label arrays.*one output"):
+        FinePruning((x, [y, y.astype(np.float32)]))
+
+
+def test_one_hot_label_lists_are_still_labels():
+    from tf_backdoor_defense._validation import check_data
+
+    x, y, y_hot = _data()
+    assert check_data((x, list(y_hot)), "data").y.tolist() == y.tolist()
+
+
+def test_dataset_with_sample_weights_is_refused_like_an_array_triple():
+    from tf_backdoor_defense import clean_accuracy
+
+    x, y, _ = _data()
+    triple = tf.data.Dataset.from_tensor_slices((x, y, np.ones(len(y), np.float32))).batch(8)
+    with pytest.raises(InputError, match=r"3-tuples.*sample weights are not supported"):
+        clean_accuracy(_model(), triple)
+    with pytest.raises(InputError, match="sample weights"):
+        fine_prune(_model(), triple, (x, y), epochs=1)
