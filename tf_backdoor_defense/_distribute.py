@@ -99,6 +99,17 @@ def batch_mean(total, count):
     return tf.math.divide_no_nan(total, tf.cast(count, total.dtype))
 
 
+def replica_layer_losses(model, dtype):
+    """This replica's share of ``model``'s layer losses (regularisers), as ``dtype``.
+
+    Cast to the training loss's dtype, so that a float64 model (whose
+    regularisers are float64) and a float32 loss, or the reverse, add up.
+    """
+    losses = [tf.cast(loss, dtype) for loss in model.losses]
+    total = tf.add_n(losses) if losses else tf.zeros((), dtype)
+    return total / tf.cast(replica_count(), dtype)
+
+
 def summed_loss(loss):
     """A copy of the Keras loss ``loss`` that sums over the batch instead of averaging.
 

@@ -274,6 +274,11 @@ def _check_label_rows(y, name, num_classes):
 def _check_arrays(x, y, name, input_shape, num_classes):
     _refuse_dict_inputs(x, name)
     x = np.asarray(x)
+    if isinstance(y, (tuple, list)) and len(y) > 1 and len(y) != len(x) \
+            and all(len(getattr(part, "shape", ())) >= 1 for part in y):
+        raise InputError(f"`{name}` gives a list of {len(y)} label arrays (one per output of a "
+                         "multi-output model?); the model must have one output, and the data "
+                         "one label array: (x, y).")
     _check_label_rows(y, name, num_classes)
     y = class_indices(y, f"The labels of `{name}`")
     if x.shape[0] != y.shape[0]:
@@ -347,6 +352,16 @@ def check_data(data, name="data", *, model=None, num_classes=None):
             raise InputError(f"`{name}` is a tf.data.Dataset that repeats forever (infinite "
                              "cardinality); pass a finite dataset (drop .repeat() or add "
                              ".take(n)).")
+        spec = data.element_spec
+        if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+            what = (f"{len(spec)}-tuples" if isinstance(spec, (tuple, list))
+                    else "single values")
+            raise InputError(
+                f"`{name}` is a tf.data.Dataset of {what}; it must yield (x, y) "
+                "pairs" + (" (sample weights are not supported; drop them with "
+                           "dataset.map(lambda x, y, w: (x, y)))"
+                           if isinstance(spec, (tuple, list)) and len(spec) == 3 else "")
+                + ".")
         return LabeledData(name, dataset=data, input_shape=input_shape, num_classes=num_classes)
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise InputTypeError(
@@ -381,6 +396,87 @@ def renamed_argument(function, old, old_value, new, new_value):
     warnings.warn(f"The '{old}' parameter of {function} is now '{new}'; '{old}' will be removed "
                   "in the next release.", DeprecationWarning, stacklevel=3)
     return old_value
+
+
+_ONE_HOT_LOSSES = frozenset(name.replace("_", "") for name in (
+    "categorical_crossentropy", "categorical_focal_crossentropy", "categorical_hinge",
+    "kl_divergence", "kld", "kullback_leibler_divergence"))
+
+
+def wants_one_hot(loss):
+    """Whether the Keras ``loss`` (a name, a loss object or a function) takes one-hot labels.
+
+    >>> wants_one_hot("categorical_crossentropy"), wants_one_hot(None)
+    (True, False)
+    """
+    if loss is None:
+        return False
+    name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+    return name.replace("_", "").lower() in _ONE_HOT_LOSSES
+
+
+def training_labels(data, loss, model):
+    """The labels of checked training data (``LabeledData``) in the form ``loss`` takes.
+
+    Returns ``(x, y)`` arrays, or a dataset of ``(x, y)`` batches: class indices,
+    or one-hot rows for a categorical loss (see :func:`wants_one_hot`). A dataset
+    must yield batches of ``(x, y)``; labels may be indices or one-hot in both forms.
+    """
+    one_hot = wants_one_hot(loss)
+    classes = int(model.outputs[0].shape[-1])
+    if one_hot and classes < 2:
+        raise InputError(f"The 'loss' parameter {loss!r} takes one-hot labels, but the model has "
+                         "one output unit; use a binary loss (or the default loss=None).")
+    if data.x is not None:
+        if not one_hot:
+            return data.x, data.y
+        return data.x, np.eye(classes, dtype=np.float32)[data.y]
+    x_spec, y_spec = data.dataset.element_spec  # check_data: (x, y) pairs
+    if data.input_shape is not None and x_spec.shape.rank == len(data.input_shape):
+        raise InputError(f"The dataset `{data.name}` yields single examples; training needs "
+                         "batches: pass `dataset.batch(64)`.")
+    y_rank = y_spec.shape.rank
+    is_one_hot = y_rank == 2 and y_spec.shape[-1] != 1
+
+    def convert(x, y):
+        if is_one_hot and not one_hot:
+            y = tf.argmax(y, axis=-1)
+        elif not is_one_hot and one_hot:
+            y = tf.one_hot(tf.cast(tf.reshape(y, [-1]), tf.int32), classes)
+        return x, y
+
+    return data.dataset.map(convert)
+
+
+def check_ranking_data(data, name="ranking_data", *, model=None, num_classes=None):
+    """Validate data for activation statistics, which need no labels.
+
+    Like :func:`check_data`, and also ``x`` alone: an array of inputs, or a
+    ``tf.data.Dataset`` yielding inputs only (batches or single examples; with
+    ``model`` the two are told apart by rank, without it batches are assumed).
+    Such data get all-zero labels, which nothing reads.
+
+    >>> check_ranking_data(np.zeros((2, 3))).y.tolist()
+    [0, 0]
+    """
+    if isinstance(data, tf.data.Dataset) and not isinstance(data.element_spec, (tuple, list)):
+        if not isinstance(data.element_spec, tf.TensorSpec):
+            raise InputTypeError(f"`{name}` must be a tf.data.Dataset of inputs x or of (x, y) "
+                                 f"pairs. It yields {data.element_spec!r}.")
+        rank = None if model is None else len(model.inputs[0].shape)
+
+        def unlabelled(x):
+            single = rank is not None and x.shape.rank is not None and x.shape.rank == rank - 1
+            return x, tf.zeros(() if single else tf.shape(x)[:1], tf.int64)
+
+        data = data.map(unlabelled)
+    elif not isinstance(data, (tuple, list, tf.data.Dataset, LabeledData)) and data is not None:
+        x = np.asarray(data)
+        if x.ndim == 0 or not np.issubdtype(x.dtype, np.number):
+            raise InputTypeError(f"`{name}` must be (x, y) arrays, an array of inputs x or a "
+                                 f"tf.data.Dataset. Got {type(data).__name__}.")
+        data = (x, np.zeros(x.shape[0], np.int64))
+    return check_data(data, name, model=model, num_classes=num_classes)
 
 
 # -- notes about the defender's clean data (defend and scan_model warn them) -----------------
@@ -421,8 +517,9 @@ def _missing_classes_note(labels, classes):
 
 
 def clean_data_notes(model, labels, accuracy, x, scan=False):
-    """``[(warning class, text), ...]`` about the defender's clean data, for :func:`~tf_backdoor_defense.defend` and
-    :func:`~tf_backdoor_defense.scan.scan_model` (``scan=True``) alike:
+    """``[(warning class, text), ...]`` about the defender's clean data, for
+    :func:`~tf_backdoor_defense.defend` and :func:`~tf_backdoor_defense.scan.scan_model`
+    (``scan=True``) alike:
     :class:`LowAccuracyWarning` when the received model's ``accuracy`` on them is low (``x``:
     the inputs it was measured on), then :class:`MissingClassesWarning` when ``labels`` lack
     some of the model's classes."""

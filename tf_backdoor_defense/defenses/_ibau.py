@@ -70,7 +70,7 @@ import numpy as np
 
 from tf_backdoor_defense._distribute import (batch_mean, replica_count, replica_rows,
                                              resolve_strategy, sum_over_replicas,
-                                             summed_gradients, summed_loss)
+                                             summed_gradients, summed_loss, replica_layer_losses)
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._labels import class_indices
 from tf_backdoor_defense._validation import check_fraction, check_model, check_number, \
@@ -240,8 +240,8 @@ class _Minimax:
         xb, yb, chosen = replica_rows(xb), replica_rows(yb), replica_rows(chosen)
         with tf.GradientTape(persistent=self.hypergradient) as tape:
             tape.watch(delta)
-            loss = (self._loss(self._perturb(xb, delta, chosen), yb, count)
-                    + tf.add_n(self.model.losses or [0.0]) / replica_count())
+            loss = self._loss(self._perturb(xb, delta, chosen), yb, count)
+            loss = loss + replica_layer_losses(self.model, loss.dtype)
             if self.teacher is not None and self.anchor_weight > 0:
                 loss = loss + self.anchor_weight * replica_anchor_loss(
                     self.model, self.teacher, self.soft_loss, clean, partner, weight)

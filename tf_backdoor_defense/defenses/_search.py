@@ -28,7 +28,7 @@ from tf_backdoor_defense.masks._wrapper import layer_names, wrap_layers
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
 from tf_backdoor_defense.finetune._training import train_clean
 from tf_backdoor_defense._validation import (check_data, check_fraction, check_model, check_target,
-                                             num_classes_of, renamed_argument)
+                                             check_ranking_data, num_classes_of, renamed_argument)
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["search_pruning_level", "PruningSearchResult", "SEARCH_STRATEGIES"]
@@ -185,8 +185,8 @@ def search_pruning_level(model, train_data, validation_data, *, layers=None, max
     distribute_strategy = resolve_strategy(distribute_strategy or given, model)
     settings["strategy"] = distribute_strategy
 
-    ranking_set = train if ranking_data is None else check_data(ranking_data, "ranking_data",
-                                                                model=model)
+    ranking_set = train if ranking_data is None else check_ranking_data(
+        ranking_data, "ranking_data", model=model)
     rankings, _, base_masks = layer_rankings(model, names, ranking_set, batch_size,
                                              strategy=distribute_strategy)
     grid = _fractions(fractions, max(order.size for order in rankings.values()))

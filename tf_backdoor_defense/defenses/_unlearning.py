@@ -49,9 +49,10 @@ import time
 
 import numpy as np
 
-from tf_backdoor_defense._distribute import (batch_mean, is_distributed, replica_count,
+from tf_backdoor_defense._distribute import (batch_mean, is_distributed,
                                              replica_rows, resolve_strategy, rows_over_replicas,
-                                             sum_over_replicas, summed_gradients, summed_loss)
+                                             sum_over_replicas, summed_gradients, summed_loss,
+                                             replica_layer_losses)
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._validation import check_fraction, check_model, check_number
 from tf_backdoor_defense.finetune._training import as_arrays, copy_model, loss_for
@@ -310,8 +311,8 @@ def inference_mode_step(model, loss_fn, optimizer, x, targets, teacher=None, anc
         count = tf.shape(xb)[0]
         xb, yb = replica_rows(xb), replica_rows(yb)
         with tf.GradientTape() as tape:
-            loss = (batch_mean(loss_fn(yb, model(xb, training=False)), count)
-                    + tf.add_n(model.losses or [0.0]) / replica_count())
+            loss = batch_mean(loss_fn(yb, model(xb, training=False)), count)
+            loss = loss + replica_layer_losses(model, loss.dtype)
             if teacher is not None and anchor_weight > 0:
                 loss = loss + anchor_weight * replica_anchor_loss(model, teacher, soft, clean,
                                                                   partner, weight)

@@ -478,6 +478,21 @@ class _Builder:
 
 
 @with_caller_keras
+def _refuse_wrapped_masks(model):
+    """An :class:`InputError` when a ``PruneByActivation`` sits inside another wrapper
+    (tfmot's ``prune_low_magnitude``, ...), whose masks the export cannot see."""
+    for layer in model.layers:
+        inner = getattr(layer, "layer", None)
+        if isinstance(inner, PruneByActivation) and not isinstance(layer, PruneByActivation):
+            raise InputError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) wraps the PruneByActivation "
+                f"layer '{inner.name}', whose mask the export cannot fold through that wrapper. "
+                "Call tfmot.sparsity.keras.strip_pruning(model) first (for tfmot's "
+                "prune_low_magnitude), then export the stripped model.")
+        if isinstance(layer, keras.Model):
+            _refuse_wrapped_masks(layer)
+
+
 def strip_masks(model, *, shrink=False, return_report=False):
     """A plain tf-keras copy of ``model`` with its channel masks applied to the weights.
 
@@ -503,6 +518,13 @@ def strip_masks(model, *, shrink=False, return_report=False):
     -------
     tf_keras.Model or (tf_keras.Model, ExportReport)
 
+    Raises
+    ------
+    InputError
+        When a ``PruneByActivation`` layer is inside another wrapper, such as
+        tfmot's ``prune_low_magnitude``: call
+        ``tfmot.sparsity.keras.strip_pruning(model)`` first.
+
     Examples
     --------
     >>> import numpy as np, tf_keras as keras
@@ -523,6 +545,7 @@ def strip_masks(model, *, shrink=False, return_report=False):
     check_graph_model(model)
     if not isinstance(shrink, bool):
         raise InputTypeError(f"The 'shrink' parameter must be True or False. Got {shrink!r} instead.")
+    _refuse_wrapped_masks(model)
     wrapped = masked_layers(model)
     modes = {}
     for layer in wrapped:
@@ -644,6 +667,7 @@ def export_saved_model(model, path, *, shrink=False, version=None, overwrite=Fal
         if not isinstance(path, (str, os.PathLike)):
             raise InputTypeError(f"The 'path' parameter must be a path. Got {path!r} instead.")
         path = pathlib.Path(path) / str(version)
+    _refuse_wrapped_masks(model)
     target = _prepare_target(path, overwrite)
     stripped = strip_masks(model, shrink=shrink) if masked_layers(model) else model
     module, signature = _serving_module(stripped)
@@ -711,6 +735,12 @@ def convert_to_tflite(model_or_path, *, shrink=False):
     -------
     bytes
         The ``.tflite`` model; run it with ``tf.lite.Interpreter(model_content=...)``.
+
+    Raises
+    ------
+    InputError
+        For a mixed-precision model (``mixed_float16``/``mixed_bfloat16`` layers),
+        which the converter cannot take: convert a float32 copy instead.
     """
     if isinstance(model_or_path, (str, os.PathLike)):
         folder = pathlib.Path(model_or_path)
@@ -720,6 +750,14 @@ def convert_to_tflite(model_or_path, *, shrink=False):
         converter = tf.lite.TFLiteConverter.from_saved_model(str(folder))
         return converter.convert()
     check_graph_model(model_or_path)
+    mixed = [(layer.name, policy) for layer in model_or_path.layers
+             for policy in [str(getattr(getattr(layer, "dtype_policy", None), "name", ""))]
+             if policy.startswith("mixed")]
+    if mixed:
+        raise InputError(f"convert_to_tflite cannot convert a mixed-precision model (layer "
+                         f"'{mixed[0][0]}' has policy {mixed[0][1]}): rebuild the model in "
+                         "float32 (set_global_policy('float32')), copy the weights, and convert "
+                         "that.")
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_saved_model(model_or_path, pathlib.Path(tmp) / "model", shrink=shrink)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(folder))

@@ -40,7 +40,8 @@ import numpy as np
 
 from tf_backdoor_defense._errors import InputError, InputTypeError
 from tf_backdoor_defense._keras import keras
-from tf_backdoor_defense._validation import check_data, check_number, renamed_argument
+from tf_backdoor_defense._validation import (check_data, check_number, check_ranking_data,
+                                             renamed_argument)
 from tf_backdoor_defense.masks._wrapper import PruneByActivation, clone_layer
 from tf_backdoor_defense.metrics import attack_success_rate, clean_accuracy
 from tf_backdoor_defense.pruning._levels import STOPPING_RULES
@@ -332,7 +333,7 @@ class FinePruning(keras.callbacks.Callback):
         How to read the poisoned labels (see :mod:`tf_backdoor_defense.metrics`).
     stopping_rule : {"largest_within", "first_reaching"}, default="largest_within"
         One-shot pruning only (see :mod:`tf_backdoor_defense.pruning._levels`).
-    ranking_data : (x, y) arrays, x alone or tf.data.Dataset, default=None
+    ranking_data : (x, y) arrays, x alone, or a tf.data.Dataset of (x, y) or of x, default=None
         Data for the activation statistics; default ``validation_data``.
     schedule : GradualChannelSchedule, default=None
         Prune gradually instead of once.
@@ -398,7 +399,7 @@ class FinePruning(keras.callbacks.Callback):
         elif target is not None:
             raise InputError("The 'target' parameter needs `poisoned_validation_data`.")
         if ranking_data is not None:
-            check_data(ranking_data, "ranking_data")
+            check_ranking_data(ranking_data, "ranking_data")
         if stopping_rule not in STOPPING_RULES:
             raise InputError(f"The 'stopping_rule' parameter must be one of "
                              f"{list(STOPPING_RULES)}. Got {stopping_rule!r} instead.")

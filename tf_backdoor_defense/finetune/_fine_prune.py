@@ -25,6 +25,7 @@ from tf_backdoor_defense._validation import (
     check_model,
     check_number,
     renamed_argument,
+    training_labels,
 )
 from tf_backdoor_defense.finetune._callbacks import (
     LOG_PREFIX,
@@ -122,8 +123,10 @@ def fine_prune(model, train_data, validation_data=None, *, layers=None, max_accu
     ----------
     model : tf_keras.Model
         The suspect network (Sequential or Functional).
-    train_data : (x, y) arrays or tf.data.Dataset of batches
-        Clean data the copy is fine-tuned on (labels as class indices or one-hot).
+    train_data : (x, y) arrays or tf.data.Dataset of (x, y) batches
+        Clean data the copy is fine-tuned on (labels as class indices or one-hot,
+        in both forms; they are given to ``loss`` as class indices, or as one-hot
+        rows when ``loss`` is categorical, e.g. ``"categorical_crossentropy"``).
     validation_data : (x, y) arrays or tf.data.Dataset
         Clean data on which the pruning level is chosen, the budget is judged
         and the accuracy is logged.
@@ -137,7 +140,8 @@ def fine_prune(model, train_data, validation_data=None, *, layers=None, max_accu
         Default ``SGD(learning_rate=0.01, momentum=0.9)``.
     loss : keras loss, default=None
         Default sparse categorical cross-entropy (from logits unless the last
-        layer is a softmax or sigmoid).
+        layer is a softmax or sigmoid). A categorical loss (categorical
+        cross-entropy, focal, hinge, KL divergence) gets one-hot labels.
     batch_size : int, default=64
     poisoned_validation_data, target : default=None
         Triggered data beside ``validation_data``, whose ASR is logged every epoch.
@@ -145,7 +149,7 @@ def fine_prune(model, train_data, validation_data=None, *, layers=None, max_accu
         ``False`` fine-tunes alone (the paper's baseline, :func:`fine_tune`).
     stopping_rule : {"largest_within", "first_reaching"}, default="largest_within"
         See :func:`~tf_backdoor_defense.pruning._sweep.prune_to_threshold`.
-    ranking_data : (x, y) arrays, x alone or tf.data.Dataset, default=None
+    ranking_data : (x, y) arrays, x alone, or a tf.data.Dataset of (x, y) or of x, default=None
         Data for the activation statistics that rank the channels; default:
         ``train_data``.
     seed : int, default=0
@@ -195,7 +199,7 @@ def fine_prune(model, train_data, validation_data=None, *, layers=None, max_accu
         check_data(poisoned_validation_data, "poisoned_validation_data", model=model)
     elif target is not None:
         raise InputError("The 'target' parameter needs `poisoned_validation_data`.")
-    train = check_data(train_data, "train_data", model=model)
+    train = training_labels(check_data(train_data, "train_data", model=model), loss, model)
     extra = list(callbacks or [])
     if not all(isinstance(c, keras.callbacks.Callback) for c in extra):
         raise InputTypeError(f"The 'callbacks' parameter must be a list of tf_keras callbacks. "
@@ -220,11 +224,11 @@ def fine_prune(model, train_data, validation_data=None, *, layers=None, max_accu
             callback.set_model(copy)
             callback.on_train_begin()
             callback.on_train_end()
-    elif train.x is not None:
-        logs = copy.fit(train.x, train.y, epochs=epochs, batch_size=batch_size, shuffle=True,
+    elif isinstance(train, tuple):
+        logs = copy.fit(*train, epochs=epochs, batch_size=batch_size, shuffle=True,
                         verbose=verbose, callbacks=[callback] + extra).history
     else:
-        logs = copy.fit(train.dataset, epochs=epochs, verbose=verbose,
+        logs = copy.fit(train, epochs=epochs, verbose=verbose,
                         callbacks=[callback] + extra).history
     table = pd.DataFrame(logs)
     table.insert(0, "epoch", np.arange(1, len(table) + 1))

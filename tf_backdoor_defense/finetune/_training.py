@@ -31,9 +31,9 @@ shares of the batch loss are summed before every update.
 
 import numpy as np
 
-from tf_backdoor_defense._distribute import (batch_mean, replica_count, replica_rows,
+from tf_backdoor_defense._distribute import (batch_mean, replica_rows,
                                              resolve_strategy, shift_variables, sum_over_replicas,
-                                             summed_gradients, summed_loss)
+                                             summed_gradients, summed_loss, replica_layer_losses)
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense.masks._registry import CONV_TYPES
 from tf_backdoor_defense.masks._wrapper import clone_layer, unwrap
@@ -223,8 +223,8 @@ def train_clean(model, train_data, *, epochs=20, learning_rate=0.05, momentum=0.
 
     def loss_on(xb, yb, count):
         """This replica's share of the batch loss (its rows' sum over the batch size)."""
-        return (batch_mean(loss_fn(yb, tuned(xb, training=True)), count)
-                + tf.add_n(tuned.losses or [0.0]) / replica_count())
+        loss = batch_mean(loss_fn(yb, tuned(xb, training=True)), count)
+        return loss + replica_layer_losses(tuned, loss.dtype)
 
     def replica_step(xb, yb):
         count = tf.shape(xb)[0]

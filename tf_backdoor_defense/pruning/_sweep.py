@@ -55,6 +55,7 @@ from tf_backdoor_defense._errors import InputError
 from tf_backdoor_defense._keras import keras, tf
 from tf_backdoor_defense._validation import (
     check_data,
+    check_ranking_data,
     check_model,
     check_number,
     check_target,
@@ -256,7 +257,7 @@ def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop
     max_accuracy_drop : float or list of float, default=0.04
         Allowed drop in clean accuracy, in absolute points (0.04 = 4 points).
         A list such as ``[0.02, 0.04, 0.10]`` gives one model per value.
-    ranking_data : (x, y) arrays, x alone or tf.data.Dataset, default=None
+    ranking_data : (x, y) arrays, x alone, or a tf.data.Dataset of (x, y) or of x, default=None
         Clean data for the activation statistics; default:
         ``validation_data``. Pass a separate set to keep ranking and level
         selection apart.
@@ -364,7 +365,7 @@ def prune_to_threshold(model, validation_data, *, layers=None, max_accuracy_drop
         # One layer ranked on validation_data: one pass over the network before the layer
         # gives the statistics and the sweep's inputs.
         one_pass = ranking_data is None and evaluator is not None
-        stats_data = validation if ranking_data is None else check_data(
+        stats_data = validation if ranking_data is None else check_ranking_data(
             ranking_data, "ranking_data", model=model)
         budget = memory_budget // local_replica_count(strategy)
 

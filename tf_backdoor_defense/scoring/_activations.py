@@ -10,7 +10,7 @@ from tf_backdoor_defense.masks._registry import (ACTIVATION_LAYER_TYPES, IDENTIT
 from tf_backdoor_defense.masks._wrapper import (PruneByActivation, channel_axis, find_layer,
                                                 last_conv_layer, layer_names)
 from tf_backdoor_defense._errors import InputTypeError
-from tf_backdoor_defense._validation import check_data, check_model, renamed_argument
+from tf_backdoor_defense._validation import check_model, check_ranking_data, renamed_argument
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["mean_channel_activations", "resolve_layer", "activation_tensor", "channel_sum_fn",
@@ -159,14 +159,6 @@ def _stats_fn(model, layer):
     return cache[key]
 
 
-def _as_data(data):
-    """``x`` alone becomes ``(x, zeros)``: statistics need no labels."""
-    if not isinstance(data, (tuple, list)) and not isinstance(data, tf.data.Dataset) and \
-            not hasattr(data, "batches"):
-        return (data, np.zeros(len(data), dtype=np.int64))
-    return data
-
-
 @with_caller_keras
 def mean_channel_activations(model, ranking_data=None, layers=None, batch_size=256, *,
                              data=None, layer=None):
@@ -179,7 +171,7 @@ def mean_channel_activations(model, ranking_data=None, layers=None, batch_size=2
     Parameters
     ----------
     model : tf_keras.Model
-    ranking_data : (x, y) arrays, x alone, or a tf.data.Dataset of (x, y)
+    ranking_data : (x, y) arrays, x alone, or a tf.data.Dataset of (x, y) or of x
         Clean inputs (labels are not used).
     layers : str or list of str, default=None
         Name of a Conv or Dense layer, or a list of names; default: the
@@ -215,7 +207,7 @@ def mean_channel_activations(model, ranking_data=None, layers=None, batch_size=2
     single = layers is None or isinstance(layers, str)
     names = layer_names(model, layers)
     found = [resolve_layer(model, name) for name in names]
-    checked = check_data(_as_data(ranking_data), "ranking_data", model=model, num_classes=None)
+    checked = check_ranking_data(ranking_data, "ranking_data", model=model, num_classes=None)
     means = {layer.name: average_channel_sums(checked.batches(batch_size), _stats_fn(model, layer))
              for layer in found}
     return next(iter(means.values())) if single else means

@@ -21,7 +21,7 @@ from tf_backdoor_defense.scoring._activations import (
     resolve_layer,
 )
 from tf_backdoor_defense._errors import InputTypeError
-from tf_backdoor_defense._validation import check_data, check_model, renamed_argument
+from tf_backdoor_defense._validation import check_model, check_ranking_data, renamed_argument
 from tf_backdoor_defense.keras3._caller import with_caller_keras
 
 __all__ = ["distributed_channel_means", "is_distributed"]
@@ -68,7 +68,7 @@ def distributed_channel_means(model, ranking_data=None, layers=None, strategy=No
     ----------
     model : tf_keras.Model
         Built in ``strategy.scope()`` when ``strategy`` is distributed.
-    ranking_data : (x, y) arrays or tf.data.Dataset
+    ranking_data : (x, y) arrays, x alone, or a tf.data.Dataset of (x, y) or of x
         The same clean data on every worker.
     layers : str or list of str, default=None
         Conv or Dense layer name, or a list of names; default: the last
@@ -111,7 +111,7 @@ def distributed_channel_means(model, ranking_data=None, layers=None, strategy=No
     single = layers is None or isinstance(layers, str)
     names = layer_names(model, layers)
     found = [resolve_layer(model, name) for name in names]
-    checked = check_data(ranking_data, "ranking_data", model=model, num_classes=None)
+    checked = check_ranking_data(ranking_data, "ranking_data", model=model, num_classes=None)
     means = {}
     for layer_object in found:
         step = _step_fn(model, layer_object, strategy)
