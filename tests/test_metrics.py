@@ -108,3 +108,21 @@ def test_predict_labels_names_inputs_it_cannot_read(tiny_data):
         predict_labels(model, np.zeros((2, 3, 3, 1), np.float32))
     with pytest.raises(InputTypeError, match="must be an array of inputs; got"):
         predict_labels(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(4))
+
+
+@pytest.mark.parametrize("activation", [None, "sigmoid"], ids=["logit", "sigmoid"])
+def test_keras3_one_unit_outputs_are_read_by_their_threshold(activation):
+    keras3 = pytest.importorskip("keras")
+    if not keras3.__version__.startswith("3"):
+        pytest.skip("Keras 3 not installed")
+    from tf_backdoor_defense.metrics import label_threshold
+
+    keras3.utils.set_random_seed(0)
+    inputs = keras3.Input((4,))
+    model = keras3.Model(inputs, keras3.layers.Dense(1, activation=activation)(
+        keras3.layers.Dense(3)(inputs)))
+    x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    threshold = 0.5 if activation else 0.0
+    assert label_threshold(model) == threshold
+    y = (model.predict(x, verbose=0)[:, 0] > threshold).astype(int)
+    assert clean_accuracy(model, (x, y)) == 1.0

@@ -74,8 +74,9 @@ def label_threshold(model):
     >>> label_threshold(keras.Model(inputs, keras.layers.Dense(1)(inputs)))
     0.0
     """
-    if not getattr(model, "outputs", None):
-        return 0.5
+    outputs = getattr(model, "outputs", None)
+    if not outputs or outputs[0].shape[-1] != 1:
+        return 0.5  # only a one-unit output is read by a threshold
     return 0.5 if output_activation(model) == "sigmoid" else 0.0
 
 

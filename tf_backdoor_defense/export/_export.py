@@ -477,7 +477,6 @@ class _Builder:
         return self._emit(node, new, [], out, modified=True)
 
 
-@with_caller_keras
 def _refuse_wrapped_masks(model):
     """An :class:`InputError` when a ``PruneByActivation`` sits inside another wrapper
     (tfmot's ``prune_low_magnitude``, ...), whose masks the export cannot see."""
@@ -493,6 +492,7 @@ def _refuse_wrapped_masks(model):
             _refuse_wrapped_masks(layer)
 
 
+@with_caller_keras
 def strip_masks(model, *, shrink=False, return_report=False):
     """A plain tf-keras copy of ``model`` with its channel masks applied to the weights.
 

@@ -20,12 +20,18 @@ def output_layer(model):
     >>> output_layer(keras.Model(inputs, head(inputs))).name
     'out'
     """
-    layer = unwrap(model.outputs[0]._keras_history.layer)
+    layer = unwrap(_producer(model.outputs[0]))
     for _ in range(16):  # nested models, to a depth no real model reaches
         if not (isinstance(layer, keras.Model) and getattr(layer, "outputs", None)):
             break
-        layer = unwrap(layer.outputs[0]._keras_history.layer)
+        layer = unwrap(_producer(layer.outputs[0]))
     return layer
+
+
+def _producer(tensor):
+    """The layer that made a symbolic tensor (tf-keras ``layer``; Keras 3 ``operation``)."""
+    history = tensor._keras_history
+    return history.layer if hasattr(history, "layer") else history.operation
 
 
 def output_activation(model):
