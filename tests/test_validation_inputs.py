@@ -139,3 +139,17 @@ def test_defend_warns_once_when_the_data_lack_some_classes():
     missing = [w for w in caught if issubclass(w.category, MissingClassesWarning)]
     assert len(missing) == 1 and "(2)" in str(missing[0].message)
     assert any(w.startswith("the clean data hold no example of 1") for w in result.warnings)
+
+
+def test_data_files_refuse_label_rows_that_are_not_one_hot(tmp_path):
+    """The one label reader: a file's 2-D label rows get the same check as check_data's."""
+    from tf_backdoor_defense import load_data
+
+    x, y = _data(6)
+    rows = np.eye(3)[y]
+    np.savez(tmp_path / "ok.npz", x=x, y=rows)
+    np.testing.assert_array_equal(load_data(str(tmp_path / "ok.npz"))[1], y)
+    rows[2] = 0.0
+    np.savez(tmp_path / "zero.npz", x=x, y=rows)
+    with pytest.raises(InputError, match=r"1 of 6 rows are not \(row 2"):
+        load_data(str(tmp_path / "zero.npz"))

@@ -16,14 +16,17 @@ def class_indices(y, what):
     """Labels as int64 class indices: the one reading of a label array in the package.
 
     Accepts class indices (shape ``(N,)`` or ``(N, 1)``) and one-hot or
-    probability rows (shape ``(N, K)``, read by argmax). ``what`` starts the
-    error messages, e.g. ``"The labels of `validation_data`"``.
+    probability rows (shape ``(N, K)``, non-negative and summing to 1, read by
+    argmax; other rows, such as all-zero ones or ``[label, weight]`` pairs, are
+    refused). ``what`` starts the error messages, e.g.
+    ``"The labels of `validation_data`"``.
 
     >>> class_indices([[0, 1], [1, 0]], "y").tolist(), class_indices([[2.0], [0.0]], "y").tolist()
     ([1, 0], [2, 0])
     """
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] > 1:
+        _check_rows(y, what)
         y = np.argmax(y, axis=1)
     elif y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -47,3 +50,24 @@ def class_indices(y, what):
         raise InputError(f"{what} include a negative label ({int(y.min())}); labels are class "
                          "indices 0..N-1.")
     return y
+
+
+def _check_rows(y, what):
+    """Refuse 2-D label rows that argmax would misread: rows that are neither one-hot nor
+    probabilities (non-negative, summing to 1)."""
+    if y.dtype != bool and not np.issubdtype(y.dtype, np.number):
+        raise InputTypeError(f"{what} must be numbers. Got dtype {y.dtype}.")
+    if np.iscomplexobj(y):
+        raise InputTypeError(f"{what} must be real numbers. Got dtype {y.dtype}.")
+    if not y.size:
+        return
+    rows = y.astype(np.float64)
+    if not np.all(np.isfinite(rows)):
+        raise InputError(f"{what} contain NaN or Inf values.")
+    bad = np.flatnonzero(np.any(rows < 0, axis=1) | ~np.isclose(rows.sum(axis=1), 1.0, atol=1e-3))
+    if bad.size:
+        raise InputError(
+            f"{what} are 2-D rows, read as one-hot or class probabilities, but "
+            f"{bad.size} of {len(rows)} rows are not (row {int(bad[0])}: "
+            f"{np.array2string(y[bad[0]], threshold=12)}); a row must be non-negative and sum "
+            "to 1 (an all-zero row has no class). Pass class indices of shape (N,) instead.")

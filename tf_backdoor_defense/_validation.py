@@ -248,27 +248,16 @@ def _refuse_dict_inputs(x, name, dataset=False):
 
 
 def _check_label_rows(y, name, num_classes):
-    """Refuse 2-D label rows that argmax would misread: a width other than the model's class
-    count, and rows that are neither one-hot nor probabilities (non-negative, summing to 1)."""
+    """Refuse 2-D label rows whose width is not the model's class count (argmax would misread
+    them; rows that are neither one-hot nor probabilities are refused by ``class_indices``)."""
     y = np.asarray(y)
-    if y.ndim != 2 or y.shape[1] < 2 or not (y.dtype == bool or np.issubdtype(y.dtype, np.number)) \
-            or np.iscomplexobj(y) or not y.size:
+    if y.ndim != 2 or y.shape[1] < 2 or num_classes is None:
         return
-    if num_classes is not None and y.shape[1] != num_classes:
+    if y.shape[1] != num_classes:
         raise InputError(
             f"The labels of `{name}` are rows of {y.shape[1]} columns, but the model has "
             f"{num_classes} classes: one-hot labels need one column per class. Pass class "
             f"indices of shape (N,) or one-hot rows of shape (N, {num_classes}).")
-    rows = y.astype(np.float64)
-    if not np.all(np.isfinite(rows)):
-        raise InputError(f"The labels of `{name}` contain NaN or Inf values.")
-    bad = np.flatnonzero(np.any(rows < 0, axis=1) | ~np.isclose(rows.sum(axis=1), 1.0, atol=1e-3))
-    if bad.size:
-        raise InputError(
-            f"The labels of `{name}` are 2-D rows, read as one-hot or class probabilities, but "
-            f"{bad.size} of {len(rows)} rows are not (row {int(bad[0])}: "
-            f"{np.array2string(y[bad[0]], threshold=12)}); a row must be non-negative and sum "
-            "to 1 (an all-zero row has no class). Pass class indices of shape (N,) instead.")
 
 
 def _check_arrays(x, y, name, input_shape, num_classes):
@@ -550,8 +539,7 @@ def _low_accuracy_note(accuracy, classes, x, data="clean validation data",
         return ""
     low, high = float(np.min(x)), float(np.max(x))
     if 2.0 < high <= 255.0:  # raw pixels: the usual mismatch is x / 255 in training
-        hint = ("; a model trained on x / 255 needs them divided by 255 too, --scale 255 on the "
-                "command line")
+        hint = "; a model trained on x / 255 needs them divided by 255 too"
     elif high <= 1.0 and low >= -1.0:  # already scaled: the model may read raw 0-255 values
         hint = "; a model trained on raw 0-255 pixels needs them unscaled"
     else:

@@ -817,3 +817,18 @@ def test_warnings_show_as_one_line_during_main_and_python_s_way_with_debug(lab, 
     with pytest.warns(UserWarning, match="the shrink fell back"):  # left to Python (pytest here)
         assert cli.main(["inspect", str(lab / "model.h5"), "--debug"]) == 0
     assert "tf-backdoor-defense:" not in capsys.readouterr().err
+
+
+def test_the_low_accuracy_warning_line_names_the_scale_option():
+    """The library's warning says what to do with the data; the CLI's line adds its option."""
+    from tf_backdoor_defense._validation import LowAccuracyWarning, clean_data_notes
+    from tf_backdoor_defense._keras import keras
+    from tf_backdoor_defense.cli._console import _show_warning
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    (category, text), = clean_data_notes(model, np.arange(6) % 3, 0.2,
+                                         np.array([0.0, 255.0]))
+    assert category is LowAccuracyWarning and "--scale" not in text
+    stream = io.StringIO()
+    _show_warning("tf-backdoor-defense")(category(text), category, "f.py", 1, file=stream)
+    assert "divided by 255 too (--scale 255)" in stream.getvalue()

@@ -181,8 +181,11 @@ class ConsoleLogHandler(logging.Handler):
 def _show_warning(prog):
     def show(message, category, filename, lineno, file=None, line=None):
         stream = file if file is not None else sys.stderr
+        text = str(message)
+        if category.__name__ == "LowAccuracyWarning" and "divided by 255 too" in text:
+            text = text.replace("divided by 255 too", "divided by 255 too (--scale 255)", 1)
         try:
-            print(f"{prog}: warning: {message} ({category.__name__})", file=stream, flush=True)
+            print(f"{prog}: warning: {text} ({category.__name__})", file=stream, flush=True)
         except (OSError, ValueError):
             pass
     return show
