@@ -64,10 +64,15 @@ def test_fine_prune_categorical_loss_on_one_unit_model_is_refused():
 
 @pytest.fixture
 def float64():
+    """Layers made in float64 (an explicit global policy, which another test may have set,
+    overrides floatx: both are set, and put back)."""
+    policy = keras.mixed_precision.global_policy()
     keras.backend.set_floatx("float64")
+    keras.mixed_precision.set_global_policy("float64")
     try:
         yield
     finally:
+        keras.mixed_precision.set_global_policy(policy)
         keras.backend.set_floatx("float32")
 
 
@@ -83,8 +88,10 @@ def test_train_clean_trains_a_float64_model(float64, regularizer):
 @pytest.mark.parametrize("method", ["ibau", "ft-cosine", "reinit-head"])
 def test_defend_training_methods_run_on_a_float64_model(float64, method):
     x, y, _ = _data()
-    result = defend(_model(), (x, y), methods=[method], epochs=1, scan=False)
-    assert isinstance(result.verdict, str)
+    model = _model()
+    assert model.layers[0].kernel.dtype == tf.float64
+    result = defend(model, (x, y), methods=[method], epochs=1, scan=False)
+    assert isinstance(result.verdict, str) and method in set(result.table["method"])
 
 
 @pytest.mark.parametrize("form", ["array", "dataset", "unbatched dataset"])
