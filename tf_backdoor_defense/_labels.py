@@ -33,10 +33,7 @@ def class_indices(y, what):
     if y.ndim != 1:
         raise InputError(f"{what} must be 1-D class indices or 2-D one-hot rows. "
                          f"Got shape {y.shape}.")
-    if y.dtype != bool and not np.issubdtype(y.dtype, np.number):
-        raise InputTypeError(f"{what} must be numbers. Got dtype {y.dtype}.")
-    if np.iscomplexobj(y):
-        raise InputTypeError(f"{what} must be real numbers. Got dtype {y.dtype}.")
+    _check_real(y, what)
     if y.size and not np.issubdtype(y.dtype, np.integer) and y.dtype != bool:
         if not np.all(np.isfinite(y)):
             raise InputError(f"{what} contain NaN or Inf values.")
@@ -55,10 +52,7 @@ def class_indices(y, what):
 def _check_rows(y, what):
     """Refuse 2-D label rows that argmax would misread: rows that are neither one-hot nor
     probabilities (non-negative, summing to 1)."""
-    if y.dtype != bool and not np.issubdtype(y.dtype, np.number):
-        raise InputTypeError(f"{what} must be numbers. Got dtype {y.dtype}.")
-    if np.iscomplexobj(y):
-        raise InputTypeError(f"{what} must be real numbers. Got dtype {y.dtype}.")
+    _check_real(y, what)
     if not y.size:
         return
     rows = y.astype(np.float64)
@@ -71,3 +65,11 @@ def _check_rows(y, what):
             f"{bad.size} of {len(rows)} rows are not (row {int(bad[0])}: "
             f"{np.array2string(y[bad[0]], threshold=12)}); a row must be non-negative and sum "
             "to 1 (an all-zero row has no class). Pass class indices of shape (N,) instead.")
+
+
+def _check_real(y, what):
+    """Refuse labels that are not real numbers (or booleans)."""
+    if y.dtype != bool and not np.issubdtype(y.dtype, np.number):
+        raise InputTypeError(f"{what} must be numbers. Got dtype {y.dtype}.")
+    if np.iscomplexobj(y):
+        raise InputTypeError(f"{what} must be real numbers. Got dtype {y.dtype}.")

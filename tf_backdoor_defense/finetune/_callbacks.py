@@ -624,7 +624,7 @@ class FinePruning(keras.callbacks.Callback):
         """``on_train_batch_end`` with a schedule: count the steps, prune when it is due."""
         due = self._prunings_due(batch)
         self._step += self._steps_in(batch)
-        self._last_batch = int(batch)
+        self._last_batch = int(batch)  # after _steps_in, which reads the previous one
         _write_state(self._wrappers, step=self._step)
         for _ in range(due):
             if int(self._wrappers[0].fine_pruning_status.numpy()) != PRUNING:
